@@ -1,0 +1,41 @@
+# `make demo` and `make test` create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+DEMO_IMAGES ?= 400
+DEMO_SIZE ?= 1024
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cxr-miner demo-data $(DEMO_DIR)/nih --images $(DEMO_IMAGES) --size $(DEMO_SIZE) --seed 0 --corrupt 3
+	$(BIN)/cxr-miner ingest $(DEMO_DIR)/nih --workdir $(DEMO_DIR)/work
+	$(BIN)/cxr-miner preprocess --workdir $(DEMO_DIR)/work
+	@echo
+	@echo "demo data:     $(DEMO_DIR)/nih"
+	@echo "index:         $(DEMO_DIR)/work/index.parquet (report: $(DEMO_DIR)/work/ingest_report.json)"
+	@echo "shards:        $(DEMO_DIR)/work/shards/ (manifest.json; quarantine: $(DEMO_DIR)/work/quarantine.parquet)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/preprocess_efficiency.py
+	$(BIN)/python bench/ingest_full_metadata.py
+	$(BIN)/python bench/shard_read.py
+
+clean:
+	rm -rf $(DEMO_DIR) .prefect

@@ -1,0 +1,105 @@
+"""The ``cxr-miner`` command line (typer)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from storage.errors import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Harvest disease boxes from chest X-ray collections.")
+err = Console(stderr=True)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to create, in the NIH ChestX-ray14 layout.")],
+    images: Annotated[int, typer.Option(help="Number of phantom images.")] = 200,
+    size: Annotated[int, typer.Option(help="Longer side of each image, pixels (NIH: 1024).")] = 1024,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 0,
+    corrupt: Annotated[int, typer.Option(help="Plant this many broken image files (truncated, empty, text).")] = 0,
+    box_fraction: Annotated[float, typer.Option(help="Fraction of images with boxes in BBox_List_2017.csv.")] = 0.01,
+    non_square: Annotated[float, typer.Option(help="Fraction of images that are not square.")] = 0.0,
+    workers: Annotated[int, typer.Option(help="Processes drawing images.")] = 0,
+) -> None:
+    """Generate phantom chest X-rays with findings drawn at known places."""
+    from flows.dask import default_workers
+    from flows.progress import progress_bar
+    from storage.demo import generate
+
+    with progress_bar("drawing phantoms", images) as advance:
+        summary = generate(
+            out, n_images=images, size=size, seed=seed, corrupt=corrupt, box_fraction=box_fraction,
+            non_square=non_square, workers=workers or default_workers(), progress=advance,
+        )
+    err.print(
+        f"[green]wrote {summary['images']} images of {summary['patients']} patients to {out}[/] "
+        f"({len(summary['boxed_images'])} with boxes, {len(summary['corrupt'])} corrupt)"
+    )
+
+
+@app.command()
+def ingest(
+    root: Annotated[Path, typer.Argument(help="Dataset root: the NIH folder, or a DICOM tree with --dicom.")],
+    workdir: Annotated[Path, typer.Option(help="Working folder for the index and everything after it.")],
+    metadata_only: Annotated[bool, typer.Option(help="Index the CSVs without looking at image files.")] = False,
+    dicom: Annotated[bool, typer.Option(help="ROOT is a DICOM tree (headers only are read).")] = False,
+    labels: Annotated[Optional[Path], typer.Option(help="With --dicom: CSV of path or sop_instance_uid, findings.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Patients of train_val (or all, without lists) put in val.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Patients put in test when there are no official lists.")] = 0.2,
+) -> None:
+    """Index a collection: W/index.parquet, W/gt_boxes.parquet, W/ingest_report.json."""
+    from flows.ingest import ingest as ingest_flow
+
+    report = ingest_flow(
+        root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
+        metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
+    )
+    err.print(
+        f"[green]index: {workdir / 'index.parquet'}[/] {report['rows']} images, splits {report['splits']}, "
+        f"{len(report['missing'])} missing, {len(report['unlisted'])} unlisted files, {report['gt_boxes']} boxes"
+    )
+
+
+@app.command()
+def preprocess(
+    workdir: Annotated[Path, typer.Option(help="Working folder holding index.parquet.")],
+    size: Annotated[int, typer.Option(help="Side of the square shard images, pixels.")] = 512,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (one Dask task each).")] = 256,
+    encoding: Annotated[str, typer.Option(help="Image bytes in shards: raw (zstd) or png.")] = "raw",
+    workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core).")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+    max_pixels: Annotated[int, typer.Option(help="Quarantine source images with more pixels (decompression bombs).")] = 50_000_000,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest.")] = None,
+) -> None:
+    """Letterbox every indexed image into Parquet shards on a Dask cluster."""
+    from flows.preprocess import run_preprocess
+
+    manifest = run_preprocess(
+        str(workdir), workers=workers, dask_address=dask_address, size=size, shard_size=shard_size,
+        encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None,
+    )
+    counts = manifest["counts"]
+    err.print(
+        f"[green]shards: {workdir / 'shards'}[/] {counts['shard_rows']} images in {len(manifest['shards'])} shards, "
+        f"{counts['quarantined']} quarantined ({workdir / 'quarantine.parquet'}), {counts['missing']} missing"
+    )
+
+
+def main() -> None:
+    """Console entry point: bad input ends with its message and exit status 2, not a traceback."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        app()
+    except (InputError, FileNotFoundError, ValueError) as error:
+        err.print(f"[red]error:[/] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Fault injection for the resume tests: one-shot faults planted through a file.
+
+Set ``CXR_MINER_FAULT_FILE`` to a JSON file ``{"shard": NAME, "mode": "raise" | "exit"}``.
+The first worker that is about to commit shard NAME deletes the file and then raises
+(a task failure) or exits its process (a killed worker). Without the variable this is
+a single environment lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from storage.shards import ShardSpec
+
+FAULT_ENV = "CXR_MINER_FAULT_FILE"
+
+
+class InjectedFault(RuntimeError):
+    """The planted failure: proves a stopped run resumes correctly."""
+
+
+def plant_fault(path: Path, shard: str, mode: str) -> None:
+    if mode not in {"raise", "exit"}:
+        raise ValueError(f"fault mode {mode!r} is not 'raise' or 'exit'")
+    path.write_text(json.dumps({"shard": shard, "mode": mode}))
+
+
+def maybe_fail(spec: ShardSpec, images_done: int) -> None:
+    """Called by build_shard between writing the temporary shard and renaming it."""
+    plan_path = os.environ.get(FAULT_ENV)
+    if not plan_path:
+        return
+    try:
+        plan = json.loads(Path(plan_path).read_text())
+    except (OSError, ValueError):
+        return
+    if plan.get("shard") != spec.name:
+        return
+    try:
+        Path(plan_path).unlink()
+    except FileNotFoundError:
+        return  # another attempt took it first
+    if plan.get("mode") == "exit":
+        os._exit(70)
+    raise InjectedFault(f"injected fault in shard {spec.name} after {images_done} images")

@@ -1,0 +1,154 @@
+"""Flow ``preprocess``: W/index.parquet -> W/shards/*.parquet, manifest, W/quarantine.parquet.
+
+One Dask task per shard; each returns paths and counts, never pixels. Shards already
+complete for the same inputs and settings are skipped, so a stopped run resumes.
+Every run ends by checking that every indexed image is accounted for:
+index rows = shard rows + quarantined + missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from flows.dask import dask_task_runner
+from flows.faults import maybe_fail
+from flows.ingest import INDEX_FILE, REPORT_FILE
+from flows.progress import progress_bar
+from storage.atomic import TMP_SUFFIX, write_json, write_parquet
+from storage.images import DEFAULT_MAX_PIXELS
+from storage.index import read_index
+from storage.shards import ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
+
+SHARD_DIR = "shards"
+QUARANTINE_FILE = "quarantine.parquet"
+QUARANTINE_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("source_path", pa.string()), ("reason", pa.string()), ("shard", pa.string())]
+)
+
+
+class AccountingError(RuntimeError):
+    """Some indexed image is neither in a shard, nor quarantined, nor missing."""
+
+
+class PreprocessIncomplete(RuntimeError):
+    """Some shards failed; the finished ones are kept and a rerun resumes."""
+
+
+def code_version() -> str:
+    try:
+        return version("cxr-miner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@task(cache_policy=NO_CACHE)
+def write_shard(spec: ShardSpec, root: str, shard_dir: str, settings: ShardSettings) -> ShardResult:
+    return build_shard(spec, Path(root), Path(shard_dir), settings, before_commit=maybe_fail)
+
+
+def remove_stale(shard_dir: Path, keep: set[str]) -> list[str]:
+    """Delete shards of earlier plans and leftover temporary files; return their names."""
+    removed = []
+    for path in sorted(shard_dir.iterdir()):
+        stale_tmp = path.name.endswith(TMP_SUFFIX)
+        stale_shard = path.suffix in {".parquet", ".json"} and path.name != "manifest.json" and path.stem not in keep
+        if stale_tmp or stale_shard:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def check_accounting(index_rows: int, shard_rows: int, quarantined: int, missing: int) -> None:
+    if index_rows != shard_rows + quarantined + missing:
+        raise AccountingError(
+            f"index has {index_rows} images but shards {shard_rows} + quarantined {quarantined} + missing {missing}"
+            f" = {shard_rows + quarantined + missing}"
+        )
+
+
+@flow(name="preprocess", log_prints=True)
+def preprocess(
+    workdir: str,
+    size: int = 512,
+    shard_size: int = 256,
+    encoding: str = "raw",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    root: str | None = None,
+) -> dict[str, Any]:
+    """Letterbox every indexed image to ``size`` px and write Parquet shards (see module doc)."""
+    logger = get_run_logger()
+    work = Path(workdir)
+    settings = ShardSettings(size=size, encoding=encoding, max_pixels=max_pixels)
+    index = read_index(work / INDEX_FILE)
+    source_root = root or json.loads((work / REPORT_FILE).read_text())["root"]
+    rows = index.to_pylist()
+    missing = sum(row["file_present"] is False for row in rows)
+    specs = plan_shards([row for row in rows if row["file_present"] is not False], shard_size)
+    shard_dir = work / SHARD_DIR
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("%d images in %d shards (%d missing files excluded)", len(rows) - missing, len(specs), missing)
+
+    futures = [write_shard.submit(spec, source_root, str(shard_dir), settings) for spec in specs]
+    names = {id(future): spec.name for future, spec in zip(futures, specs)}
+    results: dict[str, ShardResult] = {}
+    failures: dict[str, str] = {}
+    sizes = {spec.name: len(spec.rows) for spec in specs}
+    with progress_bar("preprocess", len(rows) - missing) as advance:
+        for future in as_completed(futures):
+            name = names[id(future)]
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, ShardResult):
+                results[name] = outcome
+            else:
+                failures[name] = f"{type(outcome).__name__}: {outcome}"
+            advance(sizes[name])
+    if failures:
+        detail = "; ".join(f"{name}: {error}" for name, error in sorted(failures.items()))
+        raise PreprocessIncomplete(
+            f"{len(failures)} of {len(specs)} shards failed ({detail}); the other {len(results)} are kept: rerun to resume"
+        )
+
+    ordered = [results[spec.name] for spec in specs]
+    quarantine = [{**q, "shard": r.name} for r in ordered for q in r.quarantined]
+    write_parquet(work / QUARANTINE_FILE, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
+    removed = remove_stale(shard_dir, {spec.name for spec in specs})
+    shard_rows = sum(r.rows for r in ordered)
+    check_accounting(len(rows), shard_rows, len(quarantine), missing)
+    report = json.loads((work / REPORT_FILE).read_text())
+    manifest = {
+        "format": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "index_sha256": report.get("index_sha256"),
+        "settings": asdict(settings),
+        "shards": [
+            {"name": r.name, "file": Path(r.path).name, "split": r.name.split("-")[0], "rows": r.rows,
+             "quarantined": len(r.quarantined), "bytes": r.bytes, "sha256": r.sha256}
+            for r in ordered
+        ],
+        "counts": {"index_rows": len(rows), "shard_rows": shard_rows, "quarantined": len(quarantine), "missing": missing},
+        "splits": {split: sum(r.rows for r in ordered if r.name.startswith(f"{split}-")) for split in ("train", "val", "test")},
+        "run": {"built": sum(not r.skipped for r in ordered), "skipped": sum(r.skipped for r in ordered), "removed_stale": removed},
+    }
+    write_json(shard_dir / "manifest.json", manifest)
+    logger.info(
+        "%d shards (%d built, %d already complete): %d images, %d quarantined, %d missing -> %s",
+        len(ordered), manifest["run"]["built"], manifest["run"]["skipped"], shard_rows, len(quarantine), missing, shard_dir,
+    )
+    return manifest
+
+
+def run_preprocess(workdir: str, *, workers: int | None = None, dask_address: str | None = None, **options: Any) -> dict[str, Any]:
+    """The flow on a Dask cluster: local processes by default, or an existing scheduler."""
+    runner = dask_task_runner(workers=workers, address=dask_address)
+    return preprocess.with_options(task_runner=runner)(workdir=workdir, **options)

@@ -1,0 +1,1 @@
+"""Everything that reads or writes bytes: metadata, images, shards. No torch here."""

@@ -1,0 +1,139 @@
+"""The index (one row per image) and ground-truth box tables, their schemas and splits.
+
+``index.parquet`` columns are listed in INDEX_SCHEMA; README.md documents each one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.errors import InputError
+from storage.findings import FINDINGS, label_vector
+from storage.nih import GroundTruthBox
+
+SPLITS = ("train", "val", "test")
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("source_path", pa.string()),
+        ("source_format", pa.string()),
+        ("findings", pa.list_(pa.string())),
+        *[(finding, pa.bool_()) for finding in FINDINGS],
+        ("view_position", pa.string()),
+        ("age", pa.int16()),
+        ("sex", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("pixel_spacing_x", pa.float32()),
+        ("pixel_spacing_y", pa.float32()),
+        ("follow_up", pa.int32()),
+        ("split", pa.string()),
+        ("has_box", pa.bool_()),
+        ("file_present", pa.bool_()),
+    ]
+)
+
+GT_BOX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("finding", pa.string()),
+        ("x_min", pa.float64()),
+        ("y_min", pa.float64()),
+        ("x_max", pa.float64()),
+        ("y_max", pa.float64()),
+    ]
+)
+
+
+def unit_hash(text: str, salt: str = "cxr-miner/split/v1") -> float:
+    """A deterministic number in [0, 1) from ``text`` (same on every machine and run)."""
+    digest = hashlib.sha256(f"{salt}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hashed_split(patient_id: str, val_fraction: float, test_fraction: float) -> str:
+    u = unit_hash(patient_id)
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def assign_splits(
+    records: list[dict[str, Any]],
+    official: Mapping[str, str] | None,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    source: str = "split lists",
+) -> None:
+    """Set ``record["split"]`` for every record, patient-disjoint.
+
+    ``official`` maps image_id -> "train_val" | "test" (NIH's lists); train_val images are
+    divided into train and val by patient hash. Without lists, every patient goes to
+    train, val or test by hash. A patient found in two splits raises InputError.
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+    for record in records:
+        patient = record["patient_id"] or record["image_id"]
+        if official is None:
+            record["split"] = hashed_split(patient, val_fraction, test_fraction)
+            continue
+        listed = official.get(record["image_id"])
+        if listed is None:
+            raise InputError(source, f"image {record['image_id']!r} is in neither train_val_list.txt nor test_list.txt")
+        if listed == "test":
+            record["split"] = "test"
+        else:
+            record["split"] = "val" if unit_hash(patient) < val_fraction else "train"
+    check_patient_disjoint(records, source)
+
+
+def check_patient_disjoint(records: Iterable[Mapping[str, Any]], source: str) -> None:
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    example: dict[tuple[str, str], str] = {}
+    for record in records:
+        if record["patient_id"] is None:
+            continue
+        splits_of[record["patient_id"]].add(record["split"])
+        example.setdefault((record["patient_id"], record["split"]), record["image_id"])
+    for patient, splits in splits_of.items():
+        if len(splits) > 1:
+            where = ", ".join(f"{example[(patient, s)]} in {s}" for s in sorted(splits))
+            raise InputError(source, f"patient {patient!r} is in more than one split ({where})")
+
+
+def index_table(records: list[dict[str, Any]]) -> pa.Table:
+    """Records with the INDEX_SCHEMA fields (the 14 booleans are derived from findings)."""
+    rows = []
+    for record in records:
+        row = dict(record)
+        row.update(zip(FINDINGS, label_vector(record["findings"])))
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+
+def gt_boxes_table(boxes: Iterable[GroundTruthBox]) -> pa.Table:
+    return pa.Table.from_pylist([vars(box) for box in boxes], schema=GT_BOX_SCHEMA)
+
+
+def read_index(path: Path) -> pa.Table:
+    """index.parquet, checked against INDEX_SCHEMA."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no index; run `cxr-miner ingest` first")
+    table = pq.read_table(path)
+    missing = [name for name in INDEX_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise InputError(path, f"index lacks columns {missing}; re-run ingest")
+    return table.select(INDEX_SCHEMA.names)
