@@ -131,7 +131,8 @@ def to_display(ds: Dataset, stored: np.ndarray) -> np.ndarray:
         modality = apply_modality_lut(stored, ds).astype(np.float64)
     if "VOILUTSequence" in ds and ds.VOILUTSequence:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        y = apply_voi(modality, ds).astype(np.float64) / float(2**bits - 1)
+        lut_input = np.rint(modality).astype(np.int64)  # a LUT is indexed by integer input values
+        y = apply_voi(lut_input, ds).astype(np.float64) / float(2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         y = window(modality, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
     else:

@@ -1,0 +1,90 @@
+"""Raster readers and letterboxing: known pixels, known boxes, and every kind of broken file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.images import ImageReadError, read_image
+from storage.letterbox import Letterbox
+
+
+def test_fit_landscape():
+    box = Letterbox.fit(1024, 768, 512)
+    assert (box.content_width, box.content_height, box.offset_x, box.offset_y) == (512, 384, 0, 64)
+    assert (box.scale_x, box.scale_y) == (0.5, 0.5)
+
+
+def test_fit_portrait_with_odd_padding():
+    box = Letterbox.fit(600, 1000, 256)  # 600 * 0.256 = 153.6 -> 154 wide, (256 - 154) // 2 = 51
+    assert (box.content_width, box.content_height, box.offset_x, box.offset_y) == (154, 256, 51, 0)
+    assert box.scale_x == pytest.approx(154 / 600)
+
+
+def test_box_maps_to_shard_and_back_exactly():
+    box = Letterbox.fit(2500, 2048, 512)
+    source = np.array([[100.0, 50.0, 300.5, 250.25], [0, 0, 2500, 2048]])
+    shard = box.boxes_to_shard(source)
+    assert shard[1].tolist() == pytest.approx([box.offset_x, box.offset_y, box.offset_x + box.content_width, box.offset_y + box.content_height])
+    assert box.boxes_to_source(shard) == pytest.approx(source)
+
+
+def test_drawn_rectangle_round_trip():
+    """A white rectangle at a known source box is found where the transform says, and maps back."""
+    source = np.zeros((400, 600), dtype=np.uint8)
+    source[50:250, 100:300] = 255  # xyxy (100, 50, 300, 250)
+    box = Letterbox.fit(600, 400, 256)  # scale 256/600, content 256 x 171, offset (0, 42)
+    assert (box.content_height, box.offset_y) == (171, 42)
+    shard = box.apply(source)
+    assert shard.shape == (256, 256)
+    assert shard[:42].max() == 0 and shard[42 + 171 :].max() == 0  # padding stays black
+    ys, xs = np.nonzero(shard > 127)
+    found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=float)
+    # expected in the shard: x 42.67..128.0, y 63.3..148.6 (0.4267 scale, +42 rows)
+    back = box.boxes_to_source(found)[0]
+    assert back == pytest.approx([100, 50, 300, 250], abs=1 / box.scale_x)
+
+
+def test_png_8_and_16_bit_and_rgb(tmp_path):
+    gray = np.array([[0, 128, 255]], dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png").tolist() == [[0, 128, 255]]
+    deep = np.array([[0, 32768, 65535]], dtype=np.uint16)  # * 255 / 65535 -> 0, 127.5 -> 128, 255
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    assert read_image(tmp_path / "d.png").tolist() == [[0, 128, 255]]
+    Image.new("RGB", (2, 1), (255, 255, 255)).save(tmp_path / "c.jpg", quality=100)
+    assert read_image(tmp_path / "c.jpg").tolist() == [[255, 255]]
+
+
+def _png_bytes(tmp_path) -> bytes:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "ok.png")
+    return (tmp_path / "ok.png").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda data: data[: len(data) // 3], "cannot decode: image file is truncated"),
+        (lambda data: b"", "empty file (0 bytes)"),
+        (lambda data: b"just some text\n", "not a recognised image format"),
+    ],
+)
+def test_broken_files_give_a_reason(tmp_path, make, reason):
+    path = tmp_path / "broken.png"
+    path.write_bytes(make(_png_bytes(tmp_path)))
+    with pytest.raises(ImageReadError) as raised:
+        read_image(path)
+    assert reason in raised.value.reason
+
+
+def test_decompression_bomb_guard_reads_header_only(tmp_path):
+    Image.new("L", (300, 200)).save(tmp_path / "wide.png")
+    with pytest.raises(ImageReadError, match="300x200 = 60000 px exceeds the 59999 px limit"):
+        read_image(tmp_path / "wide.png", max_pixels=59_999)
+    assert read_image(tmp_path / "wide.png", max_pixels=60_000).shape == (200, 300)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "nope.png")
