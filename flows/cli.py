@@ -13,7 +13,7 @@ from rich.console import Console
 from storage.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Harvest disease boxes from chest X-ray collections.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never break paths and messages
 
 
 @app.command("demo-data")
@@ -94,6 +94,9 @@ def preprocess(
 def main() -> None:
     """Console entry point: bad input ends with its message and exit status 2, not a traceback."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.logs import quiet_input_errors
+
+    quiet_input_errors()
     try:
         app()
     except (InputError, FileNotFoundError, ValueError) as error:

@@ -297,7 +297,8 @@ def render(plan: DemoImage, seed: int) -> tuple[np.ndarray, dict[str, tuple[floa
     boxes = {finding: DRAWERS[finding](canvas, rng, anatomy) for finding in plan.findings}
     sx, sy = plan.width / canvas.width, plan.height / canvas.height
     smooth = Image.fromarray(canvas.pixels, mode="F").resize((plan.width, plan.height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(smooth, dtype=np.float32) + rng.normal(0.0, 3.0, size=(plan.height, plan.width)).astype(np.float32)
+    noise = np.random.default_rng([seed, 3, plan.index]).normal(0.0, 3.0, size=(plan.height, plan.width))
+    pixels = np.asarray(smooth, dtype=np.float32) + noise.astype(np.float32)
     pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     scaled = {k: (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for k, b in boxes.items()}
     return pixels, {k: tuple(round(float(x), 3) for x in b) for k, b in scaled.items()}

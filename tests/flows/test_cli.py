@@ -1,0 +1,64 @@
+"""The command line: bad input ends with the file, line and value, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+from rich.console import Console
+
+import flows.cli
+from flows.cli import main
+
+
+def _run(monkeypatch, *args) -> tuple[int, str]:
+    """Run the CLI in-process; return its exit status and what it told the user."""
+    out = io.StringIO()
+    monkeypatch.setattr(flows.cli, "err", Console(file=out, soft_wrap=True))
+    monkeypatch.setattr(sys, "argv", ["cxr-miner", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, out.getvalue()
+
+
+def test_unknown_finding_is_reported_with_file_and_line(tmp_path, monkeypatch, nih_excerpt, prefect_server):
+    root = tmp_path / "nih"
+    root.mkdir()
+    text = (nih_excerpt / "Data_Entry_2017_v2020.csv").read_text().replace("00000003_000.png,Hernia", "00000003_000.png,Hernja")
+    (root / "Data_Entry_2017_v2020.csv").write_text(text)
+    status, told = _run(monkeypatch, "ingest", str(root), "--workdir", str(tmp_path / "w"), "--metadata-only")
+    assert status == 2
+    assert "Data_Entry_2017_v2020.csv:13: unknown finding 'Hernja'" in told
+
+
+
+def test_metadata_only_ingest_of_the_excerpt(tmp_path, monkeypatch, nih_excerpt, prefect_server):
+    import pyarrow.parquet as pq
+
+    status, told = _run(monkeypatch, "ingest", str(nih_excerpt), "--workdir", str(tmp_path / "w"), "--metadata-only")
+    assert status in (0, None) and "34 images" in told
+    index = pq.read_table(tmp_path / "w" / "index.parquet").to_pylist()
+    assert len(index) == 34 and all(r["file_present"] is None for r in index)
+    assert len(pq.read_table(tmp_path / "w" / "gt_boxes.parquet")) == 15
+
+
+def test_preprocess_without_ingest_says_what_to_run(tmp_path, monkeypatch, prefect_server):
+    status, told = _run(monkeypatch, "preprocess", "--workdir", str(tmp_path), "--workers", "1")
+    assert status == 2 and "run `cxr-miner ingest` first" in told
+
+
+def test_run_logs_keep_input_errors_without_traceback():
+    import logging
+
+    from flows.logs import quiet_input_errors
+    from storage.errors import InputError
+
+    quiet_input_errors()
+    quiet_input_errors()  # idempotent
+    logger = logging.getLogger("prefect.task_runs")
+    (ours,) = [f for f in logger.filters if type(f).__name__ == "_DropInputErrorTraceback"]
+    for error, keeps_traceback in [(InputError("f.csv", "bad", line=3), False), (RuntimeError("bug"), True)]:
+        record = logger.makeRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed", (), (type(error), error, None))
+        assert ours.filter(record)
+        assert (record.exc_info is not None) == keeps_traceback
