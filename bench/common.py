@@ -1,0 +1,41 @@
+"""Shared set-up for the benchmarks: cached demo collections and a warm Prefect API."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def demo_collection(n_images: int, size: int = 1024, seed: int = 0) -> Path:
+    """A demo NIH collection under bench/out, generated once and reused."""
+    from storage.demo import generate
+
+    root = OUT / f"demo-{n_images}-{size}-{seed}"
+    if not (root / "demo_manifest.json").exists():
+        started = time.perf_counter()
+        generate(root, n_images=n_images, size=size, seed=seed, workers=os.cpu_count() or 1)
+        print(f"generated {n_images} demo images of {size} px in {time.perf_counter() - started:.0f} s")
+    return root
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
+
+
+def warm_prefect() -> None:
+    """Start the ephemeral Prefect API before any timing (its start-up is per process, not per run)."""
+    from prefect import flow
+
+    @flow(name="warm-up")
+    def warm_up() -> None:
+        return None
+
+    warm_up()
