@@ -30,12 +30,8 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
 
 
-def warm_prefect() -> None:
-    """Start the ephemeral Prefect API before any timing (its start-up is per process, not per run)."""
-    from prefect import flow
+def prefect_api():
+    """One Prefect API for every flow run of a benchmark, started before any timing."""
+    from flows.api import prefect_api as api
 
-    @flow(name="warm-up")
-    def warm_up() -> None:
-        return None
-
-    warm_up()
+    return api()

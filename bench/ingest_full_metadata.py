@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import OUT, machine, warm_prefect
+from common import OUT, machine, prefect_api
 
 DEFAULT_NIH = Path(__file__).resolve().parents[2] / "shared" / "nih"
 
@@ -24,7 +24,7 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nih", type=Path, default=DEFAULT_NIH)
     args = parser.parse_args()
@@ -37,7 +37,6 @@ def main() -> None:
 
     work = OUT / "ingest-full"
     shutil.rmtree(work, ignore_errors=True)
-    warm_prefect()
     before = rss_mib()
     started = time.perf_counter()
     report = ingest(root=str(args.nih), workdir=str(work), metadata_only=True)
@@ -51,6 +50,11 @@ def main() -> None:
           f"({index.num_rows / seconds:,.0f} rows/s), splits {report['splits']}")
     print(f"peak RSS {peak:.0f} MiB (process before the run: {before:.0f} MiB); index.parquet "
           f"{(work / 'index.parquet').stat().st_size / 2**20:.1f} MiB")
+
+
+def main() -> None:
+    with prefect_api():
+        run()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import dask
 from prefect_dask import DaskTaskRunner
+
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
+# mmap threshold at 128 KiB: every decoded image buffer is then mmap'ed, zero-filled and
+# unmapped again, about 20% more CPU per image here (BENCHMARKS.md). None unsets it, so
+# local workers get glibc's defaults, like any other process. The statistical profiler
+# (a thread sampling every 10 ms) is off: nobody reads it in batch runs.
+LOCAL_WORKER_CONFIG = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+}
 
 
 def default_workers() -> int:
@@ -16,6 +29,7 @@ def dask_task_runner(workers: int | None = None, address: str | None = None) -> 
 
     The local cluster has ``workers`` single-threaded worker processes (default: one per
     core), so CPU-bound image work runs in parallel without contending for the GIL.
+    Create and use it inside :func:`local_worker_config`.
     """
     if address and workers:
         raise ValueError("give either --workers (local cluster) or --dask-address (existing cluster), not both")
@@ -24,5 +38,12 @@ def dask_task_runner(workers: int | None = None, address: str | None = None) -> 
     n = workers or default_workers()
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+        cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True},
     )
+
+
+@contextmanager
+def local_worker_config() -> Iterator[None]:
+    """Dask settings in force while a flow starts its LocalCluster (see LOCAL_WORKER_CONFIG)."""
+    with dask.config.set(LOCAL_WORKER_CONFIG):
+        yield

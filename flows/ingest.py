@@ -21,8 +21,7 @@ GT_BOXES_FILE = "gt_boxes.parquet"
 REPORT_FILE = "ingest_report.json"
 
 
-@task(cache_policy=NO_CACHE)
-def scan_source(root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool) -> SourceScan:
+def scan(root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool) -> SourceScan:
     if dicom:
         if labels is None:
             raise ValueError("--dicom needs --labels CSV (columns: path or sop_instance_uid, findings)")
@@ -33,8 +32,7 @@ def scan_source(root: Path, workdir: Path, dicom: bool, labels: Path | None, met
         return scan_nih(root, metadata_only=metadata_only, progress=advance)
 
 
-@task(cache_policy=NO_CACHE)
-def write_index(scan: SourceScan, root: Path, workdir: Path, val_fraction: float, test_fraction: float, source: str) -> dict[str, Any]:
+def write_outputs(scan: SourceScan, root: Path, workdir: Path, val_fraction: float, test_fraction: float, source: str) -> dict[str, Any]:
     assign_splits(
         scan.records, scan.official_split, val_fraction=val_fraction, test_fraction=test_fraction,
         source=scan.metadata_files.get("test_list", str(root)),
@@ -42,8 +40,7 @@ def write_index(scan: SourceScan, root: Path, workdir: Path, val_fraction: float
     boxed = {box.image_id for box in scan.boxes}
     for record in scan.records:
         record["has_box"] = record["image_id"] in boxed
-    index = index_table(scan.records)
-    write_parquet(workdir / INDEX_FILE, index)
+    write_parquet(workdir / INDEX_FILE, index_table(scan.records))
     write_parquet(workdir / GT_BOXES_FILE, gt_boxes_table(scan.boxes))
     index_sha = hashlib.sha256((workdir / INDEX_FILE).read_bytes()).hexdigest()
     report = {
@@ -68,6 +65,17 @@ def write_index(scan: SourceScan, root: Path, workdir: Path, val_fraction: float
     return report
 
 
+# One task: the records (hundreds of thousands of dicts) never cross a task boundary,
+# where Prefect would walk every one of them.
+@task(cache_policy=NO_CACHE)
+def index_collection(
+    root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool, val_fraction: float, test_fraction: float
+) -> dict[str, Any]:
+    """Scan the source, assign splits, write index, ground-truth boxes and the report."""
+    found = scan(root, workdir, dicom, labels, metadata_only)
+    return write_outputs(found, root, workdir, val_fraction, test_fraction, "dicom" if dicom else "nih")
+
+
 @flow(name="ingest", log_prints=True)
 def ingest(
     root: str,
@@ -83,8 +91,7 @@ def ingest(
     if not root_path.is_dir():
         raise FileNotFoundError(f"{root_path}: dataset root is not a folder")
     work.mkdir(parents=True, exist_ok=True)
-    scan = scan_source(root_path, work, dicom, Path(labels) if labels else None, metadata_only)
-    report = write_index(scan, root_path, work, val_fraction, test_fraction, "dicom" if dicom else "nih")
+    report = index_collection(root_path, work, dicom, Path(labels) if labels else None, metadata_only, val_fraction, test_fraction)
     logger = get_run_logger()
     logger.info(
         "indexed %d images (%d missing, %d unlisted files, %d ground-truth boxes) into %s",

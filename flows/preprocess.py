@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.dask import dask_task_runner
+from flows.dask import dask_task_runner, local_worker_config
 from flows.faults import maybe_fail
 from flows.ingest import INDEX_FILE, REPORT_FILE
 from flows.progress import progress_bar
@@ -98,8 +98,9 @@ def preprocess(
     shard_dir.mkdir(parents=True, exist_ok=True)
     logger.info("%d images in %d shards (%d missing files excluded)", len(rows) - missing, len(specs), missing)
 
-    futures = [write_shard.submit(spec, source_root, str(shard_dir), settings) for spec in specs]
-    names = {id(future): spec.name for future, spec in zip(futures, specs)}
+    largest_first = sorted(specs, key=lambda spec: -len(spec.rows))  # partial shards fill the tail
+    futures = [write_shard.submit(spec, source_root, str(shard_dir), settings) for spec in largest_first]
+    names = {id(future): spec.name for future, spec in zip(futures, largest_first)}
     results: dict[str, ShardResult] = {}
     failures: dict[str, str] = {}
     sizes = {spec.name: len(spec.rows) for spec in specs}
@@ -151,4 +152,5 @@ def preprocess(
 def run_preprocess(workdir: str, *, workers: int | None = None, dask_address: str | None = None, **options: Any) -> dict[str, Any]:
     """The flow on a Dask cluster: local processes by default, or an existing scheduler."""
     runner = dask_task_runner(workers=workers, address=dask_address)
-    return preprocess.with_options(task_runner=runner)(workdir=workdir, **options)
+    with local_worker_config():
+        return preprocess.with_options(task_runner=runner)(workdir=workdir, **options)

@@ -153,12 +153,30 @@ def test_letterbox_round_trip_of_a_box(demo, preprocessed):
     assert checked >= 3
 
 
-def test_resume_after_injected_fault_is_byte_identical(indexed, preprocessed, tmp_path, monkeypatch):
-    _, reference = preprocessed
-    work = tmp_path / "work"
+def _copy_index(indexed: Path, work: Path) -> None:
     work.mkdir()
     for name in ("index.parquet", "gt_boxes.parquet", "ingest_report.json"):
         shutil.copy(indexed / name, work / name)
+
+
+def test_existing_dask_scheduler(indexed, preprocessed, tmp_path):
+    """--dask-address: the flow runs its tasks on a cluster it did not start, with the same output."""
+    from distributed import LocalCluster
+
+    work = tmp_path / "work"
+    _copy_index(indexed, work)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        manifest = run_preprocess(str(work), dask_address=cluster.scheduler_address, size=SIZE, shard_size=8)
+        ran = set(cluster.scheduler.task_prefixes)
+    assert any("write_shard" in prefix for prefix in ran), ran
+    assert manifest["counts"] == preprocessed[1]["counts"]
+    assert _hashes(work / "shards") == _hashes(indexed / "shards")
+
+
+def test_resume_after_injected_fault_is_byte_identical(indexed, preprocessed, tmp_path, monkeypatch):
+    _, reference = preprocessed
+    work = tmp_path / "work"
+    _copy_index(indexed, work)
     victim = reference["shards"][2]["name"]
     plant_fault(tmp_path / "fault.json", victim, "raise")
     monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fault.json"))
@@ -174,9 +192,7 @@ def test_resume_after_injected_fault_is_byte_identical(indexed, preprocessed, tm
 def test_killed_worker_is_survived(indexed, preprocessed, tmp_path, monkeypatch):
     _, reference = preprocessed
     work = tmp_path / "work"
-    work.mkdir()
-    for name in ("index.parquet", "gt_boxes.parquet", "ingest_report.json"):
-        shutil.copy(indexed / name, work / name)
+    _copy_index(indexed, work)
     plant_fault(tmp_path / "fault.json", reference["shards"][1]["name"], "exit")
     monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fault.json"))
     manifest = run_preprocess(str(work), workers=2, size=SIZE, shard_size=8)
