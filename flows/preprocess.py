@@ -9,13 +9,10 @@ index rows = shard rows + quarantined + missing.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
@@ -24,20 +21,13 @@ from flows.dask import dask_task_runner, local_worker_config
 from flows.faults import maybe_fail
 from flows.ingest import INDEX_FILE, REPORT_FILE
 from flows.progress import progress_bar
-from storage.atomic import TMP_SUFFIX, write_json, write_parquet
 from storage.images import DEFAULT_MAX_PIXELS
 from storage.index import read_index
-from storage.shards import ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
+from storage.shard_manifest import MANIFEST, remove_stale, write_manifest, write_quarantine
+from storage.shards import CARRIED_COLUMNS, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
 
 SHARD_DIR = "shards"
 QUARANTINE_FILE = "quarantine.parquet"
-QUARANTINE_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("source_path", pa.string()), ("reason", pa.string()), ("shard", pa.string())]
-)
-
-
-class AccountingError(RuntimeError):
-    """Some indexed image is neither in a shard, nor quarantined, nor missing."""
 
 
 class PreprocessIncomplete(RuntimeError):
@@ -56,26 +46,6 @@ def write_shard(spec: ShardSpec, root: str, shard_dir: str, settings: ShardSetti
     return build_shard(spec, Path(root), Path(shard_dir), settings, before_commit=maybe_fail)
 
 
-def remove_stale(shard_dir: Path, keep: set[str]) -> list[str]:
-    """Delete shards of earlier plans and leftover temporary files; return their names."""
-    removed = []
-    for path in sorted(shard_dir.iterdir()):
-        stale_tmp = path.name.endswith(TMP_SUFFIX)
-        stale_shard = path.suffix in {".parquet", ".json"} and path.name != "manifest.json" and path.stem not in keep
-        if stale_tmp or stale_shard:
-            path.unlink()
-            removed.append(path.name)
-    return removed
-
-
-def check_accounting(index_rows: int, shard_rows: int, quarantined: int, missing: int) -> None:
-    if index_rows != shard_rows + quarantined + missing:
-        raise AccountingError(
-            f"index has {index_rows} images but shards {shard_rows} + quarantined {quarantined} + missing {missing}"
-            f" = {shard_rows + quarantined + missing}"
-        )
-
-
 @flow(name="preprocess", log_prints=True)
 def preprocess(
     workdir: str,
@@ -91,11 +61,12 @@ def preprocess(
     settings = ShardSettings(size=size, encoding=encoding, max_pixels=max_pixels)
     index = read_index(work / INDEX_FILE)
     source_root = root or json.loads((work / REPORT_FILE).read_text())["root"]
-    rows = index.to_pylist()
+    rows = index.select([*CARRIED_COLUMNS, "file_present"]).to_pylist()
     missing = sum(row["file_present"] is False for row in rows)
     specs = plan_shards([row for row in rows if row["file_present"] is not False], shard_size)
     shard_dir = work / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run
     logger.info("%d images in %d shards (%d missing files excluded)", len(rows) - missing, len(specs), missing)
 
     largest_first = sorted(specs, key=lambda spec: -len(spec.rows))  # partial shards fill the tail
@@ -120,31 +91,17 @@ def preprocess(
         )
 
     ordered = [results[spec.name] for spec in specs]
-    quarantine = [{**q, "shard": r.name} for r in ordered for q in r.quarantined]
-    write_parquet(work / QUARANTINE_FILE, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
+    quarantined = write_quarantine(work / QUARANTINE_FILE, ordered)
     removed = remove_stale(shard_dir, {spec.name for spec in specs})
-    shard_rows = sum(r.rows for r in ordered)
-    check_accounting(len(rows), shard_rows, len(quarantine), missing)
-    report = json.loads((work / REPORT_FILE).read_text())
-    manifest = {
-        "format": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "index_sha256": report.get("index_sha256"),
-        "settings": asdict(settings),
-        "shards": [
-            {"name": r.name, "file": Path(r.path).name, "split": r.name.split("-")[0], "rows": r.rows,
-             "quarantined": len(r.quarantined), "bytes": r.bytes, "sha256": r.sha256}
-            for r in ordered
-        ],
-        "counts": {"index_rows": len(rows), "shard_rows": shard_rows, "quarantined": len(quarantine), "missing": missing},
-        "splits": {split: sum(r.rows for r in ordered if r.name.startswith(f"{split}-")) for split in ("train", "val", "test")},
-        "run": {"built": sum(not r.skipped for r in ordered), "skipped": sum(r.skipped for r in ordered), "removed_stale": removed},
-    }
-    write_json(shard_dir / "manifest.json", manifest)
+    manifest = write_manifest(
+        shard_dir, ordered, settings, index_rows=len(rows), missing=missing,
+        index_sha256=json.loads((work / REPORT_FILE).read_text()).get("index_sha256"),
+        code_version=code_version(), removed=removed,
+    )
     logger.info(
         "%d shards (%d built, %d already complete): %d images, %d quarantined, %d missing -> %s",
-        len(ordered), manifest["run"]["built"], manifest["run"]["skipped"], shard_rows, len(quarantine), missing, shard_dir,
+        len(ordered), manifest["run"]["built"], manifest["run"]["skipped"], manifest["counts"]["shard_rows"],
+        quarantined, missing, shard_dir,
     )
     return manifest
 

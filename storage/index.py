@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.atomic import write_json, write_parquet
 from storage.errors import InputError
 from storage.findings import FINDINGS, label_vector
 from storage.nih import GroundTruthBox
+from storage.sources import SourceScan
 
 SPLITS = ("train", "val", "test")
+INDEX_FILE = "index.parquet"
+GT_BOXES_FILE = "gt_boxes.parquet"
+REPORT_FILE = "ingest_report.json"
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -137,3 +142,39 @@ def read_index(path: Path) -> pa.Table:
     if missing:
         raise InputError(path, f"index lacks columns {missing}; re-run ingest")
     return table.select(INDEX_SCHEMA.names)
+
+
+def write_index(
+    scan: SourceScan, root: Path, workdir: Path, *, val_fraction: float, test_fraction: float, source: str
+) -> dict[str, Any]:
+    """Assign splits and has_box, then write W/index.parquet, W/gt_boxes.parquet and W/ingest_report.json."""
+    assign_splits(
+        scan.records, scan.official_split, val_fraction=val_fraction, test_fraction=test_fraction,
+        source=scan.metadata_files.get("test_list", str(root)),
+    )
+    boxed = {box.image_id for box in scan.boxes}
+    for record in scan.records:
+        record["has_box"] = record["image_id"] in boxed
+    write_parquet(workdir / INDEX_FILE, index_table(scan.records))
+    write_parquet(workdir / GT_BOXES_FILE, gt_boxes_table(scan.boxes))
+    index_sha = hashlib.sha256((workdir / INDEX_FILE).read_bytes()).hexdigest()
+    report = {
+        "source": source,
+        "root": str(root.resolve()),
+        "metadata_files": scan.metadata_files,
+        "index_sha256": index_sha,
+        "rows": len(scan.records),
+        "files_present": sum(r.get("file_present") is True for r in scan.records),
+        "files_unchecked": sum(r.get("file_present") is None for r in scan.records),
+        "missing": scan.missing,
+        "unlisted": scan.unlisted,
+        "skipped": scan.skipped,
+        "gt_boxes": len(scan.boxes),
+        "unmatched_boxes": scan.unmatched_boxes,
+        "splits": {split: sum(r["split"] == split for r in scan.records) for split in SPLITS},
+        "split_source": "official lists" if scan.official_split else "patient hash",
+        "findings": dict(Counter(f for r in scan.records for f in r["findings"])),
+        "no_finding": sum(not r["findings"] for r in scan.records),
+    }
+    write_json(workdir / REPORT_FILE, report)
+    return report

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 from flows.ingest import ingest
 from flows.preprocess import run_preprocess
 from storage.errors import InputError
-
 from tests.dicom_factory import IDENTIFIERS, write_dicom
 
 pytestmark = pytest.mark.slow

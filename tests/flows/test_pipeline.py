@@ -16,9 +16,9 @@ import pytest
 from flows.faults import FAULT_ENV, plant_fault
 from flows.ingest import ingest
 from flows.preprocess import PreprocessIncomplete, run_preprocess
+from storage.demo import generate
 from storage.findings import FINDINGS
 from storage.index import INDEX_SCHEMA
-from storage.demo import generate
 from storage.shards import SHARD_SCHEMA, ShardReader
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ import pytest
 
 from storage.dicom import parse_age, read_dicom_pixels, read_header, window
 from storage.images import ImageReadError, read_image
-
 from tests.dicom_factory import write_dicom
 
 STORED = np.array([[0, 200, 300, 550, 4095]], dtype=np.uint16)

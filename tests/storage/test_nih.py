@@ -12,7 +12,6 @@ from storage.csvtable import join_bracketed
 from storage.errors import InputError
 from storage.findings import parse_findings
 from storage.nih import read_bbox_list, read_data_entry, read_image_list
-
 from tests.conftest import SHARED_NIH
 
 REAL_HEADER = (
