@@ -11,7 +11,8 @@ def prefect_api() -> Iterator[str]:
     """The configured PREFECT_API_URL, else one temporary local server for the whole block.
 
     Without it, every top-level flow run in ephemeral mode starts (and stops) its own
-    server, about 15 s each.
+    server, about 15 s each, and so does every Dask worker process, whose task runs then
+    report to an API nobody reads.
     """
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -24,6 +25,18 @@ def prefect_api() -> Iterator[str]:
     server.start()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _drain_to_api()
     finally:
         server.stop()
+
+
+def _drain_to_api(timeout: float = 10.0) -> None:
+    """Send the logs and events still queued before the API goes away."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout, at_exit=False)
+    EventsWorker.drain_all(timeout=timeout, at_exit=False)

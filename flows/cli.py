@@ -94,11 +94,13 @@ def preprocess(
 def main() -> None:
     """Console entry point: bad input ends with its message and exit status 2, not a traceback."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.api import prefect_api
     from flows.logs import quiet_input_errors
 
     quiet_input_errors()
     try:
-        app()
+        with prefect_api():  # one API for the command, its Dask workers included
+            app()
     except (InputError, FileNotFoundError, ValueError) as error:
         err.print(f"[red]error:[/] {error}")
         sys.exit(2)

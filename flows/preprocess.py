@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from flows.api import prefect_api
 from flows.dask import dask_task_runner, local_worker_config
 from flows.faults import maybe_fail
 from flows.ingest import INDEX_FILE, REPORT_FILE
@@ -107,7 +108,11 @@ def preprocess(
 
 
 def run_preprocess(workdir: str, *, workers: int | None = None, dask_address: str | None = None, **options: Any) -> dict[str, Any]:
-    """The flow on a Dask cluster: local processes by default, or an existing scheduler."""
+    """The flow on a Dask cluster: local processes by default, or an existing scheduler.
+
+    The API URL is set explicitly for the run, so that the workers report to the same
+    API instead of each starting an ephemeral server of its own.
+    """
     runner = dask_task_runner(workers=workers, address=dask_address)
-    with local_worker_config():
+    with prefect_api(), local_worker_config():
         return preprocess.with_options(task_runner=runner)(workdir=workdir, **options)
