@@ -26,10 +26,16 @@ class ImageReadError(Exception):
         self.reason = reason
 
 
+RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
 def is_dicom(path: Path) -> bool:
-    """A .dcm suffix, or the 'DICM' magic at byte 128 (Part 10 files)."""
-    if path.suffix.lower() in {".dcm", ".dicom"}:
+    """A .dcm suffix, or the 'DICM' magic at byte 128 (Part 10 files); PNG and JPEG names are not opened."""
+    suffix = path.suffix.lower()
+    if suffix in {".dcm", ".dicom"}:
         return True
+    if suffix in RASTER_SUFFIXES:
+        return False
     try:
         with open(path, "rb") as handle:
             handle.seek(128)

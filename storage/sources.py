@@ -16,7 +16,7 @@ from storage.csvtable import read_rows
 from storage.dicom import read_header
 from storage.errors import InputError
 from storage.findings import UnknownFindingError, parse_findings
-from storage.images import ImageReadError, read_size
+from storage.images import RASTER_SUFFIXES, ImageReadError, read_size
 from storage.nih import (
     BBOX_LIST,
     DATA_ENTRY,
@@ -29,7 +29,6 @@ from storage.nih import (
 )
 from storage.pseudonym import pseudonym
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 Progress = Callable[[int], None]
 
 
@@ -80,7 +79,7 @@ def scan_nih(root: Path, *, metadata_only: bool = False, progress: Progress | No
 
     files: dict[str, Path] = {}
     if not metadata_only:
-        for path in walk_files(root, IMAGE_SUFFIXES):
+        for path in walk_files(root, RASTER_SUFFIXES):
             if path.name in files:
                 raise InputError(path, f"image name {path.name!r} also at {files[path.name]}; image ids must be unique")
             files[path.name] = path
