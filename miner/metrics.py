@@ -1,0 +1,148 @@
+"""Localisation and classification metrics, streaming: accumulate per image, compute at the end.
+
+Protocol (Wang et al. 2017, as used by Cai et al. 2018; DESIGN.md): per finding, over the
+images that have a ground-truth box of it, a predicted box is a hit when its overlap with
+some ground-truth box exceeds T. Acc = images with at least one hit / images evaluated;
+AFP = predicted boxes that hit nothing / images evaluated. Overlap is IoU, or IoR
+(intersection over the predicted box's area, "IoBB"). Boxes are xyxy in one pixel grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torchvision.ops import box_area, box_iou
+
+from storage.findings import FINDINGS
+
+T_IOU = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+T_IOR = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _boxes(boxes: Sequence | np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if not isinstance(boxes, torch.Tensor) else boxes, dtype=torch.float64)
+    tensor = tensor.reshape(-1, 4)
+    if (tensor[:, 2] < tensor[:, 0]).any() or (tensor[:, 3] < tensor[:, 1]).any():
+        raise ValueError(f"boxes must be xyxy with x_max >= x_min and y_max >= y_min, got {tensor.tolist()}")
+    return tensor
+
+
+def box_ior(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Intersection over the predicted box's area: (N, 4), (M, 4) -> (N, M); 0 for empty boxes."""
+    top_left = torch.max(predicted[:, None, :2], truth[None, :, :2])
+    bottom_right = torch.min(predicted[:, None, 2:], truth[None, :, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    area = box_area(predicted)[:, None]
+    return torch.where(area > 0, intersection / area.clamp(min=1e-12), torch.zeros_like(intersection))
+
+
+def best_overlap(predicted, truth, metric: str) -> np.ndarray:
+    """For each predicted box, its largest IoU (or IoR) with any ground-truth box: (N,)."""
+    predicted, truth = _boxes(predicted), _boxes(truth)
+    if len(predicted) == 0:
+        return np.zeros(0)
+    if len(truth) == 0:
+        return np.zeros(len(predicted))
+    overlap = {"iou": box_iou, "ior": box_ior}[metric](predicted, truth)
+    return overlap.max(dim=1).values.numpy()
+
+
+class LocalizationEvaluator:
+    """Acc and AFP per finding at the T(IoU) and T(IoR) lists, from per-image accumulation.
+
+    Memory per evaluated image is the best overlap of each of its (at most a few) boxes.
+    """
+
+    def __init__(self, iou_thresholds: Sequence[float] = T_IOU, ior_thresholds: Sequence[float] = T_IOR) -> None:
+        self.thresholds = {"iou": tuple(iou_thresholds), "ior": tuple(ior_thresholds)}
+        self.overlaps: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: {"iou": [], "ior": []})
+
+    def accumulate(self, finding: str, predicted, truth) -> None:
+        """One image with at least one ground-truth box of ``finding``; ``predicted`` in rank order."""
+        if finding not in FINDINGS:
+            raise ValueError(f"unknown finding {finding!r}")
+        if len(_boxes(truth)) == 0:
+            raise ValueError(f"an image is evaluated for {finding} only if it has a ground-truth box of it")
+        for metric in ("iou", "ior"):
+            self.overlaps[finding][metric].append(best_overlap(predicted, truth, metric))
+
+    def images(self, finding: str) -> int:
+        return len(self.overlaps[finding]["iou"]) if finding in self.overlaps else 0
+
+    def compute(self) -> dict[str, dict]:
+        """{finding: {"images": n, "iou": {T: {"acc", "afp"}}, "ior": {...}}}; NaN where n = 0."""
+        table = {}
+        for finding in FINDINGS:
+            n = self.images(finding)
+            row: dict = {"images": n}
+            for metric, thresholds in self.thresholds.items():
+                per_image = self.overlaps[finding][metric] if n else []
+                row[metric] = {}
+                for t in thresholds:
+                    hit_images = sum(bool((o > t).any()) for o in per_image)
+                    false_positives = sum(int((o <= t).sum()) for o in per_image)
+                    row[metric][t] = {"acc": hit_images / n if n else math.nan, "afp": false_positives / n if n else math.nan}
+            table[finding] = row
+        return table
+
+    def select_until_afp(self, finding: str, threshold: float, afp_bound: float, metric: str = "iou") -> dict[str, float]:
+        """Section 3.2: all images' rank-1 boxes, then rank-2, then rank-3, taken in that order
+        while AFP stays within ``afp_bound``; Acc and AFP of the boxes taken."""
+        per_image = self.overlaps[finding][metric] if finding in self.overlaps else []
+        n = len(per_image)
+        if n == 0:
+            return {"acc": math.nan, "afp": math.nan, "boxes": 0}
+        hit = [False] * n
+        false_positives = taken = 0
+        depth = max(len(o) for o in per_image)
+        for rank in range(depth):
+            for i, overlaps in enumerate(per_image):
+                if rank >= len(overlaps):
+                    continue
+                is_hit = bool(overlaps[rank] > threshold)
+                if not is_hit and (false_positives + 1) / n > afp_bound:
+                    return {"acc": sum(hit) / n, "afp": false_positives / n, "boxes": taken}
+                false_positives += not is_hit
+                hit[i] = hit[i] or is_hit
+                taken += 1
+        return {"acc": sum(hit) / n, "afp": false_positives / n, "boxes": taken}
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half; NaN if one class is absent."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+class AUCAccumulator:
+    """Per-finding ROC AUC over batches: ``accumulate(scores (N, C), labels (N, C))``, then ``compute()``."""
+
+    def __init__(self, findings: Sequence[str] = FINDINGS) -> None:
+        self.findings = tuple(findings)
+        self.scores: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def accumulate(self, scores, labels) -> None:
+        scores = np.asarray(scores, dtype=np.float32)
+        labels = np.asarray(labels, dtype=bool)
+        if scores.shape != labels.shape or scores.ndim != 2 or scores.shape[1] != len(self.findings):
+            raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, {len(self.findings)})")
+        if not np.all(np.isfinite(scores)):
+            raise ValueError("scores contain NaN or inf")
+        self.scores.append(scores)
+        self.labels.append(labels)
+
+    def compute(self) -> dict[str, float]:
+        if not self.scores:
+            return {f: math.nan for f in self.findings}
+        scores, labels = np.concatenate(self.scores), np.concatenate(self.labels)
+        return {f: roc_auc(scores[:, c], labels[:, c]) for c, f in enumerate(self.findings)}

@@ -1,0 +1,94 @@
+"""IoU, IoR, Acc, AFP, the AFP-bounded selection and ROC AUC on cases computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from miner.metrics import AUCAccumulator, LocalizationEvaluator, best_overlap, box_ior, roc_auc
+
+GT = [[0, 0, 10, 10]]
+
+
+@pytest.mark.parametrize(
+    "box, iou, ior",
+    [
+        ([0, 0, 10, 10], 1.0, 1.0),
+        ([5, 0, 15, 10], 50 / 150, 0.5),      # half overlaps: inter 50, union 150, own area 100
+        ([2, 2, 4, 4], 4 / 100, 1.0),         # inside the truth: IoR 1, IoU 0.04
+        ([0, 0, 20, 20], 100 / 400, 0.25),    # contains the truth
+        ([20, 20, 30, 30], 0.0, 0.0),         # disjoint
+        ([10, 0, 20, 10], 0.0, 0.0),          # touching edge: no area in common
+    ],
+)
+def test_overlaps_by_hand(box, iou, ior):
+    assert best_overlap([box], GT, "iou") == pytest.approx([iou])
+    assert best_overlap([box], GT, "ior") == pytest.approx([ior])
+
+
+def test_best_overlap_takes_the_best_truth_and_handles_empty():
+    truth = [[0, 0, 10, 10], [20, 0, 30, 10]]
+    assert best_overlap([[20, 0, 30, 10], [40, 40, 50, 50]], truth, "iou").tolist() == [1.0, 0.0]
+    assert best_overlap(np.zeros((0, 4)), truth, "iou").shape == (0,)
+    assert box_ior(torch.tensor([[1.0, 1.0, 1.0, 5.0]], dtype=torch.float64), torch.tensor([[0.0, 0, 9, 9]], dtype=torch.float64)).tolist() == [[0.0]]
+    with pytest.raises(ValueError, match="xyxy"):
+        best_overlap([[5, 5, 1, 1]], truth, "iou")
+
+
+def test_acc_and_afp_by_hand():
+    evaluator = LocalizationEvaluator(iou_thresholds=(0.1, 0.5), ior_thresholds=(0.5,))
+    evaluator.accumulate("Mass", [[0, 0, 10, 10], [50, 50, 60, 60]], GT)  # IoU 1.0 and 0.0
+    evaluator.accumulate("Mass", [[5, 0, 15, 10]], GT)                    # IoU 1/3, IoR 0.5
+    evaluator.accumulate("Mass", np.zeros((0, 4)), GT)                    # nothing predicted
+    table = evaluator.compute()["Mass"]
+    assert table["images"] == 3
+    # T = 0.1: hits in images 1 and 2, one false positive (image 1's second box)
+    assert table["iou"][0.1] == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(1 / 3)}
+    # T = 0.5: only image 1 hits; false positives: image 1's second box and image 2's box
+    assert table["iou"][0.5] == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(2 / 3)}
+    # IoR > 0.5: image 2's IoR is exactly 0.5, not a hit
+    assert table["ior"][0.5] == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(2 / 3)}
+    empty = evaluator.compute()["Nodule"]
+    assert empty["images"] == 0 and math.isnan(empty["iou"][0.1]["acc"])
+
+
+def test_evaluation_needs_ground_truth():
+    with pytest.raises(ValueError, match="only if it has a ground-truth box"):
+        LocalizationEvaluator().accumulate("Mass", GT, np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="unknown finding"):
+        LocalizationEvaluator().accumulate("Growth", GT, GT)
+
+
+def test_select_until_afp_takes_ranks_across_images():
+    evaluator = LocalizationEvaluator()
+    # image A: rank 1 misses, rank 2 hits; image B: rank 1 hits, rank 2 misses; image C: rank 1 misses
+    evaluator.accumulate("Mass", [[50, 50, 60, 60], [0, 0, 10, 10]], GT)
+    evaluator.accumulate("Mass", [[0, 0, 10, 10], [50, 50, 60, 60]], GT)
+    evaluator.accumulate("Mass", [[50, 50, 60, 60]], GT)
+    # order: A1 (fp), B1 (hit), C1 (fp), A2 (hit), B2 (fp)
+    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=0.34) == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(1 / 3), "boxes": 2}
+    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=2 / 3) == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(2 / 3), "boxes": 4}
+    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=1.0) == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(1.0), "boxes": 5}
+    assert math.isnan(evaluator.select_until_afp("Nodule", 0.5, 1.0)["acc"])
+
+
+def test_roc_auc_by_hand():
+    # pairs (positive, negative): (0.35 vs 0.1) win, (0.35 vs 0.4) lose, (0.8 vs both) win -> 3/4
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)  # a tie counts half
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_auc_accumulator_over_batches():
+    accumulator = AUCAccumulator(findings=("a", "b"))
+    accumulator.accumulate([[0.1, 0.9], [0.4, 0.1]], [[0, 1], [0, 0]])
+    accumulator.accumulate([[0.35, 0.2], [0.8, 0.3]], [[1, 0], [1, 1]])
+    auc = accumulator.compute()
+    assert auc["a"] == pytest.approx(0.75)
+    # b: positives 0.9, 0.3; negatives 0.1, 0.2 -> all four pairs won
+    assert auc["b"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"must both be \(N, 2\)"):
+        accumulator.accumulate([[0.1]], [[1]])
