@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# Prefect's default (20 s) is too short for a first start, which creates and migrates the
+# database: about 15 s on 2 idle cores, more under load.
+STARTUP_TIMEOUT_S = 120
+
 
 @contextmanager
 def prefect_api() -> Iterator[str]:
@@ -15,14 +19,14 @@ def prefect_api() -> Iterator[str]:
     report to an API nobody reads.
     """
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     configured = PREFECT_API_URL.value()
     if configured:
         yield configured
         return
     server = SubprocessASGIServer()
-    server.start()
+    server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             try:
