@@ -9,11 +9,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.progress import progress_bar
-from storage.index import INDEX_FILE, REPORT_FILE, write_index
+from storage.index import INDEX_FILE, write_index
 from storage.pseudonym import load_or_create_key
 from storage.sources import SourceScan, scan_dicom, scan_nih
 
-__all__ = ["INDEX_FILE", "REPORT_FILE", "ingest"]
+__all__ = ["ingest"]
 
 
 def scan(root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool) -> SourceScan:

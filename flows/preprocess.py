@@ -20,10 +20,9 @@ from prefect.futures import as_completed
 from flows.api import prefect_api
 from flows.dask import dask_task_runner, local_worker_config
 from flows.faults import maybe_fail
-from flows.ingest import INDEX_FILE, REPORT_FILE
 from flows.progress import progress_bar
 from storage.images import DEFAULT_MAX_PIXELS
-from storage.index import read_index
+from storage.index import INDEX_FILE, REPORT_FILE, read_index
 from storage.shard_manifest import MANIFEST, remove_stale, write_manifest, write_quarantine
 from storage.shards import CARRIED_COLUMNS, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
 
@@ -61,7 +60,8 @@ def preprocess(
     work = Path(workdir)
     settings = ShardSettings(size=size, encoding=encoding, max_pixels=max_pixels)
     index = read_index(work / INDEX_FILE)
-    source_root = root or json.loads((work / REPORT_FILE).read_text())["root"]
+    ingest_report = json.loads((work / REPORT_FILE).read_text())
+    source_root = root or ingest_report["root"]
     rows = index.select([*CARRIED_COLUMNS, "file_present"]).to_pylist()
     missing = sum(row["file_present"] is False for row in rows)
     specs = plan_shards([row for row in rows if row["file_present"] is not False], shard_size)
@@ -96,7 +96,7 @@ def preprocess(
     removed = remove_stale(shard_dir, {spec.name for spec in specs})
     manifest = write_manifest(
         shard_dir, ordered, settings, index_rows=len(rows), missing=missing,
-        index_sha256=json.loads((work / REPORT_FILE).read_text()).get("index_sha256"),
+        index_sha256=ingest_report.get("index_sha256"),
         code_version=code_version(), removed=removed,
     )
     logger.info(

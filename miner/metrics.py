@@ -25,8 +25,7 @@ T_IOR = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def _boxes(boxes: Sequence | np.ndarray | torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if not isinstance(boxes, torch.Tensor) else boxes, dtype=torch.float64)
-    tensor = tensor.reshape(-1, 4)
+    tensor = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
     if (tensor[:, 2] < tensor[:, 0]).any() or (tensor[:, 3] < tensor[:, 1]).any():
         raise ValueError(f"boxes must be xyxy with x_max >= x_min and y_max >= y_min, got {tensor.tolist()}")
     return tensor

@@ -66,19 +66,21 @@ class Letterbox:
         out[self.offset_y : self.offset_y + self.content_height, self.offset_x : self.offset_x + self.content_width] = content
         return out
 
-    def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
-        """Boxes (N, 4) xyxy in shard pixels -> (N, 4) xyxy in source pixels (float64)."""
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset), each (4,) for xyxy."""
         scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
         offset = np.array([self.offset_x, self.offset_y, self.offset_x, self.offset_y], dtype=np.float64)
-        return (boxes - offset) / scale
+        return scale, offset
+
+    def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes (N, 4) xyxy in shard pixels -> (N, 4) xyxy in source pixels (float64)."""
+        scale, offset = self._affine()
+        return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
 
     def boxes_to_shard(self, boxes: np.ndarray) -> np.ndarray:
         """Boxes (N, 4) xyxy in source pixels -> (N, 4) xyxy in shard pixels (float64)."""
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
-        offset = np.array([self.offset_x, self.offset_y, self.offset_x, self.offset_y], dtype=np.float64)
-        return boxes * scale + offset
+        scale, offset = self._affine()
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale + offset
 
     def to_record(self) -> dict[str, float | int]:
         """The columns a shard row stores (see README: shard schema)."""

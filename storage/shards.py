@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,7 +92,6 @@ class ShardResult:
     rows: int
     quarantined: list[dict[str, str]] = field(default_factory=list)
     skipped: bool = False
-    seconds: float = 0.0
     sha256: str = ""
     bytes: int = 0
 
@@ -175,7 +173,6 @@ def build_shard(
     (spec, images done) runs after the temporary file is written and before it is renamed:
     the place where a crash leaves no partial shard (the fault-injection tests use it).
     """
-    started = time.perf_counter()
     shard_path = shard_dir / f"{spec.name}.parquet"
     inputs_hash = fingerprint(spec, root, settings)
     done = load_completion(shard_path)
@@ -218,7 +215,7 @@ def build_shard(
             before_commit(spec, len(rows))
     result = ShardResult(
         spec.name, str(shard_path), len(rows), quarantined,
-        seconds=time.perf_counter() - started, sha256=file_sha256(shard_path), bytes=shard_path.stat().st_size,
+        sha256=file_sha256(shard_path), bytes=shard_path.stat().st_size,
     )
     write_json(
         completion_path(shard_path),

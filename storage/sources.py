@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from storage.csvtable import read_rows
@@ -58,7 +58,7 @@ def walk_files(root: Path, suffixes: set[str] | None = None) -> Iterator[Path]:
 
 
 def relative_to_root(root: Path, path: Path) -> str:
-    return PurePosixPath(path.relative_to(root).as_posix()).as_posix()
+    return path.relative_to(root).as_posix()
 
 
 def find_metadata(root: Path, name: str) -> Path | None:
