@@ -1,0 +1,139 @@
+"""Attention mining (AM) with knowledge preservation (KP): Cai et al. 2018, sections 2.1, 2.2, 3.2.
+
+Steps are numbered as in the paper. Step 1 is the CAM baseline: its model computes H_1 on
+unerased features and M_1 erases H_1's peak component. Each later step t fine-tunes a model
+on X * M_{t-1} (initialised from step t-1's model) and computes H_t = CAM(X_t * M_{t-1}),
+then M_t. Training step t therefore needs the frozen models of steps 1..t-1 (the "chain")
+to compute M_{t-1}; the last of them is also N_A of Eq. 4, the network before this step's
+AM updates.
+
+Images are normalised ``(N, 1, S, S)``; masks and heatmaps ``(N, C, h, w)`` on the model's
+feature grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from miner.cam import final_heatmap, normalize_maps, update_masks
+from miner.models import CamClassifier, Features
+
+KP_MODES = ("none", "vanilla", "kp")
+ERASED_FRACTION = 0.125  # n / N of section 2.2
+KP_LAMBDA = 0.5  # lambda of Eq. 6
+KP_LAYERS = ("layer3", "layer4", "features", "logits")  # 3rd, 4th bottleneck, MSA, classification (section 3.2)
+
+
+class Mining(NamedTuple):
+    """heatmaps: normalised H_1..H_T; masks: M_1..M_T; logits (N, C) of step 1 (unerased)."""
+
+    heatmaps: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    logits: torch.Tensor
+
+    def final(self) -> torch.Tensor:
+        """Eq. 8 over all steps, (N, C, h, w)."""
+        return final_heatmap(self.heatmaps, self.masks)
+
+
+@torch.no_grad()
+def mine(models: Sequence[CamClassifier], images: torch.Tensor) -> Mining:
+    """Run AM steps 1..len(models): H_t = normalise(CAM of model t on X_t * M_{t-1}) (Eq. 7), M_t.
+
+    ``models`` are the step models in order (one model gives the CAM baseline). H_t is
+    normalised to [0, 1] over its kept positions, erased positions 0 (see normalize_maps).
+    """
+    if not models:
+        raise ValueError("mine() needs at least the step-1 model")
+    heatmaps: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    logits = None
+    for model in models:
+        features = model.forward_features(images)
+        logits = features.logits if logits is None else logits
+        x = features.features
+        previous = masks[-1] if masks else torch.ones(x.shape[0], model.config.num_classes, *x.shape[2:], device=x.device)
+        heatmap = normalize_maps(model.cams(x.float(), previous), previous)
+        heatmaps.append(heatmap)
+        masks.append(update_masks(heatmap, previous))
+    return Mining(heatmaps, masks, logits)
+
+
+def erased_count(batch_size: int, kp: str, fraction: float = ERASED_FRACTION) -> int:
+    """n of section 2.2: with KP-Vanilla or KP the first n = N * fraction (at least 1) images
+    of a batch are erased and the other N - n left untouched; without KP all N are erased."""
+    if kp not in KP_MODES:
+        raise ValueError(f"unknown KP mode {kp!r}; known: {KP_MODES}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return batch_size if kp == "none" else max(1, int(batch_size * fraction))
+
+
+def gap(tensor: torch.Tensor) -> torch.Tensor:
+    """g of Eq. 2 and 4: (N, D, h, w) -> (N, D) by the spatial mean; (N, D) unchanged (logits)."""
+    return tensor.float().mean(dim=(2, 3)) if tensor.ndim == 4 else tensor.float()
+
+
+def kp_distance(frozen: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: L^k = ||g(X_A(k)) - g(X_B(k))||_2 / (N - n), the l2 norm over all N - n rows."""
+    if frozen.shape != updated.shape:
+        raise ValueError(f"layer outputs differ in shape: {tuple(frozen.shape)} vs {tuple(updated.shape)}")
+    return torch.linalg.vector_norm(gap(frozen) - gap(updated)) / frozen.shape[0]
+
+
+def kp_loss(frozen: Features, updated: Features, layers: Sequence[str] = KP_LAYERS) -> torch.Tensor:
+    """Eq. 5: L_KP = mean of Eq. 4 over the chosen layers (names of Features fields)."""
+    return torch.stack([kp_distance(getattr(frozen, name), getattr(updated, name)) for name in layers]).mean()
+
+
+def select_rows(features: Features, rows: slice) -> Features:
+    return Features(*(tensor[rows] for tensor in features))
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 2-3: L_cls = 1/C sum_c 1/N sum_i h(sigma(z_ic), y_ic), h the binary cross entropy."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class AMLoss(NamedTuple):
+    total: torch.Tensor
+    cls: torch.Tensor
+    kp: torch.Tensor
+    erased: int
+
+
+def attention_mining_loss(
+    model: CamClassifier,
+    chain: Sequence[CamClassifier],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    kp: str = "kp",
+    kp_lambda: float = KP_LAMBDA,
+    fraction: float = ERASED_FRACTION,
+) -> AMLoss:
+    """Eq. 6: L = L_cls + lambda * L_KP for one batch of AM step t = len(chain) + 1.
+
+    The first n images (erased_count) are classified class-wise from X * M_{t-1} (Eq. 1-3),
+    M_{t-1} computed by the frozen ``chain`` (models of steps 1..t-1). The other N - n are
+    classified from unerased X; with ``kp="kp"`` they also go through N_A = chain[-1] and
+    L_KP (Eq. 4-5) pulls N_B's GAP features of KP_LAYERS towards N_A's.
+    images (N, 1, S, S) normalised; labels (N, C) in {0, 1}.
+    """
+    n = erased_count(images.shape[0], kp, fraction)
+    masks = mine(chain, images[:n]).masks[-1]
+    updated = model.forward_features(images)
+    logits = model.erased_logits(updated.features[:n], masks)
+    if n < images.shape[0]:
+        logits = torch.cat([logits, updated.logits[n:]])
+    cls = classification_loss(logits, labels)
+    if kp == "kp" and n < images.shape[0]:
+        with torch.no_grad():
+            frozen = chain[-1].forward_features(images[n:])
+        preserve = kp_loss(frozen, select_rows(updated, slice(n, None)), model.kp_layers)
+    else:
+        preserve = torch.zeros((), device=cls.device)
+    return AMLoss(cls + kp_lambda * preserve, cls.detach(), preserve.detach(), n)

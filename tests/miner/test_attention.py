@@ -1,0 +1,91 @@
+"""AM steps, KP-Vanilla's split and the KP loss (Eq. 4-6) on cases worked by hand."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miner.attention import attention_mining_loss, erased_count, kp_distance, kp_loss, mine
+from miner.models import Features, ModelConfig, create_model
+
+
+@pytest.mark.parametrize(
+    "batch,mode,expected", [(64, "vanilla", 8), (64, "kp", 8), (64, "none", 64), (32, "kp", 4), (4, "vanilla", 1), (1, "kp", 1)]
+)
+def test_kp_vanilla_erases_the_first_eighth(batch, mode, expected):
+    assert erased_count(batch, mode) == expected
+
+
+def test_unknown_kp_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown KP mode 'soft'"):
+        erased_count(8, "soft")
+
+
+def test_kp_distance_by_hand():
+    # logits of N - n = 2 images: difference [[0, 0], [0, 2]], l2 norm 2, divided by 2
+    frozen = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert kp_distance(frozen, torch.tensor([[1.0, 2.0], [3.0, 2.0]])).item() == pytest.approx(1.0)
+    # feature maps: GAP first. Image 0 means 1 vs 2 (diff 1), image 1 means 0 vs 0: norm 1 / 2
+    a = torch.zeros(2, 1, 2, 2)
+    a[0] = 1.0
+    b = torch.zeros(2, 1, 2, 2)
+    b[0, 0, 0, 0] = 8.0
+    assert kp_distance(a, b).item() == pytest.approx(0.5)
+
+
+def test_kp_loss_is_the_mean_over_the_chosen_layers():
+    z = torch.zeros(2, 3, 2, 2)
+    frozen = Features(z, z, z, torch.zeros(2, 2))
+    layer4 = torch.ones(2, 3, 2, 2)  # GAP rows of norm sqrt(3); two rows: sqrt(6) / 2
+    msa_like = Features(z, layer4, z, torch.tensor([[0.0, 0.0], [0.0, 4.0]]))  # 4 / 2 = 2
+    assert kp_loss(frozen, msa_like).item() == pytest.approx((0 + 6**0.5 / 2 + 0 + 2) / 4)
+    assert kp_loss(frozen, msa_like, ("layer4", "logits")).item() == pytest.approx((6**0.5 / 2 + 2) / 2)
+    assert create_model(ModelConfig(name="baseline", trunk="resnet18")).kp_layers == ("layer3", "layer4", "logits")
+
+
+def small_model(name="msa", seed=0):
+    torch.manual_seed(seed)
+    return create_model(ModelConfig(name=name, trunk="resnet18")).eval()
+
+
+def test_mining_steps_erase_more_each_step_and_heatmaps_respect_masks():
+    models = [small_model(seed=0), small_model(seed=1), small_model(seed=2)]
+    images = torch.randn(3, 1, 128, 128)
+    result = mine(models, images)
+    assert len(result.heatmaps) == len(result.masks) == 3
+    assert result.heatmaps[0].shape == (3, 14, 8, 8)
+    for t in range(1, 3):
+        assert torch.all(result.masks[t] <= result.masks[t - 1])  # erasure accumulates
+        assert torch.all(result.heatmaps[t][result.masks[t - 1] == 0] == 0)  # H_t sees X * M_{t-1}
+        assert (result.masks[t].sum() < result.masks[t - 1].sum()).item()
+    final = result.final()
+    assert final.shape == (3, 14, 8, 8) and float(final.min()) >= 0 and float(final.max()) <= 1 + 1e-6
+
+
+def test_am_loss_vanilla_is_bce_over_erased_head_and_untouched_tail():
+    model = small_model("baseline", seed=3)
+    chain = [copy.deepcopy(model)]
+    images = torch.randn(16, 1, 64, 64)
+    labels = (torch.rand(16, 14) > 0.7).float()
+    loss = attention_mining_loss(model, chain, images, labels, kp="vanilla")
+    assert loss.erased == 2 and loss.kp.item() == 0
+    with torch.no_grad():
+        masks = mine(chain, images[:2]).masks[-1]
+        features = model.forward_features(images)
+        logits = torch.cat([model.erased_logits(features.features[:2], masks), features.logits[2:]])
+    assert loss.total.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits, labels).item(), rel=1e-5)
+
+
+def test_kp_term_is_zero_before_any_update_and_positive_after_one():
+    model = small_model("msa", seed=4)
+    chain = [copy.deepcopy(model)]
+    images, labels = torch.randn(16, 1, 64, 64), (torch.rand(16, 14) > 0.7).float()
+    before = attention_mining_loss(model, chain, images, labels, kp="kp")
+    assert before.kp.item() == pytest.approx(0.0, abs=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before.total.backward()
+    optimizer.step()
+    after = attention_mining_loss(model, chain, images, labels, kp="kp")
+    assert after.kp.item() > 1e-4
+    assert after.total.item() == pytest.approx(after.cls.item() + 0.5 * after.kp.item(), rel=1e-5)
