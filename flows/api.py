@@ -19,12 +19,15 @@ def prefect_api() -> Iterator[str]:
     report to an API nobody reads.
     """
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     configured = PREFECT_API_URL.value()
     if configured:
         yield configured
         return
+    # The server's SQLite file lives in PREFECT_HOME; a missing parent folder would
+    # otherwise show up only as a start-up timeout.
+    PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)
     server = SubprocessASGIServer()
     server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     try:

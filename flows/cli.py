@@ -91,6 +91,46 @@ def preprocess(
     )
 
 
+@app.command()
+def train(
+    workdir: Annotated[Path, typer.Option(help="Working folder holding shards/.")],
+    preset: Annotated[str, typer.Option(help="Settings preset: cpu-small (minutes on a CPU) or paper (Cai et al., GPU).")] = "cpu-small",
+    config: Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings, e.g. {\"epochs\": 5}.")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run name under W/models/ (default: the preset); rerun to resume.")] = None,
+    attention: Annotated[bool, typer.Option(help="Also run attention-mining steps 2..T after step 1.")] = True,
+) -> None:
+    """Train the classifier (step 1, the CAM baseline), then attention mining with KP."""
+    from flows.train import train as train_flow
+
+    summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, attention=attention)
+    err.print(f"[green]models: {summary['directory']}[/] steps {summary['steps']}")
+    print_auc_table(summary["auc"])
+
+
+@app.command("mine-attention")
+def mine_attention(
+    workdir: Annotated[Path, typer.Option(help="Working folder holding models/.")],
+    run: Annotated[str, typer.Option(help="Run whose step 1 is trained.")],
+) -> None:
+    """Attention-mining steps 2..T (Eq. 1-7) for a trained run."""
+    from flows.train import mine_attention as mine_flow
+
+    summary = mine_flow(workdir=str(workdir), run=run)
+    err.print(f"[green]attention mining done: run {summary['run']}, steps {summary['steps']}[/]")
+
+
+def print_auc_table(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="validation ROC AUC")
+    columns = list(rows[0])
+    for column in columns:
+        table.add_column(column, justify="left" if column == "finding" else "right")
+    for row in rows:
+        table.add_row(*("-" if row[c] is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns))
+    err.print(table)
+
+
 def main() -> None:
     """Console entry point: bad input ends with its message and exit status 2, not a traceback."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,60 @@
+"""Models and training state to and from checkpoint files (storage.checkpoints holds the format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
+from miner.models import CamClassifier, create_model, imagenet_weights
+from miner.training import TrainConfig
+from storage.checkpoints import read_checkpoint, read_weights_file, write_checkpoint
+
+
+def trunk_weights(setting: str, trunk: str) -> dict[str, torch.Tensor] | None:
+    """``random`` -> None; ``imagenet`` -> torchvision's (download); else a local file:
+    ``.safetensors`` or a torchvision ``.pth`` (loaded with weights_only=True, no pickle code)."""
+    if setting == "random":
+        return None
+    if setting == "imagenet":
+        return imagenet_weights(trunk)
+    path = Path(setting)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such weights file (weights: random, imagenet or a file path)")
+    if path.suffix == ".safetensors":
+        return {k: torch.from_numpy(np.array(v)) for k, v in read_weights_file(path).items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for bad files
+        raise ValueError(f"{path}: cannot read weights ({type(error).__name__}: {error})") from error
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def save_checkpoint(path: Path, model: CamClassifier, record: dict[str, Any], optimizer=None, scheduler=None) -> None:
+    """Model weights, and the optimiser/scheduler/random state when given (a resumable checkpoint)."""
+    arrays = model_arrays(model)
+    if optimizer is not None:
+        state_arrays, state_record = training_state(optimizer, scheduler)
+        arrays.update(state_arrays)
+        record = {**record, "training_state": state_record}
+    write_checkpoint(path, arrays, record)
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[CamClassifier, dict[str, Any]]:
+    """The model of a checkpoint, in eval mode on ``device``, and its record."""
+    arrays, record = read_checkpoint(path)
+    config = TrainConfig.from_dict(record["config"])
+    model = create_model(config.model)
+    load_model_arrays(model, arrays)
+    return model.to(device).eval(), record
+
+
+def resume_into(path: Path, model: CamClassifier, optimizer, scheduler) -> dict[str, Any]:
+    """Load model and training state of a resumable checkpoint; returns its record."""
+    arrays, record = read_checkpoint(path)
+    load_model_arrays(model, arrays)
+    restore_training_state(optimizer, scheduler, arrays, record["training_state"])
+    return record

@@ -1,0 +1,51 @@
+"""torch DataLoaders over shards: a thin adapter around storage.batches (which has no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from storage.batches import RowGroup, batch_stream
+
+
+class ShardBatches(IterableDataset):
+    """Yields {"images": uint8 (B, S, S), "labels": float (B, C)}; each loader worker reads its
+    own row groups (storage.batches.batch_stream).
+
+    Each full pass is one epoch: the epoch number starts at ``start_epoch`` and counts up
+    with every ``iter()``, in the main process and in each persistent worker alike, so the
+    shuffle of epoch e is the same whether a run went straight through or resumed at e.
+    """
+
+    def __init__(self, groups: Sequence[RowGroup], batch_size: int, shuffle: bool, seed: int = 0, start_epoch: int = 0) -> None:
+        self.groups, self.batch_size, self.shuffle, self.seed = list(groups), batch_size, shuffle, seed
+        self.epoch = start_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for batch in batch_stream(
+            self.groups, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch, part=part, parts=parts
+        ):
+            yield {"images": torch.from_numpy(batch.images), "labels": torch.from_numpy(batch.labels).float()}
+
+
+def shard_loader(
+    groups: Sequence[RowGroup], batch_size: int, *, shuffle: bool, workers: int, seed: int = 0, start_epoch: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader of whole batches (batching happens in the dataset, by row group).
+
+    Workers are spawned, not forked (a forked child of a process running a Prefect flow
+    exits with status 1), and kept for the loader's life, so the start-up is paid once.
+    """
+    dataset = ShardBatches(groups, batch_size, shuffle, seed, start_epoch)
+    workers = min(workers, len(groups))
+    return DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, persistent_workers=bool(workers),
+        multiprocessing_context="spawn" if workers else None,
+    )

@@ -1,0 +1,224 @@
+"""Training configuration, presets and the loops of one epoch (no files, no orchestration).
+
+Batches are dicts of tensors from a loader: ``images`` uint8 (B, S, S) shard pixels and
+``labels`` (B, C) in {0, 1}. Images move to the device as uint8 and are resized there to
+``input_size`` (bilinear, antialiased), so the host never handles float pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from miner.attention import ERASED_FRACTION, KP_LAMBDA, KP_MODES, classification_loss
+from miner.models import CamClassifier, ModelConfig, normalize_input
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; written into every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: str = "random"  # random | imagenet | path to a .safetensors or .pth torchvision ResNet
+    input_size: int = 512  # side of the network input; shard images are resized to it
+    batch_size: int = 64  # section 3.1: 64 at 512 px, 32 at 1024 px
+    epochs: int = 50  # section 3.1: 50 epochs
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # section 3.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    freeze_trunk_epochs: int = 0  # section 3.1 tunes the MSA layers alone for 10 epochs first
+    am_steps: int = 3  # T of section 3.2; step 1 is the trained classifier (the CAM baseline)
+    am_epochs: int = 2  # fine-tuning epochs in each AM step t >= 2
+    am_lr: float = 0.01
+    kp: str = "kp"  # none | vanilla | kp (section 2.2)
+    kp_lambda: float = KP_LAMBDA
+    erased_fraction: float = ERASED_FRACTION
+    am_include_boxed: bool = True  # section 3: the boxed images join AM training, labels only
+    loader_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kp not in KP_MODES:
+            raise ValueError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.am_steps < 1 or self.epochs < 1 or self.batch_size < 1 or self.input_size < 32:
+            raise ValueError(f"need am_steps, epochs, batch_size >= 1 and input_size >= 32: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        model = data.pop("model", {})
+        unknown_model = set(model) - set(ModelConfig.__dataclass_fields__)
+        if unknown_model:
+            raise ValueError(f"unknown model settings {sorted(unknown_model)}; known: {sorted(ModelConfig.__dataclass_fields__)}")
+        model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+        return cls(model=ModelConfig(**model), **data)
+
+    def updated(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with ``overrides`` (same shape as to_dict, ``model`` may be partial)."""
+        merged = self.to_dict()
+        merged["model"] = {**merged["model"], **overrides.get("model", {})}
+        merged.update({k: v for k, v in overrides.items() if k != "model"})
+        return TrainConfig.from_dict(merged)
+
+
+PRESETS = {
+    # Cai et al. 2018 section 3.1: ResNet-50 from ImageNet, 512 px, batch 64, lr 0.1, 50 epochs.
+    "paper": TrainConfig(model=ModelConfig(name="msa", trunk="resnet50"), weights="imagenet", loader_workers=8),
+    # Minutes on 2 CPU cores on demo data: a small trunk from scratch at 128 px.
+    "cpu-small": TrainConfig(
+        model=ModelConfig(name="msa", trunk="resnet18"), input_size=128, batch_size=32, epochs=12,
+        optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=2, am_lr=5e-4, loader_workers=1,
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def pick_device(setting: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {setting!r} asked for, but CUDA is not available")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (precision auto or bf16), or on CPU when asked for bf16."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def prepare_images(images: torch.Tensor, input_size: int, device: torch.device) -> torch.Tensor:
+    """uint8 (B, S, S) -> normalised float (B, 1, input_size, input_size) on ``device``."""
+    x = normalize_input(images.to(device, non_blocking=True))
+    if x.shape[-1] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, epochs: int, steps_per_epoch: int):
+    """(optimizer, scheduler): SGD or AdamW over trainable parameters, cosine decay per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    return optimizer, scheduler
+
+
+def set_trunk_trainable(model: CamClassifier, trainable: bool) -> None:
+    for p in model.trunk.parameters():
+        p.requires_grad_(trainable)
+
+
+def init_branch_bias(model: CamClassifier, prevalence: torch.Tensor) -> None:
+    """Start each branch at its finding's log prior odds, so early epochs do not spend
+    themselves learning the (large) class imbalance."""
+    p = prevalence.clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        model.branches.bias.copy_(torch.log(p / (1 - p)))
+
+
+LossFn = Callable[[CamClassifier, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+def plain_loss(model: CamClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 2-3 with M all ones: BCE of the unerased logits."""
+    loss = classification_loss(model(images), labels)
+    return loss, {"cls": float(loss.detach())}
+
+
+class EpochStats(NamedTuple):
+    loss: float
+    images: int
+    seconds: float
+    parts: dict[str, float]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else math.nan
+
+
+def train_epoch(
+    model: CamClassifier,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: TrainConfig,
+    device: torch.device,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> EpochStats:
+    """One pass over ``batches``; ``on_batch(images, loss)`` after each step (progress)."""
+    model.train()
+    total = count = 0.0
+    sums: dict[str, float] = {}
+    start = time.perf_counter()
+    for batch in batches:
+        images = prepare_images(batch["images"], config.input_size, device)
+        labels = batch["labels"].to(device, non_blocking=True).float()
+        with autocast(device, config.precision):
+            loss, parts = loss_fn(model, images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)}; lower the learning rate (now {scheduler.get_last_lr()})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        value, n = float(loss.detach()), len(labels)
+        total += value * n
+        count += n
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        if on_batch is not None:
+            on_batch(n, value)
+    seconds = time.perf_counter() - start
+    return EpochStats(total / max(count, 1), int(count), seconds, {k: v / max(count, 1) for k, v in sums.items()})
+
+
+@torch.no_grad()
+def predict(
+    model: CamClassifier, batches: Iterable[dict[str, torch.Tensor]], config: TrainConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores (N, C) float32 and labels (N, C) bool on the CPU, in batch order."""
+    model.eval()
+    scores, labels = [], []
+    for batch in batches:
+        with autocast(device, config.precision):
+            logits = model(prepare_images(batch["images"], config.input_size, device))
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        labels.append(batch["labels"].bool())
+    if not scores:
+        return torch.zeros(0, model.config.num_classes), torch.zeros(0, model.config.num_classes, dtype=torch.bool)
+    return torch.cat(scores), torch.cat(labels)
+
+
+def with_overrides(config: TrainConfig, **changes: Any) -> TrainConfig:
+    return replace(config, **changes)

@@ -1,0 +1,58 @@
+"""Checkpoints as safetensors files: named arrays plus a JSON record, safe to load (no pickle).
+
+Torch-free: arrays are numpy (``miner.checkpoint`` converts models and optimisers to and
+from them). The JSON record (config, epoch, metrics, ...) is stored in the safetensors
+header's metadata under ``cxr_miner``, so one file carries everything a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
+
+from storage.atomic import atomic_path
+
+SUFFIX = ".safetensors"
+META_KEY = "cxr_miner"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file."""
+
+
+def write_checkpoint(path: Path, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+    """Write atomically: a crash leaves the previous checkpoint, never a partial one."""
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={META_KEY: json.dumps(record, default=str)})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, record) of a checkpoint written by write_checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            record = json.loads((handle.metadata() or {})[META_KEY])
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, ValueError, KeyError, OSError) as error:
+        raise CheckpointError(f"{path}: not a cxr-miner checkpoint ({type(error).__name__}: {error})") from error
+    return arrays, record
+
+
+def read_weights_file(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of a ``.safetensors`` weights file (e.g. a converted torchvision ResNet)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file ({error})") from error
