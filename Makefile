@@ -21,13 +21,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cxr-miner demo-data $(DEMO_DIR)/nih --images $(DEMO_IMAGES) --size $(DEMO_SIZE) --seed 0 --corrupt 3
+	$(BIN)/cxr-miner demo-data $(DEMO_DIR)/nih --images $(DEMO_IMAGES) --size $(DEMO_SIZE) --seed 0 --corrupt 3 --box-fraction 0.15
 	$(BIN)/cxr-miner ingest $(DEMO_DIR)/nih --workdir $(DEMO_DIR)/work
 	$(BIN)/cxr-miner preprocess --workdir $(DEMO_DIR)/work
+	$(BIN)/cxr-miner train --workdir $(DEMO_DIR)/work --preset cpu-small
+	$(BIN)/cxr-miner evaluate --workdir $(DEMO_DIR)/work --model cpu-small
 	@echo
 	@echo "demo data:     $(DEMO_DIR)/nih"
 	@echo "index:         $(DEMO_DIR)/work/index.parquet (report: $(DEMO_DIR)/work/ingest_report.json)"
 	@echo "shards:        $(DEMO_DIR)/work/shards/ (manifest.json; quarantine: $(DEMO_DIR)/work/quarantine.parquet)"
+	@echo "models:        $(DEMO_DIR)/work/models/cpu-small/ (metrics.json)"
+	@echo "localisation:  $(DEMO_DIR)/work/models/cpu-small/evaluation.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -36,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/preprocess_efficiency.py
 	$(BIN)/python bench/ingest_full_metadata.py
 	$(BIN)/python bench/shard_read.py
+	$(BIN)/python bench/train_efficiency.py
 
 clean:
 	rm -rf $(DEMO_DIR) .prefect

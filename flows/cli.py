@@ -119,6 +119,19 @@ def mine_attention(
     err.print(f"[green]attention mining done: run {summary['run']}, steps {summary['steps']}[/]")
 
 
+@app.command()
+def evaluate(
+    workdir: Annotated[Path, typer.Option(help="Working folder holding models/ and gt_boxes.parquet.")],
+    model: Annotated[str, typer.Option("--model", help="Training run to evaluate (W/models/RUN).")],
+) -> None:
+    """Acc and AFP per finding for the CAM baseline and attention mining, on the boxed images."""
+    from flows.evaluate import evaluate as evaluate_flow
+
+    report = evaluate_flow(workdir=str(workdir), run=model)
+    typer.echo(report["markdown"])
+    err.print(f"[green]evaluation: {report['path']}[/] ({report['images']} boxed images)")
+
+
 def print_auc_table(rows: list[dict]) -> None:
     from rich.table import Table
 

@@ -1,0 +1,114 @@
+"""Flow ``evaluate``: localisation of a trained run on the images with ground-truth boxes.
+
+For every boxed image and each finding it has a box of, three ranked boxes from the CAM
+baseline (AM step 1) and from the final heatmap of AM (Eq. 8) over steps 1..t for every
+t <= T, scored with Acc and AFP at the T(IoU) and T(IoR) lists (miner.metrics). Writes
+``W/models/<run>/evaluation.json`` and ``evaluation.md`` (the papers' table layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.checkpoints import load_model
+from flows.progress import progress_bar
+from flows.train import SHARD_DIR, read_config, run_dir, shard_manifest, step_file
+from miner.localize import localize, step_heatmaps
+from miner.metrics import LocalizationEvaluator
+from miner.training import autocast, pick_device, prepare_images
+from storage.atomic import write_json
+from storage.batches import batch_stream, list_row_groups
+from storage.findings import BOXED_FINDINGS, FINDINGS
+from storage.index import GT_BOXES_FILE
+from storage.letterbox import Letterbox
+
+SHORT = {"Atelectasis": "AT", "Cardiomegaly": "CM", "Effusion": "PE", "Infiltration": "Infiltrat.", "Mass": "Mass",
+         "Nodule": "Nodule", "Pneumonia": "PNA", "Pneumothorax": "PTx"}
+
+
+def ground_truth(workdir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """image_id -> finding -> boxes (K, 4) xyxy in source pixels."""
+    path = workdir / GT_BOXES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no ground-truth boxes; run `cxr-miner ingest` first")
+    grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for row in pq.read_table(path).to_pylist():
+        grouped[row["image_id"]][row["finding"]].append([row["x_min"], row["y_min"], row["x_max"], row["y_max"]])
+    return {image: {f: np.array(b, dtype=np.float64) for f, b in by.items()} for image, by in grouped.items()}
+
+
+def letterbox_of(meta: dict[str, list], i: int) -> Letterbox:
+    return Letterbox(**{k: meta[k][i] for k in ("size", "source_width", "source_height", "content_width",
+                                                 "content_height", "offset_x", "offset_y")})
+
+
+def method_names(steps: int) -> list[str]:
+    return ["cam"] + [f"am-t{t}" for t in range(2, steps + 1)]
+
+
+def markdown_table(results: dict[str, dict], thresholds: tuple[float, ...], metric: str = "iou") -> str:
+    """Rows: T x method; columns: the boxed findings; cells "Acc-AFP" (Cai et al., Table 5)."""
+    header = f"| T({metric.upper()}) | method | " + " | ".join(SHORT[f] for f in BOXED_FINDINGS) + " |"
+    lines = [header, "|" + "---|" * (len(BOXED_FINDINGS) + 2)]
+    for t in thresholds:
+        for method, table in results.items():
+            cells = []
+            for f in BOXED_FINDINGS:
+                cell = table[f][metric][t]
+                cells.append("-" if math.isnan(cell["acc"]) else f"{cell['acc']:.2f}-{cell['afp']:.2f}")
+            lines.append(f"| {t} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
+    """Acc/AFP of the CAM baseline and of AM (t = 2..T) on the boxed images (see module doc)."""
+    logger = get_run_logger()
+    work, directory = Path(workdir), run_dir(workdir, run)
+    config = read_config(directory)
+    steps = [s for s in range(1, config.am_steps + 1) if step_file(directory, s).exists()]
+    if not steps or steps != list(range(1, len(steps) + 1)):
+        raise FileNotFoundError(f"{directory}: no trained step 1 (train the run first)")
+    device = pick_device(config.device)
+    models = [load_model(step_file(directory, s), device)[0] for s in steps]
+    truth = ground_truth(work)
+    manifest = shard_manifest(work)
+    groups = list_row_groups([work / SHARD_DIR / s["file"] for s in manifest["shards"] if s["rows"]], only_boxed=True)
+    names = method_names(len(steps))
+    evaluators = {name: LocalizationEvaluator() for name in names}
+    images = 0
+    with progress_bar(f"evaluate {run}", sum(g.rows for g in groups)) as advance:
+        for batch in batch_stream(groups, batch_size):
+            x = prepare_images(torch.from_numpy(batch.images), config.input_size, device)
+            with torch.no_grad(), autocast(device, config.precision):
+                heatmaps, _ = step_heatmaps(models, x)
+            ids = batch.meta["image_id"]
+            wanted = np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in ids], dtype=bool)
+            letterboxes = [letterbox_of(batch.meta, i) for i in range(len(batch))]
+            for name, maps in zip(names, heatmaps):
+                found = localize(maps, wanted, config.input_size, letterboxes)
+                for i, image_id in enumerate(ids):
+                    for c, loc in found[i].items():
+                        evaluators[name].accumulate(FINDINGS[c], loc.boxes, truth[image_id][FINDINGS[c]])
+            images += len(batch)
+            advance(len(batch))
+    results = {name: evaluator.compute() for name, evaluator in evaluators.items()}
+    markdown = "\n\n".join(markdown_table(results, ev.thresholds[m], m) for m, ev in [("iou", evaluators["cam"]), ("ior", evaluators["cam"])])
+    report = {"run": run, "steps": steps, "images": images,
+              "evaluated": {f: evaluators["cam"].images(f) for f in BOXED_FINDINGS}, "results": results}
+    write_json(directory / "evaluation.json", report)
+    (directory / "evaluation.md").write_text(f"# Localisation, run {run} ({images} boxed images)\n\n{markdown}\n")
+    create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),
+                             description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")
+    logger.info("evaluated %d boxed images -> %s", images, directory / "evaluation.md")
+    return {**report, "markdown": markdown, "path": str(directory / "evaluation.md")}

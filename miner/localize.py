@@ -1,0 +1,75 @@
+"""Heatmaps of a batch -> ranked boxes per image and finding, in source pixels.
+
+Grids: the model's heatmap (h, w) covers the network input (input_size px square), which is
+the shard image (shard_size px square) resized; the shard image is the source letterboxed
+(storage.letterbox.Letterbox). Boxes are xyxy, continuous pixels of the named grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from miner.attention import mine
+from miner.boxes import heatmap_boxes
+from miner.cam import normalize_maps
+from miner.models import CamClassifier
+from storage.letterbox import Letterbox
+
+
+class Localization(NamedTuple):
+    """Boxes (K, 4) xyxy in source pixels and their scores (K,), rank 1 first (K <= 3)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+
+
+def upsample(heatmaps: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., h, w) -> (..., size, size), bilinear (pixel centres aligned), clamped to [0, 1]."""
+    shape = heatmaps.shape
+    flat = heatmaps.reshape(-1, 1, *shape[-2:]).float()
+    out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+    return out.reshape(*shape[:-2], size, size).clamp(0, 1)
+
+
+def boxes_in_source(heatmap: np.ndarray, input_size: int, letterbox: Letterbox) -> Localization:
+    """One heatmap at input resolution (input_size, input_size) -> boxes in source pixels, clipped."""
+    boxes, scores = heatmap_boxes(heatmap)
+    shard = boxes * (letterbox.size / input_size)
+    source = letterbox.boxes_to_source(shard)
+    limit = np.array([letterbox.source_width, letterbox.source_height] * 2, dtype=np.float64)
+    return Localization(np.clip(source, 0, limit), scores)
+
+
+def step_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Final heatmaps (Eq. 8) using the first t steps, for t = 1..T, each normalised to [0, 1]
+    (N, C, h, w); the first is the CAM baseline. Also the step-1 logits (N, C)."""
+    mining = mine(models, images)
+    finals = []
+    for t in range(1, len(models) + 1):
+        partial = type(mining)(mining.heatmaps[:t], mining.masks[:t], mining.logits)
+        finals.append(normalize_maps(partial.final()))
+    return finals, mining.logits
+
+
+def localize(
+    heatmaps: torch.Tensor, wanted: np.ndarray, input_size: int, letterboxes: Sequence[Letterbox]
+) -> list[dict[int, Localization]]:
+    """Boxes for the (image, class) pairs marked in ``wanted`` (N, C) bool.
+
+    heatmaps: (N, C, h, w) normalised. Returns per image {class index: Localization}.
+    Only the wanted maps are upsampled and moved to the CPU.
+    """
+    rows, classes = np.nonzero(wanted)
+    out: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]
+    if len(rows) == 0:
+        return out
+    index = torch.as_tensor(rows, device=heatmaps.device), torch.as_tensor(classes, device=heatmaps.device)
+    maps = upsample(heatmaps[index], input_size).cpu().numpy().astype(np.float64)
+    for k, (i, c) in enumerate(zip(rows, classes)):
+        out[i][int(c)] = boxes_in_source(maps[k], input_size, letterboxes[i])
+    return out
