@@ -8,7 +8,6 @@ t <= T, scored with Acc and AFP at the T(IoU) and T(IoR) lists (miner.metrics). 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -22,14 +21,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.checkpoints import load_model
 from flows.progress import progress_bar
-from flows.train import SHARD_DIR, read_config, run_dir, shard_manifest, step_file
+from flows.train import read_config, run_dir, shard_paths, step_file
 from miner.localize import localize, step_heatmaps
 from miner.metrics import LocalizationEvaluator
 from miner.training import autocast, pick_device, prepare_images
 from storage.atomic import write_json
 from storage.batches import batch_stream, list_row_groups
 from storage.findings import BOXED_FINDINGS, FINDINGS
-from storage.index import GT_BOXES_FILE
+from storage.index import GT_BOXES_FILE, SPLITS
 from storage.letterbox import Letterbox
 
 SHORT = {"Atelectasis": "AT", "Cardiomegaly": "CM", "Effusion": "PE", "Infiltration": "Infiltrat.", "Mass": "Mass",
@@ -45,11 +44,6 @@ def ground_truth(workdir: Path) -> dict[str, dict[str, np.ndarray]]:
     for row in pq.read_table(path).to_pylist():
         grouped[row["image_id"]][row["finding"]].append([row["x_min"], row["y_min"], row["x_max"], row["y_max"]])
     return {image: {f: np.array(b, dtype=np.float64) for f, b in by.items()} for image, by in grouped.items()}
-
-
-def letterbox_of(meta: dict[str, list], i: int) -> Letterbox:
-    return Letterbox(**{k: meta[k][i] for k in ("size", "source_width", "source_height", "content_width",
-                                                 "content_height", "offset_x", "offset_y")})
 
 
 def method_names(steps: int) -> list[str]:
@@ -82,8 +76,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
     device = pick_device(config.device)
     models = [load_model(step_file(directory, s), device)[0] for s in steps]
     truth = ground_truth(work)
-    manifest = shard_manifest(work)
-    groups = list_row_groups([work / SHARD_DIR / s["file"] for s in manifest["shards"] if s["rows"]], only_boxed=True)
+    groups = list_row_groups(shard_paths(work, SPLITS), only_boxed=True)
     names = method_names(len(steps))
     evaluators = {name: LocalizationEvaluator() for name in names}
     images = 0
@@ -94,7 +87,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
                 heatmaps, _ = step_heatmaps(models, x)
             ids = batch.meta["image_id"]
             wanted = np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in ids], dtype=bool)
-            letterboxes = [letterbox_of(batch.meta, i) for i in range(len(batch))]
+            letterboxes = [Letterbox.from_record({k: v[i] for k, v in batch.meta.items()}) for i in range(len(batch))]
             for name, maps in zip(names, heatmaps):
                 found = localize(maps, wanted, config.input_size, letterboxes)
                 for i, image_id in enumerate(ids):
@@ -103,7 +96,8 @@ def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
             images += len(batch)
             advance(len(batch))
     results = {name: evaluator.compute() for name, evaluator in evaluators.items()}
-    markdown = "\n\n".join(markdown_table(results, ev.thresholds[m], m) for m, ev in [("iou", evaluators["cam"]), ("ior", evaluators["cam"])])
+    thresholds = evaluators["cam"].thresholds
+    markdown = "\n\n".join(markdown_table(results, thresholds[metric], metric) for metric in ("iou", "ior"))
     report = {"run": run, "steps": steps, "images": images,
               "evaluated": {f: evaluators["cam"].images(f) for f in BOXED_FINDINGS}, "results": results}
     write_json(directory / "evaluation.json", report)

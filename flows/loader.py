@@ -39,8 +39,11 @@ def shard_loader(
 ) -> DataLoader:
     """A DataLoader of whole batches (batching happens in the dataset, by row group).
 
-    Workers are spawned, not forked (a forked child of a process running a Prefect flow
-    exits with status 1), and kept for the loader's life, so the start-up is paid once.
+    Workers are spawned, not forked, and kept for the loader's life, so the start-up is
+    paid once. A forked child of a process that runs a Prefect flow exits with status 1:
+    Prefect's log worker leaves a ``threading._register_atexit`` hook that its after-fork
+    reset does not remove, and that hook fails an assertion in the child's shutdown
+    (prefect 3.8.8). Spawning is also what CUDA needs.
     """
     dataset = ShardBatches(groups, batch_size, shuffle, seed, start_epoch)
     workers = min(workers, len(groups))

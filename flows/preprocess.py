@@ -24,9 +24,8 @@ from flows.progress import progress_bar
 from storage.images import DEFAULT_MAX_PIXELS
 from storage.index import INDEX_FILE, REPORT_FILE, read_index
 from storage.shard_manifest import MANIFEST, remove_stale, write_manifest, write_quarantine
-from storage.shards import CARRIED_COLUMNS, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
+from storage.shards import CARRIED_COLUMNS, SHARD_DIR, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
 
-SHARD_DIR = "shards"
 QUARANTINE_FILE = "quarantine.parquet"
 
 

@@ -30,18 +30,18 @@ from flows.checkpoints import load_model, resume_into, save_checkpoint, trunk_we
 from flows.loader import shard_loader
 from flows.progress import progress_bar
 from miner.attention import attention_mining_loss
-from miner.metrics import roc_auc
+from miner.metrics import AUCAccumulator
 from miner.models import CamClassifier, create_model
 from miner.training import (
     TrainConfig, init_branch_bias, make_optimizer, pick_device, plain_loss, predict, preset, set_trunk_trainable, train_epoch,
 )
 from storage.atomic import write_json
-from storage.batches import RowGroup, list_row_groups
+from storage.batches import RowGroup, label_prevalence, list_row_groups
+from storage.checkpoints import read_checkpoint_record
 from storage.findings import FINDINGS
-from storage.shard_manifest import MANIFEST
+from storage.shards import SHARD_DIR, ShardReader
 
 RUNS_DIR = "models"
-SHARD_DIR = "shards"
 
 
 def run_dir(workdir: str | Path, run: str) -> Path:
@@ -52,31 +52,24 @@ def step_file(directory: Path, step: int, last: bool = False) -> Path:
     return directory / f"step{step}{'-last' if last else ''}.safetensors"
 
 
-def shard_manifest(workdir: str | Path) -> dict[str, Any]:
-    path = Path(workdir) / SHARD_DIR / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no shard manifest; run `cxr-miner preprocess --workdir {workdir}` first")
-    return json.loads(path.read_text())
-
-
-def shards_identity(manifest: dict[str, Any]) -> str:
-    entries = sorted((s["file"], s["sha256"]) for s in manifest["shards"])
+def shards_identity(workdir: str | Path) -> str:
+    entries = sorted((s["file"], s["sha256"]) for s in ShardReader(Path(workdir) / SHARD_DIR).shards)
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def shard_paths(workdir: str | Path, splits: tuple[str, ...]) -> list[Path]:
+    return [path for split in splits for path in ShardReader(Path(workdir) / SHARD_DIR, split).paths]
 
 
 def row_groups(workdir: str | Path, splits: tuple[str, ...], boxed_from: tuple[str, ...] = ()) -> list[RowGroup]:
     """Row groups of the shards of ``splits``, plus the boxed images of ``boxed_from`` splits."""
-    manifest = shard_manifest(workdir)
-    shard_dir = Path(workdir) / SHARD_DIR
-    groups = list_row_groups([shard_dir / s["file"] for s in manifest["shards"] if s["split"] in splits and s["rows"]])
-    extra = [shard_dir / s["file"] for s in manifest["shards"] if s["split"] in boxed_from and s["rows"]]
-    return groups + list_row_groups(extra, only_boxed=True)
+    return list_row_groups(shard_paths(workdir, splits)) + list_row_groups(shard_paths(workdir, boxed_from), only_boxed=True)
 
 
 def start_run(workdir: str, run: str, config: TrainConfig) -> Path:
     """Create the run folder with its config, or check that a resumed run has the same one."""
     directory = run_dir(workdir, run)
-    record = {"config": config.to_dict(), "shards": shards_identity(shard_manifest(workdir))}
+    record = {"config": config.to_dict(), "shards": shards_identity(workdir)}
     path = directory / "config.json"
     if path.exists():
         saved = json.loads(path.read_text())
@@ -103,8 +96,9 @@ def mean_auc(aucs: dict[str, float]) -> float:
 
 
 def validation_aucs(model: CamClassifier, loader, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    scores, labels = predict(model, loader, config, device)
-    return {f: roc_auc(scores[:, c].numpy(), labels[:, c].numpy()) for c, f in enumerate(FINDINGS)}
+    aucs = AUCAccumulator()
+    aucs.accumulate(*(t.numpy() for t in predict(model, loader, config, device)))
+    return aucs.compute()
 
 
 def record_metrics(directory: Path, step: int, history: list[dict[str, Any]]) -> None:
@@ -120,7 +114,8 @@ def fit(
 ) -> dict[str, Any]:
     """The epoch loop shared by step 1 and the AM steps: resume, train, validate, checkpoint."""
     logger = get_run_logger()
-    final, last = step_file(directory, step), step_file(directory, step, last=True)
+    last = step_file(directory, step, last=True)
+    pending = step_file(directory, step).with_suffix(".pending")  # becomes step<t>.safetensors when the step ends
     steps_per_epoch = max(1, math.ceil(sum(g.rows for g in train_groups) / config.batch_size))
     optimizer, scheduler = make_optimizer(model, config, lr, epochs, steps_per_epoch)
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": -math.inf}
@@ -150,12 +145,11 @@ def fit(
         score = row["mean_auc"] if not math.isnan(row["mean_auc"]) else -stats.loss
         if not keep_best or score > state["best"]:
             state["best"] = score
-            save_checkpoint(final.with_name(final.name + ".pending"), model, record)
+            save_checkpoint(pending, model, record)
         save_checkpoint(last, model, {**record, "state": state}, optimizer, scheduler)
         record_metrics(directory, step, state["history"])
-    pending = final.with_name(final.name + ".pending")
     if pending.exists():
-        pending.replace(final)
+        pending.replace(step_file(directory, step))
     return {"step": step, "epochs": state["epoch"], "history": state["history"]}
 
 
@@ -163,9 +157,7 @@ def step_done(directory: Path, step: int, epochs: int) -> bool:
     """A step is finished when its model exists and its last state says all epochs ran."""
     if not step_file(directory, step).exists() or not step_file(directory, step, last=True).exists():
         return False
-    from storage.checkpoints import read_checkpoint
-
-    return read_checkpoint(step_file(directory, step, last=True))[1]["state"]["epoch"] >= epochs
+    return read_checkpoint_record(step_file(directory, step, last=True))["state"]["epoch"] >= epochs
 
 
 @task(cache_policy=NO_CACHE)
@@ -181,21 +173,9 @@ def train_classifier(workdir: str, run: str) -> dict[str, Any]:
     train_groups, val_groups = row_groups(workdir, ("train",)), row_groups(workdir, ("val",))
     if not train_groups:
         raise ValueError(f"{workdir}: no training images in the shards")
-    init_branch_bias(model, training_prevalence(train_groups))
+    init_branch_bias(model, torch.from_numpy(label_prevalence(train_groups)).float())
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     return fit(directory, 1, model, plain_loss, train_groups, val_groups, config, device, config.epochs, config.lr, keep_best=True)
-
-
-def training_prevalence(groups: list[RowGroup]) -> torch.Tensor:
-    """Fraction of positive labels per finding (C,), read from the label column only."""
-    import pyarrow.parquet as pq
-
-    total, positives = 0, torch.zeros(len(FINDINGS))
-    for path in sorted({g.path for g in groups}):
-        labels = pq.read_table(path, columns=["labels"]).column("labels").to_pylist()
-        total += len(labels)
-        positives += torch.tensor(labels, dtype=torch.float32).sum(dim=0)
-    return positives / max(total, 1)
 
 
 @task(cache_policy=NO_CACHE)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from miner.attention import mine
 from miner.boxes import heatmap_boxes
-from miner.cam import normalize_maps
+from miner.cam import final_heatmap, normalize_maps
 from miner.models import CamClassifier
 from storage.letterbox import Letterbox
 
@@ -49,10 +49,7 @@ def step_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tupl
     """Final heatmaps (Eq. 8) using the first t steps, for t = 1..T, each normalised to [0, 1]
     (N, C, h, w); the first is the CAM baseline. Also the step-1 logits (N, C)."""
     mining = mine(models, images)
-    finals = []
-    for t in range(1, len(models) + 1):
-        partial = type(mining)(mining.heatmaps[:t], mining.masks[:t], mining.logits)
-        finals.append(normalize_maps(partial.final()))
+    finals = [normalize_maps(final_heatmap(mining.heatmaps[:t], mining.masks[:t])) for t in range(1, len(models) + 1)]
     return finals, mining.logits
 
 

@@ -59,6 +59,19 @@ def list_row_groups(paths: Sequence[Path | str], only_boxed: bool = False) -> li
     return groups
 
 
+def label_prevalence(groups: Sequence[RowGroup]) -> np.ndarray:
+    """Fraction of positive labels per finding (C,) over the groups' shards (label column only)."""
+    total, positives = 0, None
+    for path in sorted({g.path for g in groups}):
+        labels = pq.read_table(path, columns=["labels"]).column("labels").combine_chunks()
+        counts = np.asarray(labels.flatten(), dtype=bool).reshape(len(labels), -1).sum(axis=0)
+        positives = counts if positives is None else positives + counts
+        total += len(labels)
+    if positives is None:
+        raise ValueError("no shards to count labels in")
+    return positives / max(total, 1)
+
+
 def _images(column: pa.ChunkedArray, size: int, encoding: str) -> np.ndarray:
     array = column.combine_chunks()
     if encoding == "raw":

@@ -46,6 +46,15 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, record
 
 
+def read_checkpoint_record(path: Path) -> dict[str, Any]:
+    """The JSON record alone (reads the header, not the arrays)."""
+    try:
+        with safe_open(Path(path), framework="numpy") as handle:
+            return json.loads((handle.metadata() or {})[META_KEY])
+    except (SafetensorError, ValueError, KeyError, OSError) as error:
+        raise CheckpointError(f"{path}: not a cxr-miner checkpoint ({type(error).__name__}: {error})") from error
+
+
 def read_weights_file(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a ``.safetensors`` weights file (e.g. a converted torchvision ResNet)."""
     path = Path(path)

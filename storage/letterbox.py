@@ -12,6 +12,7 @@ so a box mapped to the shard and back returns unchanged up to float rounding.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -81,6 +82,11 @@ class Letterbox:
         """Boxes (N, 4) xyxy in source pixels -> (N, 4) xyxy in shard pixels (float64)."""
         scale, offset = self._affine()
         return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale + offset
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Letterbox:
+        """The inverse of to_record (extra keys, such as a shard row's others, are ignored)."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
 
     def to_record(self) -> dict[str, float | int]:
         """The columns a shard row stores (see README: shard schema)."""

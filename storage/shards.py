@@ -28,6 +28,7 @@ from storage.index import SPLITS
 from storage.letterbox import Letterbox
 
 SHARD_FORMAT_VERSION = 1
+SHARD_DIR = "shards"  # below the workdir
 ENCODINGS = ("png", "raw")
 
 # Per-image metadata copied from the index into every shard row.

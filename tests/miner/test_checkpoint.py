@@ -56,3 +56,10 @@ def test_bad_files_are_named(tmp_path):
     write_checkpoint(tmp_path / "msa.safetensors", model_arrays(fresh()[0]), {})
     with pytest.raises(ValueError, match="does not fit the model"):
         load_model_arrays(other, read_checkpoint(tmp_path / "msa.safetensors")[0])
+
+
+def test_record_alone_is_read_from_the_header(tmp_path):
+    from storage.checkpoints import read_checkpoint_record
+
+    write_checkpoint(tmp_path / "c.safetensors", model_arrays(fresh()[0]), {"state": {"epoch": 4}})
+    assert read_checkpoint_record(tmp_path / "c.safetensors") == {"state": {"epoch": 4}}

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision import models as tv
 
 from miner.models import MODELS, ModelConfig, adapt_stem, create_model, normalize_input

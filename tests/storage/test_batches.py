@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.batches import batch_stream, list_row_groups, read_row_group
+from storage.batches import batch_stream, label_prevalence, list_row_groups, read_row_group
 from storage.shards import ShardSettings, build_shard, iter_shard, plan_shards
 
 
@@ -63,3 +63,11 @@ def test_shuffle_is_reproducible_per_epoch_and_differs_between_epochs(shards):
     assert ids(batch_stream(groups, 5)) == [f"{i:08d}_000.png" for i in range(23)]  # no shuffle: file order
     sizes = [len(b) for b in batch_stream(groups, 5, shuffle=True, seed=1, epoch=0)]
     assert sizes == [5, 5, 5, 5, 3]
+
+
+def test_label_prevalence_counts_positives_per_finding(shards):
+    from storage.findings import FINDINGS
+
+    prevalence = label_prevalence(list_row_groups(shards))
+    assert prevalence[FINDINGS.index("Mass")] == pytest.approx(5 / 23)
+    assert prevalence.sum() == pytest.approx(5 / 23)

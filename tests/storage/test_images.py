@@ -88,3 +88,10 @@ def test_decompression_bomb_guard_reads_header_only(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ImageReadError, match="file not found"):
         read_image(tmp_path / "nope.png")
+
+
+def test_letterbox_record_round_trip():
+    from storage.letterbox import Letterbox
+
+    box = Letterbox.fit(120, 90, 64)
+    assert Letterbox.from_record({**box.to_record(), "image_id": "x.png"}) == box
