@@ -9,12 +9,10 @@ t <= T, scored with Acc and AFP at the T(IoU) and T(IoR) lists (miner.metrics). 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -28,22 +26,11 @@ from miner.training import autocast, pick_device, prepare_images
 from storage.atomic import write_json
 from storage.batches import batch_stream, list_row_groups
 from storage.findings import BOXED_FINDINGS, FINDINGS
-from storage.index import GT_BOXES_FILE, SPLITS
+from storage.index import GT_BOXES_FILE, SPLITS, read_gt_boxes
 from storage.letterbox import Letterbox
 
 SHORT = {"Atelectasis": "AT", "Cardiomegaly": "CM", "Effusion": "PE", "Infiltration": "Infiltrat.", "Mass": "Mass",
          "Nodule": "Nodule", "Pneumonia": "PNA", "Pneumothorax": "PTx"}
-
-
-def ground_truth(workdir: Path) -> dict[str, dict[str, np.ndarray]]:
-    """image_id -> finding -> boxes (K, 4) xyxy in source pixels."""
-    path = workdir / GT_BOXES_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no ground-truth boxes; run `cxr-miner ingest` first")
-    grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for row in pq.read_table(path).to_pylist():
-        grouped[row["image_id"]][row["finding"]].append([row["x_min"], row["y_min"], row["x_max"], row["y_max"]])
-    return {image: {f: np.array(b, dtype=np.float64) for f, b in by.items()} for image, by in grouped.items()}
 
 
 def method_names(steps: int) -> list[str]:
@@ -75,7 +62,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
         raise FileNotFoundError(f"{directory}: no trained step 1 (train the run first)")
     device = pick_device(config.device)
     models = [load_model(step_file(directory, s), device)[0] for s in steps]
-    truth = ground_truth(work)
+    truth = read_gt_boxes(work / GT_BOXES_FILE)
     groups = list_row_groups(shard_paths(work, SPLITS), only_boxed=True)
     names = method_names(len(steps))
     evaluators = {name: LocalizationEvaluator() for name in names}

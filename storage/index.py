@@ -133,6 +133,16 @@ def gt_boxes_table(boxes: Iterable[GroundTruthBox]) -> pa.Table:
     return pa.Table.from_pylist([vars(box) for box in boxes], schema=GT_BOX_SCHEMA)
 
 
+def read_gt_boxes(path: Path) -> dict[str, dict[str, list[list[float]]]]:
+    """gt_boxes.parquet as image_id -> finding -> boxes [[x_min, y_min, x_max, y_max], ...] (source pixels)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no ground-truth boxes; run `cxr-miner ingest` first")
+    grouped: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in pq.read_table(path, columns=GT_BOX_SCHEMA.names).to_pylist():
+        grouped[row["image_id"]][row["finding"]].append([row["x_min"], row["y_min"], row["x_max"], row["y_max"]])
+    return {image: dict(by_finding) for image, by_finding in grouped.items()}
+
+
 def read_index(path: Path) -> pa.Table:
     """index.parquet, checked against INDEX_SCHEMA."""
     if not path.exists():

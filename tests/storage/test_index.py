@@ -42,3 +42,18 @@ def test_index_table_derives_finding_columns():
     table = index_table([{"image_id": "a", "patient_id": "1", "findings": ["Mass", "Hernia"], "split": "train"}])
     row = table.to_pylist()[0]
     assert (row["Mass"], row["Hernia"], row["Nodule"]) == (True, True, False)
+
+
+def test_gt_boxes_read_back_grouped_by_image_and_finding(tmp_path):
+    from storage.atomic import write_parquet
+    from storage.index import gt_boxes_table, read_gt_boxes
+    from storage.nih import GroundTruthBox
+
+    boxes = [GroundTruthBox("a.png", "Mass", 1, 2, 3, 4), GroundTruthBox("a.png", "Mass", 5, 6, 7, 8),
+             GroundTruthBox("b.png", "Nodule", 0, 0, 1, 1)]
+    write_parquet(tmp_path / "gt.parquet", gt_boxes_table(boxes))
+    assert read_gt_boxes(tmp_path / "gt.parquet") == {
+        "a.png": {"Mass": [[1, 2, 3, 4], [5, 6, 7, 8]]}, "b.png": {"Nodule": [[0, 0, 1, 1]]}
+    }
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        read_gt_boxes(tmp_path / "missing.parquet")
