@@ -36,7 +36,7 @@ def main() -> None:
     from flows.train import run_dir, train
     from storage.demo import generate
 
-    root, work = OUT / f"ablation-demo-{args.images}", OUT / f"ablation-work-{args.images}"
+    root, work = OUT / f"ablation-demo-{args.images}", OUT / f"ablation-work-{args.images}-{args.input_size or 128}"
     if not (root / "demo_manifest.json").exists():
         generate(root, n_images=args.images, size=256, seed=5, box_fraction=0.3, workers=2)
     base = {"epochs": args.epochs, **({"input_size": args.input_size} if args.input_size else {})}
