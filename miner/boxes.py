@@ -7,7 +7,11 @@ says it maps them elsewhere. A heatmap is a 2-D float array with values in [0, 1
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 from skimage.measure import label, regionprops
 
 # The paper fixes three thresholds but not their values; these span the upper half of
@@ -74,8 +78,86 @@ def heatmap_boxes(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_T
     return np.array(boxes, dtype=np.float64).reshape(-1, 4)[order], scores[order]
 
 
-def heatmap_to_image_boxes(boxes: np.ndarray, heatmap_shape: tuple[int, int], image_size: int) -> np.ndarray:
-    """Boxes (K, 4) in heatmap pixels -> shard-image pixels of a ``image_size`` square."""
-    height, width = heatmap_shape
-    scale = np.array([image_size / width, image_size / height, image_size / width, image_size / height])
-    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale
+class BatchBoxes(NamedTuple):
+    """Ranked boxes of N heatmaps, on the heatmaps' device.
+
+    boxes (N, K, 4) float32 xyxy in heatmap pixels; scores (N, K); valid (N, K) bool. Along K,
+    the valid boxes come first, rank 1 first; K = number of thresholds.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+
+
+def peak_component_masks(heatmaps: torch.Tensor, threshold: float, check_every: int = 8) -> torch.Tensor:
+    """(N, H, W) -> (N, H, W) bool: the 8-connected component of ``heatmaps >= threshold`` that
+    holds each map's global maximum (first maximum in row-major order, as ``np.argmax``).
+
+    The same components as scikit-image's ``label(connectivity=2)`` picks in
+    ``peak_component_box``, grown on the device by repeated 3 x 3 dilation inside the mask,
+    so that no map leaves the device. A map whose maximum is below the threshold gets none.
+    """
+    n, h, w = heatmaps.shape
+    above = heatmaps >= threshold
+    peak = heatmaps.reshape(n, -1).argmax(dim=1)
+    grown = torch.zeros(n, h * w, dtype=torch.bool, device=heatmaps.device)
+    grown[torch.arange(n, device=heatmaps.device), peak] = True
+    grown = grown.reshape(n, h, w) & above
+    while True:  # grows monotonically inside a finite mask, so it stops
+        before = grown
+        for _ in range(check_every):  # one device sync per check_every dilations
+            dilated = F.max_pool2d(grown[:, None].to(heatmaps.dtype), kernel_size=3, stride=1, padding=1)[:, 0]
+            grown = (dilated > 0) & above
+        if torch.equal(grown, before):
+            return grown
+
+
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) bool -> xyxy boxes (N, 4) float32 (max exclusive) and whether each mask is non-empty (N,)."""
+    n, h, w = masks.shape
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+
+    def span(present: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = present.to(torch.uint8).argmax(dim=1)
+        last = size - present.flip(dims=(1,)).to(torch.uint8).argmax(dim=1)
+        return first, last
+
+    y0, y1 = span(rows, h)
+    x0, x1 = span(cols, w)
+    return torch.stack([x0, y0, x1, y1], dim=1).float(), rows.any(dim=1)
+
+
+def box_means(heatmaps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Mean of each (N, H, W) map inside its xyxy integer box (N, 4) -> (N,); 0 for empty boxes."""
+    n, h, w = heatmaps.shape
+    ys = torch.arange(h, device=heatmaps.device)[None, :, None]
+    xs = torch.arange(w, device=heatmaps.device)[None, None, :]
+    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    area = inside.sum(dim=(1, 2)).clamp(min=1)
+    return (heatmaps * inside).sum(dim=(1, 2)) / area
+
+
+def heatmap_boxes_batched(heatmaps: torch.Tensor, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> BatchBoxes:
+    """``heatmap_boxes`` for a batch (N, H, W) of [0, 1] maps, on their device.
+
+    The same boxes, scores and ranks as the scikit-image version, map by map: the global
+    maximum's component at each threshold, equal boxes given once, ranked by mean heatmap
+    inside (descending, ties in threshold order). Raises ValueError on a bad batch.
+    """
+    if heatmaps.ndim != 3 or not heatmaps.is_floating_point():
+        raise ValueError(f"heatmaps must be a float (N, H, W) tensor, got {heatmaps.dtype} {tuple(heatmaps.shape)}")
+    if heatmaps.numel() and not bool(torch.isfinite(heatmaps).all()):
+        raise ValueError("heatmaps must be finite (NaN or inf present)")
+    per_threshold = [mask_boxes(peak_component_masks(heatmaps, t)) for t in thresholds]
+    boxes = torch.stack([b for b, _ in per_threshold], dim=1)  # (N, K, 4)
+    valid = torch.stack([v for _, v in per_threshold], dim=1)  # (N, K)
+    for k in range(1, len(thresholds)):  # nested components: a repeat equals an earlier box
+        for j in range(k):
+            valid[:, k] &= ~(valid[:, j] & (boxes[:, k] == boxes[:, j]).all(dim=1))
+    scores = torch.stack([box_means(heatmaps, boxes[:, k]) for k in range(len(thresholds))], dim=1)
+    key = torch.where(valid, scores, torch.full_like(scores, -1.0))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    pick = order[..., None].expand(-1, -1, 4)
+    return BatchBoxes(boxes.gather(1, pick), scores.gather(1, order), valid.gather(1, order))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from miner.attention import mine
-from miner.boxes import heatmap_boxes
+from miner.boxes import heatmap_boxes_batched
 from miner.cam import final_heatmap, normalize_maps
 from miner.models import CamClassifier
 from storage.letterbox import Letterbox
@@ -36,13 +36,12 @@ def upsample(heatmaps: torch.Tensor, size: int) -> torch.Tensor:
     return out.reshape(*shape[:-2], size, size).clamp(0, 1)
 
 
-def boxes_in_source(heatmap: np.ndarray, input_size: int, letterbox: Letterbox) -> Localization:
-    """One heatmap at input resolution (input_size, input_size) -> boxes in source pixels, clipped."""
-    boxes, scores = heatmap_boxes(heatmap)
-    shard = boxes * (letterbox.size / input_size)
+def boxes_in_source(boxes: np.ndarray, input_size: int, letterbox: Letterbox) -> np.ndarray:
+    """Boxes (K, 4) xyxy on the input grid (input_size px square) -> source pixels (K, 4), clipped."""
+    shard = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * (letterbox.size / input_size)
     source = letterbox.boxes_to_source(shard)
     limit = np.array([letterbox.source_width, letterbox.source_height] * 2, dtype=np.float64)
-    return Localization(np.clip(source, 0, limit), scores)
+    return np.clip(source, 0, limit)
 
 
 def step_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -59,14 +58,17 @@ def localize(
     """Boxes for the (image, class) pairs marked in ``wanted`` (N, C) bool.
 
     heatmaps: (N, C, h, w) normalised. Returns per image {class index: Localization}.
-    Only the wanted maps are upsampled and moved to the CPU.
+    The wanted maps are upsampled and boxed on their device; only the boxes (at most 3 per
+    pair) come to the CPU, to be mapped to source pixels.
     """
     rows, classes = np.nonzero(wanted)
     out: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]
     if len(rows) == 0:
         return out
     index = torch.as_tensor(rows, device=heatmaps.device), torch.as_tensor(classes, device=heatmaps.device)
-    maps = upsample(heatmaps[index], input_size).cpu().numpy().astype(np.float64)
+    found = heatmap_boxes_batched(upsample(heatmaps[index], input_size))
+    boxes, scores, valid = (t.cpu().numpy() for t in found)
     for k, (i, c) in enumerate(zip(rows, classes)):
-        out[i][int(c)] = boxes_in_source(maps[k], input_size, letterboxes[i])
+        source = boxes_in_source(boxes[k][valid[k]], input_size, letterboxes[i])
+        out[i][int(c)] = Localization(source, scores[k][valid[k]].astype(np.float64))
     return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from miner.boxes import check_heatmap, heatmap_boxes, heatmap_to_image_boxes, normalize_heatmap
+import torch
+
+from miner.boxes import check_heatmap, heatmap_boxes, heatmap_boxes_batched, normalize_heatmap
 
 
 def nested_blob() -> np.ndarray:
@@ -41,8 +43,60 @@ def test_diagonal_neighbours_are_one_component():
     assert boxes.tolist() == [[1, 1, 3, 3]]
 
 
-def test_scale_to_image():
-    assert heatmap_to_image_boxes(np.array([[1, 2, 3, 4]]), (16, 32), 512).tolist() == [[16, 64, 48, 128]]
+def batched_as_lists(heatmaps: np.ndarray) -> list[tuple[list, list]]:
+    found = heatmap_boxes_batched(torch.as_tensor(heatmaps, dtype=torch.float32))
+    return [
+        (found.boxes[i][found.valid[i]].tolist(), found.scores[i][found.valid[i]].tolist())
+        for i in range(len(heatmaps))
+    ]
+
+
+def test_batched_boxes_on_hand_made_maps():
+    flat = np.zeros((12, 16))
+    flat[3:6, 4:9] = 1.0
+    empty = np.zeros((12, 16))
+    (nested, nested_scores), (one, one_score), (none, _) = batched_as_lists(np.stack([nested_blob(), flat, empty]))
+    assert nested == [[6, 5, 7, 6], [4, 4, 9, 8], [2, 2, 12, 10]]
+    assert nested_scores == pytest.approx([1.0, 0.81, 0.6525])
+    assert one == [[4, 3, 9, 6]] and one_score == pytest.approx([1.0])
+    assert none == []
+
+
+def test_batched_boxes_follow_a_winding_component():
+    """A one-pixel-wide serpentine needs many dilations to fill: its box is the whole grid."""
+    h = np.zeros((9, 9))
+    h[0::4, :] = 0.6  # rows 0, 4, 8
+    h[1:4, 8] = 0.6  # joined at the right, then at the left
+    h[5:8, 0] = 0.6
+    h[8, 8] = 1.0  # the peak at the far end of the path
+    [(boxes, _)] = batched_as_lists(h[None])
+    assert boxes == [[8, 8, 9, 9], [0, 0, 9, 9]]
+
+
+def test_batched_boxes_equal_scikit_image_on_random_maps():
+    """Against the scikit-image version, map by map: blobs of random place, size and height."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:40, 0:48]
+    maps = []
+    for _ in range(60):
+        m = np.zeros((40, 48))
+        for _ in range(rng.integers(1, 5)):
+            cy, cx, s, a = rng.uniform(0, 40), rng.uniform(0, 48), rng.uniform(1.5, 8), rng.uniform(0.3, 1)
+            m += a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        maps.append(normalize_heatmap(m + 0.05 * rng.random((40, 48))).astype(np.float32))
+    for m, (boxes, scores) in zip(maps, batched_as_lists(np.stack(maps))):
+        expected_boxes, expected_scores = heatmap_boxes(m.astype(np.float64))
+        assert boxes == expected_boxes.tolist()
+        assert scores == pytest.approx(expected_scores.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "heatmaps, message",
+    [(torch.zeros(3, 4), "float \\(N, H, W\\)"), (torch.full((1, 2, 2), float("nan")), "finite")],
+)
+def test_bad_batches_are_refused(heatmaps, message):
+    with pytest.raises(ValueError, match=message):
+        heatmap_boxes_batched(heatmaps)
 
 
 @pytest.mark.parametrize(

@@ -8,19 +8,22 @@ from storage.letterbox import Letterbox
 
 
 def test_box_from_input_grid_to_source_pixels():
-    heatmap = np.zeros((16, 16))
-    heatmap[4:8, 2:10] = 1.0  # input grid: box (2, 4, 10, 8)
     letterbox = Letterbox.fit(64, 32, 32)  # source 64 x 32 in a 32 px shard: content 32 x 16, offset_y 8
     # input 16 px -> shard 32 px: x2 -> (4, 8, 20, 16); shard -> source: (x, (y - 8)) / 0.5 -> (8, 0, 40, 16)
-    result = boxes_in_source(heatmap, 16, letterbox)
-    assert np.allclose(result.boxes, [[8, 0, 40, 16]]) and np.allclose(result.scores, [1.0])
+    assert np.allclose(boxes_in_source(np.array([[2, 4, 10, 8]]), 16, letterbox), [[8, 0, 40, 16]])
 
 
 def test_boxes_are_clipped_to_the_source_image():
-    heatmap = np.zeros((16, 16))
-    heatmap[0:4, 0:16] = 1.0  # covers the letterbox padding above the content
-    result = boxes_in_source(heatmap, 16, Letterbox.fit(64, 32, 32))
-    assert np.allclose(result.boxes, [[0, 0, 64, 0]])
+    # the box covers the letterbox padding above the content
+    assert np.allclose(boxes_in_source(np.array([[0, 0, 16, 4]]), 16, Letterbox.fit(64, 32, 32)), [[0, 0, 64, 0]])
+
+
+def test_localize_maps_a_heatmap_blob_to_source_pixels():
+    maps = torch.zeros(1, 2, 16, 16)
+    maps[0, 1, 4:8, 2:10] = 1.0  # already at input resolution: box (2, 4, 10, 8) on the input grid
+    [found] = localize(maps, np.array([[False, True]]), 16, [Letterbox.fit(64, 32, 32)])
+    assert list(found) == [1]
+    assert np.allclose(found[1].boxes, [[8, 0, 40, 16]]) and np.allclose(found[1].scores, [1.0])
 
 
 def test_localize_boxes_only_the_wanted_pairs():
