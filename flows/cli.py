@@ -132,6 +132,31 @@ def evaluate(
     err.print(f"[green]evaluation: {report['path']}[/] ({report['images']} boxed images)")
 
 
+@app.command()
+def harvest(
+    workdir: Annotated[Path, typer.Option(help="Working folder holding shards/ and models/.")],
+    model: Annotated[str, typer.Option("--model", help="Training run to mine with (W/models/RUN).")],
+    method: Annotated[str, typer.Option(help="am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline).")] = "am",
+    all_findings: Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")] = False,
+    min_score: Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs to use, one worker each (default: all, when CUDA is present).")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+) -> None:
+    """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/."""
+    from flows.harvest import run_harvest
+
+    summary = run_harvest(
+        str(workdir), model, workers=workers, gpus=gpus, dask_address=dask_address,
+        method=method, all_findings=all_findings, min_score=min_score, batch_size=batch_size,
+    )
+    err.print(
+        f"[green]harvest: {workdir / 'harvest'}[/] {summary['boxes']} boxes on {summary['images']} images "
+        f"({summary['key']['model_id']}, {summary['key']['method']}, {summary['key']['mode']})"
+    )
+
+
 def print_auc_table(rows: list[dict]) -> None:
     from rich.table import Table
 

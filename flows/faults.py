@@ -27,8 +27,9 @@ def plant_fault(path: Path, shard: str, mode: str) -> None:
     path.write_text(json.dumps({"shard": shard, "mode": mode}))
 
 
-def maybe_fail(spec: ShardSpec, images_done: int) -> None:
-    """Called by build_shard between writing the temporary shard and renaming it."""
+def maybe_fail(shard: ShardSpec | str, images_done: int) -> None:
+    """Called between writing a shard's (or harvest part's) temporary file and renaming it."""
+    name = shard if isinstance(shard, str) else shard.name
     plan_path = os.environ.get(FAULT_ENV)
     if not plan_path:
         return
@@ -36,7 +37,7 @@ def maybe_fail(spec: ShardSpec, images_done: int) -> None:
         plan = json.loads(Path(plan_path).read_text())
     except (OSError, ValueError):
         return
-    if plan.get("shard") != spec.name:
+    if plan.get("shard") != name:
         return
     try:
         Path(plan_path).unlink()
@@ -44,4 +45,4 @@ def maybe_fail(spec: ShardSpec, images_done: int) -> None:
         return  # another attempt took it first
     if plan.get("mode") == "exit":
         os._exit(70)
-    raise InjectedFault(f"injected fault in shard {spec.name} after {images_done} images")
+    raise InjectedFault(f"injected fault in shard {name} after {images_done} images")

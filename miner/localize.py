@@ -52,6 +52,13 @@ def step_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tupl
     return finals, mining.logits
 
 
+def mined_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final heatmap (Eq. 8) over all the given steps, normalised to [0, 1] (N, C, h, w),
+    and the step-1 logits (N, C). One model gives the CAM baseline."""
+    mining = mine(models, images)
+    return normalize_maps(final_heatmap(mining.heatmaps, mining.masks)), mining.logits
+
+
 def localize(
     heatmaps: torch.Tensor, wanted: np.ndarray, input_size: int, letterboxes: Sequence[Letterbox]
 ) -> list[dict[int, Localization]]:

@@ -17,29 +17,19 @@ import torch
 
 from flows.checkpoints import load_model
 from flows.evaluate import evaluate
-from flows.ingest import ingest
 from flows.loader import shard_loader
-from flows.preprocess import run_preprocess
 from flows.train import row_groups, run_dir, step_file, train
 from miner.metrics import roc_auc
 from miner.training import predict, preset
-from storage.demo import generate
 from storage.findings import BOXED_FINDINGS, FINDINGS
+from tests.flows.conftest import SETTINGS
 
 pytestmark = pytest.mark.slow
-SETTINGS = {"epochs": 10, "am_steps": 3, "am_epochs": 1, "loader_workers": 1}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, prefect_server) -> Path:
-    root, work = tmp_path_factory.mktemp("nih"), tmp_path_factory.mktemp("work")
-    generate(root, n_images=320, size=256, seed=11, box_fraction=0.2, workers=2)
-    ingest(root=str(root), workdir=str(work))
-    run_preprocess(str(work), workers=2, size=128, shard_size=64)
-    config = work / "settings.json"
-    config.write_text(json.dumps(SETTINGS))
-    train(workdir=str(work), preset="cpu-small", config_file=str(config), run="t")
-    return work
+def trained(trained_workdir) -> Path:
+    return trained_workdir
 
 
 def test_run_folder_holds_every_step_and_its_metrics(trained):

@@ -43,19 +43,20 @@ def test_diagonal_neighbours_are_one_component():
     assert boxes.tolist() == [[1, 1, 3, 3]]
 
 
-def batched_as_lists(heatmaps: np.ndarray) -> list[tuple[list, list]]:
-    found = heatmap_boxes_batched(torch.as_tensor(heatmaps, dtype=torch.float32))
+def batched_as_lists(heatmaps: np.ndarray, grow: str = "dilation") -> list[tuple[list, list]]:
+    found = heatmap_boxes_batched(torch.as_tensor(heatmaps, dtype=torch.float32), grow=grow)
     return [
         (found.boxes[i][found.valid[i]].tolist(), found.scores[i][found.valid[i]].tolist())
         for i in range(len(heatmaps))
     ]
 
 
-def test_batched_boxes_on_hand_made_maps():
+@pytest.mark.parametrize("grow", ["dilation", "label"])
+def test_batched_boxes_on_hand_made_maps(grow):
     flat = np.zeros((12, 16))
     flat[3:6, 4:9] = 1.0
     empty = np.zeros((12, 16))
-    (nested, nested_scores), (one, one_score), (none, _) = batched_as_lists(np.stack([nested_blob(), flat, empty]))
+    (nested, nested_scores), (one, one_score), (none, _) = batched_as_lists(np.stack([nested_blob(), flat, empty]), grow)
     assert nested == [[6, 5, 7, 6], [4, 4, 9, 8], [2, 2, 12, 10]]
     assert nested_scores == pytest.approx([1.0, 0.81, 0.6525])
     assert one == [[4, 3, 9, 6]] and one_score == pytest.approx([1.0])
@@ -74,7 +75,7 @@ def test_batched_boxes_follow_a_winding_component():
 
 
 def test_batched_boxes_equal_scikit_image_on_random_maps():
-    """Against the scikit-image version, map by map: blobs of random place, size and height."""
+    """The device version against the scikit-image one, map by map: blobs of random place, size and height."""
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:40, 0:48]
     maps = []

@@ -1,0 +1,95 @@
+"""Harvest parts: the mined boxes of one shard, ``W/harvest/parts/<shard>.parquet``.
+
+One row per box. Coordinates are xyxy in source pixels (the image as ingested, before the
+letterbox), continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1). ``rank`` 1 is the box
+with the highest mean heatmap inside (Cai et al., section 3.2); ``score`` is that mean, and
+``probability`` the classifier's sigmoid output for the finding on the whole image.
+
+A part carries in its schema metadata the harvest key (model, method, mode, settings) it was
+made with and how many images of its shard it covers, so a rerun keeps the parts made with
+the same key and redoes the others.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.atomic import write_parquet
+
+HARVEST_DIR = "harvest"
+PARTS_DIR = "parts"
+SUMMARY_FILE = "harvest.json"
+KEY_META = b"cxr_miner.harvest_key"
+IMAGES_META = b"cxr_miner.images"
+
+PART_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("finding", pa.string()),
+        ("rank", pa.int8()),
+        ("x_min", pa.float32()),
+        ("y_min", pa.float32()),
+        ("x_max", pa.float32()),
+        ("y_max", pa.float32()),
+        ("score", pa.float32()),
+        ("probability", pa.float32()),
+    ]
+)
+
+
+def parts_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / HARVEST_DIR / PARTS_DIR
+
+
+def part_path(workdir: str | Path, shard: str | Path) -> Path:
+    """The part of shard ``shards/<name>.parquet`` (or of the name alone)."""
+    return parts_dir(workdir) / f"{Path(shard).stem}.parquet"
+
+
+def key_text(key: Mapping[str, Any]) -> str:
+    return json.dumps(dict(key), sort_keys=True)
+
+
+def write_part(path: Path, rows: Sequence[Mapping[str, Any]], key: Mapping[str, Any], images: int) -> int:
+    """Write one shard's boxes (dicts with PART_SCHEMA's fields) atomically; returns the row count."""
+    table = pa.Table.from_pylist(list(rows), schema=PART_SCHEMA)
+    metadata = {KEY_META: key_text(key).encode(), IMAGES_META: str(images).encode()}
+    write_parquet(path, table.replace_schema_metadata(metadata))
+    return len(table)
+
+
+def part_key(path: Path) -> dict[str, Any] | None:
+    """The harvest key a part was made with, or None if it is missing or unreadable."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[KEY_META])
+    except (OSError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+
+
+def part_images(path: Path) -> int:
+    return int((pq.read_schema(path).metadata or {})[IMAGES_META])
+
+
+def read_part(path: Path) -> pa.Table:
+    """A part, checked against PART_SCHEMA; a part of another shape raises ValueError naming it."""
+    table = pq.read_table(path)
+    missing = [name for name in PART_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: not a harvest part (missing columns {missing})")
+    return table.select(PART_SCHEMA.names).cast(PART_SCHEMA)
+
+
+def remove_stale_parts(directory: Path, keep: Iterable[str]) -> list[str]:
+    """Delete parts of shards no longer in the harvest (names without .parquet); returns them."""
+    wanted = set(keep)
+    stale = sorted(p.stem for p in directory.glob("*.parquet") if p.stem not in wanted)
+    for name in stale:
+        (directory / f"{name}.parquet").unlink()
+    return stale

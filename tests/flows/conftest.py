@@ -1,0 +1,48 @@
+"""A trained run on phantoms, shared by the training, harvest and release tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# 10 epochs of step 1 and one per AM step: about 3 minutes on 2 cores.
+SETTINGS = {"epochs": 10, "am_steps": 3, "am_epochs": 1, "loader_workers": 1}
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, prefect_server) -> Path:
+    """320 phantoms of 256 px (20% with boxes), shards of 128 px, run ``t`` of preset cpu-small.
+
+    Tests that write into a workdir copy it (copy_workdir) rather than change this one.
+    """
+    from flows.ingest import ingest
+    from flows.preprocess import run_preprocess
+    from flows.train import train
+    from storage.demo import generate
+
+    root, work = tmp_path_factory.mktemp("nih"), tmp_path_factory.mktemp("work")
+    generate(root, n_images=320, size=256, seed=11, box_fraction=0.2, workers=2)
+    ingest(root=str(root), workdir=str(work))
+    run_preprocess(str(work), workers=2, size=128, shard_size=64)
+    config = work / "settings.json"
+    config.write_text(json.dumps(SETTINGS))
+    train(workdir=str(work), preset="cpu-small", config_file=str(config), run="t")
+    return work
+
+
+def copy_workdir(source: Path, target: Path) -> Path:
+    """Index, shards and models of a workdir, without its harvest (hard links where possible)."""
+    import shutil
+
+    def copy(src, dst):
+        try:
+            import os
+
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("harvest", "releases"), copy_function=copy)
+    return target

@@ -1,0 +1,121 @@
+"""The harvest flow on the shared trained run: every image accounted for, resumable, and
+the same boxes after a killed worker, a rerun, or the evaluate flow's own computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.evaluate import evaluate
+from flows.faults import FAULT_ENV, plant_fault
+from flows.harvest import run_harvest
+from miner.metrics import LocalizationEvaluator
+from storage.findings import BOXED_FINDINGS, FINDINGS
+from storage.harvest import PART_SCHEMA, part_key, parts_dir, read_part
+from storage.index import GT_BOXES_FILE, read_gt_boxes
+from storage.shards import SHARD_DIR, ShardReader
+from tests.flows.conftest import copy_workdir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harvested(trained_workdir, tmp_path_factory) -> tuple[Path, dict]:
+    work = copy_workdir(trained_workdir, tmp_path_factory.mktemp("harvest") / "work")
+    return work, run_harvest(str(work), "t", workers=2)
+
+
+def all_parts(work: Path) -> pa.Table:
+    return pa.concat_tables([read_part(p) for p in sorted(parts_dir(work).glob("*.parquet"))])
+
+
+def shard_rows(work: Path) -> dict[str, dict]:
+    reader = ShardReader(work / SHARD_DIR)
+    columns = ["image_id", "findings", "source_width", "source_height"]
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in reader.paths])
+    return {row["image_id"]: row for row in table.to_pylist()}
+
+
+def test_every_image_gets_boxes_for_each_finding_it_is_labelled_with(harvested):
+    work, summary = harvested
+    images = shard_rows(work)
+    boxes = all_parts(work)
+    assert summary["images"] == len(images) == 320 and summary["boxes"] == len(boxes)
+    found: dict[str, set[str]] = {}
+    for row in boxes.to_pylist():
+        found.setdefault(row["image_id"], set()).add(row["finding"])
+        image = images[row["image_id"]]
+        assert 0 <= row["x_min"] <= row["x_max"] <= image["source_width"]
+        assert 0 <= row["y_min"] <= row["y_max"] <= image["source_height"]
+        assert 0 <= row["score"] <= 1 and 0 < row["probability"] < 1
+    assert {i: set(r["findings"]) for i, r in images.items() if r["findings"]} == found
+    by_pair = boxes.group_by(["image_id", "finding"]).aggregate([("rank", "list"), ("score", "list")])
+    for ranks, scores in zip(by_pair.column("rank_list").to_pylist(), by_pair.column("score_list").to_pylist()):
+        assert ranks == list(range(1, len(ranks) + 1)) and 1 <= len(ranks) <= 3
+        assert scores == sorted(scores, reverse=True)
+    assert summary["boxes_per_finding"] == {f: int(np.sum(np.array(boxes.column("finding").to_pylist()) == f)) for f in FINDINGS}
+
+
+def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
+    """Acc from the harvested AM boxes equals the evaluate flow's Acc of AM at t = T."""
+    work, _ = harvested
+    truth = read_gt_boxes(work / GT_BOXES_FILE)
+    report = evaluate(workdir=str(work), run="t")
+    evaluator = LocalizationEvaluator()
+    boxes = all_parts(work).to_pylist()
+    for image_id, findings in truth.items():
+        for finding, gt in findings.items():
+            mine = sorted((r for r in boxes if r["image_id"] == image_id and r["finding"] == finding), key=lambda r: r["rank"])
+            evaluator.accumulate(finding, np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]] for r in mine]).reshape(-1, 4), gt)
+    ours = evaluator.compute()
+    for finding in BOXED_FINDINGS:
+        for threshold in (0.1, 0.3, 0.5):
+            expected = report["results"]["am-t3"][finding]["iou"][threshold]
+            got = ours[finding]["iou"][threshold]
+            assert got["acc"] == pytest.approx(expected["acc"], nan_ok=True), (finding, threshold)
+            assert got["afp"] == pytest.approx(expected["afp"], nan_ok=True), (finding, threshold)
+
+
+def test_rerun_skips_every_part(harvested):
+    work, first = harvested
+    before = {p.name: p.stat().st_mtime_ns for p in parts_dir(work).glob("*.parquet")}
+    again = run_harvest(str(work), "t", workers=2)
+    assert again["built"] == 0 and again["boxes"] == first["boxes"]
+    assert {p.name: p.stat().st_mtime_ns for p in parts_dir(work).glob("*.parquet")} == before
+
+
+def test_a_killed_worker_is_survived_with_the_same_boxes(harvested, trained_workdir, tmp_path, monkeypatch):
+    reference, _ = harvested
+    work = copy_workdir(trained_workdir, tmp_path / "work")
+    victim = ShardReader(work / SHARD_DIR).shards[1]["name"]
+    plant_fault(tmp_path / "fault.json", victim, "exit")
+    monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fault.json"))
+    summary = run_harvest(str(work), "t", workers=2)
+    assert not (tmp_path / "fault.json").exists()  # the worker did die
+    assert summary["built"] == len(summary["shards"])
+    assert all_parts(work).equals(all_parts(reference))
+
+
+def test_discovery_mode_and_another_method_redo_the_parts(trained_workdir, tmp_path):
+    work = copy_workdir(trained_workdir, tmp_path / "work")
+    summary = run_harvest(str(work), "t", workers=2, method="cam", all_findings=True, min_score=0.0)
+    boxes = all_parts(work)
+    pairs = set(zip(boxes.column("image_id").to_pylist(), boxes.column("finding").to_pylist()))
+    assert len(pairs) == 320 * len(FINDINGS)  # a probability is always >= 0: every finding of every image
+    key = part_key(next(parts_dir(work).glob("*.parquet")))
+    assert key["method"] == "cam" and key["mode"] == "discovery" and len(key["checkpoints"]) == 1
+    strict = run_harvest(str(work), "t", workers=2, method="cam", all_findings=True, min_score=0.5)
+    assert strict["built"] == len(strict["shards"])  # another key: every part redone
+    kept = all_parts(work)
+    assert kept.schema.names == PART_SCHEMA.names and np.all(np.array(kept.column("probability").to_pylist()) >= 0.5)
+    assert summary["boxes"] > strict["boxes"]
+
+
+@pytest.mark.parametrize("method, message", [("mil", "MIL miner .* not built yet"), ("grad", "unknown method 'grad'")])
+def test_unknown_or_unbuilt_methods_are_refused(trained_workdir, method, message):
+    with pytest.raises(ValueError, match=message):
+        run_harvest(str(trained_workdir), "t", workers=1, method=method)
