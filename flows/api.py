@@ -9,6 +9,13 @@ from contextlib import contextmanager
 # database: about 15 s on 2 idle cores, more under load.
 STARTUP_TIMEOUT_S = 120
 
+_temporary: list[str] = []  # URLs of the temporary servers this process has running
+
+
+def temporary_api() -> bool:
+    """Whether the API in use is a temporary server of this process (it cannot run schedules)."""
+    return bool(_temporary)
+
 
 @contextmanager
 def prefect_api() -> Iterator[str]:
@@ -30,6 +37,7 @@ def prefect_api() -> Iterator[str]:
     PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)
     server = SubprocessASGIServer()
     server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    _temporary.append(server.api_url)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             try:
@@ -37,6 +45,7 @@ def prefect_api() -> Iterator[str]:
             finally:
                 _drain_to_api()
     finally:
+        _temporary.remove(server.api_url)
         server.stop()
 
 

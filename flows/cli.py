@@ -157,6 +157,92 @@ def harvest(
     )
 
 
+@app.command()
+def release(
+    workdir: Annotated[Path, typer.Option(help="Working folder with a complete harvest (W/harvest/harvest.json).")],
+    out: Annotated[Path, typer.Option(help="Releases folder: RELEASES/<version>/ and RELEASES/latest.")],
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest (for the report's gallery).")] = None,
+) -> None:
+    """Package the harvest as a new immutable release: boxes.parquet, COCO, report, manifest."""
+    from flows.release import release as release_flow
+
+    published = release_flow(workdir=str(workdir), out=str(out), root=str(root) if root else None)
+    print_release(published)
+
+
+def run_options(
+    preset: str, config: Optional[Path], model: Optional[str], size: int, shard_size: int, method: str,
+    all_findings: bool, min_score: float, workers: Optional[int], dask_address: Optional[str], gpus: Optional[int],
+) -> dict:
+    return {
+        "preset": preset, "config_file": str(config) if config else None, "model": model, "size": size,
+        "shard_size": shard_size, "method": method, "all_findings": all_findings, "min_score": min_score,
+        "workers": workers, "dask_address": dask_address, "gpus": gpus,
+    }
+
+
+PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]
+ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings.")]
+ModelOption = Annotated[Optional[str], typer.Option(help="Training run name (default: the preset).")]
+SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
+ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
+MethodOption = Annotated[str, typer.Option(help="am or cam.")]
+AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery mode (see harvest).")]
+MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's probability threshold.")]
+WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes.")]
+AddressOption = Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
+GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, one worker each.")]
+
+
+@app.command("run")
+def run_all(
+    root: Annotated[Path, typer.Argument(help="Dataset root (NIH layout).")],
+    workdir: Annotated[Path, typer.Option(help="Working folder (reused: finished stages are skipped).")],
+    out: Annotated[Path, typer.Option(help="Releases folder.")],
+    preset: PresetOption = "cpu-small", config: ConfigOption = None, model: ModelOption = None,
+    size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
+    all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
+    workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
+) -> None:
+    """The whole chain: ingest, preprocess, train, harvest, release."""
+    from flows.pipeline import run
+
+    options = run_options(preset, config, model, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
+    print_release(run(root=str(root), workdir=str(workdir), out=str(out), **options))
+
+
+@app.command()
+def serve(
+    root: Annotated[Path, typer.Argument(help="Dataset root (NIH layout).")],
+    workdir: Annotated[Path, typer.Option(help="Working folder.")],
+    out: Annotated[Path, typer.Option(help="Releases folder.")],
+    cron: Annotated[str, typer.Option(help="Schedule, e.g. \"0 3 * * 1\" (Mondays 03:00).")],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "cxr-miner-release",
+    preset: PresetOption = "cpu-small", config: ConfigOption = None, model: ModelOption = None,
+    size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
+    all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
+    workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
+) -> None:
+    """Serve the `run` flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)."""
+    from flows.api import temporary_api
+    from flows.pipeline import serve as serve_flow
+
+    if temporary_api():
+        raise ValueError(
+            "schedules need a Prefect server: start one with `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    options = run_options(preset, config, model, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
+    parameters = {"root": str(root.resolve()), "workdir": str(workdir.resolve()), "out": str(out.resolve()), **options}
+    err.print(f"[green]serving deployment run/{name}[/] on schedule {cron!r}; stop with Ctrl-C")
+    serve_flow(cron, name=name, **parameters)
+
+
+def print_release(published: dict) -> None:
+    err.print(f"[green]release {published['version']}: {published['path']}[/] ({published['boxes']} boxes)")
+    err.print(f"[green]report: {published['report']}[/]")
+
+
 def print_auc_table(rows: list[dict]) -> None:
     from rich.table import Table
 

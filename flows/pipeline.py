@@ -1,0 +1,59 @@
+"""Flow ``run``: the whole chain, ingest -> preprocess -> train -> harvest -> release.
+
+Every stage skips the work whose output already exists for the same inputs, so a scheduled
+run on an unchanged collection retrains nothing and reharvests nothing, and still publishes
+a release (with no changes against the previous one). ``serve`` serves this flow as a Prefect
+deployment on a cron schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.harvest import run_harvest
+from flows.ingest import ingest
+from flows.preprocess import run_preprocess
+from flows.release import release
+from flows.train import train
+
+
+@flow(name="run", log_prints=True)
+def run(
+    root: str,
+    workdir: str,
+    out: str,
+    preset: str = "cpu-small",
+    config_file: str | None = None,
+    model: str | None = None,
+    size: int = 512,
+    shard_size: int = 256,
+    method: str = "am",
+    all_findings: bool = False,
+    min_score: float = 0.5,
+    workers: int | None = None,
+    dask_address: str | None = None,
+    gpus: int | None = None,
+) -> dict[str, Any]:
+    """Ingest ROOT, preprocess, train run ``model`` (default: the preset's name), harvest, release."""
+    logger = get_run_logger()
+    ingest(root=root, workdir=workdir)
+    run_preprocess(workdir, workers=workers, dask_address=dask_address, size=size, shard_size=shard_size)
+    trained = train(workdir=workdir, preset=preset, config_file=config_file, run=model)
+    run_harvest(workdir, trained["run"], workers=workers, dask_address=dask_address, gpus=gpus,
+                method=method, all_findings=all_findings, min_score=min_score)
+    published = release(workdir=workdir, out=out, root=root)
+    logger.info("release %s -> %s", published["version"], published["path"])
+    return published
+
+
+def serve(cron: str, name: str = "cxr-miner-release", **parameters: Any) -> None:
+    """Serve ``run`` as a deployment with a cron schedule until stopped (needs a Prefect server)."""
+    run.serve(name=name, cron=cron, parameters=parameters, pause_on_shutdown=False)
+
+
+def deployment(cron: str, name: str = "cxr-miner-release", **parameters: Any):
+    """The deployment ``serve`` serves, built without serving it (to register or inspect it)."""
+    return run.to_deployment(name=name, cron=cron, parameters=parameters)
+

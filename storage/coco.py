@@ -1,0 +1,62 @@
+"""COCO detection JSON for one split of a release, written as a stream.
+
+Images: every image of the split (ids from 1, in image_id order), ``file_name`` relative to
+the dataset root. Categories: the 14 findings, id = position in FINDINGS + 1, stable across
+releases. Annotations: one per box (ids from 1), ``bbox`` [x, y, w, h] in source pixels,
+``segmentation`` the box as a polygon, ``iscrowd`` 0, and ``score``, ``rank`` and ``method``
+as extra keys that pycocotools and torchvision ignore but ``COCO.loadRes`` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from storage.atomic import atomic_path
+from storage.findings import FINDINGS
+
+CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "finding"} for i, name in enumerate(FINDINGS)]
+CATEGORY_ID = {name: i + 1 for i, name in enumerate(FINDINGS)}
+
+
+def coco_image(image_id: int, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": image_id, "file_name": record["source_path"], "width": int(record["width"]),
+            "height": int(record["height"]), "image_name": record["image_id"]}
+
+
+def coco_annotation(annotation_id: int, image_id: int, box: Mapping[str, Any]) -> dict[str, Any]:
+    """One box row (x_min..y_max in source pixels, finding, score, rank, method) as a COCO annotation."""
+    x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+    w, h = x1 - x0, y1 - y0
+    return {
+        "id": annotation_id, "image_id": image_id, "category_id": CATEGORY_ID[box["finding"]],
+        "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0,
+        "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+        "score": float(box["score"]), "rank": int(box["rank"]), "method": box["method"],
+    }
+
+
+def write_coco(
+    path: Path, images: Sequence[Mapping[str, Any]], boxes: Iterable[Iterable[Mapping[str, Any]]], info: Mapping[str, Any]
+) -> dict[str, int]:
+    """Write one split's COCO file atomically; ``boxes`` yields chunks of box rows (any order).
+
+    Boxes of images not in ``images`` raise ValueError. Returns the image and annotation counts.
+    """
+    ids = {record["image_id"]: k for k, record in enumerate(sorted(images, key=lambda r: r["image_id"]), start=1)}
+    ordered = sorted(images, key=lambda r: r["image_id"])
+    annotations = 0
+    with atomic_path(path) as tmp, tmp.open("w") as out:
+        out.write('{"info": ' + json.dumps(dict(info)) + ', "licenses": [], "categories": ' + json.dumps(CATEGORIES))
+        out.write(', "images": [' + ", ".join(json.dumps(coco_image(ids[r["image_id"]], r)) for r in ordered) + "]")
+        out.write(', "annotations": [')
+        for chunk in boxes:
+            for box in chunk:
+                if box["image_id"] not in ids:
+                    raise ValueError(f"{path.name}: box of image {box['image_id']!r}, which is not in this split")
+                annotations += 1
+                out.write((", " if annotations > 1 else "") + json.dumps(coco_annotation(annotations, ids[box["image_id"]], box)))
+        out.write("]}\n")
+    return {"images": len(ids), "annotations": annotations}

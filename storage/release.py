@@ -1,0 +1,186 @@
+"""Releases: ``RELEASES/<version>/`` with boxes.parquet, coco/<split>.json, report/, manifest.json.
+
+A version is the UTC creation time, ``YYYYMMDDTHHMMSSZ``, so versions sort by time; ``latest``
+is a symbolic link to the newest. A release is built in a hidden staging folder and renamed
+into place when complete; its files are then read-only, and a version that exists is never
+written again.
+
+boxes.parquet: one row per box (RELEASE_SCHEMA). Coordinates are xyxy in source pixels,
+continuous (pixel (i, j) covers [i, i + 1) x [j, j + 1)), and again divided by the image's
+width and height (``*_norm``, in [0, 1]). The schema metadata ``cxr_miner.provenance`` holds
+the release, model and code provenance as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.findings import FINDINGS
+
+LATEST = "latest"
+BOXES_FILE = "boxes.parquet"
+MANIFEST_FILE = "manifest.json"
+PROVENANCE_META = b"cxr_miner.provenance"
+IMAGE_COLUMNS = ("image_id", "patient_id", "split", "source_path", "width", "height")
+BOX_IDENTITY = ("image_id", "finding", "rank", "x_min", "y_min", "x_max", "y_max")
+
+RELEASE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("split", pa.string()),
+        ("finding", pa.string()),
+        ("x_min", pa.float32()),
+        ("y_min", pa.float32()),
+        ("x_max", pa.float32()),
+        ("y_max", pa.float32()),
+        ("x_min_norm", pa.float32()),
+        ("y_min_norm", pa.float32()),
+        ("x_max_norm", pa.float32()),
+        ("y_max_norm", pa.float32()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("score", pa.float32()),
+        ("probability", pa.float32()),
+        ("rank", pa.int8()),
+        ("method", pa.string()),
+        ("model_id", pa.string()),
+    ]
+)
+
+
+class ReleaseExists(FileExistsError):
+    """A release of that version exists already; releases are immutable."""
+
+
+def new_version(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def staging_dir(out: Path, version: str) -> Path:
+    return out / f".staging-{version}"
+
+
+def latest_release(out: Path) -> Path | None:
+    """The release ``latest`` points to, or None before the first."""
+    link = out / LATEST
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def check_new_version(out: Path, version: str) -> None:
+    if (out / version).exists():
+        raise ReleaseExists(f"{out / version}: release {version} exists already; releases are immutable")
+
+
+def release_rows(part: pa.Table, images: pa.Table, method: str, model_id: str) -> pa.Table:
+    """Harvest part rows joined with their images (IMAGE_COLUMNS) -> RELEASE_SCHEMA rows,
+    sorted by image, finding and rank. A box of an image not in ``images`` raises ValueError."""
+    joined = part.join(images.select(list(IMAGE_COLUMNS)), "image_id", join_type="left outer")
+    orphans = joined.filter(pc.is_null(joined.column("split")))
+    if len(orphans):
+        raise ValueError(f"boxes of {len(orphans)} images not in the index, e.g. {orphans.column('image_id')[0].as_py()!r}")
+    width = pc.cast(joined.column("width"), pa.float32())
+    height = pc.cast(joined.column("height"), pa.float32())
+    columns = {name: joined.column(name) for name in ("image_id", "patient_id", "split", "finding",
+                                                      "x_min", "y_min", "x_max", "y_max", "score", "probability", "rank")}
+    for axis, size in (("x", width), ("y", height)):
+        for end in ("min", "max"):
+            columns[f"{axis}_{end}_norm"] = pc.divide(columns[f"{axis}_{end}"], size)
+    columns["image_width"] = joined.column("width")
+    columns["image_height"] = joined.column("height")
+    columns["method"] = pa.array([method] * len(joined), pa.string())
+    columns["model_id"] = pa.array([model_id] * len(joined), pa.string())
+    table = pa.table({name: columns[name] for name in RELEASE_SCHEMA.names}).cast(RELEASE_SCHEMA)
+    return table.sort_by([("image_id", "ascending"), ("finding", "ascending"), ("rank", "ascending")])
+
+
+class BoxesWriter:
+    """boxes.parquet written part by part (zstd), so memory does not grow with the collection."""
+
+    def __init__(self, path: Path, provenance: Mapping[str, Any]) -> None:
+        schema = RELEASE_SCHEMA.with_metadata({PROVENANCE_META: json.dumps(dict(provenance), sort_keys=True).encode()})
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.schema = schema
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
+        self.rows += len(table)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    return json.loads((pq.read_schema(path).metadata or {})[PROVENANCE_META])
+
+
+def count_boxes(path: Path) -> dict[str, dict[str, int]]:
+    """{finding: {"boxes", "images"}} of a boxes.parquet, every finding present (zeros included)."""
+    table = pq.read_table(path, columns=["image_id", "finding"])
+    grouped = table.group_by(["finding"]).aggregate([("image_id", "count"), ("image_id", "count_distinct")])
+    found = {f: (n, m) for f, n, m in zip(*(grouped.column(c).to_pylist() for c in ("finding", "image_id_count", "image_id_count_distinct")))}
+    return {f: {"boxes": found.get(f, (0, 0))[0], "images": found.get(f, (0, 0))[1]} for f in FINDINGS}
+
+
+def diff_boxes(previous: Path | None, current: Path) -> dict[str, dict[str, int]]:
+    """Per finding: boxes before and after, and boxes added and removed (a box is the same when
+    image, finding, rank and coordinates are equal). Without a previous release all are added."""
+    now = pq.read_table(current, columns=list(BOX_IDENTITY))
+    before = pq.read_table(previous, columns=list(BOX_IDENTITY)) if previous else now.schema.empty_table()
+    added = now.join(before, list(BOX_IDENTITY), join_type="left anti")
+    removed = before.join(now, list(BOX_IDENTITY), join_type="left anti")
+
+    def per_finding(table: pa.Table) -> dict[str, int]:
+        counts = pc.value_counts(table.column("finding")) if len(table) else []
+        return {item["values"].as_py(): item["counts"].as_py() for item in counts}
+
+    sizes = {name: per_finding(t) for name, t in (("before", before), ("after", now), ("added", added), ("removed", removed))}
+    return {f: {name: sizes[name].get(f, 0) for name in sizes} for f in FINDINGS}
+
+
+def file_digests(folder: Path, skip: Iterable[str] = (MANIFEST_FILE,)) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path (POSIX), except ``skip``."""
+    skipped = set(skip)
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative not in skipped:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digests[relative] = digest.hexdigest()
+    return digests
+
+
+def publish(staging: Path, out: Path, version: str) -> Path:
+    """Rename the complete staging folder to ``out/<version>``, make its files read-only, and
+    point ``latest`` at it (replaced atomically). Returns the release folder."""
+    check_new_version(out, version)
+    target = out / version
+    os.rename(staging, target)
+    for path in target.rglob("*"):
+        if path.is_file():
+            path.chmod(0o444)
+    link = out / f".{LATEST}.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(version, target_is_directory=True)
+    os.replace(link, out / LATEST)
+    return target
+
+
+def discard_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

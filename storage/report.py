@@ -1,0 +1,241 @@
+"""The per-disease harvest report: a self-contained static HTML folder (index + one page per
+finding, figures as PNG files beside them), drawn with matplotlib, opened from disk.
+
+Inputs are plain tables built by the release flow (ReportData); this module only lays them
+out and draws them. Box coordinates are xyxy in source pixels, ``*_norm`` divided by the
+image's width and height (x to the right, y downwards, as in the image).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from storage.findings import FINDINGS  # noqa: E402
+
+GALLERY_PER_GROUP = 2  # images each from the top, the median and the bottom scores
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; } .figures img { width: 360px; margin: 4px; }
+.gallery figure { display: inline-block; margin: 4px; } .gallery img { width: 240px; } figcaption { font-size: 12px; }
+.muted { color: #777; }
+"""
+
+
+@dataclass
+class GalleryItem:
+    """One mined box to draw: its image (gray uint8 (H, W), source pixels) or None if unreadable."""
+
+    image_id: str
+    box: Sequence[float]
+    score: float
+    group: str
+    image: np.ndarray | None
+    truth: Sequence[Sequence[float]] = ()
+
+
+@dataclass
+class FindingData:
+    """What one finding's page shows. ``boxes``: rank-1 boxes as columns (score, probability,
+    x_min_norm, y_min_norm, x_max_norm, y_max_norm -> arrays). ``acc``: method -> {T: {acc, afp}}
+    at T(IoU) on the images with ground truth (empty when there are none)."""
+
+    finding: str
+    boxes_total: int
+    images_covered: int
+    boxes: Mapping[str, np.ndarray]
+    acc: Mapping[str, Mapping[float, Mapping[str, float]]]
+    evaluated_images: int
+    changes: Mapping[str, int]
+    gallery: Sequence[GalleryItem] = field(default_factory=list)
+
+
+@dataclass
+class ReportData:
+    title: str
+    version: str
+    method: str
+    model_id: str
+    previous: str | None
+    facts: Mapping[str, Any]
+    findings: Sequence[FindingData]
+
+
+def page_name(finding: str) -> str:
+    return f"{finding.lower()}.html"
+
+
+def _figure(path: Path, draw: Callable[[plt.Axes], None], size: tuple[float, float] = (4.0, 3.0)) -> str:
+    fig, ax = plt.subplots(figsize=size, dpi=90)
+    try:
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def _empty(ax: plt.Axes, text: str = "no boxes") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def score_figure(ax: plt.Axes, data: FindingData) -> None:
+    scores = data.boxes["score"]
+    if len(scores) == 0:
+        return _empty(ax)
+    bins = np.linspace(0, 1, 21)
+    ax.hist(scores, bins=bins, alpha=0.7, label="box score (mean heatmap)")
+    ax.hist(data.boxes["probability"], bins=bins, alpha=0.5, label="classifier probability")
+    ax.set_xlabel("value")
+    ax.set_ylabel("rank-1 boxes")
+    ax.legend(fontsize=7)
+
+
+def size_figure(ax: plt.Axes, data: FindingData) -> None:
+    b = data.boxes
+    if len(b["score"]) == 0:
+        return _empty(ax)
+    ax.scatter(b["x_max_norm"] - b["x_min_norm"], b["y_max_norm"] - b["y_min_norm"], s=6, alpha=0.5)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("box width / image width")
+    ax.set_ylabel("box height / image height")
+
+
+def position_figure(ax: plt.Axes, data: FindingData) -> None:
+    b = data.boxes
+    if len(b["score"]) == 0:
+        return _empty(ax)
+    cx, cy = (b["x_min_norm"] + b["x_max_norm"]) / 2, (b["y_min_norm"] + b["y_max_norm"]) / 2
+    ax.hist2d(cx, cy, bins=12, range=[[0, 1], [0, 1]], cmap="magma")
+    ax.set_ylim(1, 0)  # image orientation: top of the chest up
+    ax.set_xlabel("box centre x (patient's right at 0 on a PA view)")
+    ax.set_ylabel("box centre y")
+
+
+def accuracy_figure(ax: plt.Axes, data: FindingData) -> None:
+    if not data.acc or data.evaluated_images == 0:
+        return _empty(ax, "no ground-truth boxes")
+    for method, table in data.acc.items():
+        thresholds = sorted(table)
+        ax.plot(thresholds, [table[t]["acc"] for t in thresholds], marker="o", label=method)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("T(IoU)")
+    ax.set_ylabel("Acc")
+    ax.legend(fontsize=7)
+
+
+def gallery_figure(ax: plt.Axes, item: GalleryItem) -> None:
+    if item.image is None:
+        return _empty(ax, "image not readable")
+    ax.imshow(item.image, cmap="gray", vmin=0, vmax=255)
+    for box in item.truth:
+        ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, color="lime", lw=1.5))
+    x0, y0, x1, y1 = item.box
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=1.5))
+    ax.set_axis_off()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _number(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def acc_rows(data: FindingData) -> list[list[str]]:
+    methods = list(data.acc)
+    thresholds = sorted({t for table in data.acc.values() for t in table})
+    return [[str(t)] + [f"{_number(data.acc[m][t]['acc'])} / {_number(data.acc[m][t]['afp'])}" for m in methods] for t in thresholds]
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def finding_page(folder: Path, report: ReportData, data: FindingData) -> str:
+    stem = data.finding.lower()
+    figures = [
+        _figure(folder / f"{stem}-scores.png", lambda ax: score_figure(ax, data)),
+        _figure(folder / f"{stem}-size.png", lambda ax: size_figure(ax, data)),
+        _figure(folder / f"{stem}-position.png", lambda ax: position_figure(ax, data)),
+        _figure(folder / f"{stem}-accuracy.png", lambda ax: accuracy_figure(ax, data)),
+    ]
+    gallery = []
+    for k, item in enumerate(data.gallery):
+        name = _figure(folder / f"{stem}-gallery-{k}.png", lambda ax, item=item: gallery_figure(ax, item), size=(3.0, 3.0))
+        caption = f"{html.escape(item.group)}: {html.escape(item.image_id)}, score {item.score:.2f}"
+        gallery.append(f"<figure><img src='{name}' alt='{html.escape(item.image_id)}'><figcaption>{caption}</figcaption></figure>")
+    changes = data.changes
+    body = [
+        f"<p><a href='index.html'>&larr; all findings</a></p><h1>{html.escape(data.finding)}</h1>",
+        f"<p>{data.boxes_total} boxes on {data.images_covered} images; method <b>{html.escape(report.method)}</b>, "
+        f"model {html.escape(report.model_id)}, release {html.escape(report.version)}.</p>",
+        "<h2>Against the ground truth</h2>",
+        (f"<p>Acc / AFP at T(IoU), {data.evaluated_images} images with a ground-truth box of this finding.</p>"
+         + _table(["T(IoU)", *data.acc], acc_rows(data))) if data.evaluated_images else
+        "<p class='muted'>No image has a ground-truth box of this finding.</p>",
+        "<h2>Distributions (rank-1 boxes)</h2><div class='figures'>"
+        + "".join(f"<img src='{f}' alt='{f}'>" for f in figures) + "</div>",
+        "<h2>Gallery</h2><p class='muted'>Red: the mined rank-1 box; green: ground truth where it exists.</p>"
+        f"<div class='gallery'>{''.join(gallery) or '<p class=muted>no boxes</p>'}</div>",
+        "<h2>Changes since the previous release</h2>",
+        _table(["before", "after", "added", "removed"], [[changes.get(k, 0) for k in ("before", "after", "added", "removed")]])
+        + (f"<p class='muted'>previous release: {html.escape(report.previous)}</p>" if report.previous else
+           "<p class='muted'>first release: every box is new</p>"),
+    ]
+    name = page_name(data.finding)
+    (folder / name).write_text(_page(f"{data.finding}: {report.title}", "".join(body)))
+    return name
+
+
+def headline_rows(report: ReportData, threshold: float = 0.1) -> list[dict[str, Any]]:
+    """Per finding: boxes, images, and Acc at ``threshold`` T(IoU) per method; the report's and
+    the Prefect artifacts' headline table."""
+    rows = []
+    for data in report.findings:
+        row: dict[str, Any] = {"finding": data.finding, "boxes": data.boxes_total, "images": data.images_covered,
+                               "added": data.changes.get("added", 0), "removed": data.changes.get("removed", 0)}
+        for method, table in data.acc.items():
+            row[f"acc@{threshold} {method}"] = table.get(threshold, {}).get("acc", math.nan) if data.evaluated_images else math.nan
+        rows.append(row)
+    return rows
+
+
+def write_report(folder: Path, report: ReportData) -> list[str]:
+    """index.html and one page per finding into ``folder``; returns the page names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pages = [finding_page(folder, report, data) for data in report.findings]
+    rows = headline_rows(report)
+    header = list(rows[0]) if rows else ["finding"]
+    cells = [[f"<a href='{page_name(r['finding'])}'>{html.escape(r['finding'])}</a>"]
+             + [_number(v) if isinstance(v, float) else str(v) for k, v in r.items() if k != "finding"] for r in rows]
+    facts = _table(["", ""], [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
+    body = (f"<h1>{html.escape(report.title)}</h1><p>Release <b>{html.escape(report.version)}</b>, method "
+            f"<b>{html.escape(report.method)}</b>, model {html.escape(report.model_id)}.</p>{facts}"
+            "<h2>Per finding</h2><p class='muted'>Acc at T(IoU) = 0.1 on the images with ground-truth boxes; "
+            "added / removed: boxes against the previous release.</p>" + _table(header, cells))
+    (folder / "index.html").write_text(_page(report.title, body))
+    missing = [f for f in FINDINGS if page_name(f) not in pages]
+    if missing:
+        raise ValueError(f"report without pages for {missing}")
+    return ["index.html", *pages]
