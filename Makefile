@@ -10,7 +10,7 @@ DEMO_SIZE ?= 1024
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: demo test bench clean
+.PHONY: demo test browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,19 +22,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/cxr-miner demo-data $(DEMO_DIR)/nih --images $(DEMO_IMAGES) --size $(DEMO_SIZE) --seed 0 --corrupt 3 --box-fraction 0.15
-	$(BIN)/cxr-miner ingest $(DEMO_DIR)/nih --workdir $(DEMO_DIR)/work
-	$(BIN)/cxr-miner preprocess --workdir $(DEMO_DIR)/work
-	$(BIN)/cxr-miner train --workdir $(DEMO_DIR)/work --preset cpu-small
-	$(BIN)/cxr-miner evaluate --workdir $(DEMO_DIR)/work --model cpu-small
+	$(BIN)/cxr-miner run $(DEMO_DIR)/nih --workdir $(DEMO_DIR)/work --out $(DEMO_DIR)/releases --preset cpu-small
 	@echo
 	@echo "demo data:     $(DEMO_DIR)/nih"
 	@echo "index:         $(DEMO_DIR)/work/index.parquet (report: $(DEMO_DIR)/work/ingest_report.json)"
 	@echo "shards:        $(DEMO_DIR)/work/shards/ (manifest.json; quarantine: $(DEMO_DIR)/work/quarantine.parquet)"
-	@echo "models:        $(DEMO_DIR)/work/models/cpu-small/ (metrics.json)"
-	@echo "localisation:  $(DEMO_DIR)/work/models/cpu-small/evaluation.md"
+	@echo "models:        $(DEMO_DIR)/work/models/cpu-small/ (metrics.json, evaluation.md)"
+	@echo "release:       $(DEMO_DIR)/releases/latest/ (boxes.parquet, coco/, manifest.json)"
+	@echo "report:        $(DEMO_DIR)/releases/latest/report/index.html"
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# The report test opens the release report in Debian's headless Chromium (as root, or with sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
+test: $(STAMP) browser
+	CXR_MINER_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess_efficiency.py
