@@ -24,12 +24,12 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def dask_task_runner(workers: int | None = None, address: str | None = None) -> DaskTaskRunner:
+def dask_task_runner(workers: int | None = None, address: str | None = None, resources: dict | None = None) -> DaskTaskRunner:
     """A DaskTaskRunner on ``address`` (e.g. tcp://scheduler:8786), else a local process cluster.
 
     The local cluster has ``workers`` single-threaded worker processes (default: one per
-    core), so CPU-bound image work runs in parallel without contending for the GIL.
-    Create and use it inside :func:`local_worker_config`.
+    core), so CPU-bound image work runs in parallel without contending for the GIL; each
+    worker offers ``resources`` (e.g. {"GPU": 1}). Create and use it inside :func:`local_worker_config`.
     """
     if address and workers:
         raise ValueError("give either --workers (local cluster) or --dask-address (existing cluster), not both")
@@ -38,7 +38,7 @@ def dask_task_runner(workers: int | None = None, address: str | None = None) -> 
     n = workers or default_workers()
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True},
+        cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True, **({"resources": resources} if resources else {})},
     )
 
 

@@ -19,7 +19,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import dask
+import pyarrow.compute as pc
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -38,7 +39,9 @@ from miner.training import TrainConfig, autocast, pick_device, prepare_images
 from storage.atomic import write_json
 from storage.batches import batch_stream, list_row_groups
 from storage.findings import FINDINGS
-from storage.harvest import HARVEST_DIR, SUMMARY_FILE, part_key, part_path, parts_dir, remove_stale_parts, write_part
+from storage.harvest import (
+    HARVEST_DIR, SUMMARY_FILE, part_key, part_path, parts_dir, read_part, remove_stale_parts, write_part,
+)
 from storage.index import SPLITS
 from storage.letterbox import Letterbox
 from storage.shards import SHARD_DIR, ShardReader, file_sha256
@@ -155,8 +158,12 @@ def harvest(
     batch_size: int = 32,
     splits: tuple[str, ...] = SPLITS,
     threads: int | None = None,
+    gpu_tasks: bool = False,
 ) -> dict[str, Any]:
-    """Boxes for every image of ``splits`` (see module doc); writes W/harvest/harvest.json."""
+    """Boxes for every image of ``splits`` (see module doc); writes W/harvest/harvest.json.
+
+    ``gpu_tasks``: each task asks Dask for one unit of the workers' ``GPU`` resource.
+    """
     logger = get_run_logger()
     check_method(method)
     if not 0 <= min_score <= 1:
@@ -187,10 +194,11 @@ def harvest(
         else:
             todo.append((shard, key, target))
     logger.info("harvest %s (%s, %s): %d shards to do, %d already done", model_id, method, mode, len(todo), len(done))
-    futures = [
-        harvest_shard.submit(str(work / SHARD_DIR / s["file"]), tuple(map(str, files)), str(t), k, settings)
-        for s, k, t in todo
-    ]
+    with dask.annotate(**({"resources": {"GPU": 1}} if gpu_tasks else {})):
+        futures = [
+            harvest_shard.submit(str(work / SHARD_DIR / s["file"]), tuple(map(str, files)), str(t), k, settings)
+            for s, k, t in todo
+        ]
     names = {id(f): s["name"] for f, (s, _, _) in zip(futures, todo)}
     rows = {s["name"]: s["rows"] for s in shards}
     failures: dict[str, str] = {}
@@ -219,10 +227,6 @@ def harvest(
 
 def summarize(work: Path, shards: list[dict[str, Any]], key: dict[str, Any], run: str, built: int, removed: list[str]) -> dict[str, Any]:
     """harvest.json: the key, the run, and per finding the boxes and images covered (read from the parts)."""
-    import pyarrow.compute as pc
-
-    from storage.harvest import read_part
-
     boxes: dict[str, int] = {}
     covered: dict[str, int] = {}
     total_boxes = 0
@@ -247,16 +251,16 @@ def run_harvest(
     workdir: str, model: str, *, workers: int | None = None, dask_address: str | None = None, gpus: int | None = None, **options: Any
 ) -> dict[str, Any]:
     """The flow on a Dask cluster: local processes by default (one per core on CPU, each with
-    one torch thread; one per GPU on CUDA), or an existing scheduler."""
+    one torch thread; one per GPU on CUDA, each holding a ``GPU`` resource), or an existing
+    scheduler (with ``gpus``, its workers must offer the ``GPU`` resource: tasks ask for one)."""
     check_method(options.get("method", "am"))  # before a cluster starts
     if gpus is None and not dask_address and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-    if gpus:
-        workers = workers or gpus
+    if not dask_address:
+        workers = workers or gpus or default_workers()
         options.setdefault("threads", max(1, default_workers() // workers))
-    elif not dask_address:
-        workers = workers or default_workers()
-        options.setdefault("threads", max(1, default_workers() // workers))
-    runner = dask_task_runner(workers=None if dask_address else workers, address=dask_address)
+    options["gpu_tasks"] = bool(gpus)
+    runner = dask_task_runner(workers=None if dask_address else workers, address=dask_address,
+                              resources={"GPU": 1} if gpus and not dask_address else None)
     with prefect_api(), local_worker_config():
         return harvest.with_options(task_runner=runner)(workdir=workdir, model=model, **options)

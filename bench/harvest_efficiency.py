@@ -1,0 +1,172 @@
+"""Harvest efficiency and memory: the harvest flow against a bare forward loop, in one run.
+
+- Efficiency: images per second of the harvest flow (Dask tasks per shard, models loaded once
+  per worker, heatmaps, boxes, parts written) divided by images per second of a bare loop in
+  one process that does only the step models' forward passes over the same shards with the
+  same models and batch size. The flow's Dask cluster is started before the clock starts.
+- Memory: the peak resident memory of the whole process tree (this process, the Dask
+  scheduler, nannies and workers, sampled every 50 ms) while harvesting N and 4N images.
+
+The models are randomly initialised (a cpu-small run with the preset's architecture): the work
+per image does not depend on the weights.
+
+    python bench/harvest_efficiency.py [--images 512] [--shard-size 256] [--preset cpu-small] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from common import OUT, demo_collection, machine, prefect_api
+
+
+def make_workdir(images: int, shard_size: int, size: int) -> Path:
+    from flows.ingest import ingest
+    from flows.preprocess import run_preprocess
+
+    root = demo_collection(images, size=512, seed=3)
+    work = OUT / f"harvest-work-{images}-{size}"
+    if not (work / "shards" / "manifest.json").exists():
+        ingest(root=str(root), workdir=str(work))
+        run_preprocess(str(work), workers=2, size=size, shard_size=shard_size)
+    return work
+
+
+def random_run(work: Path, preset_name: str, device: str) -> list:
+    """A run folder ``bench`` with T randomly initialised step checkpoints; returns the models."""
+    import torch
+
+    from flows.checkpoints import load_model, save_checkpoint
+    from flows.train import run_dir, start_run, step_file
+    from miner.models import create_model
+    from miner.training import preset
+
+    config = preset(preset_name).updated({"device": device})
+    directory = start_run(str(work), "bench", config)
+    for step in range(1, config.am_steps + 1):
+        if not step_file(directory, step).exists():
+            torch.manual_seed(step)
+            save_checkpoint(step_file(directory, step), create_model(config.model), {"config": config.to_dict(), "step": step})
+    return [load_model(step_file(run_dir(work, "bench"), s))[0] for s in range(1, config.am_steps + 1)]
+
+
+class PeakMemory:
+    """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self.process, *self.process.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a process that just ended
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bare_loop(work: Path, models: list, batch_size: int, device_name: str) -> float:
+    """Seconds for the step models' forward passes over every shard image, nothing else."""
+    import torch
+
+    from flows.train import shard_paths
+    from miner.training import autocast, pick_device, preset, prepare_images
+    from storage.batches import batch_stream, list_row_groups
+    from storage.index import SPLITS
+
+    config = preset("cpu-small").updated({"device": device_name})
+    device = pick_device(config.device)
+    models = [m.to(device) for m in models]
+    groups = list_row_groups(shard_paths(work, SPLITS))
+    started = time.perf_counter()
+    with torch.no_grad(), autocast(device, config.precision):
+        for batch in batch_stream(groups, batch_size):
+            x = prepare_images(torch.from_numpy(batch.images), config.input_size, device)
+            for model in models:
+                model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def timed_harvest(work: Path, address: str, batch_size: int, threads: int) -> tuple[float, dict]:
+    from flows.harvest import harvest
+    from flows.dask import dask_task_runner
+
+    shutil.rmtree(work / "harvest", ignore_errors=True)
+    started = time.perf_counter()
+    summary = harvest.with_options(task_runner=dask_task_runner(address=address))(
+        workdir=str(work), model="bench", batch_size=batch_size, threads=threads)
+    return time.perf_counter() - started, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=256, help="shard image side, px")
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+    from distributed import LocalCluster
+
+    from flows.dask import LOCAL_WORKER_CONFIG, default_workers
+
+    import dask
+
+    result = {"machine": machine(), "preset": args.preset, "batch_size": args.batch_size, "workers": args.workers}
+    threads = max(1, default_workers() // args.workers)
+    with prefect_api(), dask.config.set(LOCAL_WORKER_CONFIG):
+        for scale in (1, 4):
+            work = make_workdir(args.images * scale, args.shard_size, args.size)
+            models = random_run(work, args.preset, args.device)
+            with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as cluster:
+                if scale == 1:
+                    timed_harvest(work, cluster.scheduler_address, args.batch_size, threads)  # warm-up: imports, model loads
+                    flow_s, summary = timed_harvest(work, cluster.scheduler_address, args.batch_size, threads)
+                    bare_s = bare_loop(work, models, args.batch_size, args.device)
+                    images = summary["images"]
+                    result.update({
+                        "images": images, "flow_images_per_s": round(images / flow_s, 2),
+                        "bare_forward_images_per_s": round(images / bare_s, 2), "efficiency": round(bare_s / flow_s, 3),
+                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+                    })
+                    print(json.dumps(result, indent=2), flush=True)
+                with PeakMemory() as peak:
+                    timed_harvest(work, cluster.scheduler_address, args.batch_size, threads)
+            result[f"peak_rss_mib_{scale}x"] = round(peak.peak / 2**20)
+            result[f"images_{scale}x"] = args.images * scale
+    result["peak_ratio_4x_1x"] = round(result["peak_rss_mib_4x"] / result["peak_rss_mib_1x"], 3)
+    print(json.dumps(result, indent=2))
+    (OUT / "harvest_efficiency.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
