@@ -120,6 +120,7 @@ def shard_boxes(
                         "image_id": image_id, "finding": FINDINGS[c], "rank": rank,
                         "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3],
                         "score": score, "probability": probability[i, c],
+                        "method": settings["method"], "model_id": settings["model_id"],
                     })
         images += len(batch)
     return rows, images
@@ -173,7 +174,8 @@ def harvest(
     files = method_steps(directory, config, method)
     model_id, digests = model_identity(model, files)
     mode = "discovery" if all_findings else "mining"
-    settings = {"config": config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size, "threads": threads}
+    settings = {"config": config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size, "threads": threads,
+                "method": method, "model_id": model_id}
     shards = ShardReader(work / SHARD_DIR).shards
     shards = [s for s in shards if s["split"] in splits]
     if not shards:

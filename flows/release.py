@@ -124,7 +124,7 @@ def write_boxes(staging: Path, work: Path, summary: dict[str, Any], images: pa.T
         for shard in ShardReader(work / SHARD_DIR).shards:
             if shard["name"] in summary["shards"]:
                 part = read_part(part_path(work, shard["file"]))
-                writer.write(release_rows(part, images, summary["key"]["method"], summary["key"]["model_id"]))
+                writer.write(release_rows(part, images))
     finally:
         writer.close()
     return writer.rows

@@ -3,7 +3,8 @@
 One row per box. Coordinates are xyxy in source pixels (the image as ingested, before the
 letterbox), continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1). ``rank`` 1 is the box
 with the highest mean heatmap inside (Cai et al., section 3.2); ``score`` is that mean, and
-``probability`` the classifier's sigmoid output for the finding on the whole image.
+``probability`` the classifier's sigmoid output for the finding on the whole image; ``method``
+and ``model_id`` say what mined it.
 
 A part carries in its schema metadata the harvest key (model, method, mode, settings) it was
 made with and how many images of its shard it covers, so a rerun keeps the parts made with
@@ -39,6 +40,8 @@ PART_SCHEMA = pa.schema(
         ("y_max", pa.float32()),
         ("score", pa.float32()),
         ("probability", pa.float32()),
+        ("method", pa.string()),
+        ("model_id", pa.string()),
     ]
 )
 

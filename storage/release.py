@@ -83,7 +83,7 @@ def check_new_version(out: Path, version: str) -> None:
         raise ReleaseExists(f"{out / version}: release {version} exists already; releases are immutable")
 
 
-def release_rows(part: pa.Table, images: pa.Table, method: str, model_id: str) -> pa.Table:
+def release_rows(part: pa.Table, images: pa.Table) -> pa.Table:
     """Harvest part rows joined with their images (IMAGE_COLUMNS) -> RELEASE_SCHEMA rows,
     sorted by image, finding and rank. A box of an image not in ``images`` raises ValueError."""
     joined = part.join(images.select(list(IMAGE_COLUMNS)), "image_id", join_type="left outer")
@@ -92,15 +92,13 @@ def release_rows(part: pa.Table, images: pa.Table, method: str, model_id: str) -
         raise ValueError(f"boxes of {len(orphans)} images not in the index, e.g. {orphans.column('image_id')[0].as_py()!r}")
     width = pc.cast(joined.column("width"), pa.float32())
     height = pc.cast(joined.column("height"), pa.float32())
-    columns = {name: joined.column(name) for name in ("image_id", "patient_id", "split", "finding",
-                                                      "x_min", "y_min", "x_max", "y_max", "score", "probability", "rank")}
+    columns = {name: joined.column(name) for name in ("image_id", "patient_id", "split", "finding", "x_min", "y_min",
+                                                      "x_max", "y_max", "score", "probability", "rank", "method", "model_id")}
     for axis, size in (("x", width), ("y", height)):
         for end in ("min", "max"):
             columns[f"{axis}_{end}_norm"] = pc.divide(columns[f"{axis}_{end}"], size)
     columns["image_width"] = joined.column("width")
     columns["image_height"] = joined.column("height")
-    columns["method"] = pa.array([method] * len(joined), pa.string())
-    columns["model_id"] = pa.array([model_id] * len(joined), pa.string())
     table = pa.table({name: columns[name] for name in RELEASE_SCHEMA.names}).cast(RELEASE_SCHEMA)
     return table.sort_by([("image_id", "ascending"), ("finding", "ascending"), ("rank", "ascending")])
 

@@ -52,6 +52,7 @@ def test_every_image_gets_boxes_for_each_finding_it_is_labelled_with(harvested):
         assert 0 <= row["x_min"] <= row["x_max"] <= image["source_width"]
         assert 0 <= row["y_min"] <= row["y_max"] <= image["source_height"]
         assert 0 <= row["score"] <= 1 and 0 < row["probability"] < 1
+        assert row["method"] == "am" and row["model_id"] == summary["key"]["model_id"]
     assert {i: set(r["findings"]) for i, r in images.items() if r["findings"]} == found
     by_pair = boxes.group_by(["image_id", "finding"]).aggregate([("rank", "list"), ("score", "list")])
     for ranks, scores in zip(by_pair.column("rank_list").to_pylist(), by_pair.column("score_list").to_pylist()):

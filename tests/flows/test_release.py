@@ -1,4 +1,4 @@
-"""Releases end to end on the shared trained run: the Parquet read back with pyarrow and
+"""Releases end to end (flow ``run``) on the shared trained run: the Parquet read back with pyarrow and
 DuckDB agrees with the COCO files, COCOeval and torchvision load them, the manifest's hashes
 hold, a second release of the same harvest has the same boxes and no changes, releases are
 immutable, the report opens in headless Chromium, and `serve` registers its schedule."""
@@ -22,8 +22,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from flows.harvest import run_harvest
-from flows.release import release
+from flows.pipeline import run
 from storage.findings import FINDINGS
 from storage.index import GT_BOXES_FILE
 from storage.release import PROVENANCE_META, RELEASE_SCHEMA, ReleaseExists, publish, staging_dir
@@ -35,11 +34,15 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def released(trained_workdir, tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+    """Two runs of the whole chain (flow ``run``) on the same inputs: the second finds every
+    stage done (no retraining, no reharvest) and publishes a second release."""
     base = tmp_path_factory.mktemp("release")
     work = copy_workdir(trained_workdir, base / "work")
-    run_harvest(str(work), "t", workers=2)
-    first = release(workdir=str(work), out=str(base / "releases"))
-    second = release(workdir=str(work), out=str(base / "releases"))
+    root = json.loads((work / "ingest_report.json").read_text())["root"]
+    options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "model": "t", "size": 128,
+               "shard_size": 64, "workers": 2}
+    first = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
+    second = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
     return work, base / "releases", first, second
 
 
@@ -135,8 +138,10 @@ def test_manifest_hashes_every_file_and_latest_is_the_newest(released):
     assert first["version"] < second["version"] and (releases / "latest").resolve().name == second["version"]
 
 
-def test_second_release_of_the_same_harvest_has_the_same_boxes_and_no_changes(released):
-    _, _, first, second = released
+def test_second_run_redoes_nothing_and_releases_the_same_boxes_with_no_changes(released):
+    work, _, first, second = released
+    assert json.loads((work / "harvest" / "harvest.json").read_text())["built"] == 0
+    assert second["manifest"]["model"] == first["manifest"]["model"]  # not retrained
     assert pq.read_table(Path(second["path"]) / "boxes.parquet").drop_columns([]).equals(
         pq.read_table(Path(first["path"]) / "boxes.parquet"))
     changes = second["manifest"]["changes"]

@@ -25,7 +25,7 @@ IMAGES = pa.table({
 
 def box(image_id, finding, rank, x0, y0, x1, y1, score=0.5):
     return {"image_id": image_id, "finding": finding, "rank": rank, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1,
-            "score": score, "probability": 0.9}
+            "score": score, "probability": 0.9, "method": "am", "model_id": "t@abc"}
 
 
 def part(rows) -> pa.Table:
@@ -33,8 +33,7 @@ def part(rows) -> pa.Table:
 
 
 def test_release_rows_join_the_image_and_normalise_by_its_size():
-    rows = release_rows(part([box("b.png", "Mass", 1, 10, 5, 60, 25), box("a.png", "Nodule", 1, 50, 20, 150, 80)]),
-                        IMAGES, "am", "t@abc")
+    rows = release_rows(part([box("b.png", "Mass", 1, 10, 5, 60, 25), box("a.png", "Nodule", 1, 50, 20, 150, 80)]), IMAGES)
     assert rows.schema.equals(RELEASE_SCHEMA)
     first, second = rows.to_pylist()  # sorted by image id
     assert (first["image_id"], first["split"], first["patient_id"]) == ("a.png", "train", "1")
@@ -45,7 +44,7 @@ def test_release_rows_join_the_image_and_normalise_by_its_size():
 
 def test_boxes_of_images_outside_the_index_are_refused():
     with pytest.raises(ValueError, match="not in the index, e.g. 'zzz.png'"):
-        release_rows(part([box("zzz.png", "Mass", 1, 0, 0, 1, 1)]), IMAGES, "am", "m")
+        release_rows(part([box("zzz.png", "Mass", 1, 0, 0, 1, 1)]), IMAGES)
 
 
 def test_coco_annotation_by_hand():
@@ -59,20 +58,20 @@ def test_write_coco_numbers_images_and_annotations_from_one(tmp_path):
     from pycocotools.coco import COCO
 
     images = [{"image_id": i, "source_path": f"images/{i}", "width": 100, "height": 80} for i in ("c.png", "a.png")]
-    chunks = [[{**box("c.png", "Mass", 1, 1, 2, 11, 22), "method": "am"}], [{**box("a.png", "Edema", 1, 0, 0, 5, 5), "method": "am"}]]
+    chunks = [[box("c.png", "Mass", 1, 1, 2, 11, 22)], [box("a.png", "Edema", 1, 0, 0, 5, 5)]]
     counts = write_coco(tmp_path / "x.json", images, chunks, {"version": "v"})
     coco = COCO(str(tmp_path / "x.json"))
     assert counts == {"images": 2, "annotations": 2}
     assert [(i["id"], i["image_name"]) for i in coco.loadImgs(coco.getImgIds())] == [(1, "a.png"), (2, "c.png")]
     assert coco.loadAnns(1)[0]["image_id"] == 2 and coco.loadAnns(2)[0]["image_id"] == 1
     with pytest.raises(ValueError, match="box of image 'q.png'"):
-        write_coco(tmp_path / "y.json", images, [[{**box("q.png", "Mass", 1, 0, 0, 1, 1), "method": "am"}]], {})
+        write_coco(tmp_path / "y.json", images, [[box("q.png", "Mass", 1, 0, 0, 1, 1)]], {})
     assert not (tmp_path / "y.json").exists()
 
 
 def test_diff_counts_added_and_removed_boxes(tmp_path):
     def write(name, rows):
-        pq.write_table(release_rows(part(rows), IMAGES, "am", "m"), tmp_path / name)
+        pq.write_table(release_rows(part(rows), IMAGES), tmp_path / name)
         return tmp_path / name
 
     old = write("old.parquet", [box("a.png", "Mass", 1, 0, 0, 10, 10), box("a.png", "Mass", 2, 0, 0, 20, 20),
