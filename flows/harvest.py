@@ -88,6 +88,16 @@ def worker_device(setting: str) -> torch.device:
     return torch.device("cuda", number % torch.cuda.device_count())
 
 
+def worker_threads() -> int:
+    """The Dask worker's thread count (a torch thread per worker thread), else torch's default."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return torch.get_num_threads()
+
+
 def worker_models(files: tuple[str, ...], device: torch.device) -> list:
     key = (files, str(device))
     if key not in _MODELS:
@@ -129,8 +139,7 @@ def shard_boxes(
 @task(cache_policy=NO_CACHE)
 def harvest_shard(shard: str, files: tuple[str, ...], target: str, key: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Harvest one shard into its part; returns its name, image and box counts."""
-    if settings.get("threads"):
-        torch.set_num_threads(settings["threads"])
+    torch.set_num_threads(settings.get("threads") or worker_threads())
     config = TrainConfig.from_dict(settings["config"])
     device = worker_device(config.device)
     models = worker_models(files, device)

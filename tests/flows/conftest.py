@@ -32,6 +32,18 @@ def trained_workdir(tmp_path_factory, prefect_server) -> Path:
     return work
 
 
+@pytest.fixture(scope="session")
+def dask_cluster(prefect_server) -> str:
+    """One local Dask cluster (2 single-threaded worker processes) for the harvest and release
+    tests, so that each flow run does not start its own; returns the scheduler address."""
+    from distributed import LocalCluster
+
+    from flows.dask import local_worker_config
+
+    with local_worker_config(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
+        yield cluster.scheduler_address
+
+
 def copy_workdir(source: Path, target: Path) -> Path:
     """Index, shards and models of a workdir, without its harvest (hard links where possible)."""
     import shutil

@@ -33,14 +33,14 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def released(trained_workdir, tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+def released(trained_workdir, dask_cluster, tmp_path_factory) -> tuple[Path, Path, dict, dict]:
     """Two runs of the whole chain (flow ``run``) on the same inputs: the second finds every
     stage done (no retraining, no reharvest) and publishes a second release."""
     base = tmp_path_factory.mktemp("release")
     work = copy_workdir(trained_workdir, base / "work")
     root = json.loads((work / "ingest_report.json").read_text())["root"]
     options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "model": "t", "size": 128,
-               "shard_size": 64, "workers": 2}
+               "shard_size": 64, "dask_address": dask_cluster}
     first = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
     second = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
     return work, base / "releases", first, second
