@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest_full_metadata.py
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_efficiency.py
+	$(BIN)/python bench/harvest_efficiency.py
 
 clean:
 	rm -rf $(DEMO_DIR) .prefect

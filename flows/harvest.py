@@ -114,13 +114,17 @@ def shard_boxes(
     images = 0
     for batch in batch_stream(list_row_groups([shard]), settings["batch_size"]):
         x = prepare_images(torch.from_numpy(batch.images), config.input_size, device)
+        labels = torch.from_numpy(batch.labels)
+
+        def select(logits: torch.Tensor) -> torch.Tensor:
+            if settings["mode"] == "discovery":
+                return torch.sigmoid(logits.float()) >= settings["min_score"]
+            return labels
+
         with torch.no_grad(), autocast(device, config.precision):
-            heatmaps, logits = mined_heatmaps(models, x)
+            heatmaps, logits = mined_heatmaps(models, x, select)
         probability = torch.sigmoid(logits.float()).cpu().numpy()
-        if settings["mode"] == "discovery":
-            wanted = probability >= settings["min_score"]
-        else:
-            wanted = batch.labels
+        wanted = select(logits).cpu().numpy()
         letterboxes = [Letterbox.from_record({k: v[i] for k, v in batch.meta.items()}) for i in range(len(batch))]
         found = localize(heatmaps, wanted, config.input_size, letterboxes)
         for i, image_id in enumerate(batch.meta["image_id"]):

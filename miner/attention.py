@@ -13,7 +13,7 @@ feature grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -41,25 +41,32 @@ class Mining(NamedTuple):
 
 
 @torch.no_grad()
-def mine(models: Sequence[CamClassifier], images: torch.Tensor) -> Mining:
+def mine(
+    models: Sequence[CamClassifier], images: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Mining:
     """Run AM steps 1..len(models): H_t = normalise(CAM of model t on X_t * M_{t-1}) (Eq. 7), M_t.
 
     ``models`` are the step models in order (one model gives the CAM baseline). H_t is
     normalised to [0, 1] over its kept positions, erased positions 0 (see normalize_maps).
+    ``select``, given the step-1 logits (N, C), names the (image, class) pairs (N, C) bool
+    whose masks are updated; the erasure is class-wise (Eq. 1-2), so the other pairs' masks,
+    left at 1, change no selected heatmap. Default: every pair.
     """
     if not models:
         raise ValueError("mine() needs at least the step-1 model")
     heatmaps: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
-    logits = None
+    logits = wanted = None
     for model in models:
         features = model.forward_features(images)
-        logits = features.logits if logits is None else logits
+        if logits is None:
+            logits = features.logits
+            wanted = select(logits) if select is not None else None
         x = features.features
         previous = masks[-1] if masks else torch.ones(x.shape[0], model.config.num_classes, *x.shape[2:], device=x.device)
         heatmap = normalize_maps(model.cams(x.float(), previous), previous)
         heatmaps.append(heatmap)
-        masks.append(update_masks(heatmap, previous))
+        masks.append(update_masks(heatmap, previous, wanted))
     return Mining(heatmaps, masks, logits)
 
 

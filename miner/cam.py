@@ -72,16 +72,19 @@ def peak_component(heatmap: np.ndarray, threshold: float = BINARIZE_AT) -> np.nd
     return components == components[peak]
 
 
-def update_masks(normalized: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def update_masks(normalized: torch.Tensor, masks: torch.Tensor, wanted: torch.Tensor | None = None) -> torch.Tensor:
     """Section 3.2: M_t = M_{t-1} with the peak component of binarised H_t set to 0.
 
-    normalized: H_t normalised to [0, 1] (N, C, h, w); masks: M_{t-1} (N, C, h, w), 0/1.
-    Returns M_t, float32, on the masks' device. The connected components are labelled on
-    the CPU with scikit-image (maps are small: h, w = S/16 or S/32).
+    normalized: H_t normalised to [0, 1] (N, C, h, w); masks: M_{t-1} (N, C, h, w), 0/1;
+    wanted: (N, C) bool, the (image, class) maps to update (default all; the others keep
+    M_{t-1}, for callers that need only some classes' later heatmaps). Returns M_t, float32,
+    on the masks' device. The connected components are labelled on the CPU with
+    scikit-image (maps are small: h, w = S/16 or S/32).
     """
     maps = normalized.detach().float().cpu().numpy()
     erase = np.zeros(maps.shape, dtype=bool)
-    for index in np.ndindex(*maps.shape[:2]):
+    pairs = np.ndindex(*maps.shape[:2]) if wanted is None else zip(*np.nonzero(wanted.detach().cpu().numpy()))
+    for index in pairs:
         erase[index] = peak_component(maps[index])
     return masks.float() * torch.from_numpy(~erase).to(device=masks.device, dtype=torch.float32)
 

@@ -7,7 +7,7 @@ the shard image (shard_size px square) resized; the shard image is the source le
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -52,10 +52,13 @@ def step_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tupl
     return finals, mining.logits
 
 
-def mined_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mined_heatmaps(
+    models: Sequence[CamClassifier], images: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The final heatmap (Eq. 8) over all the given steps, normalised to [0, 1] (N, C, h, w),
-    and the step-1 logits (N, C). One model gives the CAM baseline."""
-    mining = mine(models, images)
+    and the step-1 logits (N, C). One model gives the CAM baseline. With ``select`` (see
+    ``mine``), only the selected (image, class) maps are Eq. 8's; the others are not meant to be used."""
+    mining = mine(models, images, select)
     return normalize_maps(final_heatmap(mining.heatmaps, mining.masks)), mining.logits
 
 

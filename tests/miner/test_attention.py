@@ -63,6 +63,17 @@ def test_mining_steps_erase_more_each_step_and_heatmaps_respect_masks():
     assert final.shape == (3, 14, 8, 8) and float(final.min()) >= 0 and float(final.max()) <= 1 + 1e-6
 
 
+def test_selected_pairs_get_the_same_final_heatmaps_as_a_full_mining():
+    """Erasure is class-wise, so mining only some (image, class) pairs changes none of their maps."""
+    models = [small_model(seed=0), small_model(seed=1), small_model(seed=2)]
+    images = torch.randn(3, 1, 128, 128)
+    wanted = torch.zeros(3, 14, dtype=torch.bool)
+    wanted[0, 1] = wanted[2, 5] = wanted[2, 13] = True
+    full, some = mine(models, images).final(), mine(models, images, select=lambda logits: wanted)
+    assert torch.equal(some.final()[wanted], full[wanted])
+    assert torch.all(some.masks[-1][~wanted] == 1)  # the others were never erased
+
+
 def test_am_loss_vanilla_is_bce_over_erased_head_and_untouched_tail():
     model = small_model("baseline", seed=3)
     chain = [copy.deepcopy(model)]
