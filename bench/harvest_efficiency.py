@@ -91,7 +91,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def bare_loop(work: Path, models: list, batch_size: int, device_name: str) -> float:
+def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, device_name: str) -> float:
     """Seconds for the step models' forward passes over every shard image, nothing else."""
     import torch
 
@@ -100,7 +100,7 @@ def bare_loop(work: Path, models: list, batch_size: int, device_name: str) -> fl
     from storage.batches import batch_stream, list_row_groups
     from storage.index import SPLITS
 
-    config = preset("cpu-small").updated({"device": device_name})
+    config = preset(preset_name).updated({"device": device_name})
     device = pick_device(config.device)
     models = [m.to(device) for m in models]
     groups = list_row_groups(shard_paths(work, SPLITS))
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=128)
-    parser.add_argument("--size", type=int, default=256, help="shard image side, px")
+    parser.add_argument("--size", type=int, default=None, help="shard image side, px (default: 512 for paper, else 256)")
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -144,7 +144,8 @@ def main() -> None:
 
     import dask
 
-    result = {"machine": machine(), "preset": args.preset, "batch_size": args.batch_size}
+    args.size = args.size or (512 if args.preset == "paper" else 256)
+    result = {"machine": machine(), "preset": args.preset, "batch_size": args.batch_size, "shard_px": args.size}
     cores = default_workers()
     with prefect_api(), dask.config.set(LOCAL_WORKER_CONFIG):
         for scale in (1, 4):
@@ -155,7 +156,7 @@ def main() -> None:
                 with LocalCluster(n_workers=1, threads_per_worker=1, processes=True) as cluster:
                     timed_harvest(work, cluster.scheduler_address, args.batch_size, cores)  # warm-up: imports, model loads
                     flow_s, summary = timed_harvest(work, cluster.scheduler_address, args.batch_size, cores)
-                bare_s = bare_loop(work, models, args.batch_size, args.device)
+                bare_s = bare_loop(work, models, args.batch_size, args.preset, args.device)
                 images = summary["images"]
                 result.update({
                     "images": images, "torch_threads": cores, "flow_images_per_s": round(images / flow_s, 2),
