@@ -132,17 +132,26 @@ def evaluate(
     err.print(f"[green]evaluation: {report['path']}[/] ({report['images']} boxed images)")
 
 
+PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]
+ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings.")]
+ModelOption = Annotated[Optional[str], typer.Option(help="Training run name (default: the preset).")]
+SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
+ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
+MethodOption = Annotated[str, typer.Option(help="am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline).")]
+AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")]
+MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")]
+WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")]
+AddressOption = Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
+GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, one worker each (default: all, when CUDA is present).")]
+
+
 @app.command()
 def harvest(
     workdir: Annotated[Path, typer.Option(help="Working folder holding shards/ and models/.")],
     model: Annotated[str, typer.Option("--model", help="Training run to mine with (W/models/RUN).")],
-    method: Annotated[str, typer.Option(help="am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline).")] = "am",
-    all_findings: Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")] = False,
-    min_score: Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")] = 0.5,
+    method: MethodOption = "am", all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")] = None,
-    gpus: Annotated[Optional[int], typer.Option(help="GPUs to use, one worker each (default: all, when CUDA is present).")] = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+    workers: WorkersOption = None, gpus: GpusOption = None, dask_address: AddressOption = None,
 ) -> None:
     """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/."""
     from flows.harvest import run_harvest
@@ -181,17 +190,6 @@ def run_options(
     }
 
 
-PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]
-ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings.")]
-ModelOption = Annotated[Optional[str], typer.Option(help="Training run name (default: the preset).")]
-SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
-ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
-MethodOption = Annotated[str, typer.Option(help="am or cam.")]
-AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery mode (see harvest).")]
-MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's probability threshold.")]
-WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes.")]
-AddressOption = Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
-GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, one worker each.")]
 
 
 @app.command("run")
