@@ -151,10 +151,10 @@ def gallery_figure(ax: plt.Axes, item: GalleryItem) -> None:
     ax.set_axis_off()
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _number(value: float) -> str:
@@ -229,7 +229,7 @@ def write_report(folder: Path, report: ReportData) -> list[str]:
     header = list(rows[0]) if rows else ["finding"]
     cells = [[f"<a href='{page_name(r['finding'])}'>{html.escape(r['finding'])}</a>"]
              + [_number(v) if isinstance(v, float) else str(v) for k, v in r.items() if k != "finding"] for r in rows]
-    facts = _table(["", ""], [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
+    facts = _table(None, [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
     body = (f"<h1>{html.escape(report.title)}</h1><p>Release <b>{html.escape(report.version)}</b>, method "
             f"<b>{html.escape(report.method)}</b>, model {html.escape(report.model_id)}.</p>{facts}"
             "<h2>Per finding</h2><p class='muted'>Acc at T(IoU) = 0.1 on the images with ground-truth boxes; "
