@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import pyarrow.compute as pc
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -40,7 +39,7 @@ from storage.atomic import write_json
 from storage.batches import batch_stream, list_row_groups
 from storage.findings import FINDINGS
 from storage.harvest import (
-    HARVEST_DIR, SUMMARY_FILE, part_key, part_path, parts_dir, read_part, remove_stale_parts, write_part,
+    HARVEST_DIR, SUMMARY_FILE, finding_counts, part_key, part_path, parts_dir, read_part, remove_stale_parts, write_part,
 )
 from storage.index import SPLITS
 from storage.letterbox import Letterbox
@@ -150,10 +149,7 @@ def harvest_shard(shard: str, files: tuple[str, ...], target: str, key: dict[str
     rows, images = shard_boxes(models, config, device, Path(shard), settings)
     maybe_fail(Path(shard).stem, images)
     boxes = write_part(Path(target), rows, key, images)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["finding"]] = counts.get(row["finding"], 0) + 1
-    return {"shard": Path(shard).stem, "images": images, "boxes": boxes, "per_finding": counts}
+    return {"shard": Path(shard).stem, "images": images, "boxes": boxes}
 
 
 def model_identity(run: str, files: list[Path]) -> tuple[str, list[str]]:
@@ -242,22 +238,17 @@ def harvest(
 
 def summarize(work: Path, shards: list[dict[str, Any]], key: dict[str, Any], run: str, built: int, removed: list[str]) -> dict[str, Any]:
     """harvest.json: the key, the run, and per finding the boxes and images covered (read from the parts)."""
-    boxes: dict[str, int] = {}
-    covered: dict[str, int] = {}
-    total_boxes = 0
-    for shard in shards:
-        table = read_part(part_path(work, shard["file"])).select(["image_id", "finding"])
-        total_boxes += len(table)
-        for finding, count in zip(*pc.value_counts(table.column("finding")).flatten()):
-            boxes[finding.as_py()] = boxes.get(finding.as_py(), 0) + count.as_py()
-        firsts = table.group_by(["finding"]).aggregate([("image_id", "count_distinct")])
-        for finding, count in zip(firsts.column("finding").to_pylist(), firsts.column("image_id_count_distinct").to_pylist()):
-            covered[finding] = covered.get(finding, 0) + count
+    totals = {f: {"boxes": 0, "images": 0} for f in FINDINGS}
+    for shard in shards:  # a part at a time; an image lies in one shard, so its counts add up
+        for finding, counts in finding_counts(read_part(part_path(work, shard["file"]))).items():
+            for name, n in counts.items():
+                totals[finding][name] += n
     return {
         "key": key, "run": run, "code_version": code_version(),
-        "shards": [s["name"] for s in shards], "images": sum(s["rows"] for s in shards), "boxes": total_boxes,
-        "boxes_per_finding": {f: boxes.get(f, 0) for f in FINDINGS},
-        "images_per_finding": {f: covered.get(f, 0) for f in FINDINGS},
+        "shards": [s["name"] for s in shards], "images": sum(s["rows"] for s in shards),
+        "boxes": sum(c["boxes"] for c in totals.values()),
+        "boxes_per_finding": {f: c["boxes"] for f, c in totals.items()},
+        "images_per_finding": {f: c["images"] for f, c in totals.items()},
         "built": built, "removed": removed,
     }
 

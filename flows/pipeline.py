@@ -52,8 +52,3 @@ def serve(cron: str, name: str = "cxr-miner-release", **parameters: Any) -> None
     """Serve ``run`` as a deployment with a cron schedule until stopped (needs a Prefect server)."""
     run.serve(name=name, cron=cron, parameters=parameters, pause_on_shutdown=False)
 
-
-def deployment(cron: str, name: str = "cxr-miner-release", **parameters: Any):
-    """The deployment ``serve`` serves, built without serving it (to register or inspect it)."""
-    return run.to_deployment(name=name, cron=cron, parameters=parameters)
-

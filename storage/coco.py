@@ -45,8 +45,8 @@ def write_coco(
 
     Boxes of images not in ``images`` raise ValueError. Returns the image and annotation counts.
     """
-    ids = {record["image_id"]: k for k, record in enumerate(sorted(images, key=lambda r: r["image_id"]), start=1)}
     ordered = sorted(images, key=lambda r: r["image_id"])
+    ids = {record["image_id"]: k for k, record in enumerate(ordered, start=1)}
     annotations = 0
     with atomic_path(path) as tmp, tmp.open("w") as out:
         out.write('{"info": ' + json.dumps(dict(info)) + ', "licenses": [], "categories": ' + json.dumps(CATEGORIES))

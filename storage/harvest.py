@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import write_parquet
+from storage.findings import FINDINGS
 
 HARVEST_DIR = "harvest"
 PARTS_DIR = "parts"
@@ -76,10 +77,6 @@ def part_key(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def part_images(path: Path) -> int:
-    return int((pq.read_schema(path).metadata or {})[IMAGES_META])
-
-
 def read_part(path: Path) -> pa.Table:
     """A part, checked against PART_SCHEMA; a part of another shape raises ValueError naming it."""
     table = pq.read_table(path)
@@ -87,6 +84,15 @@ def read_part(path: Path) -> pa.Table:
     if missing:
         raise ValueError(f"{path}: not a harvest part (missing columns {missing})")
     return table.select(PART_SCHEMA.names).cast(PART_SCHEMA)
+
+
+def finding_counts(table: pa.Table) -> dict[str, dict[str, int]]:
+    """{finding: {"boxes", "images"}} of a table of boxes (image_id, finding columns), every
+    finding present (zeros included)."""
+    grouped = table.group_by(["finding"]).aggregate([("image_id", "count"), ("image_id", "count_distinct")])
+    found = dict(zip(grouped.column("finding").to_pylist(),
+                     zip(grouped.column("image_id_count").to_pylist(), grouped.column("image_id_count_distinct").to_pylist())))
+    return {f: dict(zip(("boxes", "images"), found.get(f, (0, 0)))) for f in FINDINGS}
 
 
 def remove_stale_parts(directory: Path, keep: Iterable[str]) -> list[str]:

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.findings import FINDINGS
+from storage.harvest import finding_counts
 
 LATEST = "latest"
 BOXES_FILE = "boxes.parquet"
@@ -120,16 +121,9 @@ class BoxesWriter:
         self.writer.close()
 
 
-def read_provenance(path: Path) -> dict[str, Any]:
-    return json.loads((pq.read_schema(path).metadata or {})[PROVENANCE_META])
-
-
 def count_boxes(path: Path) -> dict[str, dict[str, int]]:
     """{finding: {"boxes", "images"}} of a boxes.parquet, every finding present (zeros included)."""
-    table = pq.read_table(path, columns=["image_id", "finding"])
-    grouped = table.group_by(["finding"]).aggregate([("image_id", "count"), ("image_id", "count_distinct")])
-    found = {f: (n, m) for f, n, m in zip(*(grouped.column(c).to_pylist() for c in ("finding", "image_id_count", "image_id_count_distinct")))}
-    return {f: {"boxes": found.get(f, (0, 0))[0], "images": found.get(f, (0, 0))[1]} for f in FINDINGS}
+    return finding_counts(pq.read_table(path, columns=["image_id", "finding"]))
 
 
 def diff_boxes(previous: Path | None, current: Path) -> dict[str, dict[str, int]]:
