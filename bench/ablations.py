@@ -30,11 +30,11 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=None)
     args = parser.parse_args()
 
-    from flows.evaluate import evaluate
-    from flows.ingest import ingest
-    from flows.preprocess import run_preprocess
-    from flows.train import run_dir, train
-    from storage.demo import generate
+    from cxr_miner.flows.evaluate import evaluate
+    from cxr_miner.flows.ingest import ingest
+    from cxr_miner.flows.preprocess import run_preprocess
+    from cxr_miner.flows.train import run_dir, train
+    from cxr_miner.storage.phantoms.generator import generate
 
     root, work = OUT / f"ablation-demo-{args.images}", OUT / f"ablation-work-{args.images}-{args.input_size or 128}"
     if not (root / "demo_manifest.json").exists():

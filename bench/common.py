@@ -16,7 +16,7 @@ OUT = Path(__file__).resolve().parent / "out"
 
 def demo_collection(n_images: int, size: int = 1024, seed: int = 0) -> Path:
     """A demo NIH collection under bench/out, generated once and reused."""
-    from storage.demo import generate
+    from cxr_miner.storage.phantoms.generator import generate
 
     root = OUT / f"demo-{n_images}-{size}-{seed}"
     if not (root / "demo_manifest.json").exists():
@@ -32,6 +32,6 @@ def machine() -> str:
 
 def prefect_api():
     """One Prefect API for every flow run of a benchmark, started before any timing."""
-    from flows.api import prefect_api as api
+    from cxr_miner.flows.api import prefect_api as api
 
     return api()

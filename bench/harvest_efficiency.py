@@ -29,8 +29,8 @@ from common import OUT, demo_collection, machine, prefect_api
 
 
 def make_workdir(images: int, shard_size: int, size: int) -> Path:
-    from flows.ingest import ingest
-    from flows.preprocess import run_preprocess
+    from cxr_miner.flows.ingest import ingest
+    from cxr_miner.flows.preprocess import run_preprocess
 
     root = demo_collection(images, size=512, seed=3)
     work = OUT / f"harvest-work-{images}-{size}"
@@ -44,10 +44,10 @@ def random_run(work: Path, preset_name: str, device: str) -> list:
     """A run folder ``bench`` with T randomly initialised step checkpoints; returns the models."""
     import torch
 
-    from flows.checkpoints import load_model, save_checkpoint
-    from flows.train import run_dir, start_run, step_file
-    from miner.models import create_model
-    from miner.training import preset
+    from cxr_miner.flows.engine.checkpoints import load_model, save_checkpoint
+    from cxr_miner.flows.train import run_dir, start_run, step_file
+    from cxr_miner.miner.models import create_model
+    from cxr_miner.miner.training import preset
 
     config = preset(preset_name).updated({"device": device})
     directory = start_run(str(work), "bench", config)
@@ -95,10 +95,10 @@ def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, devic
     """Seconds for the step models' forward passes over every shard image, nothing else."""
     import torch
 
-    from flows.train import shard_paths
-    from miner.training import autocast, pick_device, preset, prepare_images
-    from storage.batches import batch_stream, list_row_groups
-    from storage.index import SPLITS
+    from cxr_miner.flows.train import shard_paths
+    from cxr_miner.miner.training import autocast, pick_device, preset, prepare_images
+    from cxr_miner.storage.stages.batches import batch_stream, list_row_groups
+    from cxr_miner.storage.stages.index import SPLITS
 
     config = preset(preset_name).updated({"device": device_name})
     device = pick_device(config.device)
@@ -116,8 +116,8 @@ def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, devic
 
 
 def timed_harvest(work: Path, address: str, batch_size: int, threads: int) -> tuple[float, dict]:
-    from flows.harvest import harvest
-    from flows.dask import dask_task_runner
+    from cxr_miner.flows.harvest import harvest
+    from cxr_miner.flows.dask import dask_task_runner
 
     shutil.rmtree(work / "harvest", ignore_errors=True)
     started = time.perf_counter()
@@ -140,7 +140,7 @@ def main() -> None:
     import torch
     from distributed import LocalCluster
 
-    from flows.dask import LOCAL_WORKER_CONFIG, default_workers
+    from cxr_miner.flows.dask import LOCAL_WORKER_CONFIG, default_workers
 
     import dask
 

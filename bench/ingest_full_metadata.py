@@ -33,7 +33,7 @@ def run() -> None:
 
     import pyarrow.parquet as pq
 
-    from flows.ingest import ingest
+    from cxr_miner.flows.ingest import ingest
 
     work = OUT / "ingest-full"
     shutil.rmtree(work, ignore_errors=True)

@@ -24,9 +24,9 @@ def bare_one(args: tuple[str, int, str]) -> int:
     """Decode, letterbox, encode one image; the bytes' length (nothing written)."""
     import pyarrow as pa
 
-    from storage.images import read_image
-    from storage.letterbox import Letterbox
-    from storage.shards import encode_image
+    from cxr_miner.storage.inputs.images import read_image
+    from cxr_miner.storage.vocab.letterbox import Letterbox
+    from cxr_miner.storage.stages.shards import encode_image
 
     path, size, encoding = args
     pixels = read_image(Path(path))
@@ -53,8 +53,8 @@ def run() -> None:
     parser.add_argument("--encoding", default="raw", choices=["raw", "png"])
     args = parser.parse_args()
 
-    from flows.ingest import ingest
-    from flows.preprocess import run_preprocess
+    from cxr_miner.flows.ingest import ingest
+    from cxr_miner.flows.preprocess import run_preprocess
 
     root = demo_collection(args.images)
     work = OUT / "preprocess-work"

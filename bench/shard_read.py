@@ -22,9 +22,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
 
-    from storage.images import read_image
-    from storage.letterbox import Letterbox
-    from storage.shards import ShardSettings, build_shard, iter_shard, plan_shards
+    from cxr_miner.storage.inputs.images import read_image
+    from cxr_miner.storage.vocab.letterbox import Letterbox
+    from cxr_miner.storage.stages.shards import ShardSettings, build_shard, iter_shard, plan_shards
 
     root = demo_collection(2000)
     names = sorted(root.glob("images_*/images/*.png"))[: args.images]

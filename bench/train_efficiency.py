@@ -19,8 +19,8 @@ from common import OUT, demo_collection, machine
 
 
 def build_shards(n_images: int, size: int):
-    from storage.batches import list_row_groups
-    from storage.shards import ShardSettings, build_shard, plan_shards
+    from cxr_miner.storage.stages.batches import list_row_groups
+    from cxr_miner.storage.stages.shards import ShardSettings, build_shard, plan_shards
 
     root = demo_collection(2000)
     shard_dir = OUT / f"train-shards-{n_images}-{size}"
@@ -43,10 +43,10 @@ def main() -> None:
 
     import torch
 
-    from flows.loader import shard_loader
-    from miner.models import create_model
-    from miner.training import make_optimizer, pick_device, plain_loss, preset, train_epoch
-    from storage.batches import batch_stream
+    from cxr_miner.flows.engine.loader import shard_loader
+    from cxr_miner.miner.models import create_model
+    from cxr_miner.miner.training import make_optimizer, pick_device, plain_loss, preset, train_epoch
+    from cxr_miner.storage.stages.batches import batch_stream
 
     config = preset(args.preset).updated({"device": args.device})
     device = pick_device(config.device)

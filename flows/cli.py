@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from storage.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Harvest disease boxes from chest X-ray collections.")
 err = Console(stderr=True, soft_wrap=True)  # never break paths and messages
@@ -28,9 +28,9 @@ def demo_data(
     workers: Annotated[int, typer.Option(help="Processes drawing images.")] = 0,
 ) -> None:
     """Generate phantom chest X-rays with findings drawn at known places."""
-    from flows.dask import default_workers
-    from flows.progress import progress_bar
-    from storage.demo import generate
+    from cxr_miner.flows.dask import default_workers
+    from cxr_miner.flows.progress import progress_bar
+    from cxr_miner.storage.phantoms.generator import generate
 
     with progress_bar("drawing phantoms", images) as advance:
         summary = generate(
@@ -54,7 +54,7 @@ def ingest(
     test_fraction: Annotated[float, typer.Option(help="Patients put in test when there are no official lists.")] = 0.2,
 ) -> None:
     """Index a collection: W/index.parquet, W/gt_boxes.parquet, W/ingest_report.json."""
-    from flows.ingest import ingest as ingest_flow
+    from cxr_miner.flows.ingest import ingest as ingest_flow
 
     report = ingest_flow(
         root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
@@ -78,7 +78,7 @@ def preprocess(
     root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest.")] = None,
 ) -> None:
     """Letterbox every indexed image into Parquet shards on a Dask cluster."""
-    from flows.preprocess import run_preprocess
+    from cxr_miner.flows.preprocess import run_preprocess
 
     manifest = run_preprocess(
         str(workdir), workers=workers, dask_address=dask_address, size=size, shard_size=shard_size,
@@ -100,7 +100,7 @@ def train(
     attention: Annotated[bool, typer.Option(help="Also run attention-mining steps 2..T after step 1.")] = True,
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP."""
-    from flows.train import train as train_flow
+    from cxr_miner.flows.train import train as train_flow
 
     summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, attention=attention)
     err.print(f"[green]models: {summary['directory']}[/] steps {summary['steps']}")
@@ -113,7 +113,7 @@ def mine_attention(
     run: Annotated[str, typer.Option(help="Run whose step 1 is trained.")],
 ) -> None:
     """Attention-mining steps 2..T (Eq. 1-7) for a trained run."""
-    from flows.train import mine_attention as mine_flow
+    from cxr_miner.flows.train import mine_attention as mine_flow
 
     summary = mine_flow(workdir=str(workdir), run=run)
     err.print(f"[green]attention mining done: run {summary['run']}, steps {summary['steps']}[/]")
@@ -125,7 +125,7 @@ def evaluate(
     model: Annotated[str, typer.Option("--model", help="Training run to evaluate (W/models/RUN).")],
 ) -> None:
     """Acc and AFP per finding for the CAM baseline and attention mining, on the boxed images."""
-    from flows.evaluate import evaluate as evaluate_flow
+    from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
     report = evaluate_flow(workdir=str(workdir), run=model)
     typer.echo(report["markdown"])
@@ -154,7 +154,7 @@ def harvest(
     workers: WorkersOption = None, gpus: GpusOption = None, dask_address: AddressOption = None,
 ) -> None:
     """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/."""
-    from flows.harvest import run_harvest
+    from cxr_miner.flows.harvest import run_harvest
 
     summary = run_harvest(
         str(workdir), model, workers=workers, gpus=gpus, dask_address=dask_address,
@@ -173,7 +173,7 @@ def release(
     root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest (for the report's gallery).")] = None,
 ) -> None:
     """Package the harvest as a new immutable release: boxes.parquet, COCO, report, manifest."""
-    from flows.release import release as release_flow
+    from cxr_miner.flows.release import release as release_flow
 
     published = release_flow(workdir=str(workdir), out=str(out), root=str(root) if root else None)
     print_release(published)
@@ -203,7 +203,7 @@ def run_all(
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
 ) -> None:
     """The whole chain: ingest, preprocess, train, harvest, release."""
-    from flows.pipeline import run
+    from cxr_miner.flows.pipeline import run
 
     options = run_options(preset, config, model, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
     print_release(run(root=str(root), workdir=str(workdir), out=str(out), **options))
@@ -222,8 +222,8 @@ def serve(
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
 ) -> None:
     """Serve the `run` flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)."""
-    from flows.api import temporary_api
-    from flows.pipeline import serve as serve_flow
+    from cxr_miner.flows.api import temporary_api
+    from cxr_miner.flows.pipeline import serve as serve_flow
 
     if temporary_api():
         raise ValueError(
@@ -256,8 +256,8 @@ def print_auc_table(rows: list[dict]) -> None:
 def main() -> None:
     """Console entry point: bad input ends with its message and exit status 2, not a traceback."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.api import prefect_api
-    from flows.logs import quiet_input_errors
+    from cxr_miner.flows.api import prefect_api
+    from cxr_miner.flows.logs import quiet_input_errors
 
     quiet_input_errors()
     try:

@@ -17,17 +17,17 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.checkpoints import load_model
-from flows.progress import progress_bar
-from flows.train import read_config, run_dir, shard_paths, step_file
-from miner.localize import localize, step_heatmaps
-from miner.metrics import LocalizationEvaluator
-from miner.training import autocast, pick_device, prepare_images
-from storage.atomic import write_json
-from storage.batches import batch_stream, list_row_groups
-from storage.findings import BOXED_FINDINGS, FINDINGS
-from storage.index import GT_BOXES_FILE, SPLITS, read_gt_boxes
-from storage.letterbox import Letterbox
+from cxr_miner.flows.engine.checkpoints import load_model
+from cxr_miner.flows.progress import progress_bar
+from cxr_miner.flows.train import read_config, run_dir, shard_paths, step_file
+from cxr_miner.miner.localize import localize, step_heatmaps
+from cxr_miner.miner.metrics import LocalizationEvaluator
+from cxr_miner.miner.training import autocast, pick_device, prepare_images
+from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.batches import batch_stream, list_row_groups
+from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, SPLITS, read_gt_boxes
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 SHORT = {"Atelectasis": "AT", "Cardiomegaly": "CM", "Effusion": "PE", "Infiltration": "Infiltrat.", "Mass": "Mass",
          "Nodule": "Nodule", "Pneumonia": "PNA", "Pneumothorax": "PTx"}

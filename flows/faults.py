@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from storage.shards import ShardSpec
+from cxr_miner.storage.stages.shards import ShardSpec
 
 FAULT_ENV = "CXR_MINER_FAULT_FILE"
 

@@ -25,25 +25,25 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.api import prefect_api
-from flows.checkpoints import load_model
-from flows.dask import dask_task_runner, default_workers, local_worker_config
-from flows.faults import maybe_fail
-from flows.preprocess import code_version
-from flows.progress import progress_bar
-from flows.train import read_config, run_dir, step_file
-from miner.boxes import DEFAULT_THRESHOLDS
-from miner.localize import localize, mined_heatmaps
-from miner.training import TrainConfig, autocast, pick_device, prepare_images
-from storage.atomic import write_json
-from storage.batches import batch_stream, list_row_groups
-from storage.findings import FINDINGS
-from storage.harvest import (
+from cxr_miner.flows.api import prefect_api
+from cxr_miner.flows.engine.checkpoints import load_model
+from cxr_miner.flows.dask import dask_task_runner, default_workers, local_worker_config
+from cxr_miner.flows.faults import maybe_fail
+from cxr_miner.flows.preprocess import code_version
+from cxr_miner.flows.progress import progress_bar
+from cxr_miner.flows.train import read_config, run_dir, step_file
+from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS
+from cxr_miner.miner.localize import localize, mined_heatmaps
+from cxr_miner.miner.training import TrainConfig, autocast, pick_device, prepare_images
+from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.batches import batch_stream, list_row_groups
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.stages.harvest import (
     HARVEST_DIR, SUMMARY_FILE, finding_counts, part_key, part_path, parts_dir, read_part, remove_stale_parts, write_part,
 )
-from storage.index import SPLITS
-from storage.letterbox import Letterbox
-from storage.shards import SHARD_DIR, ShardReader, file_sha256
+from cxr_miner.storage.stages.index import SPLITS
+from cxr_miner.storage.vocab.letterbox import Letterbox
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader, file_sha256
 
 METHODS = ("am", "cam")
 PLANNED_METHODS = {"mil": "the MIL miner (Li et al. 2018) is not built yet"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from storage.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 

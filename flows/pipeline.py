@@ -12,11 +12,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.harvest import run_harvest
-from flows.ingest import ingest
-from flows.preprocess import run_preprocess
-from flows.release import release
-from flows.train import train
+from cxr_miner.flows.harvest import run_harvest
+from cxr_miner.flows.ingest import ingest
+from cxr_miner.flows.preprocess import run_preprocess
+from cxr_miner.flows.release import release
+from cxr_miner.flows.train import train
 
 
 @flow(name="run", log_prints=True)

@@ -17,14 +17,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.api import prefect_api
-from flows.dask import dask_task_runner, local_worker_config
-from flows.faults import maybe_fail
-from flows.progress import progress_bar
-from storage.images import DEFAULT_MAX_PIXELS
-from storage.index import INDEX_FILE, REPORT_FILE, read_index
-from storage.shard_manifest import MANIFEST, remove_stale, write_manifest, write_quarantine
-from storage.shards import CARRIED_COLUMNS, SHARD_DIR, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
+from cxr_miner.flows.api import prefect_api
+from cxr_miner.flows.dask import dask_task_runner, local_worker_config
+from cxr_miner.flows.faults import maybe_fail
+from cxr_miner.flows.progress import progress_bar
+from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS
+from cxr_miner.storage.stages.index import INDEX_FILE, REPORT_FILE, read_index
+from cxr_miner.storage.stages.shard_manifest import MANIFEST, remove_stale, write_manifest, write_quarantine
+from cxr_miner.storage.stages.shards import CARRIED_COLUMNS, SHARD_DIR, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
 
 QUARANTINE_FILE = "quarantine.parquet"
 

@@ -1,7 +1,7 @@
-"""Flow ``release``: a complete harvest -> ``RELEASES/<version>/`` (storage.release).
+"""Flow ``release``: a complete harvest -> ``RELEASES/<version>/`` (storage.releases.release).
 
 Writes boxes.parquet part by part, coco/<split>.json as streams, the per-disease report
-(storage.report) and manifest.json, in a staging folder that is renamed into place at the
+(storage.releases.report) and manifest.json, in a staging folder that is renamed into place at the
 end; then points ``latest`` at it. The report's Acc/AFP come from the run's evaluation
 (flow ``evaluate``, run first if missing); its changes from the previous ``latest``.
 Publishes the headline table as Prefect markdown and table artifacts and a link to the
@@ -23,21 +23,21 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.evaluate import evaluate
-from flows.preprocess import QUARANTINE_FILE, code_version
-from flows.train import read_config, run_dir
-from storage.atomic import write_json
-from storage.coco import write_coco
-from storage.findings import FINDINGS
-from storage.harvest import HARVEST_DIR, SUMMARY_FILE, part_path, read_part
-from storage.images import ImageReadError, read_image
-from storage.index import GT_BOXES_FILE, INDEX_FILE, REPORT_FILE, SPLITS, read_gt_boxes, read_index
-from storage.release import (
+from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.preprocess import QUARANTINE_FILE, code_version
+from cxr_miner.flows.train import read_config, run_dir
+from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.releases.coco import write_coco
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.stages.harvest import HARVEST_DIR, SUMMARY_FILE, part_path, read_part
+from cxr_miner.storage.inputs.images import ImageReadError, read_image
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, REPORT_FILE, SPLITS, read_gt_boxes, read_index
+from cxr_miner.storage.releases.release import (
     BOXES_FILE, IMAGE_COLUMNS, MANIFEST_FILE, BoxesWriter, check_new_version, count_boxes, diff_boxes,
     discard_staging, file_digests, latest_release, new_version, publish, release_rows, staging_dir,
 )
-from storage.report import GALLERY_PER_GROUP, FindingData, GalleryItem, ReportData, headline_rows, write_report
-from storage.shards import SHARD_DIR, ShardReader
+from cxr_miner.storage.releases.report import GALLERY_PER_GROUP, FindingData, GalleryItem, ReportData, headline_rows, write_report
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 
 NORM_COLUMNS = ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")
 

@@ -26,20 +26,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.checkpoints import load_model, resume_into, save_checkpoint, trunk_weights
-from flows.loader import shard_loader
-from flows.progress import progress_bar
-from miner.attention import attention_mining_loss
-from miner.metrics import AUCAccumulator
-from miner.models import CamClassifier, create_model
-from miner.training import (
+from cxr_miner.flows.engine.checkpoints import load_model, resume_into, save_checkpoint, trunk_weights
+from cxr_miner.flows.engine.loader import shard_loader
+from cxr_miner.flows.progress import progress_bar
+from cxr_miner.miner.attention import attention_mining_loss
+from cxr_miner.miner.metrics import AUCAccumulator
+from cxr_miner.miner.models import CamClassifier, create_model
+from cxr_miner.miner.training import (
     TrainConfig, init_branch_bias, make_optimizer, pick_device, plain_loss, predict, preset, set_trunk_trainable, train_epoch,
 )
-from storage.atomic import write_json
-from storage.batches import RowGroup, label_prevalence, list_row_groups
-from storage.checkpoints import read_checkpoint_record
-from storage.findings import FINDINGS
-from storage.shards import SHARD_DIR, ShardReader
+from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.batches import RowGroup, label_prevalence, list_row_groups
+from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 
 RUNS_DIR = "models"
 

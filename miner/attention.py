@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from miner.cam import final_heatmap, normalize_maps, update_masks
-from miner.models import CamClassifier, Features
+from cxr_miner.miner.cam import final_heatmap, normalize_maps, update_masks
+from cxr_miner.miner.models import CamClassifier, Features
 
 KP_MODES = ("none", "vanilla", "kp")
 ERASED_FRACTION = 0.125  # n / N of section 2.2

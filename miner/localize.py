@@ -2,7 +2,7 @@
 
 Grids: the model's heatmap (h, w) covers the network input (input_size px square), which is
 the shard image (shard_size px square) resized; the shard image is the source letterboxed
-(storage.letterbox.Letterbox). Boxes are xyxy, continuous pixels of the named grid.
+(storage.vocab.letterbox.Letterbox). Boxes are xyxy, continuous pixels of the named grid.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from miner.attention import mine
-from miner.boxes import heatmap_boxes_batched
-from miner.cam import final_heatmap, normalize_maps
-from miner.models import CamClassifier
-from storage.letterbox import Letterbox
+from cxr_miner.miner.attention import mine
+from cxr_miner.miner.boxes import heatmap_boxes_batched
+from cxr_miner.miner.cam import final_heatmap, normalize_maps
+from cxr_miner.miner.models import CamClassifier
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
 class Localization(NamedTuple):

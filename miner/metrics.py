@@ -18,7 +18,7 @@ import torch
 from scipy.stats import rankdata
 from torchvision.ops import box_area, box_iou
 
-from storage.findings import FINDINGS
+from cxr_miner.storage.vocab.findings import FINDINGS
 
 T_IOU = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 T_IOR = (0.1, 0.25, 0.5, 0.75, 0.9)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tv
 
-from miner.cam import class_activation_maps, erased_logits
+from cxr_miner.miner.cam import class_activation_maps, erased_logits
 
 TRUNKS: dict[str, tuple[Callable[..., tv.ResNet], object]] = {
     "resnet18": (tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
@@ -202,7 +202,7 @@ def create_model(config: ModelConfig, trunk_weights: dict[str, torch.Tensor] | N
 def imagenet_weights(trunk: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for ``trunk`` (downloads to the torch hub cache).
 
-    Without network, pass a local weights file instead (see flows.checkpoints.read_weights_file).
+    Without network, pass a local weights file instead (see flows.engine.checkpoints.read_weights_file).
     """
     if trunk not in TRUNKS:
         raise ValueError(f"unknown trunk {trunk!r}; known: {sorted(TRUNKS)}")

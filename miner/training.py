@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from miner.attention import ERASED_FRACTION, KP_LAMBDA, KP_MODES, classification_loss
-from miner.models import CamClassifier, ModelConfig, normalize_input
+from cxr_miner.miner.attention import ERASED_FRACTION, KP_LAMBDA, KP_MODES, classification_loss
+from cxr_miner.miner.models import CamClassifier, ModelConfig, normalize_input
 
 
 @dataclass(frozen=True)

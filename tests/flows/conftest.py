@@ -17,10 +17,10 @@ def trained_workdir(tmp_path_factory, prefect_server) -> Path:
 
     Tests that write into a workdir copy it (copy_workdir) rather than change this one.
     """
-    from flows.ingest import ingest
-    from flows.preprocess import run_preprocess
-    from flows.train import train
-    from storage.demo import generate
+    from cxr_miner.flows.ingest import ingest
+    from cxr_miner.flows.preprocess import run_preprocess
+    from cxr_miner.flows.train import train
+    from cxr_miner.storage.phantoms.generator import generate
 
     root, work = tmp_path_factory.mktemp("nih"), tmp_path_factory.mktemp("work")
     generate(root, n_images=320, size=256, seed=11, box_fraction=0.2, workers=2)
@@ -38,7 +38,7 @@ def dask_cluster(prefect_server) -> str:
     tests, so that each flow run does not start its own; returns the scheduler address."""
     from distributed import LocalCluster
 
-    from flows.dask import local_worker_config
+    from cxr_miner.flows.dask import local_worker_config
 
     with local_worker_config(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
         yield cluster.scheduler_address

@@ -8,14 +8,14 @@ import sys
 import pytest
 from rich.console import Console
 
-import flows.cli
-from flows.cli import main
+import cxr_miner.flows.cli
+from cxr_miner.flows.cli import main
 
 
 def _run(monkeypatch, *args) -> tuple[int, str]:
     """Run the CLI in-process; return its exit status and what it told the user."""
     out = io.StringIO()
-    monkeypatch.setattr(flows.cli, "err", Console(file=out, soft_wrap=True))
+    monkeypatch.setattr(cxr_miner.flows.cli, "err", Console(file=out, soft_wrap=True))
     monkeypatch.setattr(sys, "argv", ["cxr-miner", *args])
     with pytest.raises(SystemExit) as exited:
         main()
@@ -51,8 +51,8 @@ def test_preprocess_without_ingest_says_what_to_run(tmp_path, monkeypatch, prefe
 def test_run_logs_keep_input_errors_without_traceback():
     import logging
 
-    from flows.logs import quiet_input_errors
-    from storage.errors import InputError
+    from cxr_miner.flows.logs import quiet_input_errors
+    from cxr_miner.storage.vocab.errors import InputError
 
     quiet_input_errors()
     quiet_input_errors()  # idempotent

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from flows.ingest import ingest
-from flows.preprocess import run_preprocess
-from storage.errors import InputError
+from cxr_miner.flows.ingest import ingest
+from cxr_miner.flows.preprocess import run_preprocess
+from cxr_miner.storage.vocab.errors import InputError
 from tests.dicom_factory import IDENTIFIERS, write_dicom
 
 pytestmark = pytest.mark.slow

@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.evaluate import evaluate
-from flows.faults import FAULT_ENV, plant_fault
-from flows.harvest import run_harvest
-from miner.metrics import LocalizationEvaluator
-from storage.findings import BOXED_FINDINGS, FINDINGS
-from storage.harvest import PART_SCHEMA, part_key, parts_dir, read_part, write_part
-from storage.index import GT_BOXES_FILE, read_gt_boxes
-from storage.shards import SHARD_DIR, ShardReader
+from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.faults import FAULT_ENV, plant_fault
+from cxr_miner.flows.harvest import run_harvest
+from cxr_miner.miner.metrics import LocalizationEvaluator
+from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
+from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, parts_dir, read_part, write_part
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 from tests.flows.conftest import copy_workdir
 
 pytestmark = pytest.mark.slow

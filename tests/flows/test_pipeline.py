@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from flows.faults import FAULT_ENV, plant_fault
-from flows.ingest import ingest
-from flows.preprocess import PreprocessIncomplete, run_preprocess
-from storage.demo import generate
-from storage.findings import FINDINGS
-from storage.index import INDEX_SCHEMA
-from storage.shards import SHARD_SCHEMA, ShardReader
+from cxr_miner.flows.faults import FAULT_ENV, plant_fault
+from cxr_miner.flows.ingest import ingest
+from cxr_miner.flows.preprocess import PreprocessIncomplete, run_preprocess
+from cxr_miner.storage.phantoms.generator import generate
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.stages.index import INDEX_SCHEMA
+from cxr_miner.storage.stages.shards import SHARD_SCHEMA, ShardReader
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 48
@@ -128,7 +128,7 @@ def test_shard_schema_and_splits(preprocessed):
 
 def test_letterbox_round_trip_of_a_box(demo, preprocessed):
     """A drawn finding's box, mapped into the shard with the row's transform, covers the same pixels."""
-    from storage.images import read_image
+    from cxr_miner.storage.inputs.images import read_image
 
     work, _ = preprocessed
     truth = list(csv.DictReader(open(demo / "demo_truth.csv")))
@@ -212,7 +212,7 @@ def test_cli_preprocess_shares_one_prefect_api_with_its_workers(indexed, preproc
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "preprocess", "--workdir", str(work), "--workers", "2", "--size", str(SIZE), "--shard-size", "8"],
+        [sys.executable, "-m", "cxr_miner.flows.cli", "preprocess", "--workdir", str(work), "--workers", "2", "--size", str(SIZE), "--shard-size", "8"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,10 +22,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from flows.pipeline import run
-from storage.findings import FINDINGS
-from storage.index import GT_BOXES_FILE
-from storage.release import PROVENANCE_META, RELEASE_SCHEMA, ReleaseExists, publish, staging_dir
+from cxr_miner.flows.pipeline import run
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.stages.index import GT_BOXES_FILE
+from cxr_miner.storage.releases.release import PROVENANCE_META, RELEASE_SCHEMA, ReleaseExists, publish, staging_dir
 from tests.flows.conftest import copy_workdir
 
 pytestmark = pytest.mark.slow
@@ -202,7 +202,7 @@ def test_serve_registers_the_deployment_with_its_schedule(trained_workdir, tmp_p
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    command = [sys.executable, "-m", "flows.cli", "serve", str(tmp_path / "nih"), "--workdir", str(tmp_path / "w"),
+    command = [sys.executable, "-m", "cxr_miner.flows.cli", "serve", str(tmp_path / "nih"), "--workdir", str(tmp_path / "w"),
                "--out", str(tmp_path / "r"), "--cron", "0 3 * * 1", "--name", "weekly-test"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

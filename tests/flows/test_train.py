@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from flows.checkpoints import load_model
-from flows.evaluate import evaluate
-from flows.loader import shard_loader
-from flows.train import row_groups, run_dir, step_file, train
-from miner.metrics import roc_auc
-from miner.training import predict, preset
-from storage.findings import BOXED_FINDINGS, FINDINGS
+from cxr_miner.flows.engine.checkpoints import load_model
+from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.engine.loader import shard_loader
+from cxr_miner.flows.train import row_groups, run_dir, step_file, train
+from cxr_miner.miner.metrics import roc_auc
+from cxr_miner.miner.training import predict, preset
+from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
 from tests.flows.conftest import SETTINGS
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miner.attention import attention_mining_loss, erased_count, kp_distance, kp_loss, mine
-from miner.models import Features, ModelConfig, create_model
+from cxr_miner.miner.attention import attention_mining_loss, erased_count, kp_distance, kp_loss, mine
+from cxr_miner.miner.models import Features, ModelConfig, create_model
 
 
 @pytest.mark.parametrize(

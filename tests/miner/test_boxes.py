@@ -7,7 +7,7 @@ import pytest
 
 import torch
 
-from miner.boxes import check_heatmap, heatmap_boxes, heatmap_boxes_batched, normalize_heatmap
+from cxr_miner.miner.boxes import check_heatmap, heatmap_boxes, heatmap_boxes_batched, normalize_heatmap
 
 
 def nested_blob() -> np.ndarray:

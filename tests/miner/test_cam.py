@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from miner.cam import class_activation_maps, erased_logits, final_heatmap, normalize_maps, peak_component, update_masks
-from miner.models import ModelConfig, create_model
+from cxr_miner.miner.cam import class_activation_maps, erased_logits, final_heatmap, normalize_maps, peak_component, update_masks
+from cxr_miner.miner.models import ModelConfig, create_model
 
 
 def two_peaks() -> torch.Tensor:

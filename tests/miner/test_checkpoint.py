@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
-from miner.models import ModelConfig, create_model
-from storage.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
+from cxr_miner.miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
+from cxr_miner.miner.models import ModelConfig, create_model
+from cxr_miner.storage.stages.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
 
 
 def step(model, optimizer, scheduler):
@@ -59,7 +59,7 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_record_alone_is_read_from_the_header(tmp_path):
-    from storage.checkpoints import read_checkpoint_record
+    from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 
     write_checkpoint(tmp_path / "c.safetensors", model_arrays(fresh()[0]), {"state": {"epoch": 4}})
     assert read_checkpoint_record(tmp_path / "c.safetensors") == {"state": {"epoch": 4}}

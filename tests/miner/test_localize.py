@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from miner.localize import boxes_in_source, localize, upsample
-from storage.letterbox import Letterbox
+from cxr_miner.miner.localize import boxes_in_source, localize, upsample
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
 def test_box_from_input_grid_to_source_pixels():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from miner.metrics import AUCAccumulator, LocalizationEvaluator, best_overlap, box_ior, roc_auc
+from cxr_miner.miner.metrics import AUCAccumulator, LocalizationEvaluator, best_overlap, box_ior, roc_auc
 
 GT = [[0, 0, 10, 10]]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision import models as tv
 
-from miner.models import MODELS, ModelConfig, adapt_stem, create_model, normalize_input
+from cxr_miner.miner.models import MODELS, ModelConfig, adapt_stem, create_model, normalize_input
 
 
 @pytest.mark.parametrize("name", MODELS)

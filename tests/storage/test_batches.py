@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.batches import batch_stream, label_prevalence, list_row_groups, read_row_group
-from storage.shards import ShardSettings, build_shard, iter_shard, plan_shards
+from cxr_miner.storage.stages.batches import batch_stream, label_prevalence, list_row_groups, read_row_group
+from cxr_miner.storage.stages.shards import ShardSettings, build_shard, iter_shard, plan_shards
 
 
 @pytest.fixture(scope="module", params=["raw", "png"])
@@ -66,7 +66,7 @@ def test_shuffle_is_reproducible_per_epoch_and_differs_between_epochs(shards):
 
 
 def test_label_prevalence_counts_positives_per_finding(shards):
-    from storage.findings import FINDINGS
+    from cxr_miner.storage.vocab.findings import FINDINGS
 
     prevalence = label_prevalence(list_row_groups(shards))
     assert prevalence[FINDINGS.index("Mass")] == pytest.approx(5 / 23)

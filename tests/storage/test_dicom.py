@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.dicom import parse_age, read_dicom_pixels, read_header, window
-from storage.images import ImageReadError, read_image
+from cxr_miner.storage.inputs.dicom import parse_age, read_dicom_pixels, read_header, window
+from cxr_miner.storage.inputs.images import ImageReadError, read_image
 from tests.dicom_factory import write_dicom
 
 STORED = np.array([[0, 200, 300, 550, 4095]], dtype=np.uint16)

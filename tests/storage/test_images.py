@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.images import ImageReadError, read_image
-from storage.letterbox import Letterbox
+from cxr_miner.storage.inputs.images import ImageReadError, read_image
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
 def test_fit_landscape():
@@ -91,7 +91,7 @@ def test_missing_file(tmp_path):
 
 
 def test_letterbox_record_round_trip():
-    from storage.letterbox import Letterbox
+    from cxr_miner.storage.vocab.letterbox import Letterbox
 
     box = Letterbox.fit(120, 90, 64)
     assert Letterbox.from_record({**box.to_record(), "image_id": "x.png"}) == box

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.coco import coco_annotation, write_coco
-from storage.harvest import PART_SCHEMA, part_key, read_part, write_part
-from storage.release import (
+from cxr_miner.storage.releases.coco import coco_annotation, write_coco
+from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, read_part, write_part
+from cxr_miner.storage.releases.release import (
     RELEASE_SCHEMA, ReleaseExists, count_boxes, diff_boxes, latest_release, new_version, publish, release_rows, staging_dir,
 )
 

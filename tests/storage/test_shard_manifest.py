@@ -7,8 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from storage.shard_manifest import AccountingError, check_accounting, remove_stale, write_manifest, write_quarantine
-from storage.shards import ShardResult, ShardSettings
+from cxr_miner.storage.stages.shard_manifest import AccountingError, check_accounting, remove_stale, write_manifest, write_quarantine
+from cxr_miner.storage.stages.shards import ShardResult, ShardSettings
 
 
 def test_accounting_holds_or_names_the_numbers():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.findings import FINDINGS
-from storage.images import read_image
-from storage.letterbox import Letterbox
-from storage.shards import ShardReader, ShardSettings, build_shard, iter_shard, plan_shards
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.inputs.images import read_image
+from cxr_miner.storage.vocab.letterbox import Letterbox
+from cxr_miner.storage.stages.shards import ShardReader, ShardSettings, build_shard, iter_shard, plan_shards
 
 
 def _rows(tmp_path, n=5):

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.findings import FINDINGS
-from storage.harvest import finding_counts
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.stages.harvest import finding_counts
 
 LATEST = "latest"
 BOXES_FILE = "boxes.parquet"

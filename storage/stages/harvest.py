@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import write_parquet
-from storage.findings import FINDINGS
+from cxr_miner.storage.stages.atomic import write_parquet
+from cxr_miner.storage.vocab.findings import FINDINGS
 
 HARVEST_DIR = "harvest"
 PARTS_DIR = "parts"

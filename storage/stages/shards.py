@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from storage.atomic import atomic_path, write_json
-from storage.findings import FINDINGS, label_vector
-from storage.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from storage.index import SPLITS
-from storage.letterbox import Letterbox
+from cxr_miner.storage.stages.atomic import atomic_path, write_json
+from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
+from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from cxr_miner.storage.stages.index import SPLITS
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 SHARD_FORMAT_VERSION = 1
 SHARD_DIR = "shards"  # below the workdir

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.shards import decode_image
+from cxr_miner.storage.stages.shards import decode_image
 
 META_COLUMNS = (
     "image_id", "patient_id", "split", "source_path", "has_box", "source_width", "source_height",

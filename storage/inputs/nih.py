@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from storage.csvtable import read_rows
-from storage.errors import InputError
-from storage.findings import UnknownFindingError, canonical_finding, parse_findings
+from cxr_miner.storage.inputs.csvtable import read_rows
+from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.findings import UnknownFindingError, canonical_finding, parse_findings
 
 DATA_ENTRY = "Data_Entry_2017_v2020.csv"
 BBOX_LIST = "BBox_List_2017.csv"

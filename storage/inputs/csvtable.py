@@ -12,7 +12,7 @@ import gzip
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from storage.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError
 
 
 def join_bracketed(header: list[str]) -> list[tuple[str, int]]:

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from storage.atomic import atomic_path
+from cxr_miner.storage.stages.atomic import atomic_path
 
 SUFFIX = ".safetensors"
 META_KEY = "cxr_miner"

@@ -1,7 +1,7 @@
 """Collections on disk -> index records: the NIH folder layout and DICOM trees.
 
-A record is a dict with the fields of ``storage.index.INDEX_SCHEMA`` except the 14
-finding booleans and ``split``, which ``storage.index`` derives.
+A record is a dict with the fields of ``storage.stages.index.INDEX_SCHEMA`` except the 14
+finding booleans and ``split``, which ``storage.stages.index`` derives.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.csvtable import read_rows
-from storage.dicom import read_header
-from storage.errors import InputError
-from storage.findings import UnknownFindingError, parse_findings
-from storage.images import RASTER_SUFFIXES, ImageReadError, read_size
-from storage.nih import (
+from cxr_miner.storage.inputs.csvtable import read_rows
+from cxr_miner.storage.inputs.dicom import read_header
+from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.findings import UnknownFindingError, parse_findings
+from cxr_miner.storage.inputs.images import RASTER_SUFFIXES, ImageReadError, read_size
+from cxr_miner.storage.inputs.nih import (
     BBOX_LIST,
     DATA_ENTRY,
     TEST_LIST,
@@ -27,7 +27,7 @@ from storage.nih import (
     read_data_entry,
     read_image_list,
 )
-from storage.pseudonym import pseudonym
+from cxr_miner.storage.inputs.pseudonym import pseudonym
 
 Progress = Callable[[int], None]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.atomic import TMP_SUFFIX, write_json, write_parquet
-from storage.index import SPLITS
-from storage.shards import ShardResult, ShardSettings
+from cxr_miner.storage.stages.atomic import TMP_SUFFIX, write_json, write_parquet
+from cxr_miner.storage.stages.index import SPLITS
+from cxr_miner.storage.stages.shards import ShardResult, ShardSettings
 
 MANIFEST = "manifest.json"
 QUARANTINE_SCHEMA = pa.schema(

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import atomic_path
-from storage.findings import FINDINGS
+from cxr_miner.storage.stages.atomic import atomic_path
+from cxr_miner.storage.vocab.findings import FINDINGS
 
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "finding"} for i, name in enumerate(FINDINGS)]
 CATEGORY_ID = {name: i + 1 for i, name in enumerate(FINDINGS)}

@@ -1,4 +1,4 @@
-"""Models and training state to and from checkpoint files (storage.checkpoints holds the format)."""
+"""Models and training state to and from checkpoint files (storage.stages.checkpoints holds the format)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
-from miner.models import CamClassifier, create_model, imagenet_weights
-from miner.training import TrainConfig
-from storage.checkpoints import read_checkpoint, read_weights_file, write_checkpoint
+from cxr_miner.miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
+from cxr_miner.miner.models import CamClassifier, create_model, imagenet_weights
+from cxr_miner.miner.training import TrainConfig
+from cxr_miner.storage.stages.checkpoints import read_checkpoint, read_weights_file, write_checkpoint
 
 
 def trunk_weights(setting: str, trunk: str) -> dict[str, torch.Tensor] | None:

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from storage.findings import FINDINGS  # noqa: E402
+from cxr_miner.storage.vocab.findings import FINDINGS  # noqa: E402
 
 GALLERY_PER_GROUP = 2  # images each from the top, the median and the bottom scores
 STYLE = """

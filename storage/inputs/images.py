@@ -50,7 +50,7 @@ def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if not path.is_file():
         raise ImageReadError(path, "file not found")
     if is_dicom(path):
-        from storage.dicom import read_dicom_pixels
+        from cxr_miner.storage.inputs.dicom import read_dicom_pixels
 
         return read_dicom_pixels(path, max_pixels=max_pixels)
     return read_raster(path, max_pixels=max_pixels)
@@ -103,7 +103,7 @@ def read_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the header alone, or None when the header is unreadable."""
     try:
         if is_dicom(path):
-            from storage.dicom import read_header
+            from cxr_miner.storage.inputs.dicom import read_header
 
             header = read_header(path)
             return header.columns, header.rows

@@ -1,4 +1,4 @@
-"""torch DataLoaders over shards: a thin adapter around storage.batches (which has no torch)."""
+"""torch DataLoaders over shards: a thin adapter around storage.stages.batches (which has no torch)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from storage.batches import RowGroup, batch_stream
+from cxr_miner.storage.stages.batches import RowGroup, batch_stream
 
 
 class ShardBatches(IterableDataset):
     """Yields {"images": uint8 (B, S, S), "labels": float (B, C)}; each loader worker reads its
-    own row groups (storage.batches.batch_stream).
+    own row groups (storage.stages.batches.batch_stream).
 
     Each full pass is one epoch: the epoch number starts at ``start_epoch`` and counts up
     with every ``iter()``, in the main process and in each persistent worker alike, so the

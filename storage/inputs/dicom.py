@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
-from storage.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixel_count
+from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixel_count
 
 _HEADER_TAGS = [
     "SOPInstanceUID",

@@ -1,0 +1,1 @@
+"""Inputs: NIH metadata, DICOM, image readers, NIH-style CSVs, pseudonyms, source scans."""

@@ -1,0 +1,1 @@
+"""Phantom chest X-rays in the NIH layout: a data source for the demo and the tests."""
