@@ -33,8 +33,9 @@ def main() -> None:
     from cxr_miner.flows.evaluate import evaluate
     from cxr_miner.flows.ingest import ingest
     from cxr_miner.flows.preprocess import run_preprocess
-    from cxr_miner.flows.train import run_dir, train
+    from cxr_miner.flows.train import train
     from cxr_miner.storage.phantoms.generator import generate
+    from cxr_miner.storage.stages.runs import RunFolder
 
     root, work = OUT / f"ablation-demo-{args.images}", OUT / f"ablation-work-{args.images}-{args.input_size or 128}"
     if not (root / "demo_manifest.json").exists():
@@ -54,10 +55,11 @@ def main() -> None:
         for name, settings in runs.items():
             config = work / f"{name}.json"
             config.write_text(json.dumps(settings))
-            if name in ("msa-vanilla", "msa-none") and not (run_dir(work, name) / "step1.safetensors").exists():
-                run_dir(work, name).mkdir(parents=True, exist_ok=True)
-                for file in ("step1.safetensors", "step1-last.safetensors"):
-                    shutil.copy(run_dir(work, "msa-kp") / file, run_dir(work, name) / file)
+            folder = RunFolder.of(work, name)
+            if name in ("msa-vanilla", "msa-none") and not folder.step(1).exists():
+                folder.directory.mkdir(parents=True, exist_ok=True)
+                for last in (False, True):
+                    shutil.copy(RunFolder.of(work, "msa-kp").step(1, last), folder.step(1, last))
             train(workdir=str(work), preset=args.preset, config_file=str(config), run=name)
             results[name] = evaluate(workdir=str(work), run=name)["results"]
 

@@ -45,17 +45,18 @@ def random_run(work: Path, preset_name: str, device: str) -> list:
     import torch
 
     from cxr_miner.flows.engine.checkpoints import load_model, save_checkpoint
-    from cxr_miner.flows.train import run_dir, start_run, step_file
     from cxr_miner.miner.models import create_model
     from cxr_miner.miner.training import preset
+    from cxr_miner.storage.stages.runs import RunFolder
 
     config = preset(preset_name).updated({"device": device})
-    directory = start_run(str(work), "bench", config)
+    folder = RunFolder.of(work, "bench")
+    folder.start(config.to_dict(), work)
     for step in range(1, config.am_steps + 1):
-        if not step_file(directory, step).exists():
+        if not folder.step(step).exists():
             torch.manual_seed(step)
-            save_checkpoint(step_file(directory, step), create_model(config.model), {"config": config.to_dict(), "step": step})
-    return [load_model(step_file(run_dir(work, "bench"), s))[0] for s in range(1, config.am_steps + 1)]
+            save_checkpoint(folder.step(step), create_model(config.model), {"config": config.to_dict(), "step": step})
+    return [load_model(folder.step(s))[0] for s in range(1, config.am_steps + 1)]
 
 
 class PeakMemory:
@@ -95,15 +96,14 @@ def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, devic
     """Seconds for the step models' forward passes over every shard image, nothing else."""
     import torch
 
-    from cxr_miner.flows.train import shard_paths
-    from cxr_miner.miner.training import autocast, pick_device, preset, prepare_images
-    from cxr_miner.storage.stages.batches import batch_stream, list_row_groups
+    from cxr_miner.miner.training import autocast, pick_device, prepare_images, preset
+    from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
     from cxr_miner.storage.stages.index import SPLITS
 
     config = preset(preset_name).updated({"device": device_name})
     device = pick_device(config.device)
     models = [m.to(device) for m in models]
-    groups = list_row_groups(shard_paths(work, SPLITS))
+    groups = split_row_groups(work, SPLITS)
     started = time.perf_counter()
     with torch.no_grad(), autocast(device, config.precision):
         for batch in batch_stream(groups, batch_size):
@@ -116,13 +116,13 @@ def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, devic
 
 
 def timed_harvest(work: Path, address: str, batch_size: int, threads: int) -> tuple[float, dict]:
-    from cxr_miner.flows.harvest import harvest
     from cxr_miner.flows.dask import dask_task_runner
+    from cxr_miner.flows.harvest import harvest
 
     shutil.rmtree(work / "harvest", ignore_errors=True)
     started = time.perf_counter()
     summary = harvest.with_options(task_runner=dask_task_runner(address=address))(
-        workdir=str(work), model="bench", batch_size=batch_size, threads=threads)
+        workdir=str(work), run="bench", batch_size=batch_size, threads=threads)
     return time.perf_counter() - started, summary
 
 
@@ -137,12 +137,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
+    import dask
     import torch
     from distributed import LocalCluster
 
     from cxr_miner.flows.dask import LOCAL_WORKER_CONFIG, default_workers
-
-    import dask
 
     args.size = args.size or (512 if args.preset == "paper" else 256)
     result = {"machine": machine(), "preset": args.preset, "batch_size": args.batch_size, "shard_px": args.size}

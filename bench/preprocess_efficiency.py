@@ -25,8 +25,8 @@ def bare_one(args: tuple[str, int, str]) -> int:
     import pyarrow as pa
 
     from cxr_miner.storage.inputs.images import read_image
-    from cxr_miner.storage.vocab.letterbox import Letterbox
     from cxr_miner.storage.stages.shards import encode_image
+    from cxr_miner.storage.vocab.letterbox import Letterbox
 
     path, size, encoding = args
     pixels = read_image(Path(path))

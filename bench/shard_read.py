@@ -23,8 +23,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from cxr_miner.storage.inputs.images import read_image
+    from cxr_miner.storage.stages.batches import batch_stream, list_row_groups
+    from cxr_miner.storage.stages.shards import ShardSettings, build_shard, plan_shards
     from cxr_miner.storage.vocab.letterbox import Letterbox
-    from cxr_miner.storage.stages.shards import ShardSettings, build_shard, iter_shard, plan_shards
 
     root = demo_collection(2000)
     names = sorted(root.glob("images_*/images/*.png"))[: args.images]
@@ -41,7 +42,8 @@ def main() -> None:
         write_seconds = time.perf_counter() - started
         size_bytes = sum(r.bytes for r in built)
         started = time.perf_counter()
-        count = sum(1 for spec in plan_shards(rows, 256) for _ in iter_shard(shard_dir / f"{spec.name}.parquet"))
+        paths = [shard_dir / f"{spec.name}.parquet" for spec in plan_shards(rows, 256)]
+        count = sum(len(batch) for batch in batch_stream(list_row_groups(paths), 64))
         read_seconds = time.perf_counter() - started
         results[encoding] = (count / read_seconds, size_bytes / count, count / write_seconds)
 

@@ -97,12 +97,12 @@ def train(
     preset: Annotated[str, typer.Option(help="Settings preset: cpu-small (minutes on a CPU) or paper (Cai et al., GPU).")] = "cpu-small",
     config: Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings, e.g. {\"epochs\": 5}.")] = None,
     run: Annotated[Optional[str], typer.Option(help="Run name under W/models/ (default: the preset); rerun to resume.")] = None,
-    attention: Annotated[bool, typer.Option(help="Also run attention-mining steps 2..T after step 1.")] = True,
+    method: Annotated[str, typer.Option(help="Method to train for: am (step 1, then attention mining steps 2..T) or cam (step 1 only).")] = "am",
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP."""
     from cxr_miner.flows.train import train as train_flow
 
-    summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, attention=attention)
+    summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, method=method)
     err.print(f"[green]models: {summary['directory']}[/] steps {summary['steps']}")
     print_auc_table(summary["auc"])
 
@@ -122,19 +122,19 @@ def mine_attention(
 @app.command()
 def evaluate(
     workdir: Annotated[Path, typer.Option(help="Working folder holding models/ and gt_boxes.parquet.")],
-    model: Annotated[str, typer.Option("--model", help="Training run to evaluate (W/models/RUN).")],
+    run: Annotated[str, typer.Option(help="Training run to evaluate (W/models/RUN).")],
 ) -> None:
-    """Acc and AFP per finding for the CAM baseline and attention mining, on the boxed images."""
+    """Acc and AFP per finding for every method (CAM baseline, attention mining), on the boxed images."""
     from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
-    report = evaluate_flow(workdir=str(workdir), run=model)
+    report = evaluate_flow(workdir=str(workdir), run=run)
     typer.echo(report["markdown"])
     err.print(f"[green]evaluation: {report['path']}[/] ({report['images']} boxed images)")
 
 
 PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]
 ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings.")]
-ModelOption = Annotated[Optional[str], typer.Option(help="Training run name (default: the preset).")]
+RunOption = Annotated[Optional[str], typer.Option(help="Training run name under W/models/ (default: the preset).")]
 SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
 ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
 MethodOption = Annotated[str, typer.Option(help="am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline).")]
@@ -148,7 +148,7 @@ GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, o
 @app.command()
 def harvest(
     workdir: Annotated[Path, typer.Option(help="Working folder holding shards/ and models/.")],
-    model: Annotated[str, typer.Option("--model", help="Training run to mine with (W/models/RUN).")],
+    run: Annotated[str, typer.Option(help="Training run to mine with (W/models/RUN).")],
     method: MethodOption = "am", all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: WorkersOption = None, gpus: GpusOption = None, dask_address: AddressOption = None,
@@ -157,7 +157,7 @@ def harvest(
     from cxr_miner.flows.harvest import run_harvest
 
     summary = run_harvest(
-        str(workdir), model, workers=workers, gpus=gpus, dask_address=dask_address,
+        str(workdir), run, workers=workers, gpus=gpus, dask_address=dask_address,
         method=method, all_findings=all_findings, min_score=min_score, batch_size=batch_size,
     )
     err.print(
@@ -180,16 +180,14 @@ def release(
 
 
 def run_options(
-    preset: str, config: Optional[Path], model: Optional[str], size: int, shard_size: int, method: str,
+    preset: str, config: Optional[Path], run: Optional[str], size: int, shard_size: int, method: str,
     all_findings: bool, min_score: float, workers: Optional[int], dask_address: Optional[str], gpus: Optional[int],
 ) -> dict:
     return {
-        "preset": preset, "config_file": str(config) if config else None, "model": model, "size": size,
+        "preset": preset, "config_file": str(config) if config else None, "run": run, "size": size,
         "shard_size": shard_size, "method": method, "all_findings": all_findings, "min_score": min_score,
         "workers": workers, "dask_address": dask_address, "gpus": gpus,
     }
-
-
 
 
 @app.command("run")
@@ -197,7 +195,7 @@ def run_all(
     root: Annotated[Path, typer.Argument(help="Dataset root (NIH layout).")],
     workdir: Annotated[Path, typer.Option(help="Working folder (reused: finished stages are skipped).")],
     out: Annotated[Path, typer.Option(help="Releases folder.")],
-    preset: PresetOption = "cpu-small", config: ConfigOption = None, model: ModelOption = None,
+    preset: PresetOption = "cpu-small", config: ConfigOption = None, run: RunOption = None,
     size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
@@ -205,7 +203,7 @@ def run_all(
     """The whole chain: ingest, preprocess, train, harvest, release."""
     from cxr_miner.flows.pipeline import run
 
-    options = run_options(preset, config, model, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
+    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
     print_release(run(root=str(root), workdir=str(workdir), out=str(out), **options))
 
 
@@ -216,7 +214,7 @@ def serve(
     out: Annotated[Path, typer.Option(help="Releases folder.")],
     cron: Annotated[str, typer.Option(help="Schedule, e.g. \"0 3 * * 1\" (Mondays 03:00).")],
     name: Annotated[str, typer.Option(help="Deployment name.")] = "cxr-miner-release",
-    preset: PresetOption = "cpu-small", config: ConfigOption = None, model: ModelOption = None,
+    preset: PresetOption = "cpu-small", config: ConfigOption = None, run: RunOption = None,
     size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
@@ -230,7 +228,7 @@ def serve(
             "schedules need a Prefect server: start one with `prefect server start` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    options = run_options(preset, config, model, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
+    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
     parameters = {"root": str(root.resolve()), "workdir": str(workdir.resolve()), "out": str(out.resolve()), **options}
     err.print(f"[green]serving deployment run/{name}[/] on schedule {cron!r}; stop with Ctrl-C")
     serve_flow(cron, name=name, **parameters)
@@ -244,12 +242,14 @@ def print_release(published: dict) -> None:
 def print_auc_table(rows: list[dict]) -> None:
     from rich.table import Table
 
+    from cxr_miner.storage.vocab.text import format_number
+
     table = Table(title="validation ROC AUC")
     columns = list(rows[0])
     for column in columns:
         table.add_column(column, justify="left" if column == "finding" else "right")
     for row in rows:
-        table.add_row(*("-" if row[c] is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns))
+        table.add_row(*(format_number(row[c], digits=3) for c in columns))
     err.print(table)
 
 

@@ -9,9 +9,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cxr_miner.flows.progress import progress_bar
-from cxr_miner.storage.stages.index import INDEX_FILE, write_index
 from cxr_miner.storage.inputs.pseudonym import load_or_create_key
 from cxr_miner.storage.inputs.sources import SourceScan, scan_dicom, scan_nih
+from cxr_miner.storage.stages.index import INDEX_FILE, write_index
 
 __all__ = ["ingest"]
 

@@ -26,7 +26,7 @@ def run(
     out: str,
     preset: str = "cpu-small",
     config_file: str | None = None,
-    model: str | None = None,
+    run: str | None = None,
     size: int = 512,
     shard_size: int = 256,
     method: str = "am",
@@ -36,11 +36,11 @@ def run(
     dask_address: str | None = None,
     gpus: int | None = None,
 ) -> dict[str, Any]:
-    """Ingest ROOT, preprocess, train run ``model`` (default: the preset's name), harvest, release."""
+    """Ingest ROOT, preprocess, train run ``run`` (default: the preset's name) for ``method``, harvest, release."""
     logger = get_run_logger()
     ingest(root=root, workdir=workdir)
     run_preprocess(workdir, workers=workers, dask_address=dask_address, size=size, shard_size=shard_size)
-    trained = train(workdir=workdir, preset=preset, config_file=config_file, run=model)
+    trained = train(workdir=workdir, preset=preset, config_file=config_file, run=run, method=method)
     run_harvest(workdir, trained["run"], workers=workers, dask_address=dask_address, gpus=gpus,
                 method=method, all_findings=all_findings, min_score=min_score)
     published = release(workdir=workdir, out=out, root=root)

@@ -9,35 +9,39 @@ index rows = shard rows + quarantined + missing.
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from cxr_miner.flows.api import prefect_api
 from cxr_miner.flows.dask import dask_task_runner, local_worker_config
 from cxr_miner.flows.faults import maybe_fail
-from cxr_miner.flows.progress import progress_bar
+from cxr_miner.flows.tasks import collect, failure_text
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS
 from cxr_miner.storage.stages.index import INDEX_FILE, REPORT_FILE, read_index
-from cxr_miner.storage.stages.shard_manifest import MANIFEST, remove_stale, write_manifest, write_quarantine
-from cxr_miner.storage.stages.shards import CARRIED_COLUMNS, SHARD_DIR, ShardResult, ShardSettings, ShardSpec, build_shard, plan_shards
-
-QUARANTINE_FILE = "quarantine.parquet"
+from cxr_miner.storage.stages.provenance import code_version
+from cxr_miner.storage.stages.shard_manifest import (
+    MANIFEST,
+    QUARANTINE_FILE,
+    remove_stale,
+    write_manifest,
+    write_quarantine,
+)
+from cxr_miner.storage.stages.shards import (
+    CARRIED_COLUMNS,
+    SHARD_DIR,
+    ShardResult,
+    ShardSettings,
+    ShardSpec,
+    build_shard,
+    plan_shards,
+)
 
 
 class PreprocessIncomplete(RuntimeError):
     """Some shards failed; the finished ones are kept and a rerun resumes."""
-
-
-def code_version() -> str:
-    try:
-        return version("cxr-miner")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @task(cache_policy=NO_CACHE)
@@ -71,24 +75,9 @@ def preprocess(
 
     largest_first = sorted(specs, key=lambda spec: -len(spec.rows))  # partial shards fill the tail
     futures = [write_shard.submit(spec, source_root, str(shard_dir), settings) for spec in largest_first]
-    names = {id(future): spec.name for future, spec in zip(futures, largest_first)}
-    results: dict[str, ShardResult] = {}
-    failures: dict[str, str] = {}
-    sizes = {spec.name: len(spec.rows) for spec in specs}
-    with progress_bar("preprocess", len(rows) - missing) as advance:
-        for future in as_completed(futures):
-            name = names[id(future)]
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, ShardResult):
-                results[name] = outcome
-            else:
-                failures[name] = f"{type(outcome).__name__}: {outcome}"
-            advance(sizes[name])
+    results, failures = collect("preprocess", futures, [s.name for s in largest_first], {s.name: len(s.rows) for s in specs})
     if failures:
-        detail = "; ".join(f"{name}: {error}" for name, error in sorted(failures.items()))
-        raise PreprocessIncomplete(
-            f"{len(failures)} of {len(specs)} shards failed ({detail}); the other {len(results)} are kept: rerun to resume"
-        )
+        raise PreprocessIncomplete(f"{failure_text(failures, len(specs))}; the other {len(results)} are kept: rerun to resume")
 
     ordered = [results[spec.name] for spec in specs]
     quarantined = write_quarantine(work / QUARANTINE_FILE, ordered)

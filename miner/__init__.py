@@ -1,1 +1,2 @@
-"""Models and mining on tensors and arrays: no files, no Prefect (arrives with training)."""
+"""Models and mining on tensors and arrays: CAM, attention mining, boxes, metrics, and the
+registry of localisation methods (``methods``). No files, no Prefect."""

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from cxr_miner.miner.cam import final_heatmap, normalize_maps, update_masks
+from cxr_miner.miner.cam import normalize_maps, update_masks
 from cxr_miner.miner.models import CamClassifier, Features
 
 KP_MODES = ("none", "vanilla", "kp")
@@ -34,10 +34,6 @@ class Mining(NamedTuple):
     heatmaps: list[torch.Tensor]
     masks: list[torch.Tensor]
     logits: torch.Tensor
-
-    def final(self) -> torch.Tensor:
-        """Eq. 8 over all steps, (N, C, h, w)."""
-        return final_heatmap(self.heatmaps, self.masks)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.measure import label, regionprops
+from skimage.measure import label
 
 # The paper fixes three thresholds but not their values; these span the upper half of
 # the normalised map, where the binarisation of Eq. 7 (0.5) also works.
@@ -34,25 +34,23 @@ def check_heatmap(heatmap: np.ndarray) -> np.ndarray:
     return heatmap
 
 
-def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] (float64); a constant map becomes all zeros. Raises on NaN or wrong rank."""
-    heatmap = np.asarray(heatmap, dtype=np.float64)
-    if heatmap.ndim != 2 or heatmap.size == 0 or not np.all(np.isfinite(heatmap)):
-        raise ValueError(f"heatmap must be a non-empty finite 2-D array, got shape {heatmap.shape}")
-    low, high = heatmap.min(), heatmap.max()
-    return (heatmap - low) / (high - low) if high > low else np.zeros_like(heatmap)
+def peak_component(heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """Bool (H, W): the 8-connected component of ``heatmap >= threshold`` that holds the global
+    maximum (the first in row-major order, as ``np.argmax``); all False when the maximum is
+    below ``threshold`` or not above 0 (an all-zero map has no peak)."""
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    if heatmap[peak] <= 0 or heatmap[peak] < threshold:
+        return np.zeros(heatmap.shape, dtype=bool)
+    components = label(heatmap >= threshold, connectivity=2)
+    return components == components[peak]
 
 
 def peak_component_box(heatmap: np.ndarray, threshold: float) -> tuple[int, int, int, int] | None:
-    """xyxy box of the 8-connected component of ``heatmap >= threshold`` that holds the global maximum."""
-    mask = heatmap >= threshold
-    if not mask.any():
+    """xyxy box (integer pixels, max exclusive) of :func:`peak_component`, or None when it is empty."""
+    rows, cols = np.nonzero(peak_component(heatmap, threshold))
+    if len(rows) == 0:
         return None
-    components = label(mask, connectivity=2)
-    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    region = next(r for r in regionprops(components) if r.label == components[peak])
-    min_row, min_col, max_row, max_col = region.bbox  # max exclusive
-    return (min_col, min_row, max_col, max_row)
+    return (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
 
 
 def box_mean(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> float:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from skimage.measure import label
+
+from cxr_miner.miner.boxes import peak_component
 
 BINARIZE_AT = 0.5  # section 3.2: normalised CAMs are binarised at 0.5
 
@@ -60,18 +61,6 @@ def normalize_maps(cams: torch.Tensor, masks: torch.Tensor | None = None) -> tor
     return torch.where(keep & ok, scaled, torch.zeros_like(scaled)).clamp(0, 1)
 
 
-def peak_component(heatmap: np.ndarray, threshold: float = BINARIZE_AT) -> np.ndarray:
-    """Bool (h, w): the 8-connected component of ``heatmap >= threshold`` holding the global max.
-
-    ``heatmap`` is a normalised map (h, w); an all-zero map has no component (all False).
-    """
-    if not np.any(heatmap > 0):
-        return np.zeros(heatmap.shape, dtype=bool)
-    components = label(heatmap >= threshold, connectivity=2)
-    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return components == components[peak]
-
-
 def update_masks(normalized: torch.Tensor, masks: torch.Tensor, wanted: torch.Tensor | None = None) -> torch.Tensor:
     """Section 3.2: M_t = M_{t-1} with the peak component of binarised H_t set to 0.
 
@@ -85,7 +74,7 @@ def update_masks(normalized: torch.Tensor, masks: torch.Tensor, wanted: torch.Te
     erase = np.zeros(maps.shape, dtype=bool)
     pairs = np.ndindex(*maps.shape[:2]) if wanted is None else zip(*np.nonzero(wanted.detach().cpu().numpy()))
     for index in pairs:
-        erase[index] = peak_component(maps[index])
+        erase[index] = peak_component(maps[index], BINARIZE_AT)
     return masks.float() * torch.from_numpy(~erase).to(device=masks.device, dtype=torch.float32)
 
 

@@ -7,17 +7,14 @@ the shard image (shard_size px square) resized; the shard image is the source le
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_miner.miner.attention import mine
-from cxr_miner.miner.boxes import heatmap_boxes_batched
-from cxr_miner.miner.cam import final_heatmap, normalize_maps
-from cxr_miner.miner.models import CamClassifier
+from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, heatmap_boxes_batched
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
@@ -44,26 +41,9 @@ def boxes_in_source(boxes: np.ndarray, input_size: int, letterbox: Letterbox) ->
     return np.clip(source, 0, limit)
 
 
-def step_heatmaps(models: Sequence[CamClassifier], images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Final heatmaps (Eq. 8) using the first t steps, for t = 1..T, each normalised to [0, 1]
-    (N, C, h, w); the first is the CAM baseline. Also the step-1 logits (N, C)."""
-    mining = mine(models, images)
-    finals = [normalize_maps(final_heatmap(mining.heatmaps[:t], mining.masks[:t])) for t in range(1, len(models) + 1)]
-    return finals, mining.logits
-
-
-def mined_heatmaps(
-    models: Sequence[CamClassifier], images: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The final heatmap (Eq. 8) over all the given steps, normalised to [0, 1] (N, C, h, w),
-    and the step-1 logits (N, C). One model gives the CAM baseline. With ``select`` (see
-    ``mine``), only the selected (image, class) maps are Eq. 8's; the others are not meant to be used."""
-    mining = mine(models, images, select)
-    return normalize_maps(final_heatmap(mining.heatmaps, mining.masks)), mining.logits
-
-
 def localize(
-    heatmaps: torch.Tensor, wanted: np.ndarray, input_size: int, letterboxes: Sequence[Letterbox]
+    heatmaps: torch.Tensor, wanted: np.ndarray, input_size: int, letterboxes: Sequence[Letterbox],
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
 ) -> list[dict[int, Localization]]:
     """Boxes for the (image, class) pairs marked in ``wanted`` (N, C) bool.
 
@@ -76,7 +56,7 @@ def localize(
     if len(rows) == 0:
         return out
     index = torch.as_tensor(rows, device=heatmaps.device), torch.as_tensor(classes, device=heatmaps.device)
-    found = heatmap_boxes_batched(upsample(heatmaps[index], input_size))
+    found = heatmap_boxes_batched(upsample(heatmaps[index], input_size), thresholds)
     boxes, scores, valid = (t.cpu().numpy() for t in found)
     for k, (i, c) in enumerate(zip(rows, classes)):
         source = boxes_in_source(boxes[k][valid[k]], input_size, letterboxes[i])

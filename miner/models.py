@@ -202,7 +202,7 @@ def create_model(config: ModelConfig, trunk_weights: dict[str, torch.Tensor] | N
 def imagenet_weights(trunk: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for ``trunk`` (downloads to the torch hub cache).
 
-    Without network, pass a local weights file instead (see flows.engine.checkpoints.read_weights_file).
+    Without network, pass a local weights file instead (TrainConfig.weights: a file path).
     """
     if trunk not in TRUNKS:
         raise ValueError(f"unknown trunk {trunk!r}; known: {sorted(TRUNKS)}")

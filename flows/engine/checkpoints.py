@@ -1,4 +1,5 @@
-"""Models and training state to and from checkpoint files (storage.stages.checkpoints holds the format)."""
+"""Models and training state to and from checkpoint files (storage.stages.checkpoints holds the
+format, storage.stages.runs the run folder)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cxr_miner.miner.checkpoint import load_model_arrays, model_arrays, restore_
 from cxr_miner.miner.models import CamClassifier, create_model, imagenet_weights
 from cxr_miner.miner.training import TrainConfig
 from cxr_miner.storage.stages.checkpoints import read_checkpoint, read_weights_file, write_checkpoint
+from cxr_miner.storage.stages.runs import RunFolder
 
 
 def trunk_weights(setting: str, trunk: str) -> dict[str, torch.Tensor] | None:
@@ -58,3 +60,17 @@ def resume_into(path: Path, model: CamClassifier, optimizer, scheduler) -> dict[
     load_model_arrays(model, arrays)
     restore_training_state(optimizer, scheduler, arrays, record["training_state"])
     return record
+
+
+def read_config(run: RunFolder) -> TrainConfig:
+    """The TrainConfig a run was started with."""
+    return TrainConfig.from_dict(run.config())
+
+
+def load_models(run: RunFolder, names: tuple[str, ...], device: torch.device | str = "cpu") -> list[CamClassifier]:
+    """The run's checkpoints ``names`` as models in eval mode on ``device``; FileNotFoundError
+    naming the missing ones."""
+    missing = run.missing(names)
+    if missing:
+        raise FileNotFoundError(f"{run.directory}: needs {', '.join(missing)} (train the run first)")
+    return [load_model(run.checkpoint(name), device)[0] for name in names]

@@ -14,8 +14,6 @@ from typing import Any
 
 from cxr_miner.storage.inputs.csvtable import read_rows
 from cxr_miner.storage.inputs.dicom import read_header
-from cxr_miner.storage.vocab.errors import InputError
-from cxr_miner.storage.vocab.findings import UnknownFindingError, parse_findings
 from cxr_miner.storage.inputs.images import RASTER_SUFFIXES, ImageReadError, read_size
 from cxr_miner.storage.inputs.nih import (
     BBOX_LIST,
@@ -28,6 +26,8 @@ from cxr_miner.storage.inputs.nih import (
     read_image_list,
 )
 from cxr_miner.storage.inputs.pseudonym import pseudonym
+from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.findings import UnknownFindingError, parse_findings
 
 Progress = Callable[[int], None]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr_miner.storage.inputs.nih import BBOX_LIST, DATA_ENTRY, TEST_LIST, TRAIN_VAL_LIST
 from cxr_miner.storage.stages.atomic import atomic_path, write_json
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS, NO_FINDING
-from cxr_miner.storage.inputs.nih import BBOX_LIST, DATA_ENTRY, TEST_LIST, TRAIN_VAL_LIST
 
 DATA_ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -14,6 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from cxr_miner.storage.stages.atomic import atomic_path
 from cxr_miner.storage.vocab.findings import FINDINGS
 
@@ -60,3 +64,20 @@ def write_coco(
                 out.write((", " if annotations > 1 else "") + json.dumps(coco_annotation(annotations, ids[box["image_id"]], box)))
         out.write("]}\n")
     return {"images": len(ids), "annotations": annotations}
+
+
+def write_coco_splits(folder: Path, boxes: Path, images: pa.Table, info: Mapping[str, Any], splits: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``folder/coco/<split>.json`` for each split, streamed from ``boxes`` (boxes.parquet);
+    ``images`` holds IMAGE_COLUMNS of every harvested image. Returns the counts per split."""
+    counts = {}
+    handle = pq.ParquetFile(boxes)
+    for split in splits:
+        records = images.filter(pc.equal(images.column("split"), split)).to_pylist()
+
+        def chunks(split=split):
+            for batch in handle.iter_batches(batch_size=65536):
+                table = pa.Table.from_batches([batch])
+                yield table.filter(pc.equal(table.column("split"), split)).to_pylist()
+
+        counts[split] = write_coco(folder / "coco" / f"{split}.json", records, chunks(), {**info, "split": split})
+    return counts

@@ -13,10 +13,10 @@ the release, model and code provenance as JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,8 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cxr_miner.storage.stages.harvest import finding_counts, part_path, read_part
+from cxr_miner.storage.stages.index import INDEX_FILE, read_index
+from cxr_miner.storage.stages.provenance import file_sha256
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 from cxr_miner.storage.vocab.findings import FINDINGS
-from cxr_miner.storage.stages.harvest import finding_counts
 
 LATEST = "latest"
 BOXES_FILE = "boxes.parquet"
@@ -71,6 +74,16 @@ def new_version(now: datetime | None = None) -> str:
 
 def staging_dir(out: Path, version: str) -> Path:
     return out / f".staging-{version}"
+
+
+def fresh_version(out: Path) -> str:
+    """Now as a version; if a release of this second exists, the next second."""
+    version = new_version()
+    if (out / version).exists():
+        time.sleep(1.05)
+        version = new_version()
+    check_new_version(out, version)
+    return version
 
 
 def latest_release(out: Path) -> Path | None:
@@ -121,6 +134,27 @@ class BoxesWriter:
         self.writer.close()
 
 
+def harvested_images(workdir: Path) -> pa.Table:
+    """IMAGE_COLUMNS of the images in the shards (quarantined and missing files are not)."""
+    index = read_index(workdir / INDEX_FILE).select(list(IMAGE_COLUMNS))
+    ids = pa.concat_arrays([pq.read_table(p, columns=["image_id"]).column("image_id").combine_chunks()
+                            for p in ShardReader(workdir / SHARD_DIR).paths])
+    return index.filter(pc.is_in(index.column("image_id"), value_set=ids))
+
+
+def write_release_boxes(path: Path, workdir: Path, shards: Iterable[str], images: pa.Table, provenance: Mapping[str, Any]) -> int:
+    """boxes.parquet from the harvest parts of ``shards`` (names), part by part; returns its rows."""
+    wanted = set(shards)
+    writer = BoxesWriter(path, provenance)
+    try:
+        for shard in ShardReader(workdir / SHARD_DIR).shards:
+            if shard["name"] in wanted:
+                writer.write(release_rows(read_part(part_path(workdir, shard["file"])), images))
+    finally:
+        writer.close()
+    return writer.rows
+
+
 def count_boxes(path: Path) -> dict[str, dict[str, int]]:
     """{finding: {"boxes", "images"}} of a boxes.parquet, every finding present (zeros included)."""
     return finding_counts(pq.read_table(path, columns=["image_id", "finding"]))
@@ -149,11 +183,7 @@ def file_digests(folder: Path, skip: Iterable[str] = (MANIFEST_FILE,)) -> dict[s
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder).as_posix()
         if relative not in skipped:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            digests[relative] = digest.hexdigest()
+            digests[relative] = file_sha256(path)
     return digests
 
 

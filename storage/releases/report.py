@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from cxr_miner.storage.vocab.findings import FINDINGS  # noqa: E402
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.vocab.text import format_number  # noqa: E402
 
 GALLERY_PER_GROUP = 2  # images each from the top, the median and the bottom scores
 STYLE = """
@@ -157,14 +158,10 @@ def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _number(value: float) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
-
-
 def acc_rows(data: FindingData) -> list[list[str]]:
     methods = list(data.acc)
     thresholds = sorted({t for table in data.acc.values() for t in table})
-    return [[str(t)] + [f"{_number(data.acc[m][t]['acc'])} / {_number(data.acc[m][t]['afp'])}" for m in methods] for t in thresholds]
+    return [[str(t)] + [f"{format_number(data.acc[m][t]['acc'])} / {format_number(data.acc[m][t]['afp'])}" for m in methods] for t in thresholds]
 
 
 def _page(title: str, body: str) -> str:
@@ -228,7 +225,7 @@ def write_report(folder: Path, report: ReportData) -> list[str]:
     rows = headline_rows(report)
     header = list(rows[0]) if rows else ["finding"]
     cells = [[f"<a href='{page_name(r['finding'])}'>{html.escape(r['finding'])}</a>"]
-             + [_number(v) if isinstance(v, float) else str(v) for k, v in r.items() if k != "finding"] for r in rows]
+             + [format_number(v) for k, v in r.items() if k != "finding"] for r in rows]
     facts = _table(None, [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
     body = (f"<h1>{html.escape(report.title)}</h1><p>Release <b>{html.escape(report.version)}</b>, method "
             f"<b>{html.escape(report.method)}</b>, model {html.escape(report.model_id)}.</p>{facts}"

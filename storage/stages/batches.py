@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxr_miner.storage.stages.shards import decode_image
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader, decode_image
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 META_COLUMNS = (
     "image_id", "patient_id", "split", "source_path", "has_box", "source_width", "source_height",
@@ -43,6 +44,10 @@ class ShardBatch(NamedTuple):
     def __len__(self) -> int:
         return len(self.images)
 
+    def letterboxes(self) -> list[Letterbox]:
+        """Each image's map back to its source pixels."""
+        return [Letterbox.from_record({k: v[i] for k, v in self.meta.items()}) for i in range(len(self))]
+
 
 def list_row_groups(paths: Sequence[Path | str], only_boxed: bool = False) -> list[RowGroup]:
     """Row groups of the shards, in file order (reads the footers, and the has_box column when
@@ -57,6 +62,12 @@ def list_row_groups(paths: Sequence[Path | str], only_boxed: bool = False) -> li
             if rows:
                 groups.append(RowGroup(str(path), i, rows, only_boxed))
     return groups
+
+
+def split_row_groups(workdir: str | Path, splits: Sequence[str], only_boxed: bool = False) -> list[RowGroup]:
+    """Row groups of the workdir's shards of ``splits`` (see list_row_groups)."""
+    paths = [path for split in splits for path in ShardReader(Path(workdir) / SHARD_DIR, split).paths]
+    return list_row_groups(paths, only_boxed)
 
 
 def label_prevalence(groups: Sequence[RowGroup]) -> np.ndarray:

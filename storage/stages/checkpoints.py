@@ -17,7 +17,6 @@ from safetensors.numpy import save
 
 from cxr_miner.storage.stages.atomic import atomic_path
 
-SUFFIX = ".safetensors"
 META_KEY = "cxr_miner"
 
 

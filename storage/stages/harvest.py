@@ -18,10 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_miner.storage.stages.atomic import write_parquet
+from cxr_miner.storage.stages.provenance import code_version
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 HARVEST_DIR = "harvest"
@@ -47,6 +49,11 @@ PART_SCHEMA = pa.schema(
 )
 
 
+def harvest_summary_file(workdir: str | Path) -> Path:
+    """``W/harvest/harvest.json``: it exists only after a complete harvest."""
+    return Path(workdir) / HARVEST_DIR / SUMMARY_FILE
+
+
 def parts_dir(workdir: str | Path) -> Path:
     return Path(workdir) / HARVEST_DIR / PARTS_DIR
 
@@ -58,6 +65,26 @@ def part_path(workdir: str | Path, shard: str | Path) -> Path:
 
 def key_text(key: Mapping[str, Any]) -> str:
     return json.dumps(dict(key), sort_keys=True)
+
+
+def part_rows(
+    image_ids: Sequence[str], found: Sequence[Mapping[int, Any]], probability: np.ndarray, method: str, model_id: str
+) -> list[dict[str, Any]]:
+    """PART_SCHEMA rows of a batch: per image, per finding index (in order), per box by rank.
+
+    ``found[i]`` maps a finding index to an object with ``boxes`` (K, 4) xyxy in source pixels
+    and ``scores`` (K,), rank 1 first; ``probability`` (N, C) the classifier's sigmoid.
+    """
+    rows = []
+    for i, image_id in enumerate(image_ids):
+        for c, loc in sorted(found[i].items()):
+            for rank, (box, score) in enumerate(zip(loc.boxes, loc.scores), start=1):
+                rows.append({
+                    "image_id": image_id, "finding": FINDINGS[c], "rank": rank,
+                    "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3],
+                    "score": score, "probability": probability[i, c], "method": method, "model_id": model_id,
+                })
+    return rows
 
 
 def write_part(path: Path, rows: Sequence[Mapping[str, Any]], key: Mapping[str, Any], images: int) -> int:
@@ -102,3 +129,30 @@ def remove_stale_parts(directory: Path, keep: Iterable[str]) -> list[str]:
     for name in stale:
         (directory / f"{name}.parquet").unlink()
     return stale
+
+
+def harvest_summary(
+    workdir: Path, shards: Sequence[Mapping[str, Any]], key: Mapping[str, Any], run: str, built: int, removed: list[str]
+) -> dict[str, Any]:
+    """harvest.json: the key, the run, and per finding the boxes and images covered (read from the parts)."""
+    totals = {f: {"boxes": 0, "images": 0} for f in FINDINGS}
+    for shard in shards:  # a part at a time; an image lies in one shard, so its counts add up
+        for finding, counts in finding_counts(read_part(part_path(workdir, shard["file"]))).items():
+            for name, n in counts.items():
+                totals[finding][name] += n
+    return {
+        "key": dict(key), "run": run, "code_version": code_version(),
+        "shards": [s["name"] for s in shards], "images": sum(s["rows"] for s in shards),
+        "boxes": sum(c["boxes"] for c in totals.values()),
+        "boxes_per_finding": {f: c["boxes"] for f, c in totals.items()},
+        "images_per_finding": {f: c["images"] for f, c in totals.items()},
+        "built": built, "removed": removed,
+    }
+
+
+def read_harvest_summary(workdir: Path) -> dict[str, Any]:
+    """The summary of the complete harvest of ``workdir`` (FileNotFoundError if there is none)."""
+    path = harvest_summary_file(workdir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no complete harvest (run `cxr-miner harvest` first)")
+    return json.loads(path.read_text())

@@ -14,11 +14,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxr_miner.storage.inputs.nih import GroundTruthBox
+from cxr_miner.storage.inputs.sources import SourceScan
 from cxr_miner.storage.stages.atomic import write_json, write_parquet
 from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
-from cxr_miner.storage.inputs.nih import GroundTruthBox
-from cxr_miner.storage.inputs.sources import SourceScan
 
 SPLITS = ("train", "val", "test")
 INDEX_FILE = "index.parquet"

@@ -19,6 +19,8 @@ from cxr_miner.storage.stages.index import SPLITS
 from cxr_miner.storage.stages.shards import ShardResult, ShardSettings
 
 MANIFEST = "manifest.json"
+QUARANTINE_FILE = "quarantine.parquet"  # below the workdir
+
 QUARANTINE_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("source_path", pa.string()), ("reason", pa.string()), ("shard", pa.string())]
 )

@@ -11,20 +11,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cxr_miner.storage.stages.atomic import atomic_path, write_json
-from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from cxr_miner.storage.stages.atomic import atomic_path, write_json
 from cxr_miner.storage.stages.index import SPLITS
+from cxr_miner.storage.stages.provenance import file_sha256
+from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 SHARD_FORMAT_VERSION = 1
@@ -145,14 +146,6 @@ def decode_image(data: bytes, size: int, encoding: str) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_completion(shard_path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(completion_path(shard_path).read_text())
@@ -238,40 +231,11 @@ def shard_schema(settings: ShardSettings) -> pa.Schema:
     )
 
 
-class ShardImage(NamedTuple):
-    """One image from a shard: pixels uint8 (size, size), labels bool (14,) in FINDINGS order."""
-
-    image_id: str
-    image: np.ndarray
-    labels: np.ndarray
-    meta: dict[str, Any]
-
-
-def iter_shard(path: Path, *, batch_size: int = 64) -> Iterator[ShardImage]:
-    """Stream one shard, ``batch_size`` rows in memory at a time."""
-    handle = pq.ParquetFile(path)
-    metadata = handle.schema_arrow.metadata or {}
-    encoding = metadata.get(b"cxr_miner.encoding", b"").decode()
-    if encoding not in ENCODINGS:
-        raise ValueError(f"{path}: not a cxr-miner shard (encoding {encoding!r})")
-    for batch in handle.iter_batches(batch_size=batch_size):
-        columns = batch.to_pydict()
-        images = columns.pop("image")
-        for i, data in enumerate(images):
-            meta = {name: values[i] for name, values in columns.items()}
-            yield ShardImage(
-                meta["image_id"],
-                decode_image(data, meta["size"], encoding),
-                np.asarray(meta.pop("labels"), dtype=bool),
-                meta,
-            )
-
-
 class ShardReader:
-    """Torch-free iteration over a preprocessed workdir's shards, optionally one split.
+    """A preprocessed workdir's shards (from their manifest), optionally of one split.
 
-    ``paths`` lets a data loader give each worker its own shards; iterating yields
-    :class:`ShardImage` in shard order.
+    ``shards`` are the manifest's entries (name, file, split, rows, bytes, sha256); ``paths``
+    lets a data loader give each worker its own; ``batches`` reads them without torch.
     """
 
     def __init__(self, shard_dir: Path, split: str | None = None) -> None:
@@ -288,6 +252,9 @@ class ShardReader:
     def __len__(self) -> int:
         return sum(s["rows"] for s in self.shards)
 
-    def __iter__(self) -> Iterator[ShardImage]:
-        for path in self.paths:
-            yield from iter_shard(path)
+    def batches(self, batch_size: int = 64):
+        """Iterator of ``stages.batches.ShardBatch`` in shard order: images uint8 (B, S, S),
+        labels bool (B, 14), meta (column -> B values)."""
+        from cxr_miner.storage.stages.batches import batch_stream, list_row_groups  # batches builds on this module
+
+        return batch_stream(list_row_groups(self.paths), batch_size)

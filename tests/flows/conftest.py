@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# 10 epochs of step 1 and one per AM step: about 3 minutes on 2 cores.
-SETTINGS = {"epochs": 10, "am_steps": 3, "am_epochs": 1, "loader_workers": 1}
+from tests.flows.helpers import SETTINGS
 
 
 @pytest.fixture(scope="session")
@@ -42,19 +41,3 @@ def dask_cluster(prefect_server) -> str:
 
     with local_worker_config(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
         yield cluster.scheduler_address
-
-
-def copy_workdir(source: Path, target: Path) -> Path:
-    """Index, shards and models of a workdir, without its harvest (hard links where possible)."""
-    import shutil
-
-    def copy(src, dst):
-        try:
-            import os
-
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("harvest", "releases"), copy_function=copy)
-    return target

@@ -9,16 +9,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from cxr_miner.flows.engine.checkpoints import load_model, read_config
 from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.faults import FAULT_ENV, plant_fault
 from cxr_miner.flows.harvest import run_harvest
 from cxr_miner.miner.metrics import LocalizationEvaluator
-from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
+from cxr_miner.miner.training import prepare_images
+from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
 from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, parts_dir, read_part, write_part
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes
+from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
-from tests.flows.conftest import copy_workdir
+from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
+from tests.flows.helpers import copy_workdir
 
 pytestmark = pytest.mark.slow
 
@@ -117,14 +122,37 @@ def test_a_killed_worker_is_survived_with_the_same_boxes(harvested, trained_work
     assert all_parts(work).equals(all_parts(reference))
 
 
-def test_discovery_mode_boxes_every_finding_scored_above_the_threshold(trained_workdir, harvest_on, tmp_path):
+def classifier_probabilities(work: Path) -> dict[tuple[str, str], float]:
+    """(image id, finding) -> the step-1 sigmoid, by a plain forward pass over every shard."""
+    config = read_config(RunFolder.of(work, "t"))
+    model, _ = load_model(RunFolder.of(work, "t").step(1))
+    out = {}
+    for batch in batch_stream(split_row_groups(work, ("train", "val", "test")), 32):
+        with torch.no_grad():
+            scores = torch.sigmoid(model(prepare_images(torch.from_numpy(batch.images), config.input_size, torch.device("cpu"))))
+        for image_id, row in zip(batch.meta["image_id"], scores.numpy()):
+            out.update({(image_id, f): float(p) for f, p in zip(FINDINGS, row)})
+    return out
+
+
+def test_discovery_mode_boxes_exactly_the_findings_scored_above_the_threshold(trained_workdir, harvest_on, tmp_path):
     work = copy_workdir(trained_workdir, tmp_path / "work")
-    harvest_on(work, method="cam", all_findings=True, min_score=0.0)
+    probability = classifier_probabilities(work)
+    values = np.sort(np.array(list(probability.values())))
+    middle = len(values) // 2  # a threshold half-way across the widest gap near the median: no pair sits on it
+    gaps = np.diff(values[middle - 200 : middle + 200])
+    widest = int(np.argmax(gaps)) + middle - 200
+    threshold = float((values[widest] + values[widest + 1]) / 2)
+    expected = {pair for pair, p in probability.items() if p >= threshold}
+    assert 0.2 < len(expected) / len(probability) < 0.8  # the threshold excludes many pairs, keeps many
+    harvest_on(work, method="cam", all_findings=True, min_score=threshold)
     boxes = all_parts(work)
-    pairs = set(zip(boxes.column("image_id").to_pylist(), boxes.column("finding").to_pylist()))
-    assert len(pairs) == 320 * len(FINDINGS)  # a probability is always >= 0: every finding of every image
+    assert set(zip(boxes.column("image_id").to_pylist(), boxes.column("finding").to_pylist())) == expected
+    for row in boxes.select(["image_id", "finding", "probability"]).to_pylist():
+        assert row["probability"] == pytest.approx(probability[(row["image_id"], row["finding"])], abs=1e-5)
     key = part_key(next(parts_dir(work).glob("*.parquet")))
     assert key["method"] == "cam" and key["mode"] == "discovery" and len(key["checkpoints"]) == 1
+    assert key["min_score"] == threshold
     assert boxes.schema.names == PART_SCHEMA.names and set(boxes.column("method").to_pylist()) == {"cam"}
 
 

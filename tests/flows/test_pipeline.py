@@ -17,9 +17,9 @@ from cxr_miner.flows.faults import FAULT_ENV, plant_fault
 from cxr_miner.flows.ingest import ingest
 from cxr_miner.flows.preprocess import PreprocessIncomplete, run_preprocess
 from cxr_miner.storage.phantoms.generator import generate
-from cxr_miner.storage.vocab.findings import FINDINGS
 from cxr_miner.storage.stages.index import INDEX_SCHEMA
 from cxr_miner.storage.stages.shards import SHARD_SCHEMA, ShardReader
+from cxr_miner.storage.vocab.findings import FINDINGS
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 48
@@ -132,21 +132,25 @@ def test_letterbox_round_trip_of_a_box(demo, preprocessed):
 
     work, _ = preprocessed
     truth = list(csv.DictReader(open(demo / "demo_truth.csv")))
-    items = {item.image_id: item for item in ShardReader(work / "shards")}
+    items = {}
+    for batch in ShardReader(work / "shards").batches():
+        for i, (image_id, letterbox) in enumerate(zip(batch.meta["image_id"], batch.letterboxes())):
+            items[image_id] = (batch.images[i], letterbox, batch.meta["source_path"][i])
     checked = 0
     for box in truth:
-        item = items.get(box["image_id"])
-        if item is None or item.meta["source_width"] == item.meta["source_height"] or box["finding"] in {"Edema", "Emphysema"}:
+        if box["image_id"] not in items:
             continue
-        meta = item.meta
+        image, letterbox, source_path = items[box["image_id"]]
+        if letterbox.source_width == letterbox.source_height or box["finding"] in {"Edema", "Emphysema"}:
+            continue
         x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
-        sx0, sx1 = (np.array([x0, x1]) * meta["scale_x"] + meta["offset_x"]).round().astype(int)
-        sy0, sy1 = (np.array([y0, y1]) * meta["scale_y"] + meta["offset_y"]).round().astype(int)
+        sx0, sx1 = (np.array([x0, x1]) * letterbox.scale_x + letterbox.offset_x).round().astype(int)
+        sy0, sy1 = (np.array([y0, y1]) * letterbox.scale_y + letterbox.offset_y).round().astype(int)
         if min(sx1 - sx0, sy1 - sy0) < 6:
             continue
-        source = read_image(demo / meta["source_path"]).astype(float)
+        source = read_image(demo / source_path).astype(float)
         inside_source = source[round(y0) : round(y1), round(x0) : round(x1)].mean()
-        inside_shard = item.image[sy0:sy1, sx0:sx1].astype(float).mean()
+        inside_shard = image[sy0:sy1, sx0:sx1].astype(float).mean()
         assert abs(inside_shard - inside_source) < 6, (box, inside_shard, inside_source)
         # the same window shifted by its own width lands on other pixels: the check can fail
         checked += 1

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_iou
 
 from cxr_miner.flows.pipeline import run
-from cxr_miner.storage.vocab.findings import FINDINGS
-from cxr_miner.storage.stages.index import GT_BOXES_FILE
 from cxr_miner.storage.releases.release import PROVENANCE_META, RELEASE_SCHEMA, ReleaseExists, publish, staging_dir
-from tests.flows.conftest import copy_workdir
+from cxr_miner.storage.stages.index import GT_BOXES_FILE
+from cxr_miner.storage.vocab.findings import FINDINGS
+from tests.flows.helpers import copy_workdir
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -39,7 +40,7 @@ def released(trained_workdir, dask_cluster, tmp_path_factory) -> tuple[Path, Pat
     base = tmp_path_factory.mktemp("release")
     work = copy_workdir(trained_workdir, base / "work")
     root = json.loads((work / "ingest_report.json").read_text())["root"]
-    options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "model": "t", "size": 128,
+    options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "run": "t", "size": 128,
                "shard_size": 64, "dask_address": dask_cluster}
     first = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
     second = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
@@ -79,9 +80,18 @@ def test_duckdb_counts_agree_with_the_coco_files(released):
     assert sum(n for n in by_db.values()) == first["boxes"]
 
 
-def test_cocoeval_runs_against_the_ground_truth(released):
-    """The ground truth scored as its own detections gives AP 1 (our ids and boxes line up);
-    the mined boxes of the annotated images then evaluate to an AP in [0, 1]."""
+def xyxy(boxes: list[list[float]]):
+    import torch
+
+    b = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+
+
+def test_cocoeval_agrees_with_an_independent_count_on_the_ground_truth(released):
+    """The ground truth scored as its own detections gives AP 1 (our ids and boxes line up); for
+    the mined boxes, COCOeval's recall per finding at IoU 0.1, 0.3, 0.5 equals the fraction of
+    ground-truth boxes that torchvision's box_iou finds a mined box of the same image and
+    finding for (one box per image and finding here, so greedy matching changes nothing)."""
     work, _, first, _ = released
     mined = json.loads((Path(first["path"]) / "coco" / "test.json").read_text())
     ids = {image["image_name"]: image["id"] for image in mined["images"]}
@@ -98,17 +108,34 @@ def test_cocoeval_runs_against_the_ground_truth(released):
     coco_gt.dataset = gt
     coco_gt.createIndex()
 
-    def average_precision(annotations):
+    thresholds = [0.1, 0.3, 0.5]
+
+    def evaluated(annotations):
         evaluator = COCOeval(coco_gt, coco_gt.loadRes([{**a, "score": a.get("score", 1.0)} for a in annotations]), "bbox")
         evaluator.params.imgIds = sorted({a["image_id"] for a in gt["annotations"]})
+        evaluator.params.iouThrs = np.array(thresholds)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-        return evaluator.stats[0]
+        return evaluator
 
-    assert average_precision(gt["annotations"]) == pytest.approx(1.0)
+    assert evaluated(gt["annotations"]).stats[0] == pytest.approx(1.0)
     boxed = {a["image_id"] for a in gt["annotations"]}
-    assert 0.0 <= average_precision([a for a in mined["annotations"] if a["image_id"] in boxed]) <= 1.0
+    mined_boxed = [a for a in mined["annotations"] if a["image_id"] in boxed]
+    recall = evaluated(mined_boxed).eval["recall"]  # (T, K, area, max detections)
+    for t, threshold in enumerate(thresholds):  # recall = ground-truth boxes hit by a mined box of theirs, by box_iou
+        for k, category in enumerate(coco_gt.getCatIds()):
+            truths = [a for a in gt["annotations"] if a["category_id"] == category]
+            if not truths:
+                assert recall[t, k, 0, -1] == -1
+                continue
+            hits = 0
+            for a in truths:
+                ours = [m["bbox"] for m in mined_boxed if m["image_id"] == a["image_id"] and m["category_id"] == category]
+                if ours:
+                    hits += bool((box_iou(xyxy([a["bbox"]]), xyxy(ours)) >= threshold).any())
+            assert recall[t, k, 0, -1] == pytest.approx(hits / len(truths)), (threshold, category)
+    assert recall[0, :, 0, -1].max() > 0  # some ground truth is found at IoU 0.1
 
 
 def test_torchvision_coco_detection_loads_a_split(released, trained_workdir):

@@ -15,14 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_miner.flows.engine.checkpoints import load_model
-from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.engine.checkpoints import load_model, load_models, read_config
 from cxr_miner.flows.engine.loader import shard_loader
-from cxr_miner.flows.train import row_groups, run_dir, step_file, train
+from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.train import train
+from cxr_miner.miner.attention import mine
+from cxr_miner.miner.methods import create_method
 from cxr_miner.miner.metrics import roc_auc
-from cxr_miner.miner.training import predict, preset
+from cxr_miner.miner.training import predict, prepare_images, preset
+from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
+from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
-from tests.flows.conftest import SETTINGS
+from tests.flows.helpers import SETTINGS
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +37,18 @@ def trained(trained_workdir) -> Path:
 
 
 def test_run_folder_holds_every_step_and_its_metrics(trained):
-    directory = run_dir(trained, "t")
-    metrics = json.loads((directory / "metrics.json").read_text())
+    folder = RunFolder.of(trained, "t")
+    metrics = json.loads(folder.metrics_file.read_text())
     assert [len(metrics[f"step{t}"]) for t in (1, 2, 3)] == [SETTINGS["epochs"], 1, 1]
-    model, record = load_model(step_file(directory, 3))
+    model, record = load_model(folder.step(3))
     assert record["step"] == 3 and record["config"]["kp"] == "kp"
     assert all(math.isfinite(row["loss_kp"]) for row in metrics["step2"] + metrics["step3"])
 
 
 def test_planted_findings_are_ranked_above_chance(trained):
     config = preset("cpu-small")
-    model, _ = load_model(step_file(run_dir(trained, "t"), 1))
-    loader = shard_loader(row_groups(trained, ("test",)), 32, shuffle=False, workers=0)
+    model, _ = load_model(RunFolder.of(trained, "t").step(1))
+    loader = shard_loader(split_row_groups(trained, ("test",)), 32, shuffle=False, workers=0)
     scores, labels = predict(model, loader, config, torch.device("cpu"))
     aucs = {f: roc_auc(scores[:, c].numpy(), labels[:, c].numpy()) for c, f in enumerate(FINDINGS)}
     finite = [v for v in aucs.values() if not math.isnan(v)]
@@ -62,15 +66,37 @@ def test_attention_mining_localises_at_least_as_well_as_cam(trained):
         return np.mean([report["results"][method][f]["iou"][0.1]["acc"] for f in evaluated])
 
     assert mean_acc("am-t3") >= mean_acc("cam"), report["markdown"]
-    assert (run_dir(trained, "t") / "evaluation.md").read_text().count("| 0.1 |") == 6  # 3 methods, IoU and IoR tables
+    assert RunFolder.of(trained, "t").evaluation_md.read_text().count("| 0.1 |") == 6  # 3 methods, IoU and IoR tables
+
+
+def test_attention_mining_changes_the_heatmaps_where_later_steps_erase(trained):
+    """Eq. 8 adds what steps 2..T mine: wherever step 2 erased a region of a labelled finding's
+    map, the AM heatmap differs from the CAM baseline's. An AM that changed nothing fails here."""
+    folder = RunFolder.of(trained, "t")
+    config = read_config(folder)
+    cam, am = create_method("cam", config), create_method("am", config)
+    models = load_models(folder, am.checkpoints())
+    batch = next(batch_stream(split_row_groups(trained, ("train",)), 32))
+    labels = torch.from_numpy(batch.labels)
+    x = prepare_images(torch.from_numpy(batch.images), config.input_size, torch.device("cpu"))
+    with torch.no_grad():
+        cam_maps, _ = cam.heatmaps(models, x, lambda logits: labels)
+        am_maps, _ = am.heatmaps(models, x, lambda logits: labels)
+        masks = mine(models, x, lambda logits: labels).masks
+    mined_by_step_2 = ((masks[0] - masks[1]) > 0).flatten(2).any(dim=2) & labels  # (N, C)
+    assert int(mined_by_step_2.sum()) >= 5
+    difference = (am_maps - cam_maps).abs().flatten(2).amax(dim=2)  # (N, C)
+    assert bool((difference[mined_by_step_2] > 1e-3).all()), difference[mined_by_step_2]
 
 
 def test_rerun_skips_finished_steps_and_other_settings_are_refused(trained, tmp_path):
-    directory = run_dir(trained, "t")
+    directory = RunFolder.of(trained, "t").directory
     before = {p.name: p.stat().st_mtime_ns for p in directory.glob("*.safetensors")}
     config = trained / "settings.json"
     summary = train(workdir=str(trained), preset="cpu-small", config_file=str(config), run="t")
     assert summary["steps"] == [1, 2, 3]
+    only_cam = train(workdir=str(trained), preset="cpu-small", config_file=str(config), run="t", method="cam")
+    assert only_cam["steps"] == [1]  # --method cam trains (here: finds trained) step 1 alone
     assert {p.name: p.stat().st_mtime_ns for p in directory.glob("*.safetensors")} == before
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**SETTINGS, "epochs": 3}))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr_miner.miner.attention import attention_mining_loss, erased_count, kp_distance, kp_loss, mine
+from cxr_miner.miner.cam import final_heatmap
 from cxr_miner.miner.models import Features, ModelConfig, create_model
 
 
@@ -59,7 +60,7 @@ def test_mining_steps_erase_more_each_step_and_heatmaps_respect_masks():
         assert torch.all(result.masks[t] <= result.masks[t - 1])  # erasure accumulates
         assert torch.all(result.heatmaps[t][result.masks[t - 1] == 0] == 0)  # H_t sees X * M_{t-1}
         assert (result.masks[t].sum() < result.masks[t - 1].sum()).item()
-    final = result.final()
+    final = final_heatmap(result.heatmaps, result.masks)
     assert final.shape == (3, 14, 8, 8) and float(final.min()) >= 0 and float(final.max()) <= 1 + 1e-6
 
 
@@ -69,8 +70,9 @@ def test_selected_pairs_get_the_same_final_heatmaps_as_a_full_mining():
     images = torch.randn(3, 1, 128, 128)
     wanted = torch.zeros(3, 14, dtype=torch.bool)
     wanted[0, 1] = wanted[2, 5] = wanted[2, 13] = True
-    full, some = mine(models, images).final(), mine(models, images, select=lambda logits: wanted)
-    assert torch.equal(some.final()[wanted], full[wanted])
+    full = mine(models, images)
+    some = mine(models, images, select=lambda logits: wanted)
+    assert torch.equal(final_heatmap(some.heatmaps, some.masks)[wanted], final_heatmap(full.heatmaps, full.masks)[wanted])
     assert torch.all(some.masks[-1][~wanted] == 1)  # the others were never erased
 
 

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_miner.miner.cam import class_activation_maps, erased_logits, final_heatmap, normalize_maps, peak_component, update_masks
+from cxr_miner.miner.boxes import peak_component
+from cxr_miner.miner.cam import (
+    class_activation_maps,
+    erased_logits,
+    final_heatmap,
+    normalize_maps,
+    update_masks,
+)
 from cxr_miner.miner.models import ModelConfig, create_model
 
 
@@ -36,8 +43,11 @@ def test_two_peaks_erased_strongest_first_then_the_other():
 def test_peak_component_is_eight_connected_and_empty_for_blank_maps():
     heatmap = np.zeros((4, 4))
     heatmap[0, 0], heatmap[1, 1], heatmap[3, 3] = 1.0, 0.6, 0.9
-    assert peak_component(heatmap).sum() == 2  # (0,0) and its diagonal neighbour (1,1)
-    assert not peak_component(np.zeros((3, 3))).any()
+    assert peak_component(heatmap, 0.5).sum() == 2  # (0,0) and its diagonal neighbour (1,1)
+    assert peak_component(heatmap, 0.95).sum() == 1  # the peak alone
+    assert not peak_component(np.zeros((3, 3)), 0.5).any()
+    assert not peak_component(np.zeros((3, 3)), 0.0).any()  # an all-zero map has no peak at any threshold
+    assert not peak_component(heatmap * 0.4, 0.5).any()  # maximum below the threshold
 
 
 def test_normalize_maps_uses_kept_positions_only():

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from cxr_miner.storage.inputs.nih import read_bbox_list, read_data_entry
 from cxr_miner.storage.phantoms.generator import BBOX_HEADER, DATA_ENTRY_HEADER, generate, plan_images, render
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
-from cxr_miner.storage.inputs.nih import read_bbox_list, read_data_entry
 
 
 def _digest(root):

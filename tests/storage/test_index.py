@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.stages.index import assign_splits, hashed_split, index_table, unit_hash
+from cxr_miner.storage.vocab.errors import InputError
 
 
 def _records(*pairs):
@@ -45,9 +45,9 @@ def test_index_table_derives_finding_columns():
 
 
 def test_gt_boxes_read_back_grouped_by_image_and_finding(tmp_path):
+    from cxr_miner.storage.inputs.nih import GroundTruthBox
     from cxr_miner.storage.stages.atomic import write_parquet
     from cxr_miner.storage.stages.index import gt_boxes_table, read_gt_boxes
-    from cxr_miner.storage.inputs.nih import GroundTruthBox
 
     boxes = [GroundTruthBox("a.png", "Mass", 1, 2, 3, 4), GroundTruthBox("a.png", "Mass", 5, 6, 7, 8),
              GroundTruthBox("b.png", "Nodule", 0, 0, 1, 1)]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from cxr_miner.storage.inputs.csvtable import join_bracketed
+from cxr_miner.storage.inputs.nih import read_bbox_list, read_data_entry, read_image_list
 from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import parse_findings
-from cxr_miner.storage.inputs.nih import read_bbox_list, read_data_entry, read_image_list
 from tests.conftest import SHARED_NIH
 
 REAL_HEADER = (

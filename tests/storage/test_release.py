@@ -11,10 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr_miner.storage.releases.coco import coco_annotation, write_coco
-from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, read_part, write_part
 from cxr_miner.storage.releases.release import (
-    RELEASE_SCHEMA, ReleaseExists, count_boxes, diff_boxes, latest_release, new_version, publish, release_rows, staging_dir,
+    RELEASE_SCHEMA,
+    ReleaseExists,
+    count_boxes,
+    diff_boxes,
+    latest_release,
+    new_version,
+    publish,
+    release_rows,
+    staging_dir,
 )
+from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, read_part, write_part
 
 IMAGES = pa.table({
     "image_id": ["a.png", "b.png"], "patient_id": ["1", "2"], "split": ["train", "test"],

@@ -7,7 +7,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from cxr_miner.storage.stages.shard_manifest import AccountingError, check_accounting, remove_stale, write_manifest, write_quarantine
+from cxr_miner.storage.stages.shard_manifest import (
+    AccountingError,
+    check_accounting,
+    remove_stale,
+    write_manifest,
+    write_quarantine,
+)
 from cxr_miner.storage.stages.shards import ShardResult, ShardSettings
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxr_miner.storage.vocab.findings import FINDINGS
 from cxr_miner.storage.inputs.images import read_image
+from cxr_miner.storage.stages.batches import list_row_groups, read_row_group
+from cxr_miner.storage.stages.shards import ShardReader, ShardSettings, build_shard, plan_shards
+from cxr_miner.storage.vocab.findings import FINDINGS
 from cxr_miner.storage.vocab.letterbox import Letterbox
-from cxr_miner.storage.stages.shards import ShardReader, ShardSettings, build_shard, iter_shard, plan_shards
 
 
 def _rows(tmp_path, n=5):
@@ -44,14 +46,16 @@ def test_pixels_and_labels_round_trip(tmp_path, encoding):
     settings = ShardSettings(size=64, encoding=encoding)
     result = build_shard(spec, tmp_path, tmp_path / "shards", settings)
     assert (result.rows, result.quarantined, result.skipped) == (3, [], False)
-    images = list(iter_shard(tmp_path / "shards" / "train-00000.parquet"))
-    for row, item in zip(rows, images):
+    path = tmp_path / "shards" / "train-00000.parquet"
+    (batch,) = [read_row_group(g) for g in list_row_groups([path])]
+    for i, row in enumerate(rows[:3]):
         source = read_image(tmp_path / row["source_path"])
         expected = Letterbox.fit(source.shape[1], source.shape[0], 64).apply(source)
-        assert item.image_id == row["image_id"]
-        np.testing.assert_array_equal(item.image, expected)
-        assert item.labels.tolist() == [f in row["findings"] for f in FINDINGS]
-    assert images[1].meta["offset_y"] == (64 - 48) // 2 and images[1].meta["scale_x"] == pytest.approx(64 / 120)
+        assert batch.meta["image_id"][i] == row["image_id"]
+        np.testing.assert_array_equal(batch.images[i], expected)
+        assert batch.labels[i].tolist() == [f in row["findings"] for f in FINDINGS]
+    assert batch.meta["offset_y"][1] == (64 - 48) // 2
+    assert pq.read_table(path, columns=["scale_x"]).column("scale_x")[1].as_py() == pytest.approx(64 / 120)
 
 
 def test_rerun_skips_and_settings_change_rebuilds(tmp_path):
@@ -87,7 +91,7 @@ def test_reader_filters_by_split(tmp_path):
         entries.append({"name": spec.name, "file": f"{spec.name}.parquet", "split": spec.name.split("-")[0], "rows": result.rows})
     (shard_dir / "manifest.json").write_text(json.dumps({"settings": {}, "shards": entries}))
     assert len(ShardReader(shard_dir)) == 5
-    test_ids = [item.image_id for item in ShardReader(shard_dir, split="test")]
+    test_ids = [i for batch in ShardReader(shard_dir, split="test").batches() for i in batch.meta["image_id"]]
     assert test_ids == ["00000004_000.png"]
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         ShardReader(shard_dir, split="dev")

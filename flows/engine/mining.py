@@ -1,0 +1,74 @@
+"""Mining whole shards with a registered method: row groups in, ranked boxes out.
+
+Harvest and evaluate both go through :func:`localized_batches`, so they box the same pairs
+the same way and cannot drift apart. Boxes are xyxy in source pixels (see miner.localize).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
+from cxr_miner.miner.metrics import LocalizationEvaluator
+from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
+from cxr_miner.storage.stages.harvest import part_rows
+from cxr_miner.storage.vocab.findings import FINDINGS
+
+# Given a batch, the method's pair selection: step-1 logits (N, C) -> (N, C) bool.
+Selector = Callable[[ShardBatch], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def labelled(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Mining mode: every finding an image is labelled with."""
+    labels = torch.from_numpy(batch.labels)
+    return lambda logits: labels.to(logits.device)
+
+
+def scored_at_least(min_score: float) -> Selector:
+    """Discovery mode: every finding the classifier scores at ``min_score`` or above."""
+    return lambda batch: lambda logits: torch.sigmoid(logits.float()) >= min_score
+
+
+def localized_batches(
+    method: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup], batch_size: int, select: Selector
+) -> Iterator[tuple[ShardBatch, BatchLocalization]]:
+    """Each batch of the row groups (in order) with what ``method`` finds in it."""
+    for batch in batch_stream(groups, batch_size):
+        images = torch.from_numpy(batch.images)
+        yield batch, method.localize_batch(models, images, batch.letterboxes(), select(batch))
+
+
+def shard_rows(
+    method: LocalizationMethod, models: Sequence[torch.nn.Module], shard: Path, select: Selector, batch_size: int, model_id: str
+) -> tuple[list[dict[str, Any]], int]:
+    """The harvest part rows (PART_SCHEMA) of every image of one shard, and how many images it has."""
+    rows: list[dict[str, Any]] = []
+    images = 0
+    for batch, found in localized_batches(method, models, list_row_groups([shard]), batch_size, select):
+        rows += part_rows(batch.meta["image_id"], found.found, found.probability, method.name, model_id)
+        images += len(batch)
+    return rows, images
+
+
+def evaluate_boxes(
+    method: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup],
+    truth: dict[str, dict[str, list[list[float]]]], batch_size: int, advance: Callable[[int], None] = lambda n: None,
+) -> LocalizationEvaluator:
+    """Acc/AFP of ``method`` on the boxed images of ``groups``: each finding with a ground-truth
+    box is boxed and scored against those boxes (``truth``: image id -> finding -> xyxy boxes)."""
+    def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
+        wanted = torch.from_numpy(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
+        return lambda logits: wanted.to(logits.device)
+
+    evaluator = LocalizationEvaluator()
+    for batch, found in localized_batches(method, models, groups, batch_size, with_truth):
+        for image_id, pairs in zip(batch.meta["image_id"], found.found):
+            for c, loc in pairs.items():
+                evaluator.accumulate(FINDINGS[c], loc.boxes, truth[image_id][FINDINGS[c]])
+        advance(len(batch))
+    return evaluator

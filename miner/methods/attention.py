@@ -1,0 +1,47 @@
+"""Method ``am``: iterative attention mining (Cai et al. 2018), the final heatmap of Eq. 8 over steps 1..t."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cxr_miner.miner.attention import mine
+from cxr_miner.miner.cam import final_heatmap, normalize_maps
+from cxr_miner.miner.methods.registry import LocalizationMethod, Select, register_method
+from cxr_miner.miner.training import TrainConfig
+
+
+@register_method
+class AttentionMining(LocalizationMethod):
+    name = "am"
+    description = "attention mining, Eq. 8 over all T steps"
+
+    def __init__(self, config: TrainConfig, steps: int | None = None) -> None:
+        super().__init__(config)
+        self.steps = config.am_steps if steps is None else steps
+        if not 1 <= self.steps <= config.am_steps:
+            raise ValueError(f"attention mining over {self.steps} steps: the run has am_steps = {config.am_steps}")
+
+    @property
+    def key(self) -> str:
+        return f"am-t{self.steps}"
+
+    @property
+    def label(self) -> str:
+        return f"AM (t = {self.steps})"
+
+    def checkpoints(self) -> tuple[str, ...]:
+        return tuple(f"step{t}" for t in range(1, self.steps + 1))
+
+    def variants(self) -> list[AttentionMining]:
+        """AM at every t = 2..T (t = 1 is the CAM baseline)."""
+        return [AttentionMining(self.config, t) for t in range(2, self.config.am_steps + 1)]
+
+    def heatmaps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 8 over H_1..H_t and M_1..M_{t-1}, normalised to [0, 1]: (N, C, h, w); step-1 logits (N, C).
+
+        With ``select``, only the selected pairs' masks are updated: erasure is class-wise
+        (Eq. 1-2), so the selected maps are exactly those of a full run."""
+        mining = mine(models[: self.steps], images, select)
+        return normalize_maps(final_heatmap(mining.heatmaps, mining.masks)), mining.logits

@@ -1,0 +1,128 @@
+"""The registry of localisation methods (the pattern of timm's model registry).
+
+A method has a ``name`` (``cam``, ``am``; the MIL miner will be ``mil``), knows which of a
+run's checkpoints it needs, and maps a batch of shard images, with the (image, finding)
+pairs wanted, to ranked boxes in source pixels. Evaluate, harvest, release and the report
+iterate the registry; a new method is a new module that registers its class here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+
+from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS
+from cxr_miner.miner.localize import Localization, localize
+from cxr_miner.miner.training import TrainConfig, autocast, prepare_images
+from cxr_miner.storage.vocab.letterbox import Letterbox
+
+# Given the step-1 logits (N, C), the (image, finding) pairs (N, C) bool to box.
+Select = Callable[[torch.Tensor], torch.Tensor]
+
+_REGISTRY: dict[str, type[LocalizationMethod]] = {}
+PLANNED = {"mil": "the MIL miner (Li et al. 2018) is not built yet"}
+
+
+class BatchLocalization(NamedTuple):
+    """What a method finds in a batch of N images.
+
+    probability (N, C): the classifier's sigmoid per finding on the whole image;
+    wanted (N, C) bool: the pairs that were boxed;
+    found: per image, {finding index: Localization (boxes xyxy in source pixels, rank 1 first)}.
+    """
+
+    probability: np.ndarray
+    wanted: np.ndarray
+    found: list[dict[int, Localization]]
+
+
+class LocalizationMethod(ABC):
+    """One way to box findings with the models of a trained run (configured by ``config``).
+
+    Subclasses set ``name`` and implement ``checkpoints`` and ``heatmaps``; a method with its
+    own box rule (a patch grid, say) overrides ``localize_batch`` instead of ``heatmaps``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    @property
+    def key(self) -> str:
+        """The method's column in evaluation tables (``evaluation.json`` results)."""
+        return self.name
+
+    @property
+    def label(self) -> str:
+        """How reports name it."""
+        return self.name
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """Heatmap thresholds of the box rule (recorded in the harvest key)."""
+        return DEFAULT_THRESHOLDS
+
+    @abstractmethod
+    def checkpoints(self) -> tuple[str, ...]:
+        """Names of the run's checkpoints the method needs, in the order ``models`` come in."""
+
+    def variants(self) -> list[LocalizationMethod]:
+        """The methods that ``evaluate`` scores for this entry (default: itself)."""
+        return [self]
+
+    @abstractmethod
+    def heatmaps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, 1, S, S) normalised -> heatmaps (N, C, h, w) in [0, 1] and the logits (N, C).
+
+        Only the maps of the pairs ``select`` names need be right."""
+
+    def localize_batch(
+        self, models: Sequence[torch.nn.Module], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
+    ) -> BatchLocalization:
+        """Shard images uint8 (N, S, S) -> ranked boxes per wanted (image, finding), in source pixels.
+
+        ``models`` are those of ``checkpoints()``, in order, on one device; ``letterboxes`` map
+        each shard image back to its source.
+        """
+        device = next(models[0].parameters()).device
+        x = prepare_images(images, self.config.input_size, device)
+        with torch.no_grad(), autocast(device, self.config.precision):
+            maps, logits = self.heatmaps(models, x, select)
+        wanted = select(logits)
+        found = localize(maps, wanted.cpu().numpy(), self.config.input_size, letterboxes, self.thresholds)
+        return BatchLocalization(torch.sigmoid(logits.float()).cpu().numpy(), wanted.cpu().numpy(), found)
+
+
+def register_method(cls: type[LocalizationMethod]) -> type[LocalizationMethod]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods, in registration order (the CAM baseline first)."""
+    return tuple(_REGISTRY)
+
+
+def check_method(name: str) -> None:
+    """ValueError for a name that is not registered, listing the known ones."""
+    if name in _REGISTRY:
+        return
+    known = ", ".join(_REGISTRY)
+    if name in PLANNED:
+        raise ValueError(f"method {name!r}: {PLANNED[name]}; known: {known}")
+    raise ValueError(f"unknown method {name!r}; known: {known}")
+
+
+def create_method(name: str, config: TrainConfig, **options: Any) -> LocalizationMethod:
+    """The registered method ``name`` for a run trained with ``config``."""
+    check_method(name)
+    return _REGISTRY[name](config, **options)

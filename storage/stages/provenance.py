@@ -1,0 +1,31 @@
+"""What every output records about where it came from: file digests, the code version, model ids."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """The installed cxr-miner version, or ``unknown``."""
+    try:
+        return version("cxr-miner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def model_identity(run: str, files: Sequence[Path]) -> tuple[str, list[str]]:
+    """``<run>@<12 hex>`` from the sha256 of the checkpoint files a method uses, and those sha256s."""
+    digests = [file_sha256(f) for f in files]
+    return f"{run}@{hashlib.sha256(''.join(digests).encode()).hexdigest()[:12]}", digests

@@ -1,0 +1,102 @@
+"""Training runs on disk: ``W/models/<run>/``.
+
+- ``config.json``: the training config (a plain dict here) and the identity of the shards;
+- ``<checkpoint>.safetensors``: a model a method uses; AM step t is ``step<t>`` (step 1: the
+  classifier, best mean validation AUC), the MIL model will be ``mil``;
+- ``<checkpoint>-last.safetensors``: the resumable state after the last finished epoch;
+- ``metrics.json``: per-epoch loss, throughput and validation AUCs of every step;
+- ``summary.json``, ``evaluation.json`` and ``evaluation.md``: what train and evaluate report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
+
+RUNS_DIR = "models"
+
+
+def shards_identity(workdir: str | Path) -> str:
+    """sha256 over the shard files' names and sha256s: what a run was trained on."""
+    entries = sorted((s["file"], s["sha256"]) for s in ShardReader(Path(workdir) / SHARD_DIR).shards)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of run ``name`` under ``directory`` (W/models/<name>)."""
+
+    directory: Path
+
+    @classmethod
+    def of(cls, workdir: str | Path, run: str) -> RunFolder:
+        return cls(Path(workdir) / RUNS_DIR / run)
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "config.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.directory / "metrics.json"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.directory / "summary.json"
+
+    @property
+    def evaluation_json(self) -> Path:
+        return self.directory / "evaluation.json"
+
+    @property
+    def evaluation_md(self) -> Path:
+        return self.directory / "evaluation.md"
+
+    def checkpoint(self, name: str, last: bool = False) -> Path:
+        """``<name>.safetensors``, or with ``last`` the resumable ``<name>-last.safetensors``."""
+        return self.directory / f"{name}{'-last' if last else ''}.safetensors"
+
+    def step(self, step: int, last: bool = False) -> Path:
+        """The checkpoint of AM step ``step`` (1 = the classifier)."""
+        return self.checkpoint(f"step{step}", last)
+
+    def missing(self, names: tuple[str, ...]) -> list[str]:
+        """File names of the checkpoints in ``names`` that do not exist."""
+        return [self.checkpoint(n).name for n in names if not self.checkpoint(n).exists()]
+
+    def start(self, config: dict[str, Any], workdir: str | Path) -> None:
+        """Create the run with its config, or check that a resumed run has the same config and shards."""
+        record = {"config": config, "shards": shards_identity(workdir)}
+        if self.config_file.exists():
+            saved = json.loads(self.config_file.read_text())
+            if saved != json.loads(json.dumps(record)):
+                raise ValueError(
+                    f"{self.config_file}: run {self.name!r} was started with other settings or shards; "
+                    f"pass another --run, or delete {self.directory} to start it again"
+                )
+        else:
+            write_json(self.config_file, record)
+
+    def config(self) -> dict[str, Any]:
+        """The training config the run was started with (FileNotFoundError for no run)."""
+        if not self.config_file.exists():
+            raise FileNotFoundError(f"{self.config_file}: no such training run")
+        return json.loads(self.config_file.read_text())["config"]
+
+    def record_metrics(self, step: int, history: list[dict[str, Any]]) -> None:
+        metrics = json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else {}
+        metrics[f"step{step}"] = history
+        write_json(self.metrics_file, metrics)
+
+    def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        return json.loads(self.metrics_file.read_text())

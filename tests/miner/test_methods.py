@@ -1,0 +1,104 @@
+"""The localisation-method registry: every registered method on one batch, the registry's
+errors, and a method added from outside (a known heatmap) whose boxes are worked out by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_miner.miner.methods import (
+    LocalizationMethod,
+    check_method,
+    create_method,
+    method_names,
+    register_method,
+    registry,
+)
+from cxr_miner.miner.models import create_model
+from cxr_miner.miner.training import preset
+from cxr_miner.storage.vocab.letterbox import Letterbox
+
+CONFIG = preset("cpu-small").updated({"input_size": 64, "am_steps": 3})
+
+
+def test_the_registry_lists_the_baseline_first_and_refuses_unknown_names():
+    assert method_names()[:2] == ("cam", "am")
+    with pytest.raises(ValueError, match="unknown method 'grad'; known: cam, am"):
+        check_method("grad")
+    with pytest.raises(ValueError, match="MIL miner .* not built yet"):
+        create_method("mil", CONFIG)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(type(create_method("cam", CONFIG)))
+
+
+def test_methods_name_their_checkpoints_evaluation_keys_and_variants():
+    cam, am = create_method("cam", CONFIG), create_method("am", CONFIG)
+    assert (cam.checkpoints(), cam.key, cam.label) == (("step1",), "cam", "CAM baseline")
+    assert (am.checkpoints(), am.key, am.label) == (("step1", "step2", "step3"), "am-t3", "AM (t = 3)")
+    assert [v.key for v in am.variants()] == ["am-t2", "am-t3"] and [v.checkpoints()[-1] for v in am.variants()] == ["step2", "step3"]
+    with pytest.raises(ValueError, match="am_steps = 3"):
+        create_method("am", CONFIG, steps=4)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_registered_method_boxes_exactly_the_wanted_pairs_inside_the_source(name):
+    method = create_method(name, CONFIG)
+    torch.manual_seed(0)
+    models = [create_model(CONFIG.model).eval() for _ in method.checkpoints()]
+    images = torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8)
+    letterboxes = [Letterbox.fit(100, 80, 64), Letterbox.fit(64, 64, 64)]
+    wanted = torch.zeros(2, 14, dtype=torch.bool)
+    wanted[0, 1] = wanted[1, 4] = wanted[1, 9] = True
+    result = method.localize_batch(models, images, letterboxes, lambda logits: wanted)
+    assert result.probability.shape == (2, 14) and np.all((result.probability > 0) & (result.probability < 1))
+    assert np.array_equal(result.wanted, wanted.numpy())
+    assert [sorted(found) for found in result.found] == [[1], [4, 9]]
+    for found, letterbox in zip(result.found, letterboxes):
+        for loc in found.values():
+            assert 1 <= len(loc.boxes) <= len(method.thresholds) and list(loc.scores) == sorted(loc.scores, reverse=True)
+            assert np.all(loc.boxes[:, :2] >= 0) and np.all(loc.boxes[:, 2] <= letterbox.source_width)
+            assert np.all(loc.boxes[:, 3] <= letterbox.source_height) and np.all(loc.boxes[:, 2:] > loc.boxes[:, :2])
+
+
+class KnownBlob(LocalizationMethod):
+    """A method from outside the package: every map is 1 on feature cells rows 2..4, columns 1..3
+    of an 8 x 8 grid, 0 elsewhere."""
+
+    name = "known-blob"
+    description = "a test method"
+
+    def checkpoints(self) -> tuple[str, ...]:
+        return ("blob",)
+
+    def heatmaps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = torch.zeros(len(images), 14, 8, 8)
+        maps[:, :, 2:5, 1:4] = 1.0
+        return maps, torch.zeros(len(images), 14)
+
+
+@pytest.fixture
+def known_blob():
+    register_method(KnownBlob)
+    yield create_method("known-blob", CONFIG)
+    registry._REGISTRY.pop("known-blob")
+
+
+def test_a_method_registered_from_outside_boxes_its_blob_in_source_pixels(known_blob):
+    """Input 64 px: a feature cell is 8 px, so the 0.5 contour of the bilinear upsampling lies on
+    the cell edges: x 8..32, y 16..40 on the input grid. A 128 x 64 source letterboxed to 64 px
+    has scale 0.5 and offset_y 16, so that box is (16, 0, 64, 48) in source pixels."""
+    assert "known-blob" in method_names()
+    letterbox = Letterbox.fit(128, 64, 64)
+    assert (letterbox.scale_x, letterbox.offset_x, letterbox.offset_y) == (0.5, 0, 16)
+    wanted = torch.zeros(1, 14, dtype=torch.bool)
+    wanted[0, 2] = True
+    result = known_blob.localize_batch([torch.nn.Linear(1, 1)], torch.zeros(1, 64, 64, dtype=torch.uint8), [letterbox],
+                                       lambda logits: wanted)
+    (loc,) = result.found[0].values()
+    assert [16.0, 0.0, 64.0, 48.0] in loc.boxes.tolist()
+    outer = np.array([16.0, 0.0, 64.0, 48.0])
+    assert np.all(loc.boxes[:, :2] >= outer[:2]) and np.all(loc.boxes[:, 2:] <= outer[2:])  # the others nest inside
+    assert result.probability[0, 2] == 0.5

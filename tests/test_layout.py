@@ -1,0 +1,70 @@
+"""The rooms and what each may import (README "Layout"), read from every module's imports.
+
+- storage/: bytes, no torch; never miner/ or flows/.
+- miner/: tensors and arrays; no files, no Prefect or Dask; from storage/ only the shared
+  vocabulary (storage/vocab/).
+- flows/engine/: torch meets files; no Prefect or Dask.
+- flows/: orchestration; the only room that knows Prefect and Dask.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ORCHESTRATION = ("prefect", "prefect_dask", "dask", "distributed")
+FILE_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "mkdir", "unlink", "rename", "replace"}
+
+
+def modules(room: str) -> list[Path]:
+    return sorted(p for p in (REPO / room).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def imported(path: Path) -> set[str]:
+    """Every module name a file imports, at any depth (function-local imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def offending(path: Path, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in imported(path) if any(n == f or n.startswith(f + ".") for f in forbidden))
+
+
+@pytest.mark.parametrize("path", modules("storage"), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_storage_has_no_torch_and_imports_no_other_room(path):
+    assert offending(path, ("torch", "torchvision", *ORCHESTRATION, "cxr_miner.miner", "cxr_miner.flows")) == []
+
+
+@pytest.mark.parametrize("path", modules("miner"), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_miner_knows_no_orchestration_no_files_and_only_the_shared_vocabulary(path):
+    assert offending(path, (*ORCHESTRATION, "cxr_miner.flows")) == []
+    storage = [n for n in imported(path) if n.startswith("cxr_miner.storage")]
+    assert all(n.startswith("cxr_miner.storage.vocab") for n in storage), storage
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)}
+    assert calls & FILE_CALLS == set()
+
+
+@pytest.mark.parametrize("path", modules("flows/engine"), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_the_engine_knows_no_prefect_or_dask(path):
+    assert offending(path, ORCHESTRATION) == []
+
+
+def test_flows_do_not_import_each_other_for_helpers():
+    """A flow module imports another flow module only to call that flow (pipeline, release)."""
+    allowed = {"cxr_miner.flows.api", "cxr_miner.flows.dask", "cxr_miner.flows.faults", "cxr_miner.flows.logs",
+               "cxr_miner.flows.progress", "cxr_miner.flows.tasks"}
+    calls_a_flow = {"pipeline.py": {"ingest", "preprocess", "train", "harvest", "release"}, "release.py": {"evaluate"},
+                    "cli.py": {"ingest", "preprocess", "train", "evaluate", "harvest", "release", "pipeline"}}
+    for path in sorted((REPO / "flows").glob("*.py")):
+        flows = {n.removeprefix("cxr_miner.flows.") for n in imported(path)
+                 if n.startswith("cxr_miner.flows.") and not n.startswith("cxr_miner.flows.engine") and n not in allowed}
+        assert flows <= calls_a_flow.get(path.name, set()), (path.name, flows)
