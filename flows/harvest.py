@@ -46,8 +46,9 @@ from cxr_miner.storage.stages.provenance import model_identity
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 
-# Per worker process: (run folder, checkpoints, device) -> models, loaded once and kept.
-_MODELS: dict[tuple[str, tuple[str, ...], str], list] = {}
+# Per worker process: (model id, device) -> models, loaded once and kept. The model id hashes
+# the checkpoint files, so a run retrained under the same name is loaded again.
+_MODELS: dict[tuple[str, str], list] = {}
 
 
 class HarvestIncomplete(RuntimeError):
@@ -78,8 +79,8 @@ def worker_threads() -> int:
         return torch.get_num_threads()
 
 
-def worker_models(run: str, names: tuple[str, ...], device: torch.device) -> list:
-    key = (run, names, str(device))
+def worker_models(run: str, names: tuple[str, ...], model_id: str, device: torch.device) -> list:
+    key = (model_id, str(device))
     if key not in _MODELS:
         _MODELS.clear()  # one run's models at a time
         _MODELS[key] = load_models(RunFolder(Path(run)), names, device)
@@ -91,7 +92,7 @@ def harvest_shard(shard: str, run: str, target: str, key: dict[str, Any], settin
     """Harvest one shard into its part; returns its name, image and box counts."""
     torch.set_num_threads(settings.get("threads") or worker_threads())
     method = create_method(settings["method"], TrainConfig.from_dict(settings["config"]))
-    models = worker_models(run, method.checkpoints(), worker_device(method.config.device))
+    models = worker_models(run, method.checkpoints(), settings["model_id"], worker_device(method.config.device))
     select = scored_at_least(settings["min_score"]) if settings["mode"] == "discovery" else labelled
     rows, images = shard_rows(method, models, Path(shard), select, settings["batch_size"], settings["model_id"])
     maybe_fail(Path(shard).stem, images)
@@ -119,18 +120,18 @@ def harvest(
     if not 0 <= min_score <= 1:
         raise ValueError(f"--min-score must lie in [0, 1], got {min_score}")
     work, folder = Path(workdir), RunFolder.of(workdir, run)
-    miner = create_method(method, read_config(folder))
-    if missing := folder.missing(miner.checkpoints()):
+    localizer = create_method(method, read_config(folder))
+    if missing := folder.missing(localizer.checkpoints()):
         raise FileNotFoundError(f"{folder.directory}: method {method!r} needs {', '.join(missing)} (train the run first)")
-    model_id, digests = model_identity(run, [folder.checkpoint(n) for n in miner.checkpoints()])
+    model_id, digests = model_identity(run, [folder.checkpoint(n) for n in localizer.checkpoints()])
     mode = "discovery" if all_findings else "mining"
     shards = [s for s in ShardReader(work / SHARD_DIR).shards if s["split"] in splits]
     if not shards:
         raise FileNotFoundError(f"{work / SHARD_DIR}: no shards of splits {', '.join(splits)} (run preprocess first)")
     base_key = {"model_id": model_id, "checkpoints": digests, "method": method, "mode": mode,
-                "min_score": min_score if all_findings else None, "input_size": miner.config.input_size,
-                "thresholds": list(miner.thresholds)}
-    settings = {"config": miner.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
+                "min_score": min_score if all_findings else None, "input_size": localizer.config.input_size,
+                "thresholds": list(localizer.thresholds)}
+    settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
                 "threads": threads, "method": method, "model_id": model_id}
     parts_dir(work).mkdir(parents=True, exist_ok=True)
     harvest_summary_file(work).unlink(missing_ok=True)  # the summary marks a complete harvest

@@ -38,8 +38,8 @@ from cxr_miner.storage.releases.release import (
     staging_dir,
     write_release_boxes,
 )
-from cxr_miner.storage.releases.report import FindingData, ReportData, headline_rows, write_report
-from cxr_miner.storage.releases.report_data import gallery, rank1_columns
+from cxr_miner.storage.releases.report import ReportData, headline_rows, write_report
+from cxr_miner.storage.releases.report_data import finding_pages
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.harvest import read_harvest_summary
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, REPORT_FILE, SPLITS, read_gt_boxes
@@ -59,8 +59,10 @@ def evaluation_of(work: Path, run: str) -> dict[str, Any]:
 
 def acc_tables(evaluation: dict[str, Any], methods: list[LocalizationMethod]) -> dict[str, dict[str, dict[float, dict[str, float]]]]:
     """finding -> {method label: {T: {acc, afp}}} at T(IoU), for the methods the evaluation scored."""
-    scored = [m for m in methods if m.key in evaluation["results"]]
-    columns = {m.label: m.key for m in dict((m.key, m) for m in scored).values()}
+    columns: dict[str, str] = {}
+    for method in methods:
+        if method.key in evaluation["results"]:
+            columns.setdefault(method.label, method.key)
     return {
         f: {label: {float(t): cell for t, cell in evaluation["results"][key][f]["iou"].items()} for label, key in columns.items()}
         for f in FINDINGS
@@ -97,19 +99,14 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
         changes = diff_boxes(previous / BOXES_FILE if previous else None, staging / BOXES_FILE)
         evaluation = evaluation_of(work, run)
         accs = acc_tables(evaluation, [create_method("cam", config), create_method(key["method"], config)])
-        truth = read_gt_boxes(work / GT_BOXES_FILE)
-        sources = dict(zip(images.column("image_id").to_pylist(), images.column("source_path").to_pylist()))
-        columns = rank1_columns(staging / BOXES_FILE)
         quarantined = pq.read_table(work / QUARANTINE_FILE).num_rows if (work / QUARANTINE_FILE).exists() else 0
         facts = {"images harvested": summary["images"], "boxes": boxes, "mode": key["mode"], "quarantined images": quarantined,
                  "index rows": ingest_report.get("rows"), "created": created, "code version": code_version(),
                  "previous release": previous.name if previous else "none"}
-        report = ReportData(
-            title="cxr-miner harvest report", version=version, method=key["method"], model_id=key["model_id"],
-            previous=previous.name if previous else None, facts=facts,
-            findings=[FindingData(f, counts[f]["boxes"], counts[f]["images"], columns[f], accs[f], evaluation["evaluated"].get(f, 0),
-                                  changes[f], gallery(columns[f], sources, source_root, truth, f)) for f in FINDINGS],
-        )
+        findings = finding_pages(staging / BOXES_FILE, images, source_root, read_gt_boxes(work / GT_BOXES_FILE), counts, accs,
+                                 evaluation["evaluated"], changes)
+        report = ReportData(title="cxr-miner harvest report", version=version, method=key["method"], model_id=key["model_id"],
+                            previous=previous.name if previous else None, facts=facts, findings=findings)
         pages = write_report(staging / "report", report)
         manifest = {
             "version": version, "created": created, "code_version": code_version(),

@@ -3,14 +3,17 @@ the gallery of mined boxes with their images. Boxes are xyxy in source pixels.""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cxr_miner.storage.inputs.images import ImageReadError, read_image
-from cxr_miner.storage.releases.report import GALLERY_PER_GROUP, GalleryItem
+from cxr_miner.storage.releases.report import GALLERY_PER_GROUP, FindingData, GalleryItem
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 NORM_COLUMNS = ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")
@@ -49,3 +52,15 @@ def gallery(columns: dict[str, np.ndarray], sources: dict[str, str], root: Path,
             box = [float(columns[k][i]) for k in BOX_COLUMNS]
             items.append(GalleryItem(image_id, box, float(columns["score"][i]), group, image, truth.get(image_id, {}).get(finding, [])))
     return items
+
+
+def finding_pages(
+    boxes: Path, images: pa.Table, root: Path, truth: dict, counts: Mapping[str, Mapping[str, int]],
+    accs: Mapping[str, Any], evaluated: Mapping[str, int], changes: Mapping[str, Mapping[str, int]],
+) -> list[FindingData]:
+    """One FindingData per finding, in FINDINGS order: counts, rank-1 boxes, Acc/AFP per method
+    (``accs``), images evaluated, changes, and the gallery (images read from ``root``)."""
+    sources = dict(zip(images.column("image_id").to_pylist(), images.column("source_path").to_pylist()))
+    columns = rank1_columns(boxes)
+    return [FindingData(f, counts[f]["boxes"], counts[f]["images"], columns[f], accs[f], evaluated.get(f, 0), changes[f],
+                        gallery(columns[f], sources, root, truth, f)) for f in FINDINGS]

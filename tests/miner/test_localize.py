@@ -33,4 +33,13 @@ def test_localize_boxes_only_the_wanted_pairs():
     found = localize(maps, wanted, 8, [Letterbox.fit(8, 8, 8)] * 2)
     assert found[0] == {} and list(found[1]) == [2]
     assert found[1][2].boxes.shape[1] == 4
-    assert float(upsample(maps, 8).max()) <= 1.0
+
+
+def test_upsample_is_bilinear_with_pixel_centres_aligned_and_clamped():
+    """2 -> 4 px: output pixel x samples the input at u = (x + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75,
+    1.25 (the ends held at the border), so a left-to-right step 0 | 1 becomes 0, 0.25, 0.75, 1;
+    values outside [0, 1] (a step -1 | 3 gives -1, 0, 2, 3) are clamped."""
+    step = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert torch.allclose(upsample(step, 4), torch.tensor([[0.0, 0.25, 0.75, 1.0]] * 4))
+    wide = torch.tensor([[-1.0, 3.0], [-1.0, 3.0]])[None, None]  # (1, 1, 2, 2): leading dimensions are kept
+    assert torch.equal(upsample(wide, 4), torch.tensor([[[[0.0, 0.0, 1.0, 1.0]] * 4]]))
