@@ -201,10 +201,10 @@ def run_all(
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
 ) -> None:
     """The whole chain: ingest, preprocess, train, harvest, release."""
-    from cxr_miner.flows.pipeline import run
+    from cxr_miner.flows.pipeline import run as run_flow
 
     options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
-    print_release(run(root=str(root), workdir=str(workdir), out=str(out), **options))
+    print_release(run_flow(root=str(root), workdir=str(workdir), out=str(out), **options))
 
 
 @app.command()

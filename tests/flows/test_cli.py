@@ -62,3 +62,38 @@ def test_run_logs_keep_input_errors_without_traceback():
         record = logger.makeRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed", (), (type(error), error, None))
         assert ours.filter(record)
         assert (record.exc_info is not None) == keeps_traceback
+
+
+RELEASED = {"version": "v", "path": "p", "boxes": 0, "report": "r"}
+
+
+@pytest.mark.parametrize(
+    "words, module, name, returns, expected",
+    [
+        (["train", "--workdir", "W", "--run", "x", "--method", "cam"], "cxr_miner.flows.train", "train",
+         {"directory": "d", "steps": [1], "auc": [{"finding": "Mass", "step1": None}]}, {"run": "x", "method": "cam"}),
+        (["evaluate", "--workdir", "W", "--run", "x"], "cxr_miner.flows.evaluate", "evaluate",
+         {"markdown": "", "path": "e", "images": 0}, {"run": "x"}),
+        (["harvest", "--workdir", "W", "--run", "x", "--method", "cam"], "cxr_miner.flows.harvest", "run_harvest",
+         {"boxes": 0, "images": 0, "key": {"model_id": "x@0", "method": "cam", "mode": "mining"}}, {"method": "cam"}),
+        (["run", "ROOT", "--workdir", "W", "--out", "R", "--run", "x", "--method", "cam"], "cxr_miner.flows.pipeline", "run",
+         RELEASED, {"run": "x", "method": "cam", "root": "ROOT"}),
+    ],
+)
+def test_run_and_method_options_reach_the_flows(monkeypatch, prefect_server, words, module, name, returns, expected):
+    """--run names the training run and --method the registered method, in every command."""
+    import importlib
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return returns
+
+    monkeypatch.setattr(importlib.import_module(module), name, record)
+    status, told = _run(monkeypatch, *words)
+    assert status in (0, None), told
+    ((args, kwargs),) = calls
+    assert {k: kwargs[k] for k in expected} == expected
+    if name == "run_harvest":
+        assert args[1] == "x"  # the run, positionally
