@@ -6,7 +6,9 @@ or raises :class:`ImageReadError` whose ``reason`` is what the quarantine record
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +75,10 @@ def read_raster(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
             with Image.open(path) as image:
                 check_pixel_count(path, image.width, image.height, max_pixels)
                 image.load()
-                return to_gray8(image)
+                pixels = to_gray8(image)
+                if image.format == "PNG" and ends_black(pixels):
+                    check_png_data_complete(path)
+                return pixels
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -82,6 +87,58 @@ def read_raster(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         raise ImageReadError(path, f"decompression bomb guard: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(path, f"cannot decode: {error}") from None
+
+
+# Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type (PNG spec, 11.2.2 IHDR)
+
+
+def ends_black(pixels: np.ndarray) -> bool:
+    """Whether one of the last two rows is all 0: what missing PNG data leaves behind (Pillow
+    fills rows the data does not reach with 0; with Adam7 interlacing, the last pass fills
+    every odd row, so a short stream leaves an odd row among the last two black)."""
+    return bool(np.any(~pixels[-2:].any(axis=1)))
+
+
+def png_expected_bytes(width: int, height: int, bit_depth: int, colour_type: int, interlace: int) -> int:
+    """Decompressed size of a PNG's image data: per row a filter byte and its packed samples."""
+    bits = _PNG_CHANNELS[colour_type] * bit_depth
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            total += rows * (1 + -(-columns * bits // 8))
+    return total
+
+
+def check_png_data_complete(path: Path) -> None:
+    """ImageReadError when the PNG's IDAT stream inflates to fewer bytes than its header implies.
+
+    Pillow decodes such a file without an error and leaves the missing rows black; this
+    check inflates the stream once more, so it runs only for images that end black."""
+    data = path.read_bytes()
+    position, idat, header = 8, [], None
+    while position + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind, body = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body[:13])
+        elif kind == b"IDAT":
+            idat.append(body)
+        position += 12 + length
+    if header is None or header[3] not in _PNG_CHANNELS:
+        raise ImageReadError(path, "PNG without a valid IHDR header")
+    width, height, bit_depth, colour_type, _, _, interlace = header
+    expected = png_expected_bytes(width, height, bit_depth, colour_type, interlace)
+    inflater = zlib.decompressobj()
+    try:
+        found = len(inflater.decompress(b"".join(idat), expected + 1))
+    except zlib.error as error:
+        raise ImageReadError(path, f"cannot decode: PNG image data is corrupt ({error})") from None
+    if found < expected:
+        raise ImageReadError(path, f"PNG pixel data ends early: {found} of {expected} bytes (rows missing)")
 
 
 def to_gray8(image: Image.Image) -> np.ndarray:

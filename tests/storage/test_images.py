@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_miner.storage.inputs.images import ImageReadError, read_image
+from cxr_miner.storage.inputs.images import ImageReadError, ends_black, png_expected_bytes, read_image
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
@@ -95,3 +97,53 @@ def test_letterbox_record_round_trip():
 
     box = Letterbox.fit(120, 90, 64)
     assert Letterbox.from_record({**box.to_record(), "image_id": "x.png"}) == box
+
+
+def _rewrap_png(data: bytes, keep_rows: int, row_bytes: int) -> bytes:
+    """The same PNG with its image data cut to the first ``keep_rows`` rows, recompressed, every
+    CRC valid: a file that decodes without error, only shorter than its header says."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    position, chunks = 8, []
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        chunks.append((data[position + 4 : position + 8], data[position + 8 : position + 8 + length]))
+        position += 12 + length
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    header = next(body for kind, body in chunks if kind == b"IHDR")
+    return data[:8] + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw[: keep_rows * row_bytes])) + chunk(b"IEND", b"")
+
+
+def test_a_png_with_fewer_rows_of_data_than_its_header_is_quarantined(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 10), 200, np.uint8)).save(buffer, format="PNG")
+    path = tmp_path / "short.png"
+    path.write_bytes(_rewrap_png(buffer.getvalue(), keep_rows=10, row_bytes=1 + 10))
+    with Image.open(path) as image:  # Pillow alone decodes it, the missing rows black
+        assert np.asarray(image)[15].tolist() == [0] * 10
+    with pytest.raises(ImageReadError, match="PNG pixel data ends early: 110 of 220 bytes"):
+        read_image(path)
+
+
+@pytest.mark.parametrize(
+    "width, height, depth, colour, interlace, expected",
+    [(10, 20, 8, 0, 0, 20 * 11), (10, 20, 16, 2, 0, 20 * (1 + 60)), (5, 3, 1, 0, 0, 3 * 2), (8, 8, 8, 0, 1, 79)],
+)
+def test_png_image_data_size_worked_by_hand(width, height, depth, colour, interlace, expected):
+    """Adam7 8 x 8 gray: passes of 1x1, 1x1, 2x1, 2x2, 4x2, 4x4, 8x4 pixels, each row with a filter
+    byte: 2 + 2 + 3 + 6 + 10 + 20 + 36 = 79 bytes."""
+    assert png_expected_bytes(width, height, depth, colour, interlace) == expected
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "P", "LA", "RGBA"])
+def test_complete_pngs_that_end_black_pass_the_size_check(tmp_path, mode):
+    pixels = np.zeros((12, 9), np.uint8)
+    pixels[:6] = 180  # bottom half black: the size check runs
+    image = Image.fromarray(pixels).convert(mode) if mode != "I;16" else Image.fromarray(pixels.astype(np.uint16) * 257)
+    image.save(tmp_path / "ok.png")
+    assert ends_black(read_image(tmp_path / "ok.png"))
+    assert read_image(tmp_path / "ok.png")[:6].min() > 0
