@@ -52,6 +52,8 @@ def ingest(
     labels: Annotated[Optional[Path], typer.Option(help="With --dicom: CSV of path or sop_instance_uid, findings.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Patients of train_val (or all, without lists) put in val.")] = 0.1,
     test_fraction: Annotated[float, typer.Option(help="Patients put in test when there are no official lists.")] = 0.2,
+    allow_shrink: Annotated[bool, typer.Option("--allow-shrink", help="Accept an index with many fewer images than the last one.")] = False,
+    max_shrink: Annotated[float, typer.Option(help="Refuse an index with more than this fraction fewer usable images than the last.")] = 0.1,
 ) -> None:
     """Index a collection: W/index.parquet, W/gt_boxes.parquet, W/ingest_report.json."""
     from cxr_miner.flows.ingest import ingest as ingest_flow
@@ -59,6 +61,7 @@ def ingest(
     report = ingest_flow(
         root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
         metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
+        allow_shrink=allow_shrink, max_shrink=max_shrink,
     )
     err.print(
         f"[green]index: {workdir / 'index.parquet'}[/] {report['rows']} images, splits {report['splits']}, "

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.storage.inputs.pseudonym import load_or_create_key
 from cxr_miner.storage.inputs.sources import SourceScan, scan_dicom, scan_nih
-from cxr_miner.storage.stages.index import INDEX_FILE, write_index
+from cxr_miner.storage.stages.index import INDEX_FILE, MAX_SHRINK, write_index
 
 __all__ = ["ingest"]
 
@@ -31,11 +31,13 @@ def scan(root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_o
 # where Prefect would walk every one of them.
 @task(cache_policy=NO_CACHE)
 def index_collection(
-    root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool, val_fraction: float, test_fraction: float
+    root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool, val_fraction: float, test_fraction: float,
+    max_shrink: float | None,
 ) -> dict[str, Any]:
     """Scan the source, assign splits, write index, ground-truth boxes and the report."""
     found = scan(root, workdir, dicom, labels, metadata_only)
-    return write_index(found, root, workdir, val_fraction=val_fraction, test_fraction=test_fraction, source="dicom" if dicom else "nih")
+    return write_index(found, root, workdir, val_fraction=val_fraction, test_fraction=test_fraction,
+                       source="dicom" if dicom else "nih", max_shrink=max_shrink)
 
 
 @flow(name="ingest", log_prints=True)
@@ -47,13 +49,19 @@ def ingest(
     metadata_only: bool = False,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    allow_shrink: bool = False,
+    max_shrink: float = MAX_SHRINK,
 ) -> dict[str, Any]:
-    """Index a collection: NIH layout (default) or a DICOM tree with a labels CSV."""
+    """Index a collection: NIH layout (default) or a DICOM tree with a labels CSV.
+
+    An ingest that finds no images, or (unless ``allow_shrink``) more than ``max_shrink`` fewer
+    usable images than the existing index, is refused before anything is written."""
     root_path, work = Path(root), Path(workdir)
     if not root_path.is_dir():
         raise FileNotFoundError(f"{root_path}: dataset root is not a folder")
     work.mkdir(parents=True, exist_ok=True)
-    report = index_collection(root_path, work, dicom, Path(labels) if labels else None, metadata_only, val_fraction, test_fraction)
+    report = index_collection(root_path, work, dicom, Path(labels) if labels else None, metadata_only, val_fraction, test_fraction,
+                              None if allow_shrink else max_shrink)
     logger = get_run_logger()
     logger.info(
         "indexed %d images (%d missing, %d unlisted files, %d ground-truth boxes) into %s",

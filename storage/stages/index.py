@@ -154,10 +154,44 @@ def read_index(path: Path) -> pa.Table:
     return table.select(INDEX_SCHEMA.names)
 
 
+MAX_SHRINK = 0.1  # an index with more than 10% fewer usable images than the last one is refused by default
+
+
+def usable_images(file_present: Iterable[bool | None]) -> int:
+    """Images a preprocess would read: found at ingest (True) or not checked (None, --metadata-only)."""
+    return sum(present is not False for present in file_present)
+
+
+def check_new_index(scan: SourceScan, root: Path, workdir: Path, max_shrink: float | None) -> None:
+    """InputError, before anything is written, for an ingest that yields no images or (unless
+    ``max_shrink`` is None) one with more than ``max_shrink`` fewer usable images than the index
+    in ``workdir``: a half-synced collection must not make the next preprocess delete shards."""
+    source = scan.metadata_files.get("data_entry") or scan.metadata_files.get("labels") or root
+    usable = usable_images(r.get("file_present") for r in scan.records)
+    kept = "nothing was written; the previous index and everything built from it are kept"
+    if not scan.records:
+        raise InputError(source, f"lists no images: {kept}")
+    if usable == 0:
+        raise InputError(source, f"none of its {len(scan.records)} images was found below {root}: {kept}")
+    previous = workdir / INDEX_FILE
+    if max_shrink is None or not previous.exists():
+        return
+    before = usable_images(pq.read_table(previous, columns=["file_present"]).column("file_present").to_pylist())
+    if before and usable < before * (1 - max_shrink):
+        raise InputError(
+            source, f"the new index would have {usable} usable images against {before} in {previous} "
+            f"({1 - usable / before:.0%} fewer, more than the {max_shrink:.0%} allowed): {kept}; "
+            "pass --allow-shrink if the collection really shrank",
+        )
+
+
 def write_index(
-    scan: SourceScan, root: Path, workdir: Path, *, val_fraction: float, test_fraction: float, source: str
+    scan: SourceScan, root: Path, workdir: Path, *, val_fraction: float, test_fraction: float, source: str,
+    max_shrink: float | None = MAX_SHRINK,
 ) -> dict[str, Any]:
-    """Assign splits and has_box, then write W/index.parquet, W/gt_boxes.parquet and W/ingest_report.json."""
+    """Check the scan (check_new_index), assign splits and has_box, then write W/index.parquet,
+    W/gt_boxes.parquet and W/ingest_report.json."""
+    check_new_index(scan, root, workdir, max_shrink)
     assign_splits(
         scan.records, scan.official_split, val_fraction=val_fraction, test_fraction=test_fraction,
         source=scan.metadata_files.get("test_list", str(root)),

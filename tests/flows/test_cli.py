@@ -97,3 +97,44 @@ def test_run_and_method_options_reach_the_flows(monkeypatch, prefect_server, wor
     assert {k: kwargs[k] for k in expected} == expected
     if name == "run_harvest":
         assert args[1] == "x"  # the run, positionally
+
+
+def _collection(tmp_path, nih_excerpt, name: str, rows: int | None) -> str:
+    """A copy of the excerpt's Data_Entry CSV with its header and the first ``rows`` rows (all by default)."""
+    root = tmp_path / name
+    root.mkdir()
+    lines = (nih_excerpt / "Data_Entry_2017_v2020.csv").read_text().splitlines(keepends=True)
+    (root / "Data_Entry_2017_v2020.csv").write_text("".join(lines[: 1 + rows] if rows is not None else lines))
+    return str(root)
+
+
+def test_a_header_only_csv_is_refused_and_the_index_kept(tmp_path, monkeypatch, nih_excerpt, prefect_server):
+    work = tmp_path / "w"
+    assert _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "full", None), "--workdir", str(work), "--metadata-only")[0] in (0, None)
+    before = (work / "index.parquet").read_bytes()
+    status, told = _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "empty", 0), "--workdir", str(work), "--metadata-only")
+    assert status == 2 and "Data_Entry_2017_v2020.csv: lists no images: nothing was written" in told
+    assert (work / "index.parquet").read_bytes() == before
+
+
+@pytest.mark.parametrize("rows, flags, refused", [(30, [], True), (30, ["--allow-shrink"], False), (32, [], False),
+                                                  (30, ["--max-shrink", "0.2"], False)])
+def test_an_index_that_shrinks_more_than_allowed_is_refused(tmp_path, monkeypatch, nih_excerpt, prefect_server, rows, flags, refused):
+    """34 images indexed; then 30 (12% fewer, over the default 10%) or 32 (6%)."""
+    work = tmp_path / "w"
+    _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "full", None), "--workdir", str(work), "--metadata-only")
+    before = (work / "index.parquet").read_bytes()
+    status, told = _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "less", rows), "--workdir", str(work),
+                        "--metadata-only", *flags)
+    if refused:
+        assert status == 2 and "30 usable images against 34" in told and "12% fewer, more than the 10% allowed" in told
+        assert "--allow-shrink" in told and (work / "index.parquet").read_bytes() == before
+    else:
+        assert status in (0, None) and f"{rows} images" in told
+
+
+def test_an_ingest_that_finds_none_of_the_listed_images_is_refused(tmp_path, monkeypatch, nih_excerpt, prefect_server):
+    root = _collection(tmp_path, nih_excerpt, "no-images", None)
+    status, told = _run(monkeypatch, "ingest", root, "--workdir", str(tmp_path / "w"))
+    assert status == 2 and f"none of its 34 images was found below {root}" in told
+    assert not (tmp_path / "w" / "index.parquet").exists()
