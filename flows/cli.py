@@ -9,11 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cxr_miner.storage.vocab.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Harvest disease boxes from chest X-ray collections.")
 err = Console(stderr=True, soft_wrap=True)  # never break paths and messages
+
+
+def say(headline: str, detail: str = "", style: str = "green") -> None:
+    """One line on stderr: ``headline`` in ``style``, then ``detail``. Neither is read as rich
+    markup, so paths and values with brackets (a CSV value ``[/red]``) print as they are."""
+    err.print(Text.assemble((headline, style), (" " + detail) if detail else ""))
 
 
 @app.command("demo-data")
@@ -37,9 +44,9 @@ def demo_data(
             out, n_images=images, size=size, seed=seed, corrupt=corrupt, box_fraction=box_fraction,
             non_square=non_square, workers=workers or default_workers(), progress=advance,
         )
-    err.print(
-        f"[green]wrote {summary['images']} images of {summary['patients']} patients to {out}[/] "
-        f"({len(summary['boxed_images'])} with boxes, {len(summary['corrupt'])} corrupt)"
+    say(
+        f"wrote {summary['images']} images of {summary['patients']} patients to {out}",
+        f"({len(summary['boxed_images'])} with boxes, {len(summary['corrupt'])} corrupt)",
     )
 
 
@@ -63,9 +70,10 @@ def ingest(
         metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
         allow_shrink=allow_shrink, max_shrink=max_shrink,
     )
-    err.print(
-        f"[green]index: {workdir / 'index.parquet'}[/] {report['rows']} images, splits {report['splits']}, "
-        f"{len(report['missing'])} missing, {len(report['unlisted'])} unlisted files, {report['gt_boxes']} boxes"
+    say(
+        f"index: {workdir / 'index.parquet'}",
+        f"{report['rows']} images, splits {report['splits']}, "
+        f"{len(report['missing'])} missing, {len(report['unlisted'])} unlisted files, {report['gt_boxes']} boxes",
     )
 
 
@@ -88,9 +96,10 @@ def preprocess(
         encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None,
     )
     counts = manifest["counts"]
-    err.print(
-        f"[green]shards: {workdir / 'shards'}[/] {counts['shard_rows']} images in {len(manifest['shards'])} shards, "
-        f"{counts['quarantined']} quarantined ({workdir / 'quarantine.parquet'}), {counts['missing']} missing"
+    say(
+        f"shards: {workdir / 'shards'}",
+        f"{counts['shard_rows']} images in {len(manifest['shards'])} shards, "
+        f"{counts['quarantined']} quarantined ({workdir / 'quarantine.parquet'}), {counts['missing']} missing",
     )
 
 
@@ -106,7 +115,7 @@ def train(
     from cxr_miner.flows.train import train as train_flow
 
     summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, method=method)
-    err.print(f"[green]models: {summary['directory']}[/] steps {summary['steps']}")
+    say(f"models: {summary['directory']}", f"steps {summary['steps']}")
     print_auc_table(summary["auc"])
 
 
@@ -119,7 +128,7 @@ def mine_attention(
     from cxr_miner.flows.train import mine_attention as mine_flow
 
     summary = mine_flow(workdir=str(workdir), run=run)
-    err.print(f"[green]attention mining done: run {summary['run']}, steps {summary['steps']}[/]")
+    say(f"attention mining done: run {summary['run']}, steps {summary['steps']}")
 
 
 @app.command()
@@ -132,7 +141,7 @@ def evaluate(
 
     report = evaluate_flow(workdir=str(workdir), run=run)
     typer.echo(report["markdown"])
-    err.print(f"[green]evaluation: {report['path']}[/] ({report['images']} boxed images)")
+    say(f"evaluation: {report['path']}", f"({report['images']} boxed images)")
 
 
 PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]
@@ -163,9 +172,10 @@ def harvest(
         str(workdir), run, workers=workers, gpus=gpus, dask_address=dask_address,
         method=method, all_findings=all_findings, min_score=min_score, batch_size=batch_size,
     )
-    err.print(
-        f"[green]harvest: {workdir / 'harvest'}[/] {summary['boxes']} boxes on {summary['images']} images "
-        f"({summary['key']['model_id']}, {summary['key']['method']}, {summary['key']['mode']})"
+    say(
+        f"harvest: {workdir / 'harvest'}",
+        f"{summary['boxes']} boxes on {summary['images']} images "
+        f"({summary['key']['model_id']}, {summary['key']['method']}, {summary['key']['mode']})",
     )
 
 
@@ -233,13 +243,13 @@ def serve(
         )
     options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
     parameters = {"root": str(root.resolve()), "workdir": str(workdir.resolve()), "out": str(out.resolve()), **options}
-    err.print(f"[green]serving deployment run/{name}[/] on schedule {cron!r}; stop with Ctrl-C")
+    say(f"serving deployment run/{name}", f"on schedule {cron!r}; stop with Ctrl-C")
     serve_flow(cron, name=name, **parameters)
 
 
 def print_release(published: dict) -> None:
-    err.print(f"[green]release {published['version']}: {published['path']}[/] ({published['boxes']} boxes)")
-    err.print(f"[green]report: {published['report']}[/]")
+    say(f"release {published['version']}: {published['path']}", f"({published['boxes']} boxes)")
+    say(f"report: {published['report']}")
 
 
 def print_auc_table(rows: list[dict]) -> None:
@@ -267,7 +277,7 @@ def main() -> None:
         with prefect_api():  # one API for the command, its Dask workers included
             app()
     except (InputError, FileNotFoundError, ValueError) as error:
-        err.print(f"[red]error:[/] {error}")
+        say("error:", str(error), style="red")
         sys.exit(2)
 
 

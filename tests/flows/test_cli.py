@@ -138,3 +138,14 @@ def test_an_ingest_that_finds_none_of_the_listed_images_is_refused(tmp_path, mon
     status, told = _run(monkeypatch, "ingest", root, "--workdir", str(tmp_path / "w"))
     assert status == 2 and f"none of its 34 images was found below {root}" in told
     assert not (tmp_path / "w" / "index.parquet").exists()
+
+
+def test_bracketed_values_reach_the_user_as_they_are(tmp_path, monkeypatch, nih_excerpt, prefect_server):
+    """rich would read ``[/red]`` as markup (and crash) and drop ``[b]``: messages are not markup."""
+    root = tmp_path / "nih"
+    root.mkdir()
+    text = (nih_excerpt / "Data_Entry_2017_v2020.csv").read_text().replace("00000003_000.png,Hernia", "00000003_000.png,[/red][b]x")
+    (root / "Data_Entry_2017_v2020.csv").write_text(text)
+    status, told = _run(monkeypatch, "ingest", str(root), "--workdir", str(tmp_path / "w"), "--metadata-only")
+    assert status == 2
+    assert "Data_Entry_2017_v2020.csv:13: unknown finding '[/red][b]x'" in told
