@@ -48,7 +48,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
     results = {key: evaluator.compute() for key, evaluator in evaluators.items()}
     first = next(iter(evaluators.values()))
     markdown = "\n\n".join(acc_afp_table(results, first.thresholds[metric], metric) for metric in ("iou", "ior"))
-    report = {"run": run, "steps": [int(n.removeprefix("step")) for n in names if n.startswith("step")], "images": images,
+    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in models], "images": images,
               "evaluated": {f: first.images(f) for f in BOXED_FINDINGS}, "results": results}
     write_evaluation(folder, report, markdown)
     create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),

@@ -23,10 +23,15 @@ from cxr_miner.storage.vocab.findings import FINDINGS
 Selector = Callable[[ShardBatch], Callable[[torch.Tensor], torch.Tensor]]
 
 
+def fixed_pairs(pairs: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The pairs (N, C) bool given up front, whatever the classifier says."""
+    wanted = torch.from_numpy(pairs)
+    return lambda logits: wanted.to(logits.device)
+
+
 def labelled(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
     """Mining mode: every finding an image is labelled with."""
-    labels = torch.from_numpy(batch.labels)
-    return lambda logits: labels.to(logits.device)
+    return fixed_pairs(batch.labels)
 
 
 def scored_at_least(min_score: float) -> Selector:
@@ -62,8 +67,7 @@ def evaluate_boxes(
     """Acc/AFP of ``method`` on the boxed images of ``groups``: each finding with a ground-truth
     box is boxed and scored against those boxes (``truth``: image id -> finding -> xyxy boxes)."""
     def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
-        wanted = torch.from_numpy(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
-        return lambda logits: wanted.to(logits.device)
+        return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
 
     evaluator = LocalizationEvaluator()
     for batch, found in localized_batches(method, models, groups, batch_size, with_truth):

@@ -94,9 +94,9 @@ class LocalizationMethod(ABC):
         x = prepare_images(images, self.config.input_size, device)
         with torch.no_grad(), autocast(device, self.config.precision):
             maps, logits = self.heatmaps(models, x, select)
-        wanted = select(logits)
-        found = localize(maps, wanted.cpu().numpy(), self.config.input_size, letterboxes, self.thresholds)
-        return BatchLocalization(torch.sigmoid(logits.float()).cpu().numpy(), wanted.cpu().numpy(), found)
+        wanted = select(logits).cpu().numpy()
+        found = localize(maps, wanted, self.config.input_size, letterboxes, self.thresholds)
+        return BatchLocalization(torch.sigmoid(logits.float()).cpu().numpy(), wanted, found)
 
 
 def register_method(cls: type[LocalizationMethod]) -> type[LocalizationMethod]:
