@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from cxr_miner.flows.stopping import Stopped
+
 # Prefect's default (20 s) is too short for a first start, which creates and migrates the
 # database: about 15 s on 2 idle cores, more under load.
 STARTUP_TIMEOUT_S = 120
@@ -45,10 +47,14 @@ def prefect_api() -> Iterator[str]:
     _temporary.append(server.api_url)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
+            drain_timeout = 10.0
             try:
                 yield server.api_url
+            except Stopped:
+                drain_timeout = 1.0  # a stop must be quick; what is not sent by then is let go
+                raise
             finally:
-                _drain_to_api()
+                _drain_to_api(drain_timeout)
     finally:
         _temporary.remove(server.api_url)
         server.stop()

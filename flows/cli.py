@@ -61,6 +61,7 @@ def ingest(
     test_fraction: Annotated[float, typer.Option(help="Patients put in test when there are no official lists.")] = 0.2,
     allow_shrink: Annotated[bool, typer.Option("--allow-shrink", help="Accept an index with many fewer images than the last one.")] = False,
     max_shrink: Annotated[float, typer.Option(help="Refuse an index with more than this fraction fewer usable images than the last.")] = 0.1,
+    allow_outside_links: Annotated[bool, typer.Option("--allow-outside-links", help="Read files that symbolic links under ROOT point to outside it.")] = False,
 ) -> None:
     """Index a collection: W/index.parquet, W/gt_boxes.parquet, W/ingest_report.json."""
     from cxr_miner.flows.ingest import ingest as ingest_flow
@@ -68,12 +69,13 @@ def ingest(
     report = ingest_flow(
         root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
         metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
-        allow_shrink=allow_shrink, max_shrink=max_shrink,
+        allow_shrink=allow_shrink, max_shrink=max_shrink, allow_outside_links=allow_outside_links,
     )
     say(
         f"index: {workdir / 'index.parquet'}",
         f"{report['rows']} images, splits {report['splits']}, "
-        f"{len(report['missing'])} missing, {len(report['unlisted'])} unlisted files, {report['gt_boxes']} boxes",
+        f"{len(report['missing'])} missing, {len(report['unlisted'])} unlisted files, "
+        f"{len(report['skipped'])} skipped (not images), {report['gt_boxes']} boxes",
     )
 
 
@@ -87,13 +89,14 @@ def preprocess(
     dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")] = None,
     max_pixels: Annotated[int, typer.Option(help="Quarantine source images with more pixels (decompression bombs).")] = 50_000_000,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest.")] = None,
+    max_lost: Annotated[float, typer.Option(help="Fail (exit 2) when more than this fraction of the images is missing or quarantined.")] = 0.1,
 ) -> None:
     """Letterbox every indexed image into Parquet shards on a Dask cluster."""
     from cxr_miner.flows.preprocess import run_preprocess
 
     manifest = run_preprocess(
         str(workdir), workers=workers, dask_address=dask_address, size=size, shard_size=shard_size,
-        encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None,
+        encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None, max_lost=max_lost,
     )
     counts = manifest["counts"]
     say(
@@ -266,19 +269,49 @@ def print_auc_table(rows: list[dict]) -> None:
     err.print(table)
 
 
+USER_ERRORS = (InputError, ValueError, OSError)  # bad input, a missing file, a refused folder
+
+
 def main() -> None:
-    """Console entry point: bad input ends with its message and exit status 2, not a traceback."""
+    """Console entry point.
+
+    Bad input (a user error) ends with one line naming the file, line and value, exit 2. An
+    internal error ends with one line and exit 1; its traceback goes to a log file under the work
+    folder. SIGINT and SIGTERM stop the command cleanly with exit 130 and 143.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from cxr_miner.flows.api import prefect_api
-    from cxr_miner.flows.logs import quiet_input_errors
+    from cxr_miner.flows.logs import quiet_run_tracebacks
+    from cxr_miner.flows.stopping import stop_on_signals
 
-    quiet_input_errors()
-    try:
-        with prefect_api():  # one API for the command, its Dask workers included
-            app()
-    except (InputError, FileNotFoundError, ValueError) as error:
+    quiet_run_tracebacks()
+    with stop_on_signals():
+        try:
+            with prefect_api():  # one API for the command, its Dask workers included
+                app()
+        except BaseException as error:
+            if isinstance(error, SystemExit):
+                raise
+            sys.exit(failure_status(error))
+
+
+def failure_status(error: BaseException) -> int:
+    """Say what ended the command, in one line; return its exit status (module doc of main)."""
+    from cxr_miner.flows.logs import write_error_log
+    from cxr_miner.flows.stopping import Stopped, stop_requested
+
+    stop = error if isinstance(error, Stopped) else stop_requested()
+    if stop is not None:
+        say("stopped:", f"{stop}; temporary files removed, a rerun resumes", style="yellow")
+        return stop.exit_status
+    if isinstance(error, USER_ERRORS):
         say("error:", str(error), style="red")
-        sys.exit(2)
+        return 2
+    if not isinstance(error, Exception):
+        raise error  # KeyboardInterrupt outside a stop, GeneratorExit: not ours to report
+    log = write_error_log(error, sys.argv)
+    say("internal error:", f"{type(error).__name__}: {error} (traceback in {log})", style="red")
+    return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,13 +34,30 @@ def dask_task_runner(workers: int | None = None, address: str | None = None, res
     """
     if address and workers:
         raise ValueError("give either --workers (local cluster) or --dask-address (existing cluster), not both")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     if address:
+        check_scheduler(address)
         return DaskTaskRunner(address=address)
     n = workers or default_workers()
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True, **({"resources": resources} if resources else {})},
     )
+
+
+def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
+    """Raise ValueError unless something listens at a ``tcp://host:port`` scheduler address (a
+    wrong address would otherwise surface as a traceback after Dask's 30 s connect timeout)."""
+    scheme, _, location = address.rpartition("://")
+    if scheme not in ("", "tcp") or ":" not in location:
+        return  # tls://, inproc:// and the like: left to Dask
+    host, _, port = location.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
 
 
 @contextmanager

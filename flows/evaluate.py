@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import evaluate_boxes
+from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.training import pick_device
@@ -27,6 +28,7 @@ from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 
 
 @flow(name="evaluate", log_prints=True)
+@writes_into("workdir")
 def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
     """Acc/AFP of every method the run has checkpoints for, on the boxed images (module doc)."""
     logger = get_run_logger()

@@ -1,9 +1,15 @@
 """Fault injection for the resume tests: one-shot faults planted through a file.
 
 Set ``CXR_MINER_FAULT_FILE`` to a JSON file ``{"shard": NAME, "mode": "raise" | "exit"}``.
-The first worker that is about to commit shard NAME deletes the file and then raises
-(a task failure) or exits its process (a killed worker). Without the variable this is
-a single environment lookup.
+The first process that reaches the fault point NAME deletes the file and then raises (a task
+failure) or exits at once, without any cleanup (a killed worker or command). The points:
+
+- a shard or harvest part's name: its temporary file is written, not yet renamed;
+- ``ingest``: index.parquet and gt_boxes.parquet are written, the ingest report not yet;
+- ``train-step<t>-epoch<e>-batch<b>``: in the middle of an epoch, after batch b;
+- ``release``: the release is complete in its staging folder, not yet published.
+
+Without the variable this is a single environment lookup.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ def plant_fault(path: Path, shard: str, mode: str) -> None:
     path.write_text(json.dumps({"shard": shard, "mode": mode}))
 
 
-def maybe_fail(shard: ShardSpec | str, images_done: int) -> None:
-    """Called between writing a shard's (or harvest part's) temporary file and renaming it."""
+def maybe_fail(shard: ShardSpec | str, images_done: int = 0) -> None:
+    """Called at each fault point (module doc)."""
     name = shard if isinstance(shard, str) else shard.name
     plan_path = os.environ.get(FAULT_ENV)
     if not plan_path:

@@ -28,6 +28,7 @@ from cxr_miner.flows.dask import dask_task_runner, default_workers, local_worker
 from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import labelled, scored_at_least, shard_rows
 from cxr_miner.flows.faults import maybe_fail
+from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.tasks import collect, failure_text
 from cxr_miner.miner.methods import check_method, create_method
 from cxr_miner.miner.training import TrainConfig, pick_device
@@ -101,6 +102,7 @@ def harvest_shard(shard: str, run: str, target: str, key: dict[str, Any], settin
 
 
 @flow(name="harvest", log_prints=True)
+@writes_into("workdir")
 def harvest(
     workdir: str,
     run: str,
@@ -157,6 +159,7 @@ def harvest(
     return summary
 
 
+@writes_into("workdir")
 def run_harvest(
     workdir: str, run: str, *, workers: int | None = None, dask_address: str | None = None, gpus: int | None = None, **options: Any
 ) -> dict[str, Any]:

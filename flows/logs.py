@@ -1,25 +1,60 @@
-"""Logging tweaks for the command line."""
+"""Logging for the command line: no tracebacks on the console, the full one in a log file."""
 
 from __future__ import annotations
 
 import logging
-
-from cxr_miner.storage.vocab.errors import InputError
+import os
+import tempfile
+import traceback
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+LOG_DIR = "logs"
 
 
-class _DropInputErrorTraceback(logging.Filter):
-    """Bad input is the user's to fix, not a bug: log its message, not a traceback."""
+class _DropTraceback(logging.Filter):
+    """The command line prints one line per error (and writes an internal error's traceback to a
+    log file), so Prefect's run loggers keep the message and drop the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], InputError):
+        if record.exc_info:
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def quiet_input_errors() -> None:
+def quiet_run_tracebacks() -> None:
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropInputErrorTraceback) for f in logger.filters):
-            logger.addFilter(_DropInputErrorTraceback())
+        if not any(isinstance(f, _DropTraceback) for f in logger.filters):
+            logger.addFilter(_DropTraceback())
+
+
+def option_value(argv: Sequence[str], option: str) -> str | None:
+    """The value of ``--option VALUE`` or ``--option=VALUE`` in a command line, else None."""
+    for i, word in enumerate(argv):
+        if word == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(option + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def log_folder(argv: Sequence[str]) -> Path:
+    """W/logs for a command with ``--workdir W`` that is a folder, else a folder in the temp dir."""
+    workdir = option_value(argv, "--workdir")
+    if workdir and Path(workdir).is_dir():
+        return Path(workdir) / LOG_DIR
+    return Path(tempfile.gettempdir()) / "cxr-miner-logs"
+
+
+def write_error_log(error: BaseException, argv: Sequence[str]) -> Path:
+    """Write the command line and ``error``'s traceback to a new file; return its path."""
+    folder = log_folder(argv)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = folder / f"error-{stamp}-{os.getpid()}.log"
+    text = "".join(traceback.format_exception(error))
+    path.write_text(f"command: {' '.join(argv)}\ntime: {stamp}Z\n\n{text}")
+    return path

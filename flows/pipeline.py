@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.harvest import run_harvest
 from cxr_miner.flows.ingest import ingest
 from cxr_miner.flows.preprocess import run_preprocess
@@ -20,6 +21,7 @@ from cxr_miner.flows.train import train
 
 
 @flow(name="run", log_prints=True)
+@writes_into("workdir", "out")
 def run(
     root: str,
     workdir: str,

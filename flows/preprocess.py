@@ -18,13 +18,18 @@ from prefect.cache_policies import NO_CACHE
 from cxr_miner.flows.api import prefect_api
 from cxr_miner.flows.dask import dask_task_runner, local_worker_config
 from cxr_miner.flows.faults import maybe_fail
+from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.tasks import collect, failure_text
+from cxr_miner.storage.inputs.files import source_problem
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS
 from cxr_miner.storage.stages.index import INDEX_FILE, REPORT_FILE, read_index
 from cxr_miner.storage.stages.provenance import code_version
 from cxr_miner.storage.stages.shard_manifest import (
     MANIFEST,
+    MAX_LOST,
     QUARANTINE_FILE,
+    check_losses,
+    quarantine_records,
     remove_stale,
     write_manifest,
     write_quarantine,
@@ -38,6 +43,7 @@ from cxr_miner.storage.stages.shards import (
     build_shard,
     plan_shards,
 )
+from cxr_miner.storage.vocab.errors import InputError
 
 
 class PreprocessIncomplete(RuntimeError):
@@ -45,11 +51,29 @@ class PreprocessIncomplete(RuntimeError):
 
 
 @task(cache_policy=NO_CACHE)
-def write_shard(spec: ShardSpec, root: str, shard_dir: str, settings: ShardSettings) -> ShardResult:
-    return build_shard(spec, Path(root), Path(shard_dir), settings, before_commit=maybe_fail)
+def write_shard(spec: ShardSpec, root: str, shard_dir: str, settings: ShardSettings, allow_outside_links: bool) -> ShardResult:
+    return build_shard(spec, Path(root), Path(shard_dir), settings, before_commit=maybe_fail, allow_outside_links=allow_outside_links)
+
+
+def check_sources(
+    work: Path, root: Path, rows: list[dict], absent: list[dict], readable: list[dict], max_lost: float, allow_outside_links: bool,
+) -> None:
+    """Refuse, before any shard is touched, an index whose image files are not there: none has a
+    path (a --metadata-only ingest that found no images), or more than ``max_lost`` are gone."""
+    if not rows:
+        raise InputError(work / INDEX_FILE, "lists no images; run `cxr-miner ingest` on the collection first")
+    if not readable:
+        raise InputError(
+            work / INDEX_FILE, f"none of its {len(rows)} images has a file to read (an ingest --metadata-only before the "
+            f"images were there?): run `cxr-miner ingest ROOT --workdir {work}` once they are below ROOT")
+    gone = [{"image_id": row["image_id"], "reason": f"{row['source_path']}: {reason}"} for row in readable
+            if (reason := source_problem(root, row["source_path"], allow_outside_links))]
+    check_losses(work / INDEX_FILE, len(rows), [*gone, *({**row, "reason": "missing at ingest"} for row in absent)], max_lost,
+                 f"are not readable files below {root}; no shard was touched")
 
 
 @flow(name="preprocess", log_prints=True)
+@writes_into("workdir")
 def preprocess(
     workdir: str,
     size: int = 512,
@@ -57,30 +81,39 @@ def preprocess(
     encoding: str = "raw",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     root: str | None = None,
+    max_lost: float = MAX_LOST,
 ) -> dict[str, Any]:
-    """Letterbox every indexed image to ``size`` px and write Parquet shards (see module doc)."""
+    """Letterbox every indexed image to ``size`` px and write Parquet shards (see module doc).
+
+    More than ``max_lost`` of the indexed images missing or unreadable is an error: refused
+    before any shard is touched when the files are not there, else after the run is recorded."""
     logger = get_run_logger()
     work = Path(workdir)
     settings = ShardSettings(size=size, encoding=encoding, max_pixels=max_pixels)
     index = read_index(work / INDEX_FILE)
     ingest_report = json.loads((work / REPORT_FILE).read_text())
-    source_root = root or ingest_report["root"]
+    source_root = Path(root or ingest_report["root"])
+    allow_outside_links = ingest_report.get("allow_outside_links", False)
     rows = index.select([*CARRIED_COLUMNS, "file_present"]).to_pylist()
-    missing = sum(row["file_present"] is False for row in rows)
-    specs = plan_shards([row for row in rows if row["file_present"] is not False], shard_size)
+    absent = [row for row in rows if row["file_present"] is False or not row["source_path"]]
+    missing = len(absent)
+    readable = [row for row in rows if row["file_present"] is not False and row["source_path"]]
+    check_sources(work, source_root, rows, absent, readable, max_lost, allow_outside_links)
+    specs = plan_shards(readable, shard_size)
     shard_dir = work / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     (shard_dir / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run
     logger.info("%d images in %d shards (%d missing files excluded)", len(rows) - missing, len(specs), missing)
 
     largest_first = sorted(specs, key=lambda spec: -len(spec.rows))  # partial shards fill the tail
-    futures = [write_shard.submit(spec, source_root, str(shard_dir), settings) for spec in largest_first]
+    futures = [write_shard.submit(spec, str(source_root), str(shard_dir), settings, allow_outside_links) for spec in largest_first]
     results, failures = collect("preprocess", futures, [s.name for s in largest_first], {s.name: len(s.rows) for s in specs})
     if failures:
         raise PreprocessIncomplete(f"{failure_text(failures, len(specs))}; the other {len(results)} are kept: rerun to resume")
 
     ordered = [results[spec.name] for spec in specs]
     quarantined = write_quarantine(work / QUARANTINE_FILE, ordered)
+    lost = [*quarantine_records(ordered), *({**row, "reason": "missing at ingest"} for row in absent)]
     removed = remove_stale(shard_dir, {spec.name for spec in specs})
     manifest = write_manifest(
         shard_dir, ordered, settings, index_rows=len(rows), missing=missing,
@@ -92,9 +125,11 @@ def preprocess(
         len(ordered), manifest["run"]["built"], manifest["run"]["skipped"], manifest["counts"]["shard_rows"],
         quarantined, missing, shard_dir,
     )
+    check_losses(work / QUARANTINE_FILE, len(rows), lost, max_lost, "are quarantined or missing (all of them are listed there)")
     return manifest
 
 
+@writes_into("workdir")
 def run_preprocess(workdir: str, *, workers: int | None = None, dask_address: str | None = None, **options: Any) -> dict[str, Any]:
     """The flow on a Dask cluster: local processes by default, or an existing scheduler.
 

@@ -22,6 +22,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from cxr_miner.flows.engine.checkpoints import read_config
 from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.faults import maybe_fail
+from cxr_miner.flows.folders import writes_into
 from cxr_miner.miner.methods import LocalizationMethod, create_method
 from cxr_miner.storage.releases.coco import write_coco_splits
 from cxr_miner.storage.releases.release import (
@@ -30,6 +32,7 @@ from cxr_miner.storage.releases.release import (
     count_boxes,
     diff_boxes,
     discard_staging,
+    discard_stale_staging,
     file_digests,
     fresh_version,
     harvested_images,
@@ -43,7 +46,7 @@ from cxr_miner.storage.releases.report_data import finding_pages
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.harvest import read_harvest_summary
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, REPORT_FILE, SPLITS, read_gt_boxes
-from cxr_miner.storage.stages.provenance import code_version
+from cxr_miner.storage.stages.provenance import code_version, package_versions
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shard_manifest import QUARANTINE_FILE
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -70,6 +73,7 @@ def acc_tables(evaluation: dict[str, Any], methods: list[LocalizationMethod]) ->
 
 
 @flow(name="release", log_prints=True)
+@writes_into("workdir", "out")
 def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
     """Package the complete harvest of ``workdir`` as a new release under ``out`` (module doc)."""
     logger = get_run_logger()
@@ -79,12 +83,11 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
     config = read_config(RunFolder.of(work, run))
     ingest_report = json.loads((work / REPORT_FILE).read_text())
     source_root = Path(root or ingest_report["root"])
-    releases.mkdir(parents=True, exist_ok=True)
+    if stale := discard_stale_staging(releases):
+        logger.info("removed the staging folders of stopped releases: %s", ", ".join(stale))
     version = fresh_version(releases)
     previous = latest_release(releases)
     staging = staging_dir(releases, version)
-    discard_staging(staging)
-    staging.mkdir()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     provenance = {"release": version, "created": created, "code_version": code_version(),
                   "model": {"run": run, "model_id": key["model_id"], "checkpoints_sha256": key["checkpoints"]},
@@ -109,7 +112,7 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
                             previous=previous.name if previous else None, facts=facts, findings=findings)
         pages = write_report(staging / "report", report)
         manifest = {
-            "version": version, "created": created, "code_version": code_version(),
+            "version": version, "created": created, "code_version": code_version(), "packages": package_versions(),
             "index_sha256": ingest_report.get("index_sha256"), "model": provenance["model"], "harvest_key": key,
             "config": {"train": config.to_dict(), "harvest": {k: key[k] for k in ("method", "mode", "min_score", "thresholds")}},
             "counts": {"findings": counts, "splits": {s: {**coco[s], "boxes": coco[s]["annotations"]} for s in SPLITS},
@@ -118,6 +121,7 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
             "files": file_digests(staging),
         }
         write_json(staging / MANIFEST_FILE, manifest)
+        maybe_fail("release")
         target = publish(staging, releases, version)
     except BaseException:
         discard_staging(staging)

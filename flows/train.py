@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cxr_miner.flows.engine.checkpoints import load_model, read_config, trunk_weights
 from cxr_miner.flows.engine.fitting import fit, step_done
+from cxr_miner.flows.folders import writes_into
 from cxr_miner.miner.attention import attention_mining_loss
 from cxr_miner.miner.methods import create_method
 from cxr_miner.miner.models import create_model
@@ -29,6 +30,7 @@ from cxr_miner.miner.training import TrainConfig, init_branch_bias, pick_device,
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.batches import label_prevalence, split_row_groups
 from cxr_miner.storage.stages.runs import RunFolder
+from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 
@@ -97,7 +99,12 @@ def publish_aucs(folder: RunFolder) -> list[dict[str, Any]]:
 def resolve_config(preset_name: str, config_file: str | None) -> TrainConfig:
     config = preset(preset_name)
     if config_file:
-        config = config.updated(read_overrides(config_file))
+        try:
+            config = config.updated(read_overrides(config_file))
+        except InputError:
+            raise
+        except ValueError as error:
+            raise InputError(config_file, str(error)) from None
     return config
 
 
@@ -106,12 +113,16 @@ def read_overrides(config_file: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such config file")
     try:
-        return json.loads(path.read_text())
+        overrides = json.loads(path.read_text())
     except ValueError as error:
-        raise ValueError(f"{path}: not JSON ({error})") from error
+        raise InputError(path, f"not JSON ({error})") from None
+    if not isinstance(overrides, dict):
+        raise InputError(path, f"expected a JSON object of setting: value, got {type(overrides).__name__}")
+    return overrides
 
 
 @flow(name="train", log_prints=True)
+@writes_into("workdir")
 def train(workdir: str, preset: str = "cpu-small", config_file: str | None = None, run: str | None = None,
           method: str = "am") -> dict[str, Any]:
     """Train the checkpoints ``method`` needs: step 1 (the classifier, the CAM baseline) and, for
@@ -130,6 +141,7 @@ def train(workdir: str, preset: str = "cpu-small", config_file: str | None = Non
 
 
 @flow(name="mine-attention", log_prints=True)
+@writes_into("workdir")
 def mine_attention(workdir: str, run: str) -> dict[str, Any]:
     """AM steps 2..T of an existing run whose step 1 is trained."""
     folder = RunFolder.of(workdir, run)

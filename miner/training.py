@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -62,23 +62,55 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        unknown = set(data) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        model = data.pop("model", {})
-        unknown_model = set(model) - set(ModelConfig.__dataclass_fields__)
-        if unknown_model:
-            raise ValueError(f"unknown model settings {sorted(unknown_model)}; known: {sorted(ModelConfig.__dataclass_fields__)}")
-        model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+        """Settings from JSON-shaped data; an unknown name or a value of the wrong type raises ValueError."""
+        data = dict(checked_settings(data, cls(), "training settings"))
+        model = checked_settings(data.pop("model", {}), ModelConfig(), "model settings")
         return cls(model=ModelConfig(**model), **data)
 
     def updated(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with ``overrides`` (same shape as to_dict, ``model`` may be partial)."""
         merged = self.to_dict()
-        merged["model"] = {**merged["model"], **overrides.get("model", {})}
+        merged["model"] = {**merged["model"], **checked_settings(overrides.get("model", {}), self.model, "model settings")}
         merged.update({k: v for k, v in overrides.items() if k != "model"})
         return TrainConfig.from_dict(merged)
+
+
+def checked_settings(data: Any, defaults: Any, what: str) -> dict[str, Any]:
+    """``data`` checked against the fields of the dataclass instance ``defaults``: known names only,
+    each value of its default's type (an int is a float too; a list of ints is a tuple of ints)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object of name: value, got {type(data).__name__} {data!r}")
+    known = list(defaults.__dataclass_fields__)
+    if unknown := sorted(set(data) - set(known)):
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    checked = {}
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        if is_dataclass(default):
+            checked[name] = value  # nested settings: checked by their own class
+            continue
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if not _same_kind(value, default):
+            raise ValueError(f"{what}: {name} must be {_kind(default)}, got {type(value).__name__} {value!r}")
+        checked[name] = value
+    return checked
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and len(value) == len(default) and all(_same_kind(v, d) for v, d in zip(value, default))
+    return isinstance(value, type(default))
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, tuple):
+        return f"a list of {len(default)} {_kind(default[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(type(default), type(default).__name__)
 
 
 PRESETS = {

@@ -7,6 +7,7 @@ step ends, and ``metrics.json``. A stopped step resumes after its last finished 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from cxr_miner.flows.engine.checkpoints import resume_into, save_checkpoint
 from cxr_miner.flows.engine.loader import shard_loader
+from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.miner.metrics import AUCAccumulator
 from cxr_miner.miner.models import CamClassifier
@@ -69,10 +71,13 @@ def fit(
         if step == 1:
             set_trunk_trainable(model, epoch >= config.freeze_trunk_epochs)
         with progress_bar(f"step {step} epoch {epoch + 1}/{epochs}", images) as advance:
-            stats = train_epoch(
-                model, train_loader, loss_fn, optimizer, scheduler, config, device,
-                on_batch=lambda n, loss: advance(n, status=f"loss {loss:.4f}"),
-            )
+            batches = itertools.count(1)
+
+            def on_batch(n: int, loss: float) -> None:
+                advance(n, status=f"loss {loss:.4f}")
+                maybe_fail(f"train-step{step}-epoch{epoch + 1}-batch{next(batches)}")
+
+            stats = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, config, device, on_batch=on_batch)
         aucs = validation_aucs(model, val_loader, config, device) if val_groups else {f: math.nan for f in FINDINGS}
         row = {"epoch": epoch + 1, "loss": stats.loss, **{f"loss_{k}": v for k, v in stats.parts.items()},
                "images_per_second": stats.images_per_second, "mean_auc": mean_auc(aucs), "auc": aucs}

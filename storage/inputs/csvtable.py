@@ -48,6 +48,30 @@ def read_rows(
     required column, a column of the wrong width, or a row with values past the last
     named column raises :class:`InputError` naming the file, line and value.
     """
+    try:
+        yield from _read_rows(path, required, optional)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except csv.Error as error:
+        raise InputError(path, f"not a readable CSV ({error})") from None
+
+
+def not_utf8(path: Path) -> InputError:
+    """The InputError for the first line of ``path`` that is not UTF-8: line, byte and column."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start]
+                return InputError(path, f"byte 0x{byte:02x} at column {error.start + 1} is not UTF-8 (save the file as UTF-8)", line=line)
+    return InputError(path, "not UTF-8 (save the file as UTF-8)")
+
+
+def _read_rows(
+    path: Path, required: Mapping[str, int], optional: Mapping[str, int]
+) -> Iterator[tuple[int, dict[str, list[str]]]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxr_miner.storage.inputs.files import not_regular
+
 # Default decompression-bomb guard: 50 megapixels (a 7000 x 7000 radiograph) is far
 # above any chest detector; Pillow's own guard stays in force beyond it.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -49,8 +51,8 @@ def is_dicom(path: Path) -> bool:
 def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any supported file (PNG, JPEG, DICOM) -> uint8 (height, width)."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "file not found")
+    if (reason := not_regular(path)) is not None:
+        raise ImageReadError(path, "file not found" if reason.startswith("missing") else f"{reason}, not a regular file: not opened")
     if is_dicom(path):
         from cxr_miner.storage.inputs.dicom import read_dicom_pixels
 
@@ -78,6 +80,8 @@ def read_raster(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
                 pixels = to_gray8(image)
                 if image.format == "PNG" and ends_black(pixels):
                     check_png_data_complete(path)
+                if image.format == "JPEG":
+                    check_jpeg_data_complete(path)
                 return pixels
     except ImageReadError:
         raise
@@ -139,6 +143,27 @@ def check_png_data_complete(path: Path) -> None:
         raise ImageReadError(path, f"cannot decode: PNG image data is corrupt ({error})") from None
     if found < expected:
         raise ImageReadError(path, f"PNG pixel data ends early: {found} of {expected} bytes (rows missing)")
+
+
+# libjpeg's warnings (JWRN_HIT_MARKER, JWRN_JPEG_EOF) for entropy-coded data that stops early.
+_JPEG_SHORT = ("premature end of data segment", "premature end of jpeg file")
+
+
+def check_jpeg_data_complete(path: Path) -> None:
+    """ImageReadError when the JPEG's compressed data ends before its last block.
+
+    libjpeg decodes such a file (one cut and closed with an EOI marker, say) with only a warning,
+    filling the missing blocks grey, and Pillow drops the warning. libjpeg-turbo through
+    simplejpeg in strict mode turns it into an error; decoding at 1/8 scale keeps the check cheap
+    (the entropy decoding, where the warning arises, is whole). Other complaints (a JPEG variant
+    simplejpeg does not read) are left to Pillow, which decoded the file."""
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(path.read_bytes(), colorspace="GRAY", strict=True, min_height=1, min_width=1)
+    except ValueError as error:
+        if any(short in str(error).lower() for short in _JPEG_SHORT):
+            raise ImageReadError(path, f"JPEG data ends early ({error}); the missing blocks would decode grey") from None
 
 
 def to_gray8(image: Image.Image) -> np.ndarray:

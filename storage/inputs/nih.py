@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from cxr_miner.storage.inputs.csvtable import read_rows
+from cxr_miner.storage.inputs.csvtable import not_utf8, read_rows
 from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import UnknownFindingError, canonical_finding, parse_findings
 
@@ -67,6 +67,8 @@ def check_image_name(path: Path, line: int, name: str) -> str:
     pure = PurePosixPath(name.replace("\\", "/"))
     if not name or pure.is_absolute() or ".." in pure.parts or len(pure.parts) != 1:
         raise InputError(path, f"image name {name!r} is not a plain file name (it would escape the image folder)", line=line)
+    if not name.isprintable():
+        raise InputError(path, f"image name {name!r} holds a control character (a NUL byte or the like)", line=line)
     return name
 
 
@@ -155,7 +157,11 @@ def read_bbox_list(path: Path) -> list[GroundTruthBox]:
 def read_image_list(path: Path) -> list[str]:
     """One image file name per line (train_val_list.txt, test_list.txt)."""
     names = []
-    for line, text in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    for line, text in enumerate(text.splitlines(), start=1):
         if text.strip():
             names.append(check_image_name(path, line, text.strip()))
     return names

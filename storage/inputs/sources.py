@@ -6,14 +6,14 @@ finding booleans and ``split``, which ``storage.stages.index`` derives.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxr_miner.storage.inputs.csvtable import read_rows
 from cxr_miner.storage.inputs.dicom import read_header
+from cxr_miner.storage.inputs.files import walk_files
 from cxr_miner.storage.inputs.images import RASTER_SUFFIXES, ImageReadError, read_size
 from cxr_miner.storage.inputs.nih import (
     BBOX_LIST,
@@ -44,17 +44,11 @@ class SourceScan:
     unmatched_boxes: list[dict[str, Any]] = field(default_factory=list)  # box of an unknown image
     skipped: list[dict[str, str]] = field(default_factory=list)  # files that are no image
     metadata_files: dict[str, str] = field(default_factory=dict)
+    root: Path | None = None
 
-
-def walk_files(root: Path, suffixes: set[str] | None = None) -> Iterator[Path]:
-    """Every regular file below ``root`` (sorted, hidden folders skipped), optionally by suffix."""
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            if suffixes is None or Path(name).suffix.lower() in suffixes:
-                yield Path(folder) / name
+    def skip(self, path: Path, reason: str) -> None:
+        """Record a file left out, with the reason (the ingest report lists them)."""
+        self.skipped.append({"source_path": relative_to_root(self.root, path) if self.root else str(path), "reason": reason})
 
 
 def relative_to_root(root: Path, path: Path) -> str:
@@ -69,25 +63,29 @@ def find_metadata(root: Path, name: str) -> Path | None:
     return None
 
 
-def scan_nih(root: Path, *, metadata_only: bool = False, progress: Progress | None = None) -> SourceScan:
-    """The NIH ChestX-ray14 layout: Data_Entry CSV, BBox list, split lists, images anywhere below."""
+def scan_nih(
+    root: Path, *, metadata_only: bool = False, progress: Progress | None = None, allow_outside_links: bool = False
+) -> SourceScan:
+    """The NIH ChestX-ray14 layout: Data_Entry CSV, BBox list, split lists, images anywhere below.
+
+    With ``metadata_only`` the image folders are listed but no image file is opened: sizes are
+    unknown and ``file_present`` is None; an image not found gets no source path."""
     entry_path = find_metadata(root, DATA_ENTRY) or find_metadata(root, "Data_Entry_2017.csv")
     if entry_path is None:
         raise InputError(root, f"no {DATA_ENTRY} (or Data_Entry_2017.csv, optionally .gz) found")
-    scan = SourceScan(records=[], metadata_files={"data_entry": str(entry_path)})
+    scan = SourceScan(records=[], metadata_files={"data_entry": str(entry_path)}, root=root)
     entries = read_data_entry(entry_path)
 
     files: dict[str, Path] = {}
-    if not metadata_only:
-        for path in walk_files(root, RASTER_SUFFIXES):
-            if path.name in files:
-                raise InputError(path, f"image name {path.name!r} also at {files[path.name]}; image ids must be unique")
-            files[path.name] = path
+    for path in walk_files(root, RASTER_SUFFIXES, on_skip=scan.skip, allow_outside_links=allow_outside_links):
+        if path.name in files:
+            raise InputError(path, f"image name {path.name!r} also at {files[path.name]}; image ids must be unique")
+        files[path.name] = path
 
     for entry in entries:
         path = files.pop(entry.image_id, None)
         if metadata_only:
-            source_path, present, size = _nih_default_path(entry.image_id), None, None
+            source_path, present, size = (relative_to_root(root, path) if path else None), None, None
         elif path is None:
             source_path, present, size = None, False, None
             scan.missing.append({"image_id": entry.image_id, "reason": "listed in the metadata, no file found"})
@@ -138,11 +136,6 @@ def scan_nih(root: Path, *, metadata_only: bool = False, progress: Progress | No
     return scan
 
 
-def _nih_default_path(image_id: str) -> str:
-    """Where an unchecked NIH image is expected (``--metadata-only``): images/<id>."""
-    return f"images/{image_id}"
-
-
 def read_dicom_labels(path: Path, root: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Labels CSV -> ({relative path: findings}, {SOPInstanceUID: findings}).
 
@@ -182,12 +175,14 @@ def check_inside(root: Path, relative: str, source: Path, line: int) -> str:
     return inside.as_posix()
 
 
-def scan_dicom(root: Path, labels: Path, key: bytes, *, progress: Progress | None = None) -> SourceScan:
+def scan_dicom(
+    root: Path, labels: Path, key: bytes, *, progress: Progress | None = None, allow_outside_links: bool = False
+) -> SourceScan:
     """A DICOM tree with a labels CSV; headers only. PatientID and SOPInstanceUID are pseudonymised."""
     by_path, by_uid = read_dicom_labels(labels, root)
-    scan = SourceScan(records=[], metadata_files={"labels": str(labels)})
+    scan = SourceScan(records=[], metadata_files={"labels": str(labels)}, root=root)
     seen: dict[str, str] = {}
-    for path in walk_files(root):
+    for path in walk_files(root, on_skip=scan.skip, allow_outside_links=allow_outside_links):
         rel = relative_to_root(root, path)
         if path.resolve() == labels.resolve():
             continue

@@ -1,9 +1,9 @@
 """Releases: ``RELEASES/<version>/`` with boxes.parquet, coco/<split>.json, report/, manifest.json.
 
 A version is the UTC creation time, ``YYYYMMDDTHHMMSSZ``, so versions sort by time; ``latest``
-is a symbolic link to the newest. A release is built in a hidden staging folder and renamed
-into place when complete; its files are then read-only, and a version that exists is never
-written again.
+is a symbolic link to the newest and never moves back. A release is built in a hidden staging
+folder of its own and renamed into place when complete; its files are then read-only, and a
+version that exists is never written again (the releases folder's lock keeps writers one at a time).
 
 boxes.parquet: one row per box (RELEASE_SCHEMA). Coordinates are xyxy in source pixels,
 continuous (pixel (i, j) covers [i, i + 1) x [j, j + 1)), and again divided by the image's
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -73,7 +74,8 @@ def new_version(now: datetime | None = None) -> str:
 
 
 def staging_dir(out: Path, version: str) -> Path:
-    return out / f".staging-{version}"
+    """A new, empty, hidden folder of this process for building ``version`` (never shared)."""
+    return Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=out))
 
 
 def fresh_version(out: Path) -> str:
@@ -196,13 +198,30 @@ def publish(staging: Path, out: Path, version: str) -> Path:
     for path in target.rglob("*"):
         if path.is_file():
             path.chmod(0o444)
-    link = out / f".{LATEST}.tmp"
+    point_latest(out, version)
+    return target
+
+
+def point_latest(out: Path, version: str) -> None:
+    """Point ``latest`` at ``version`` (an atomic replace), unless it points at a newer one."""
+    current = latest_release(out)
+    if current is not None and current.name > version:
+        return
+    link = out / f".{LATEST}.{os.getpid()}.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(version, target_is_directory=True)
     os.replace(link, out / LATEST)
-    return target
 
 
 def discard_staging(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def discard_stale_staging(out: Path) -> list[str]:
+    """Remove the staging folders that killed releases left behind (call with the folder's lock held:
+    then no other release is building). Returns their names."""
+    stale = sorted(path for path in out.glob(".staging-*") if path.is_dir())
+    for path in stale:
+        discard_staging(path)
+    return [path.name for path in stale]

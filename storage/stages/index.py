@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +187,10 @@ def check_new_index(scan: SourceScan, root: Path, workdir: Path, max_shrink: flo
 
 def write_index(
     scan: SourceScan, root: Path, workdir: Path, *, val_fraction: float, test_fraction: float, source: str,
-    max_shrink: float | None = MAX_SHRINK,
+    max_shrink: float | None = MAX_SHRINK, allow_outside_links: bool = False, before_report: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Check the scan (check_new_index), assign splits and has_box, then write W/index.parquet,
-    W/gt_boxes.parquet and W/ingest_report.json."""
+    W/gt_boxes.parquet and W/ingest_report.json (``before_report()`` runs before the last)."""
     check_new_index(scan, root, workdir, max_shrink)
     assign_splits(
         scan.records, scan.official_split, val_fraction=val_fraction, test_fraction=test_fraction,
@@ -202,9 +202,12 @@ def write_index(
     write_parquet(workdir / INDEX_FILE, index_table(scan.records))
     write_parquet(workdir / GT_BOXES_FILE, gt_boxes_table(scan.boxes))
     index_sha = hashlib.sha256((workdir / INDEX_FILE).read_bytes()).hexdigest()
+    if before_report:
+        before_report()
     report = {
         "source": source,
         "root": str(root.resolve()),
+        "allow_outside_links": allow_outside_links,
         "metadata_files": scan.metadata_files,
         "index_sha256": index_sha,
         "rows": len(scan.records),

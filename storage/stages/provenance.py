@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import platform
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,6 +24,21 @@ def code_version() -> str:
         return version("cxr-miner")
     except PackageNotFoundError:
         return "unknown"
+
+
+KEY_PACKAGES = ("torch", "torchvision", "prefect", "dask", "distributed", "pyarrow", "pydicom", "scikit-image", "numpy",
+                "pillow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "simplejpeg")
+
+
+def package_versions(names: Sequence[str] = KEY_PACKAGES) -> dict[str, str]:
+    """Installed version of each package (``not installed`` for one that is not), and Python's."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def model_identity(run: str, files: Sequence[Path]) -> tuple[str, list[str]]:

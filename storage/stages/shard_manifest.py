@@ -17,6 +17,7 @@ import pyarrow as pa
 from cxr_miner.storage.stages.atomic import TMP_SUFFIX, write_json, write_parquet
 from cxr_miner.storage.stages.index import SPLITS
 from cxr_miner.storage.stages.shards import ShardResult, ShardSettings
+from cxr_miner.storage.vocab.errors import InputError
 
 MANIFEST = "manifest.json"
 QUARANTINE_FILE = "quarantine.parquet"  # below the workdir
@@ -36,6 +37,25 @@ def check_accounting(index_rows: int, shard_rows: int, quarantined: int, missing
             f"index has {index_rows} images but shards {shard_rows} + quarantined {quarantined} + missing {missing}"
             f" = {shard_rows + quarantined + missing}"
         )
+
+
+MAX_LOST = 0.1  # a preprocess that loses more than 10% of the indexed images exits non-zero by default
+
+
+class TooManyLost(InputError):
+    """More than the allowed fraction of the indexed images is missing or unreadable."""
+
+
+def check_losses(source: Path, index_rows: int, lost: list[dict[str, Any]], max_lost: float, what: str) -> None:
+    """TooManyLost when ``lost`` (records with image_id and reason) is all of ``index_rows``, or
+    more than ``max_lost`` of them; the message gives the count and the first reasons."""
+    if not lost or (len(lost) < index_rows and len(lost) <= max_lost * index_rows):
+        return
+    first = "; ".join(f"{r['image_id']}: {r['reason']}" for r in lost[:3])
+    raise TooManyLost(
+        source, f"{len(lost)} of {index_rows} images {what} ({len(lost) / index_rows:.0%}, more than the {max_lost:.0%} "
+        f"allowed by --max-lost), e.g. {first}",
+    )
 
 
 def remove_stale(shard_dir: Path, keep: set[str]) -> list[str]:

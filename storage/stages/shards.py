@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cxr_miner.storage.inputs.files import source_problem
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from cxr_miner.storage.stages.atomic import atomic_path, write_json
 from cxr_miner.storage.stages.index import SPLITS
@@ -160,10 +161,12 @@ def build_shard(
     settings: ShardSettings,
     *,
     before_commit: Callable[[ShardSpec, int], None] | None = None,
+    allow_outside_links: bool = False,
 ) -> ShardResult:
     """Read, letterbox and encode every image of ``spec``; write the shard and its record.
 
-    Unreadable images are returned in ``quarantined`` with their reason. ``before_commit``
+    Unreadable images are returned in ``quarantined`` with their reason; so are files that are not
+    regular files (never opened) and links out of ``root`` unless ``allow_outside_links``. ``before_commit``
     (spec, images done) runs after the temporary file is written and before it is renamed:
     the place where a crash leaves no partial shard (the fault-injection tests use it).
     """
@@ -181,6 +184,8 @@ def build_shard(
         try:
             if not row["source_path"]:
                 raise ImageReadError(row["image_id"], "no source path")
+            if problem := source_problem(root, row["source_path"], allow_outside_links):
+                raise ImageReadError(root / row["source_path"], problem)
             pixels = read_image(root / row["source_path"], max_pixels=settings.max_pixels)
         except ImageReadError as error:
             quarantined.append({"image_id": row["image_id"], "source_path": row["source_path"], "reason": error.reason})

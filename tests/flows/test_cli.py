@@ -50,20 +50,18 @@ def test_preprocess_without_ingest_says_what_to_run(tmp_path, monkeypatch, prefe
     assert status == 2 and "run `cxr-miner ingest` first" in told
 
 
-def test_run_logs_keep_input_errors_without_traceback():
+def test_run_logs_keep_the_message_and_drop_the_traceback():
     import logging
 
-    from cxr_miner.flows.logs import quiet_input_errors
-    from cxr_miner.storage.vocab.errors import InputError
+    from cxr_miner.flows.logs import quiet_run_tracebacks
 
-    quiet_input_errors()
-    quiet_input_errors()  # idempotent
+    quiet_run_tracebacks()
+    quiet_run_tracebacks()  # idempotent
     logger = logging.getLogger("prefect.task_runs")
-    (ours,) = [f for f in logger.filters if type(f).__name__ == "_DropInputErrorTraceback"]
-    for error, keeps_traceback in [(InputError("f.csv", "bad", line=3), False), (RuntimeError("bug"), True)]:
-        record = logger.makeRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed", (), (type(error), error, None))
-        assert ours.filter(record)
-        assert (record.exc_info is not None) == keeps_traceback
+    (ours,) = [f for f in logger.filters if type(f).__name__ == "_DropTraceback"]
+    error = RuntimeError("bug")
+    record = logger.makeRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed: bug", (), (type(error), error, None))
+    assert ours.filter(record) and record.exc_info is None and record.getMessage() == "failed: bug"
 
 
 RELEASED = {"version": "v", "path": "p", "boxes": 0, "report": "r"}

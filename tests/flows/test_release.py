@@ -161,7 +161,11 @@ def test_manifest_hashes_every_file_and_latest_is_the_newest(released):
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
     assert manifest["counts"]["boxes"] == first["boxes"] and manifest["model"]["model_id"].startswith("t@")
     assert sum(v["boxes"] for v in manifest["counts"]["findings"].values()) == first["boxes"]
-    assert sorted(p.name for p in releases.iterdir()) == sorted([first["version"], second["version"], "latest"])
+    assert sorted(p.name for p in releases.iterdir() if not p.name.startswith(".")) == sorted([first["version"], second["version"], "latest"])
+    assert [p.name for p in releases.glob(".*")] == [".cxr-miner.lock"]  # no staging folder left behind
+    from importlib.metadata import version
+
+    assert {k: manifest["packages"][k] for k in ("torch", "prefect", "pydicom")} == {k: version(k) for k in ("torch", "prefect", "pydicom")}
     assert first["version"] < second["version"] and (releases / "latest").resolve().name == second["version"]
 
 
@@ -181,7 +185,6 @@ def test_second_run_redoes_nothing_and_releases_the_same_boxes_with_no_changes(r
 def test_releases_are_immutable(released):
     _, releases, first, _ = released
     staging = staging_dir(releases, first["version"])
-    staging.mkdir()
     with pytest.raises(ReleaseExists, match="immutable"):
         publish(staging, releases, first["version"])
     shutil.rmtree(staging)

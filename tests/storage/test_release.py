@@ -100,15 +100,23 @@ def test_versions_sort_by_time_and_publish_moves_latest(tmp_path):
     assert latest_release(tmp_path) is None
     for version in ("20260102T030405Z", "20260102T030406Z"):
         staging = staging_dir(tmp_path, version)
-        staging.mkdir()
         (staging / "f.txt").write_text(version)
         publish(staging, tmp_path, version)
         assert latest_release(tmp_path).name == version and not staging.exists()
     staging = staging_dir(tmp_path, "20260102T030405Z")
-    staging.mkdir()
     with pytest.raises(ReleaseExists):
         publish(staging, tmp_path, "20260102T030405Z")
     assert (tmp_path / "20260102T030405Z" / "f.txt").read_text() == "20260102T030405Z"
+
+
+def test_latest_never_moves_back_to_an_older_version(tmp_path):
+    """Two releases that finish in the other order than they started: latest stays on the newer."""
+    newer, older = staging_dir(tmp_path, "20260102T030406Z"), staging_dir(tmp_path, "20260102T030405Z")
+    assert newer != staging_dir(tmp_path, "20260102T030406Z")  # each builder has a staging folder of its own
+    publish(newer, tmp_path, "20260102T030406Z")
+    publish(older, tmp_path, "20260102T030405Z")
+    assert latest_release(tmp_path).name == "20260102T030406Z"
+    assert (tmp_path / "20260102T030405Z").is_dir()
 
 
 def test_parts_carry_their_key_and_image_count(tmp_path):

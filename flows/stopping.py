@@ -1,0 +1,81 @@
+"""Clean stops: SIGINT and SIGTERM end a command within seconds, with its cleanup done.
+
+The first signal raises :class:`Stopped` in the main thread. It unwinds like any exception, so
+every ``with`` block closes on the way out: the Dask cluster, the temporary Prefect API,
+DataLoader workers, temporary files. Prefect's own SIGTERM bridge (which marks the flow run
+crashed) re-sends the signal to the handler it replaced, which is this one.
+
+A watchdog started with the first signal makes the stop certain: if the process still lives
+``grace_s`` seconds later (cleanup stuck on a dead worker, say), it kills the process's children
+and exits with the same status. Further signals during the stop are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+GRACE_S = 8.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """The command was asked to stop (a BaseException, like KeyboardInterrupt: nothing swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by it (130, 143)."""
+        return 128 + self.signum
+
+
+def kill_children() -> None:
+    """SIGKILL every descendant of this process (Dask nannies and workers, the API server)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+def _watchdog(status: int, grace_s: float) -> None:
+    timer = threading.Timer(grace_s, lambda: (kill_children(), os._exit(status)))
+    timer.daemon = True
+    timer.start()
+
+
+_received: list[int] = []  # the signal that started the stop, in this process
+
+
+def stop_requested() -> Stopped | None:
+    """The stop under way, if a signal arrived: library code on the way out may have wrapped the
+    :class:`Stopped` it raised in an error of its own (pydantic does), so ask this, not the type."""
+    return Stopped(_received[0]) if _received else None
+
+
+@contextmanager
+def stop_on_signals(grace_s: float = GRACE_S) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise :class:`Stopped` (main thread only)."""
+    _received.clear()
+
+    def handler(signum: int, frame: object) -> None:
+        if _received:
+            return
+        _received.append(signum)
+        _watchdog(128 + signum, grace_s)
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -1,0 +1,117 @@
+"""SIGTERM and SIGINT stop a command within 10 s, with its processes gone, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from tests.flows.helpers import copy_workdir
+
+pytestmark = pytest.mark.slow
+STOP_WITHIN_S = 10
+
+
+def _start(words: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """The real command line in a session of its own (so that what it leaves running can be found);
+    its stderr goes to a file."""
+    from prefect.settings import PREFECT_API_URL
+
+    log = tmp_path / "stderr.txt"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    code = "from cxr_miner.flows.cli import main; main()"
+    process = subprocess.Popen([sys.executable, "-c", code, *words], stderr=log.open("w"), stdout=subprocess.DEVNULL,
+                               env=env, start_new_session=True)
+    return process, log
+
+
+def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"{text!r} never came:\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def _stop(process: subprocess.Popen, signum: int) -> float:
+    """Send ``signum``; return the seconds until the process ended."""
+    sent = time.monotonic()
+    process.send_signal(signum)
+    process.wait(timeout=60)
+    return time.monotonic() - sent
+
+
+def _left_running(session: int) -> list[str]:
+    """Processes still alive in the command's session (Dask workers, API server, DataLoader workers)."""
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(p.info["pid"]) == session and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(p.info["cmdline"] or []))
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return left
+
+
+def test_sigterm_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir, tmp_path):
+    work = copy_workdir(trained_workdir, tmp_path / "w")
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1}))
+    words = ["train", "--workdir", str(work), "--run", "long", "--config", str(config), "--method", "cam"]
+    process, log = _start(words, tmp_path)
+    metrics = work / "models" / "long" / "metrics.json"
+    while not metrics.exists():  # one epoch done: its checkpoint is written, then its metrics
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.2)
+    took = _stop(process, signal.SIGTERM)
+    told = log.read_text()
+    assert process.returncode == 143, told
+    assert took < STOP_WITHIN_S, took
+    assert "stopped: stopped by SIGTERM" in told and "Traceback" not in told
+    time.sleep(1)
+    assert _left_running(process.pid) == []
+    assert not list(work.rglob("*.tmp"))
+    epochs_done = len(json.loads(metrics.read_text())["step1"])
+    assert epochs_done >= 1
+
+    again, log = _start(words, tmp_path)
+    _wait_for(log, f"step 1: resuming after epoch {epochs_done} from ", again)
+    assert _stop(again, signal.SIGTERM) < STOP_WITHIN_S and again.returncode == 143
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def test_sigint_stops_a_dask_preprocess_and_the_rerun_accounts_for_every_image(trained_workdir, tmp_path):
+    work = copy_workdir(trained_workdir, tmp_path / "w")
+    words = ["preprocess", "--workdir", str(work), "--size", "96", "--shard-size", "8", "--workers", "2", "--encoding", "png"]
+    process, log = _start(words, tmp_path)
+    _wait_for(log, "Creating a new Dask cluster", process)
+    time.sleep(3)
+    took = _stop(process, signal.SIGINT)
+    told = log.read_text()
+    assert process.returncode == 130, told
+    assert took < STOP_WITHIN_S, took
+    assert "stopped: stopped by SIGINT" in told and "Traceback" not in told
+    time.sleep(1)
+    assert _left_running(process.pid) == []
+    assert not list((work / "shards").glob("*.tmp"))
+
+    rerun = subprocess.run([sys.executable, "-c", "from cxr_miner.flows.cli import main; main()", *words],
+                           capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": _api_url()}, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    index_rows = pq.read_metadata(work / "index.parquet").num_rows
+    assert manifest["counts"]["shard_rows"] + manifest["counts"]["quarantined"] + manifest["counts"]["missing"] == index_rows
+    assert manifest["settings"]["size"] == 96
