@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 IDENTIFIERS = {
     "PatientName": "Doe^Jane",
@@ -16,6 +26,25 @@ IDENTIFIERS = {
     "InstitutionName": "Saint Example Hospital",
     "AccessionNumber": "ACC8675309",
     "ReferringPhysicianName": "House^Gregory",
+}
+
+
+def _rle(stored: np.ndarray, bits: int) -> bytes:
+    from pydicom.pixels.encoders.base import RLELosslessEncoder
+
+    return RLELosslessEncoder.encode(stored.astype(np.uint16), rows=stored.shape[0], columns=stored.shape[1], samples_per_pixel=1,
+                                     bits_allocated=16, bits_stored=bits, pixel_representation=0,
+                                     photometric_interpretation="MONOCHROME2", number_of_frames=1)
+
+
+# Encoders of single-frame unsigned grayscale pixels: imagecodecs (libjpeg-turbo, CharLS, OpenJPEG)
+# and pydicom's own RLE; the project reads them through pydicom's pylibjpeg plugins.
+ENCODERS = {
+    RLELossless: _rle,
+    JPEGLosslessSV1: lambda stored, bits: imagecodecs.jpeg8_encode(stored.astype(np.uint16), lossless=True, predictor=1, bitspersample=bits),
+    JPEGLSLossless: lambda stored, bits: imagecodecs.jpegls_encode(stored.astype(np.uint16), level=0),
+    JPEG2000Lossless: lambda stored, bits: imagecodecs.jpeg2k_encode(stored.astype(np.uint16), level=0, codecformat="J2K", reversible=True, bitspersample=bits),
+    JPEGBaseline8Bit: lambda stored, bits: imagecodecs.jpeg8_encode(stored.astype(np.uint8), level=95),
 }
 
 
@@ -37,8 +66,12 @@ def write_dicom(
     view: str = "PA",
     compressed: bool = False,
     frames: int | None = None,
+    transfer_syntax: str | None = None,
 ) -> str:
-    """A single-frame grayscale radiograph; returns its SOPInstanceUID."""
+    """A single-frame grayscale radiograph; returns its SOPInstanceUID.
+
+    ``transfer_syntax``: store the pixels compressed with it (see ENCODERS; JPEG baseline needs
+    ``bits_stored=8``). ``compressed``: a JPEG-LS transfer syntax over bytes that are no JPEG-LS."""
     rows, columns = stored.shape[-2:]
     sop_uid = sop_uid or generate_uid()
     meta = FileMetaDataset()
@@ -59,7 +92,7 @@ def write_dicom(
     ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
+    ds.BitsAllocated = 8 if transfer_syntax == JPEGBaseline8Bit else 16
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
@@ -77,6 +110,9 @@ def write_dicom(
         ds.VOILUTSequence = Sequence([item])
     if compressed:
         ds.PixelData = encapsulate([b"\xff\xd8not-really-jpeg-ls\xff\xd9"])
+    elif transfer_syntax is not None:
+        ds.PixelData = encapsulate([ENCODERS[transfer_syntax](stored, bits_stored)])
+        meta.TransferSyntaxUID = transfer_syntax
     else:
         ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -157,7 +157,10 @@ def read_dicom_pixels(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     check_pixel_count(path, int(ds.Columns), int(ds.Rows), max_pixels)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
-        decoder = get_decoder(syntax)
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError:
+            raise ImageReadError(path, f"no decoder for transfer syntax {syntax.name} ({syntax}) exists in pydicom") from None
         if not decoder.is_available:
             raise ImageReadError(
                 path,
@@ -168,4 +171,5 @@ def read_dicom_pixels(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
         stored = ds.pixel_array
         return to_display(ds, stored)
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, OSError) as error:
-        raise ImageReadError(path, f"cannot decode DICOM pixels: {error}") from None
+        encoding = f" ({syntax.name})" if syntax is not None and syntax.is_compressed else ""
+        raise ImageReadError(path, f"cannot decode DICOM pixels{encoding}: {error}") from None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from cxr_miner.storage.inputs.dicom import parse_age, read_dicom_pixels, read_header, window
 from cxr_miner.storage.inputs.images import ImageReadError, read_image
@@ -62,11 +64,53 @@ def test_non_square_keeps_rows_and_columns(tmp_path):
     assert pixels[1, 2] == round(700 / 1400 * 255)  # 127.5 -> 128 (round half to even: 128)
 
 
-def test_compressed_without_decoder_names_the_plugins(tmp_path):
+def test_compressed_without_decoder_names_the_plugins(tmp_path, monkeypatch):
+    """The decoders are installed with the project; a syntax whose plugin is absent says which to install."""
+    import cxr_miner.storage.inputs.dicom as dicom
+
+    class Absent:
+        is_available = False
+        missing_dependencies = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"]
+
+    monkeypatch.setattr(dicom, "get_decoder", lambda syntax: Absent())
     path = tmp_path / "jpegls.dcm"
     write_dicom(path, STORED, compressed=True)
-    with pytest.raises(ImageReadError, match=r"no decoder installed for transfer syntax JPEG-LS Lossless.*pylibjpeg"):
+    with pytest.raises(ImageReadError, match=r"no decoder installed for transfer syntax JPEG-LS Lossless.*pylibjpeg-libjpeg"):
         read_dicom_pixels(path)
+
+
+def test_a_syntax_nobody_decodes_is_quarantined_with_its_name(tmp_path):
+    path = tmp_path / "video.dcm"
+    write_dicom(path, STORED, compressed=True)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.save_as(path)
+    with pytest.raises(ImageReadError, match=r"no decoder for transfer syntax MPEG2 Main Profile / Main Level"):
+        read_dicom_pixels(path)
+
+
+# A 12-bit radiograph-like ramp with noise: every value differs from its neighbours, so no codec
+# gets away with run lengths alone.
+RAMP = (np.add.outer(np.arange(40) * 97, np.arange(56) * 13) % 4096).astype(np.uint16)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless], ids=lambda s: s.name)
+def test_lossless_compressed_dicom_decodes_to_the_uncompressed_pixels(tmp_path, syntax):
+    plain, packed = tmp_path / "plain.dcm", tmp_path / "packed.dcm"
+    write_dicom(plain, RAMP, window=(2048, 4096))
+    write_dicom(packed, RAMP, window=(2048, 4096), transfer_syntax=syntax)
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(pydicom.dcmread(packed).pixel_array, RAMP)
+    np.testing.assert_array_equal(read_dicom_pixels(packed), read_dicom_pixels(plain))
+
+
+def test_jpeg_baseline_dicom_decodes_close_to_its_source(tmp_path):
+    smooth = (np.add.outer(np.arange(48), np.arange(64)) * 2).astype(np.uint16)  # 0..220, 8 bit
+    plain, packed = tmp_path / "plain.dcm", tmp_path / "packed.dcm"
+    write_dicom(plain, smooth, bits_stored=8, window=(128, 256))
+    write_dicom(packed, smooth, bits_stored=8, window=(128, 256), transfer_syntax=JPEGBaseline8Bit)
+    difference = np.abs(read_dicom_pixels(packed).astype(int) - read_dicom_pixels(plain).astype(int))
+    assert difference.mean() < 1.5 and difference.max() <= 8
 
 
 def test_multi_frame_and_pixel_limit(tmp_path):

@@ -129,6 +129,22 @@ def test_a_png_with_fewer_rows_of_data_than_its_header_is_quarantined(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_short_and_closed_with_eoi_is_quarantined(tmp_path, progressive):
+    noisy = np.random.default_rng(1).integers(0, 255, (64, 48), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="JPEG", quality=90, progressive=progressive)
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(buffer.getvalue())
+    assert read_image(whole).shape == (64, 48)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2] + b"\xff\xd9")
+    with Image.open(path) as image:  # Pillow alone decodes it, without a word
+        image.load()
+    with pytest.raises(ImageReadError, match="JPEG data ends early .*premature end"):
+        read_image(path)
+
+
 @pytest.mark.parametrize(
     "width, height, depth, colour, interlace, expected",
     [(10, 20, 8, 0, 0, 20 * 11), (10, 20, 16, 2, 0, 20 * (1 + 60)), (5, 3, 1, 0, 0, 3 * 2), (8, 8, 8, 0, 1, 79)],
