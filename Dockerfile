@@ -1,4 +1,5 @@
-# cxr-miner: the same install as `make` (pip install of the project), on a CUDA runtime.
+# cxr-miner: the same install as `make` (the pinned versions of requirements.lock, then the
+# project), on a CUDA runtime.
 # Not built in CI (no Docker engine there); the Makefile is the tested path.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
@@ -14,11 +15,13 @@ RUN apt-get update \
     && python3 -m venv $VIRTUAL_ENV
 
 WORKDIR /app
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY flows ./flows
 COPY miner ./miner
 COPY storage ./storage
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 ENTRYPOINT ["cxr-miner"]
 CMD ["--help"]

@@ -1,4 +1,5 @@
-# `make demo` and `make test` create .venv when it is missing and install the project into it.
+# `make demo` and `make test` create .venv when it is missing and install the project into it,
+# at the exact versions of requirements-test.lock (see README, "Reproducible installs").
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,14 +11,15 @@ DEMO_SIZE ?= 1024
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: demo test browser bench clean
+.PHONY: demo test browser bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+$(STAMP): pyproject.toml requirements.lock requirements-test.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -45,6 +47,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_efficiency.py
 	$(BIN)/python bench/harvest_efficiency.py
+
+# Re-pin every dependency (after a change to pyproject.toml); needs uv (pip install uv).
+lock:
+	uv pip compile pyproject.toml --universal --python-version 3.11 -o requirements.lock
+	uv pip compile pyproject.toml --extra test --universal --python-version 3.11 -c requirements.lock -o requirements-test.lock
 
 clean:
 	rm -rf $(DEMO_DIR) .prefect
