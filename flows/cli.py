@@ -296,7 +296,7 @@ def main() -> None:
 
 
 def failure_status(error: BaseException) -> int:
-    """Say what ended the command, in one line; return its exit status (module doc of main)."""
+    """Say what ended the command, in one line; return its exit status (see main)."""
     from cxr_miner.flows.logs import write_error_log
     from cxr_miner.flows.stopping import Stopped, stop_requested
 

@@ -51,10 +51,14 @@ def log_folder(argv: Sequence[str]) -> Path:
 
 def write_error_log(error: BaseException, argv: Sequence[str]) -> Path:
     """Write the command line and ``error``'s traceback to a new file; return its path."""
-    folder = log_folder(argv)
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = folder / f"error-{stamp}-{os.getpid()}.log"
-    text = "".join(traceback.format_exception(error))
-    path.write_text(f"command: {' '.join(argv)}\ntime: {stamp}Z\n\n{text}")
-    return path
+    text = f"command: {' '.join(argv)}\ntime: {stamp}Z\n\n" + "".join(traceback.format_exception(error))
+    for folder in (log_folder(argv), Path(tempfile.gettempdir()) / "cxr-miner-logs"):  # the work folder may be read-only
+        path = folder / f"error-{stamp}-{os.getpid()}.log"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    raise error

@@ -20,7 +20,7 @@ from cxr_miner.flows.dask import dask_task_runner, local_worker_config
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.tasks import collect, failure_text
-from cxr_miner.storage.inputs.files import source_problem
+from cxr_miner.storage.inputs.files import not_regular
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS
 from cxr_miner.storage.stages.index import INDEX_FILE, REPORT_FILE, read_index
 from cxr_miner.storage.stages.provenance import code_version
@@ -55,9 +55,7 @@ def write_shard(spec: ShardSpec, root: str, shard_dir: str, settings: ShardSetti
     return build_shard(spec, Path(root), Path(shard_dir), settings, before_commit=maybe_fail, allow_outside_links=allow_outside_links)
 
 
-def check_sources(
-    work: Path, root: Path, rows: list[dict], absent: list[dict], readable: list[dict], max_lost: float, allow_outside_links: bool,
-) -> None:
+def check_sources(work: Path, root: Path, rows: list[dict], absent: list[dict], readable: list[dict], max_lost: float) -> None:
     """Refuse, before any shard is touched, an index whose image files are not there: none has a
     path (a --metadata-only ingest that found no images), or more than ``max_lost`` are gone."""
     if not rows:
@@ -66,8 +64,9 @@ def check_sources(
         raise InputError(
             work / INDEX_FILE, f"none of its {len(rows)} images has a file to read (an ingest --metadata-only before the "
             f"images were there?): run `cxr-miner ingest ROOT --workdir {work}` once they are below ROOT")
+    # A stat per file (0.04 s for 6,000); links out of ROOT are caught by the workers, before opening.
     gone = [{"image_id": row["image_id"], "reason": f"{row['source_path']}: {reason}"} for row in readable
-            if (reason := source_problem(root, row["source_path"], allow_outside_links))]
+            if (reason := not_regular(root / row["source_path"]))]
     check_losses(work / INDEX_FILE, len(rows), [*gone, *({**row, "reason": "missing at ingest"} for row in absent)], max_lost,
                  f"are not readable files below {root}; no shard was touched")
 
@@ -98,7 +97,7 @@ def preprocess(
     absent = [row for row in rows if row["file_present"] is False or not row["source_path"]]
     missing = len(absent)
     readable = [row for row in rows if row["file_present"] is not False and row["source_path"]]
-    check_sources(work, source_root, rows, absent, readable, max_lost, allow_outside_links)
+    check_sources(work, source_root, rows, absent, readable, max_lost)
     specs = plan_shards(readable, shard_size)
     shard_dir = work / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)

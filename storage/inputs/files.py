@@ -29,14 +29,24 @@ def not_regular(path: Path) -> str | None:
     return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def resolves_outside(root: Path, path: Path) -> Path | None:
-    """The real path of ``path`` if it lies outside ``root`` (through a symbolic link), else None."""
-    real = path.resolve()
+def resolves_outside(root: Path, path: Path, folders: dict[Path, Path] | None = None) -> Path | None:
+    """The real path of ``path`` if it lies outside ``root`` (through a symbolic link), else None.
+
+    ``folders`` caches real folder paths between calls (one shard's images share a few folders),
+    so a file that is not a link itself costs one lstat."""
+    folders = {} if folders is None else folders
+    real = path.resolve() if os.path.islink(path) else _real_folder(path.parent, folders) / path.name
     try:
-        real.relative_to(root.resolve())
+        real.relative_to(_real_folder(root, folders))
     except ValueError:
         return real
     return None
+
+
+def _real_folder(folder: Path, folders: dict[Path, Path]) -> Path:
+    if folder not in folders:
+        folders[folder] = folder.resolve()
+    return folders[folder]
 
 
 def check_inside_root(root: Path, path: Path) -> None:
@@ -80,11 +90,14 @@ def walk_files(
             yield path
 
 
-def source_problem(root: Path, relative: str, allow_outside_links: bool = False) -> str | None:
+def source_problem(
+    root: Path, relative: str, allow_outside_links: bool = False, folders: dict[Path, Path] | None = None
+) -> str | None:
     """Why the image file ``root/relative`` cannot be read (None when it can): missing, not a
-    regular file, or a link out of ``root`` (unless allowed). Nothing is opened."""
+    regular file, or a link out of ``root`` (unless allowed). Nothing is opened. ``folders``: see
+    :func:`resolves_outside`."""
     path = root / relative
-    if not allow_outside_links and (target := resolves_outside(root, path)) is not None:
+    if not allow_outside_links and (target := resolves_outside(root, path, folders)) is not None:
         return f"a link to {target}, outside the dataset root (ingest --allow-outside-links reads it)"
     if (reason := not_regular(path)) is not None:
         return reason if reason.startswith("missing") else f"{reason}, not a regular file: not opened"

@@ -180,11 +180,12 @@ def build_shard(
 
     rows: list[dict[str, Any]] = []
     quarantined: list[dict[str, str]] = []
+    folders: dict[Path, Path] = {}  # real folder paths, for the outside-ROOT check
     for row in spec.rows:
         try:
             if not row["source_path"]:
                 raise ImageReadError(row["image_id"], "no source path")
-            if problem := source_problem(root, row["source_path"], allow_outside_links):
+            if problem := source_problem(root, row["source_path"], allow_outside_links, folders):
                 raise ImageReadError(root / row["source_path"], problem)
             pixels = read_image(root / row["source_path"], max_pixels=settings.max_pixels)
         except ImageReadError as error:

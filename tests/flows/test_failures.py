@@ -10,6 +10,7 @@ import textwrap
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from tests.flows.test_cli import _run
 
@@ -155,6 +156,19 @@ def test_a_folder_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tm
     assert json.loads((work / LOCK_FILE).read_text())["pid"] == holder.pid  # left behind by the killed holder
     status, told = _run(monkeypatch, "ingest", str(nih_excerpt), "--workdir", str(work), "--metadata-only")
     assert status in (0, None) and (work / "index.parquet").exists()
+
+
+def test_ingest_reports_a_fifo_named_like_a_listed_image_and_does_not_block(tmp_path, monkeypatch, nih_excerpt, prefect_server):
+    root = _nih_root(tmp_path, nih_excerpt)
+    (root / "images").mkdir()
+    Image.new("L", (8, 8), 90).save(root / "images" / "00000001_000.png")
+    os.mkfifo(root / "images" / "00000003_000.png")
+    status, told = _run(monkeypatch, "ingest", str(root), "--workdir", str(tmp_path / "w"), "--allow-shrink")
+    assert status in (0, None), told
+    report = json.loads((tmp_path / "w" / "ingest_report.json").read_text())
+    assert report["skipped"] == [{"source_path": "images/00000003_000.png", "reason": "a FIFO, not a regular file: not opened"}]
+    assert {"image_id": "00000003_000.png", "reason": "listed in the metadata, no file found"} in report["missing"]
+    assert report["files_present"] == 1
 
 
 def test_non_regular_files_are_reported_not_opened(tmp_path):

@@ -34,6 +34,15 @@ def _cli(words: list[str], fault: Path | None = None) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-c", code, *words], capture_output=True, text=True, env=env, timeout=900)
 
 
+def _start_cli(words: list[str]) -> subprocess.Popen:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop(FAULT_ENV, None)
+    code = "from cxr_miner.flows.cli import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *words], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+
+
 def _killed(words: list[str], point: str, tmp_path: Path) -> subprocess.CompletedProcess:
     plant_fault(tmp_path / "fault.json", point, "exit")
     killed = _cli(words, tmp_path / "fault.json")
@@ -108,3 +117,20 @@ def test_release_killed_before_publishing_leaves_nothing_and_the_rerun_publishes
     for split in ("train", "val", "test"):
         coco = [json.loads((folder / "latest" / "coco" / f"{split}.json").read_text()) for folder in (calm, hit)]
         assert coco[0]["annotations"] == coco[1]["annotations"] and coco[0]["images"] == coco[1]["images"]
+
+    # Two releases started together into one folder: one waits for nobody and publishes, the other is
+    # refused naming it (or, had the first finished before the second began, both publish, each its
+    # own version). Either way nothing collides and latest is the newest.
+    together = tmp_path / "together"
+    started = [_start_cli(["release", "--workdir", str(work), "--out", str(together)]) for _ in range(2)]
+    ended = [(process.wait(timeout=600), process.stderr.read()) for process in started]
+    statuses = sorted(status for status, _ in ended)
+    versions = sorted(p.name for p in together.iterdir() if not p.name.startswith(".") and p.name != "latest")
+    if statuses == [0, 2]:
+        refused = next(told for status, told in ended if status == 2)
+        assert "in use by pid " in refused and f"release --workdir {work} --out {together}" in refused, refused
+        assert len(versions) == 1
+    else:
+        assert statuses == [0, 0] and len(versions) == 2
+    assert (together / "latest").resolve().name == versions[-1]
+    assert list(together.glob(".staging-*")) == []
