@@ -138,13 +138,14 @@ def mine_attention(
 def evaluate(
     workdir: Annotated[Path, typer.Option(help="Working folder holding models/ and gt_boxes.parquet.")],
     run: Annotated[str, typer.Option(help="Training run to evaluate (W/models/RUN).")],
+    box_val_fraction: Annotated[float, typer.Option(help="Patients of the boxed images kept in box-val for choosing; the rest (box-test) is reported.")] = 0.5,
 ) -> None:
-    """Acc and AFP per finding for every method (CAM baseline, attention mining), on the boxed images."""
+    """Acc/AFP and MaxBoxAccV2 per finding for every method (CAM baseline, attention mining), on box-test."""
     from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
-    report = evaluate_flow(workdir=str(workdir), run=run)
+    report = evaluate_flow(workdir=str(workdir), run=run, box_val_fraction=box_val_fraction)
     typer.echo(report["markdown"])
-    say(f"evaluation: {report['path']}", f"({report['images']} boxed images)")
+    say(f"evaluation: {report['path']}", f"({report['split']}: {report['images']} boxed images; box-val: {report['box_val']['images']})")
 
 
 PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]

@@ -3,7 +3,10 @@
 For every boxed image and each finding it has a box of, every registered method (and each
 of its variants: the CAM baseline, AM over steps 1..t for every 2 <= t <= T) that the run has
 the checkpoints for boxes it, and the boxes are scored with Acc and AFP at the T(IoU) and
-T(IoR) lists (miner.metrics). Writes ``W/models/<run>/evaluation.json`` and ``evaluation.md``.
+T(IoR) lists, the heatmaps with MaxBoxAccV2 (miner.metrics). The boxed images are split by
+patient into box-val (to choose from) and box-test (to report on; storage.stages.box_splits):
+``evaluation.json`` holds box-test's figures at the top level and box-val's under ``box_val``;
+``evaluation.md`` shows box-test's. Both go to ``W/models/<run>/``.
 """
 
 from __future__ import annotations
@@ -15,22 +18,37 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from cxr_miner.flows.engine.checkpoints import load_models, read_config
-from cxr_miner.flows.engine.mining import evaluate_boxes
+from cxr_miner.flows.engine.mining import HalfScores, evaluate_boxes
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.training import pick_device
 from cxr_miner.storage.stages.batches import split_row_groups
-from cxr_miner.storage.stages.evaluation import acc_afp_table, write_evaluation
-from cxr_miner.storage.stages.index import GT_BOXES_FILE, SPLITS, read_gt_boxes
+from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_splits
+from cxr_miner.storage.stages.evaluation import evaluation_markdown, write_evaluation
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, SPLITS, read_gt_boxes, read_index
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 
 
+def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
+    """One half's figures: images, pairs per finding, Acc/AFP and MaxBoxAccV2 per method key."""
+    if not scores:
+        return {"images": 0, "evaluated": {f: 0 for f in BOXED_FINDINGS}, "results": {}, "max_box_acc_v2": {}}
+    first = next(iter(scores.values()))
+    return {
+        "images": len(first.images),
+        "evaluated": {f: first.boxes.images(f) for f in BOXED_FINDINGS},
+        "results": {key: s.boxes.compute() for key, s in scores.items()},
+        "max_box_acc_v2": {key: s.heatmaps.compute() for key, s in scores.items() if s.heatmaps.pairs},
+    }
+
+
 @flow(name="evaluate", log_prints=True)
 @writes_into("workdir")
-def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
-    """Acc/AFP of every method the run has checkpoints for, on the boxed images (module doc)."""
+def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: float = BOX_VAL_FRACTION) -> dict[str, Any]:
+    """Acc/AFP and MaxBoxAccV2 of every method the run has checkpoints for, on each half of the
+    boxed images (module doc); the figures reported are box-test's."""
     logger = get_run_logger()
     work, folder = Path(workdir), RunFolder.of(workdir, run)
     config = read_config(folder)
@@ -41,17 +59,18 @@ def evaluate(workdir: str, run: str, batch_size: int = 16) -> dict[str, Any]:
     names = tuple(dict.fromkeys(n for m in methods for n in m.checkpoints()))
     models = dict(zip(names, load_models(folder, names, device)))
     truth = read_gt_boxes(work / GT_BOXES_FILE)
+    patients = read_index(work / INDEX_FILE).select(["image_id", "patient_id"]).to_pylist()
+    halves = box_splits({r["image_id"]: r["patient_id"] for r in patients}, truth, box_val_fraction)
     groups = split_row_groups(work, SPLITS, only_boxed=True)
     images = sum(g.rows for g in groups)
-    evaluators = {}
+    scores = {}
     with progress_bar(f"evaluate {run}", images * len(methods)) as advance:
         for method in methods:
-            evaluators[method.key] = evaluate_boxes(method, [models[n] for n in method.checkpoints()], groups, truth, batch_size, advance)
-    results = {key: evaluator.compute() for key, evaluator in evaluators.items()}
-    first = next(iter(evaluators.values()))
-    markdown = "\n\n".join(acc_afp_table(results, first.thresholds[metric], metric) for metric in ("iou", "ior"))
-    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in models], "images": images,
-              "evaluated": {f: first.images(f) for f in BOXED_FINDINGS}, "results": results}
+            scores[method.key] = evaluate_boxes(method, [models[n] for n in method.checkpoints()], groups, truth, halves, batch_size, advance)
+    by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
+    markdown = evaluation_markdown(by_half[BOX_TEST], BOX_TEST)
+    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in models],
+              "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL]}
     write_evaluation(folder, report, markdown)
     create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")

@@ -145,3 +145,66 @@ class AUCAccumulator:
             return {f: math.nan for f in self.findings}
         scores, labels = np.concatenate(self.scores), np.concatenate(self.labels)
         return {f: roc_auc(scores[:, c], labels[:, c]) for c, f in enumerate(self.findings)}
+
+
+MAXBOXACC_IOUS = (0.3, 0.5, 0.7)
+MAXBOXACC_THRESHOLDS = tuple(round(0.01 * k, 2) for k in range(100))  # 0.00 .. 0.99, as wsolevaluation
+
+
+def component_boxes(heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """Boxes (K, 4) xyxy of every 8-connected component of ``heatmap >= threshold`` (continuous
+    pixel coordinates of the heatmap grid: pixel (i, j) covers [j, j + 1) x [i, i + 1))."""
+    from skimage.measure import label, regionprops
+
+    regions = regionprops(label(heatmap >= threshold, connectivity=2))
+    return np.array([(r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]) for r in regions], dtype=np.float64).reshape(-1, 4)
+
+
+class MaxBoxAccumulator:
+    """MaxBoxAccV2 per finding (Choe et al., CVPR 2020; clovaai/wsolevaluation, multi-contour).
+
+    For each heatmap threshold tau (on the heatmap min-max normalised per image), every connected
+    component above tau gives a box; an (image, finding) pair is a hit at (tau, delta) when one of
+    those boxes has IoU >= delta with one of its ground-truth boxes. BoxAcc(tau, delta) is the
+    share of pairs that hit; MaxBoxAccV2 = mean over delta in (0.3, 0.5, 0.7) of max over tau of
+    BoxAcc(tau, delta). It judges a method's heatmaps apart from any box rule: the best threshold
+    is found per delta, as the metric's definition says (an upper bound for a fixed rule).
+    """
+
+    def __init__(self, thresholds: Sequence[float] = MAXBOXACC_THRESHOLDS, ious: Sequence[float] = MAXBOXACC_IOUS) -> None:
+        self.thresholds, self.ious = tuple(thresholds), tuple(ious)
+        self.hits: dict[str, np.ndarray] = {}  # finding -> (thresholds, ious) hit counts
+        self.pairs: dict[str, int] = defaultdict(int)
+
+    def accumulate(self, finding: str, heatmap: np.ndarray, truth, to_truth_grid=None) -> None:
+        """One (image, finding) pair. ``heatmap`` (h, w); ``truth`` (M, 4) xyxy ground-truth boxes;
+        ``to_truth_grid`` maps boxes (K, 4) from the heatmap grid to the truth's grid (identity if None)."""
+        heatmap = np.asarray(heatmap, dtype=np.float64)
+        low, high = heatmap.min(), heatmap.max()
+        normalised = (heatmap - low) / (high - low) if high > low else np.zeros_like(heatmap)
+        truth = _boxes(truth)
+        hits = np.zeros((len(self.thresholds), len(self.ious)), dtype=np.int64)
+        for i, tau in enumerate(self.thresholds):
+            boxes = component_boxes(normalised, tau)
+            if to_truth_grid is not None and len(boxes):
+                boxes = to_truth_grid(boxes)
+            if len(boxes) and len(truth):
+                best = box_iou(_boxes(boxes), truth).max().item()
+                hits[i] = [best >= delta for delta in self.ious]
+        self.hits[finding] = self.hits.get(finding, 0) + hits
+        self.pairs[finding] += 1
+
+    def compute(self) -> dict[str, dict]:
+        """finding -> {max_box_acc_v2, per_iou: {delta: {box_acc, threshold}}, pairs}; NaN without pairs."""
+        out = {}
+        for finding in FINDINGS:
+            n = self.pairs.get(finding, 0)
+            if n == 0:
+                out[finding] = {"max_box_acc_v2": math.nan, "per_iou": {}, "pairs": 0}
+                continue
+            accuracy = self.hits[finding] / n  # (thresholds, ious)
+            best = accuracy.argmax(axis=0)
+            per_iou = {delta: {"box_acc": float(accuracy[best[j], j]), "threshold": self.thresholds[best[j]]}
+                       for j, delta in enumerate(self.ious)}
+            out[finding] = {"max_box_acc_v2": float(np.mean([v["box_acc"] for v in per_iou.values()])), "per_iou": per_iou, "pairs": n}
+        return out

@@ -6,15 +6,16 @@ the same way and cannot drift apart. Boxes are xyxy in source pixels (see miner.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from cxr_miner.miner.localize import boxes_in_source, upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
-from cxr_miner.miner.metrics import LocalizationEvaluator
+from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
 from cxr_miner.storage.stages.harvest import part_rows
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -60,19 +61,42 @@ def shard_rows(
     return rows, images
 
 
+MAXBOXACC_GRID = 224  # heatmaps are scored for MaxBoxAccV2 at most at this side (wsolevaluation's 224)
+
+
+class HalfScores(NamedTuple):
+    """A method's scores on one half of the boxed images (box-val or box-test)."""
+
+    boxes: LocalizationEvaluator  # Acc/AFP of the boxes the method's box rule gives
+    heatmaps: MaxBoxAccumulator  # MaxBoxAccV2 of its heatmaps, apart from any box rule
+    images: set[str]  # the half's boxed images that were scored
+
+
 def evaluate_boxes(
     method: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup],
-    truth: dict[str, dict[str, list[list[float]]]], batch_size: int, advance: Callable[[int], None] = lambda n: None,
-) -> LocalizationEvaluator:
-    """Acc/AFP of ``method`` on the boxed images of ``groups``: each finding with a ground-truth
-    box is boxed and scored against those boxes (``truth``: image id -> finding -> xyxy boxes)."""
+    truth: dict[str, dict[str, list[list[float]]]], halves: Mapping[str, str], batch_size: int,
+    advance: Callable[[int], None] = lambda n: None,
+) -> dict[str, HalfScores]:
+    """Scores of ``method`` on the boxed images of ``groups``, per half (``halves``: image id ->
+    box-val | box-test): each finding with a ground-truth box is boxed and scored against those
+    boxes (``truth``: image id -> finding -> xyxy boxes in source pixels)."""
     def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
 
-    evaluator = LocalizationEvaluator()
+    scores = {half: HalfScores(LocalizationEvaluator(), MaxBoxAccumulator(), set()) for half in sorted(set(halves.values()))}
+    input_size = method.config.input_size
+    grid = min(input_size, MAXBOXACC_GRID)
     for batch, found in localized_batches(method, models, groups, batch_size, with_truth):
-        for image_id, pairs in zip(batch.meta["image_id"], found.found):
+        letterboxes = batch.letterboxes()
+        for i, (image_id, pairs) in enumerate(zip(batch.meta["image_id"], found.found)):
+            half = scores[halves[image_id]]
+            half.images.add(image_id)
             for c, loc in pairs.items():
-                evaluator.accumulate(FINDINGS[c], loc.boxes, truth[image_id][FINDINGS[c]])
+                gt = truth[image_id][FINDINGS[c]]
+                half.boxes.accumulate(FINDINGS[c], loc.boxes, gt)
+                if found.maps is not None:
+                    heatmap = upsample(found.maps[i, c], grid).cpu().numpy()
+                    half.heatmaps.accumulate(FINDINGS[c], heatmap, gt,
+                                             lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
         advance(len(batch))
-    return evaluator
+    return scores

@@ -32,12 +32,15 @@ class BatchLocalization(NamedTuple):
 
     probability (N, C): the classifier's sigmoid per finding on the whole image;
     wanted (N, C) bool: the pairs that were boxed;
-    found: per image, {finding index: Localization (boxes xyxy in source pixels, rank 1 first)}.
+    found: per image, {finding index: Localization (boxes xyxy in source pixels, rank 1 first)};
+    maps (N, C, h, w) in [0, 1], on the models' device: the heatmaps the boxes came from, covering
+    the network input (None for a method without heatmaps); only the wanted pairs' are meaningful.
     """
 
     probability: np.ndarray
     wanted: np.ndarray
     found: list[dict[int, Localization]]
+    maps: torch.Tensor | None = None
 
 
 class LocalizationMethod(ABC):
@@ -96,7 +99,7 @@ class LocalizationMethod(ABC):
             maps, logits = self.heatmaps(models, x, select)
         wanted = select(logits).cpu().numpy()
         found = localize(maps, wanted, self.config.input_size, letterboxes, self.thresholds)
-        return BatchLocalization(torch.sigmoid(logits.float()).cpu().numpy(), wanted, found)
+        return BatchLocalization(torch.sigmoid(logits.float()).cpu().numpy(), wanted, found, maps)
 
 
 def register_method(cls: type[LocalizationMethod]) -> type[LocalizationMethod]:

@@ -188,7 +188,8 @@ def finding_page(folder: Path, report: ReportData, data: FindingData) -> str:
         f"<p>{data.boxes_total} boxes on {data.images_covered} images; method <b>{html.escape(report.method)}</b>, "
         f"model {html.escape(report.model_id)}, release {html.escape(report.version)}.</p>",
         "<h2>Against the ground truth</h2>",
-        (f"<p>Acc / AFP at T(IoU), {data.evaluated_images} images with a ground-truth box of this finding.</p>"
+        (f"<p>Acc / AFP at T(IoU) on box-test: {data.evaluated_images} images with a ground-truth box of this "
+         "finding that nothing was tuned on (the other half of the boxed images, box-val, is kept for choosing).</p>"
          + _table(["T(IoU)", *data.acc], acc_rows(data))) if data.evaluated_images else
         "<p class='muted'>No image has a ground-truth box of this finding.</p>",
         "<h2>Distributions (rank-1 boxes)</h2><div class='figures'>"
@@ -229,7 +230,8 @@ def write_report(folder: Path, report: ReportData) -> list[str]:
     facts = _table(None, [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
     body = (f"<h1>{html.escape(report.title)}</h1><p>Release <b>{html.escape(report.version)}</b>, method "
             f"<b>{html.escape(report.method)}</b>, model {html.escape(report.model_id)}.</p>{facts}"
-            "<h2>Per finding</h2><p class='muted'>Acc at T(IoU) = 0.1 on the images with ground-truth boxes; "
+            "<h2>Per finding</h2><p class='muted'>Acc at T(IoU) = 0.1 on box-test (the half of the images with "
+            "ground-truth boxes that nothing is tuned on); "
             "added / removed: boxes against the previous release.</p>" + _table(header, cells))
     (folder / "index.html").write_text(_page(report.title, body))
     missing = [f for f in FINDINGS if page_name(f) not in pages]

@@ -30,7 +30,34 @@ def acc_afp_table(results: dict[str, dict], thresholds: tuple[float, ...], metri
     return markdown_table(header, rows)
 
 
+def max_box_acc_table(results: dict[str, dict]) -> str:
+    """Rows: method; columns: the boxed findings and their mean; cells MaxBoxAccV2."""
+    header = ["method", *(SHORT[f] for f in BOXED_FINDINGS), "mean"]
+    rows = []
+    for method, table in results.items():
+        values = [table[f]["max_box_acc_v2"] for f in BOXED_FINDINGS]
+        defined = [v for v in values if not math.isnan(v)]
+        mean = sum(defined) / len(defined) if defined else math.nan
+        rows.append([method, *(MISSING if math.isnan(v) else f"{v:.2f}" for v in [*values, mean])])
+    return markdown_table(header, rows)
+
+
+def evaluation_markdown(half: dict[str, Any], name: str) -> str:
+    """One half's tables: Acc-AFP at T(IoU) and T(IoR), then MaxBoxAccV2, each titled with the half."""
+    if not half["results"]:
+        return f"No boxed image of {name} was scored."
+    first = next(iter(half["results"].values()))[BOXED_FINDINGS[0]]
+    parts = [f"## {name}: Acc-AFP, T({metric.upper()})\n\n" + acc_afp_table(half["results"], tuple(first[metric]), metric)
+             for metric in ("iou", "ior")]
+    if half["max_box_acc_v2"]:
+        parts.append(f"## {name}: MaxBoxAccV2 of the heatmaps (mean over IoU 0.3, 0.5, 0.7 of the best threshold's box accuracy)\n\n"
+                     + max_box_acc_table(half["max_box_acc_v2"]))
+    return "\n\n".join(parts)
+
+
 def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str) -> None:
     """evaluation.json (the report) and evaluation.md (a title and the tables)."""
     write_json(run.evaluation_json, report)
-    run.evaluation_md.write_text(f"# Localisation, run {run.name} ({report['images']} boxed images)\n\n{markdown}\n")
+    run.evaluation_md.write_text(
+        f"# Localisation, run {run.name}: {report['split']}, {report['images']} boxed images "
+        f"(box-val: {report['box_val']['images']}, kept for choosing)\n\n{markdown}\n")

@@ -72,8 +72,8 @@ RELEASED = {"version": "v", "path": "p", "boxes": 0, "report": "r"}
     [
         (["train", "--workdir", "W", "--run", "x", "--method", "cam"], "cxr_miner.flows.train", "train",
          {"directory": "d", "steps": [1], "auc": [{"finding": "Mass", "step1": None}]}, {"run": "x", "method": "cam"}),
-        (["evaluate", "--workdir", "W", "--run", "x"], "cxr_miner.flows.evaluate", "evaluate",
-         {"markdown": "", "path": "e", "images": 0}, {"run": "x"}),
+        (["evaluate", "--workdir", "W", "--run", "x", "--box-val-fraction", "0.3"], "cxr_miner.flows.evaluate", "evaluate",
+         {"markdown": "", "path": "e", "images": 0, "split": "box-test", "box_val": {"images": 0}}, {"run": "x", "box_val_fraction": 0.3}),
         (["harvest", "--workdir", "W", "--run", "x", "--method", "cam"], "cxr_miner.flows.harvest", "run_harvest",
          {"boxes": 0, "images": 0, "key": {"model_id": "x@0", "method": "cam", "mode": "mining"}}, {"method": "cam"}),
         (["run", "ROOT", "--workdir", "W", "--out", "R", "--run", "x", "--method", "cam"], "cxr_miner.flows.pipeline", "run",

@@ -18,6 +18,7 @@ from cxr_miner.flows.harvest import run_harvest
 from cxr_miner.miner.metrics import LocalizationEvaluator
 from cxr_miner.miner.training import prepare_images
 from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
+from cxr_miner.storage.stages.box_splits import box_splits
 from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, parts_dir, read_part, write_part
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes
 from cxr_miner.storage.stages.runs import RunFolder
@@ -77,13 +78,20 @@ def test_every_image_gets_boxes_for_each_finding_it_is_labelled_with(harvested):
 
 
 def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
-    """Acc from the harvested AM boxes equals the evaluate flow's Acc of AM at t = T."""
+    """Acc from the harvested AM boxes on the box-test images equals the evaluate flow's Acc of AM at t = T."""
     work, _ = harvested
     truth = read_gt_boxes(work / GT_BOXES_FILE)
     report = evaluate(workdir=str(work), run="t")
+    assert report["split"] == "box-test"
+    patients = {r["image_id"]: r["patient_id"] for r in pq.read_table(work / "index.parquet", columns=["image_id", "patient_id"]).to_pylist()}
+    halves = box_splits(patients, truth)
+    assert report["images"] == sum(h == "box-test" for h in halves.values()) > 0
+    assert report["box_val"]["images"] == sum(h == "box-val" for h in halves.values()) > 0
     evaluator = LocalizationEvaluator()
     boxes = all_parts(work).to_pylist()
     for image_id, findings in truth.items():
+        if halves[image_id] != "box-test":
+            continue
         for finding, gt in findings.items():
             mine = sorted((r for r in boxes if r["image_id"] == image_id and r["finding"] == finding), key=lambda r: r["rank"])
             evaluator.accumulate(finding, np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]] for r in mine]).reshape(-1, 4), gt)

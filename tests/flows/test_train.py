@@ -56,9 +56,14 @@ def test_planted_findings_are_ranked_above_chance(trained):
     assert aucs["Cardiomegaly"] > 0.8, aucs  # the largest planted pattern
 
 
-def test_attention_mining_localises_at_least_as_well_as_cam(trained):
-    report = evaluate(workdir=str(trained), run="t")
-    assert report["steps"] == [1, 2, 3]
+@pytest.fixture(scope="module")
+def evaluated(trained) -> dict:
+    return evaluate(workdir=str(trained), run="t")
+
+
+def test_attention_mining_localises_at_least_as_well_as_cam(trained, evaluated):
+    report = evaluated
+    assert report["steps"] == [1, 2, 3] and report["split"] == "box-test"
     evaluated = [f for f in BOXED_FINDINGS if report["evaluated"][f] > 0]
     assert len(evaluated) >= 4
 
@@ -67,6 +72,40 @@ def test_attention_mining_localises_at_least_as_well_as_cam(trained):
 
     assert mean_acc("am-t3") >= mean_acc("cam"), report["markdown"]
     assert RunFolder.of(trained, "t").evaluation_md.read_text().count("| 0.1 |") == 6  # 3 methods, IoU and IoR tables
+
+
+def test_max_box_acc_of_evaluate_matches_a_direct_computation(trained, evaluated):
+    """CAM heatmaps of the box-test images, straight from the method, scored with MaxBoxAccumulator:
+    the same figures as the evaluate flow's (which takes its maps from the boxing pass)."""
+    from cxr_miner.miner.localize import boxes_in_source, upsample
+    from cxr_miner.miner.metrics import MaxBoxAccumulator
+    from cxr_miner.storage.stages.box_splits import box_splits
+    from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes, read_index
+
+    folder = RunFolder.of(trained, "t")
+    config = read_config(folder)
+    method = create_method("cam", config)
+    models = load_models(folder, method.checkpoints(), torch.device("cpu"))
+    truth = read_gt_boxes(trained / GT_BOXES_FILE)
+    patients = {r["image_id"]: r["patient_id"] for r in read_index(trained / "index.parquet").select(["image_id", "patient_id"]).to_pylist()}
+    halves = box_splits(patients, truth)
+    ours = MaxBoxAccumulator()
+    size = config.input_size
+    for batch in batch_stream(split_row_groups(trained, ("train", "val", "test"), only_boxed=True), 16):
+        with torch.no_grad():
+            maps, _ = method.heatmaps(models, prepare_images(torch.from_numpy(batch.images), size, torch.device("cpu")), None)
+        for i, (image_id, letterbox) in enumerate(zip(batch.meta["image_id"], batch.letterboxes())):
+            if halves[image_id] != "box-test":
+                continue
+            for finding, gt in truth[image_id].items():
+                heatmap = upsample(maps[i, FINDINGS.index(finding)], size).numpy()
+                ours.accumulate(finding, heatmap, gt, lambda b, lb=letterbox: boxes_in_source(b, size, lb))
+    theirs = evaluated["max_box_acc_v2"]["cam"]
+    for finding, figures in ours.compute().items():
+        assert figures["pairs"] == theirs[finding]["pairs"] == (evaluated["evaluated"].get(finding, 0))
+        if figures["pairs"]:
+            assert figures["max_box_acc_v2"] == pytest.approx(theirs[finding]["max_box_acc_v2"]), finding
+    assert sum(f["pairs"] for f in ours.compute().values()) > 0
 
 
 def test_attention_mining_changes_the_heatmaps_where_later_steps_erase(trained):

@@ -92,3 +92,56 @@ def test_auc_accumulator_over_batches():
     assert auc["b"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"must both be \(N, 2\)"):
         accumulator.accumulate([[0.1]], [[1]])
+
+
+def test_component_boxes_finds_every_blob_in_pixel_edges():
+    from cxr_miner.miner.metrics import component_boxes
+
+    heatmap = np.zeros((10, 12))
+    heatmap[1:3, 2:5] = 0.8  # rows 1-2, columns 2-4
+    heatmap[6:9, 8:11] = 0.6
+    heatmap[4, 4] = 0.9  # a blob of its own: row 4 is not adjacent to row 2
+    boxes = component_boxes(heatmap, 0.5)
+    assert sorted(map(tuple, boxes.tolist())) == [(2, 1, 5, 3), (4, 4, 5, 5), (8, 6, 11, 9)]
+    assert component_boxes(heatmap, 0.85).tolist() == [[4, 4, 5, 5]]
+
+
+def test_max_box_acc_v2_worked_by_hand():
+    """Two pairs. Pair 1: a blob of 4 x 4 pixels (value 1) with a 2-pixel ring of 0.5 around it; the
+    truth is the 4 x 4 core: tau > 0.5 gives IoU 1 (hits every delta), tau <= 0.5 the 8 x 8 box,
+    IoU 16/64 = 0.25 (no hit). Pair 2: the truth lies where the heatmap is 0: never a hit.
+    So BoxAcc peaks at 1/2 for every delta and MaxBoxAccV2 = 0.5."""
+    from cxr_miner.miner.metrics import MaxBoxAccumulator
+
+    heatmap = np.zeros((16, 16))
+    heatmap[2:10, 2:10] = 0.5
+    heatmap[4:8, 4:8] = 1.0
+    accumulator = MaxBoxAccumulator()
+    accumulator.accumulate("Mass", heatmap, [[4, 4, 8, 8]])
+    accumulator.accumulate("Mass", heatmap, [[12, 12, 16, 16]])
+    mass = accumulator.compute()["Mass"]
+    assert mass["pairs"] == 2 and mass["max_box_acc_v2"] == 0.5
+    assert {d: v["box_acc"] for d, v in mass["per_iou"].items()} == {0.3: 0.5, 0.5: 0.5, 0.7: 0.5}
+    assert all(v["threshold"] > 0.5 for v in mass["per_iou"].values())  # the first tau that isolates the core
+
+    # The 8 x 8 box as truth is hit exactly at tau <= 0.5; above, the core's IoU with it is 16/64 = 0.25,
+    # below every delta. So the best tau for each delta is at most 0.5.
+    ring = MaxBoxAccumulator()
+    ring.accumulate("Mass", heatmap, [[2, 2, 10, 10]])
+    assert ring.compute()["Mass"]["max_box_acc_v2"] == 1.0
+    assert all(v["threshold"] <= 0.5 for v in ring.compute()["Mass"]["per_iou"].values())
+    assert math.isnan(ring.compute()["Nodule"]["max_box_acc_v2"])
+
+
+def test_max_box_acc_maps_boxes_to_the_truth_grid():
+    """A heatmap at 1/4 of the source resolution: boxes are scaled by 4 before they meet the truth."""
+    from cxr_miner.miner.metrics import MaxBoxAccumulator
+
+    heatmap = np.zeros((8, 8))
+    heatmap[2:4, 1:3] = 1.0
+    accumulator = MaxBoxAccumulator(ious=(0.7,))
+    accumulator.accumulate("Nodule", heatmap, [[4, 8, 12, 16]], to_truth_grid=lambda boxes: boxes * 4)
+    assert accumulator.compute()["Nodule"]["max_box_acc_v2"] == 1.0
+    unmapped = MaxBoxAccumulator(ious=(0.7,))
+    unmapped.accumulate("Nodule", heatmap, [[4, 8, 12, 16]])
+    assert unmapped.compute()["Nodule"]["max_box_acc_v2"] == 0.0
