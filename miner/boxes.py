@@ -177,3 +177,55 @@ def _labelled_boxes(heatmaps: torch.Tensor, thresholds: tuple[float, ...]) -> Ba
         found, found_scores = heatmap_boxes(heatmap.clip(0, 1), thresholds)
         boxes[i, : len(found)], scores[i, : len(found)], valid[i, : len(found)] = found, found_scores, True
     return BatchBoxes(*(torch.from_numpy(a).to(heatmaps.device) for a in (boxes, scores, valid)))
+
+
+# The candidates of the every-component box rule (issue 11): a sweep over the upper part of
+# the normalised map, from where Eq. 7's binarisation starts.
+SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RANKINGS = ("peak", "mean", "mass")
+
+
+class Candidates(NamedTuple):
+    """Boxes of every component above every swept threshold, after NMS; rank 1 first.
+
+    boxes (K, 4) float64 xyxy in heatmap pixels; score (K,) the ranking signal; and per box the
+    signals a ranking or a confidence can use: threshold it was cut at, peak (the component's
+    maximum), mean (mean heatmap inside the box), area (share of the heatmap's pixels).
+    """
+
+    boxes: np.ndarray
+    score: np.ndarray
+    threshold: np.ndarray
+    peak: np.ndarray
+    mean: np.ndarray
+    area: np.ndarray
+
+
+def component_candidates(
+    heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, rank_by: str = "peak",
+    nms_iou: float = 0.5, limit: int = 3,
+) -> Candidates:
+    """Every 8-connected component of ``heatmap >= t`` for each t in ``thresholds`` gives a box;
+    boxes are ranked by ``rank_by`` (``peak``: the component's maximum, ties broken by the larger
+    mean; ``mean``: mean heatmap inside the box; ``mass``: peak x area, which prefers the larger of
+    nested boxes) and thinned by non-maximum suppression at ``nms_iou`` (torchvision ``nms``),
+    across thresholds, so that a nested copy of a kept box is dropped and a separate blob is kept.
+    At most ``limit`` boxes remain, rank 1 first."""
+    from torchvision.ops import nms
+
+    if rank_by not in RANKINGS:
+        raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+    heatmap = check_heatmap(heatmap)
+    rows: list[tuple[float, ...]] = []
+    for threshold in thresholds:
+        components = label(heatmap >= threshold, connectivity=2)
+        for index in range(1, int(components.max()) + 1):
+            ys, xs = np.nonzero(components == index)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            peak = float(heatmap[ys, xs].max())
+            rows.append((*box, threshold, peak, box_mean(heatmap, box), (box[2] - box[0]) * (box[3] - box[1]) / heatmap.size))
+    table = np.array(rows, dtype=np.float64).reshape(-1, 8)
+    boxes, threshold, peak, mean, area = table[:, :4], table[:, 4], table[:, 5], table[:, 6], table[:, 7]
+    score = {"peak": peak + 1e-6 * mean, "mean": mean, "mass": peak * area}[rank_by]
+    keep = nms(torch.from_numpy(boxes), torch.from_numpy(score), nms_iou).numpy()[:limit] if len(table) else np.zeros(0, dtype=int)
+    return Candidates(boxes[keep], score[keep], threshold[keep], peak[keep], mean[keep], area[keep])

@@ -113,3 +113,41 @@ def test_bad_batches_are_refused(heatmaps, message):
 def test_bad_heatmaps_are_refused(heatmap, message):
     with pytest.raises(ValueError, match=message):
         check_heatmap(heatmap)
+
+
+def _two_blobs() -> np.ndarray:
+    """A 20 x 30 map: blob A (peak 1.0) at rows 2-7, columns 2-9, with a ring of 0.6 around its core;
+    blob B (peak 0.8) at rows 12-17, columns 20-27, flat."""
+    heatmap = np.zeros((20, 30))
+    heatmap[2:8, 2:10] = 0.6
+    heatmap[4:6, 4:8] = 1.0
+    heatmap[12:18, 20:28] = 0.8
+    return heatmap
+
+
+def test_every_component_rule_boxes_two_separate_blobs():
+    from cxr_miner.miner.boxes import component_candidates
+
+    found = component_candidates(_two_blobs(), thresholds=(0.5, 0.7, 0.9))
+    boxes = found.boxes.tolist()
+    assert [20, 12, 28, 18] in boxes  # blob B: the peak-component rule never boxes it
+    assert found.peak.tolist() == [1.0, 1.0, 0.8]
+    # Blob A's core (cut at 0.7 and 0.9, one box after NMS) lies inside its ring (cut at 0.5) with
+    # IoU 8/48 < 0.5, so both stay; both peak at 1.0 and the core's larger mean ranks it first.
+    assert boxes == [[4, 4, 8, 6], [2, 2, 10, 8], [20, 12, 28, 18]]
+    assert found.threshold.tolist() == [0.7, 0.5, 0.5]
+    np.testing.assert_allclose(found.mean, [1.0, (8 * 1.0 + 40 * 0.6) / 48, 0.8])
+
+
+def test_mass_ranking_prefers_the_larger_nested_box_and_nms_drops_near_copies():
+    from cxr_miner.miner.boxes import component_candidates
+
+    heatmap = _two_blobs()
+    by_mass = component_candidates(heatmap, thresholds=(0.5, 0.7, 0.9), rank_by="mass")
+    assert by_mass.boxes.tolist()[0] == [2, 2, 10, 8]  # 1.0 x 48/600 beats B's 0.8 x 48/600 and the core's 8/600
+    # A near copy: thresholds 0.55 and 0.5 cut the same ring box; NMS keeps one.
+    twice = component_candidates(heatmap, thresholds=(0.5, 0.55), rank_by="mass")
+    assert twice.boxes.tolist().count([2, 2, 10, 8]) == 1
+    assert len(component_candidates(np.zeros((5, 5)), thresholds=(0.5,)).boxes) == 0
+    with pytest.raises(ValueError, match="rank_by"):
+        component_candidates(heatmap, rank_by="size")
