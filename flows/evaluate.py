@@ -25,7 +25,7 @@ from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.training import pick_device
 from cxr_miner.storage.stages.batches import split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_splits
-from cxr_miner.storage.stages.evaluation import evaluation_markdown, write_evaluation
+from cxr_miner.storage.stages.evaluation import box_rules_markdown, evaluation_markdown, write_evaluation
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, SPLITS, read_gt_boxes, read_index
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
@@ -34,13 +34,14 @@ from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
     """One half's figures: images, pairs per finding, Acc/AFP and MaxBoxAccV2 per method key."""
     if not scores:
-        return {"images": 0, "evaluated": {f: 0 for f in BOXED_FINDINGS}, "results": {}, "max_box_acc_v2": {}}
+        return {"images": 0, "evaluated": {f: 0 for f in BOXED_FINDINGS}, "results": {}, "max_box_acc_v2": {}, "box_rules": {}}
     first = next(iter(scores.values()))
     return {
         "images": len(first.images),
         "evaluated": {f: first.boxes.images(f) for f in BOXED_FINDINGS},
         "results": {key: s.boxes.compute() for key, s in scores.items()},
         "max_box_acc_v2": {key: s.heatmaps.compute() for key, s in scores.items() if s.heatmaps.pairs},
+        "box_rules": {key: {rule: e.compute() for rule, e in s.rules.items()} for key, s in scores.items() if s.heatmaps.pairs},
     }
 
 
@@ -68,7 +69,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
         for method in methods:
             scores[method.key] = evaluate_boxes(method, [models[n] for n in method.checkpoints()], groups, truth, halves, batch_size, advance)
     by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
-    markdown = evaluation_markdown(by_half[BOX_TEST], BOX_TEST)
+    markdown = evaluation_markdown(by_half[BOX_TEST], BOX_TEST) + "\n\n" + box_rules_markdown(by_half)
     report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in models],
               "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL]}
     write_evaluation(folder, report, markdown)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from cxr_miner.miner.boxes import RANKINGS, component_candidates
 from cxr_miner.miner.localize import boxes_in_source, upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
@@ -70,6 +71,12 @@ class HalfScores(NamedTuple):
     boxes: LocalizationEvaluator  # Acc/AFP of the boxes the method's box rule gives
     heatmaps: MaxBoxAccumulator  # MaxBoxAccV2 of its heatmaps, apart from any box rule
     images: set[str]  # the half's boxed images that were scored
+    rules: dict[str, LocalizationEvaluator]  # Acc/AFP of the candidate box rules (CANDIDATE_RULES)
+
+
+# The every-component box rule (miner.boxes.component_candidates) under each ranking, scored beside
+# the method's own rule so that a rule can be chosen on box-val (issue 11).
+CANDIDATE_RULES = {f"every-{ranking}": ranking for ranking in RANKINGS}
 
 
 def evaluate_boxes(
@@ -83,7 +90,8 @@ def evaluate_boxes(
     def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
 
-    scores = {half: HalfScores(LocalizationEvaluator(), MaxBoxAccumulator(), set()) for half in sorted(set(halves.values()))}
+    scores = {half: HalfScores(LocalizationEvaluator(), MaxBoxAccumulator(), set(), {r: LocalizationEvaluator() for r in CANDIDATE_RULES})
+              for half in sorted(set(halves.values()))}
     input_size = method.config.input_size
     grid = min(input_size, MAXBOXACC_GRID)
     for batch, found in localized_batches(method, models, groups, batch_size, with_truth):
@@ -94,9 +102,14 @@ def evaluate_boxes(
             for c, loc in pairs.items():
                 gt = truth[image_id][FINDINGS[c]]
                 half.boxes.accumulate(FINDINGS[c], loc.boxes, gt)
-                if found.maps is not None:
-                    heatmap = upsample(found.maps[i, c], grid).cpu().numpy()
-                    half.heatmaps.accumulate(FINDINGS[c], heatmap, gt,
-                                             lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
+                if found.maps is None:
+                    continue
+                heatmap = upsample(found.maps[i, c], grid).cpu().numpy()
+                half.heatmaps.accumulate(FINDINGS[c], heatmap, gt,
+                                         lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
+                full = upsample(found.maps[i, c], input_size).cpu().numpy()
+                for rule, ranking in CANDIDATE_RULES.items():
+                    candidates = component_candidates(full, rank_by=ranking)
+                    half.rules[rule].accumulate(FINDINGS[c], boxes_in_source(candidates.boxes, input_size, letterboxes[i]), gt)
         advance(len(batch))
     return scores

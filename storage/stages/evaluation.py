@@ -55,6 +55,26 @@ def evaluation_markdown(half: dict[str, Any], name: str) -> str:
     return "\n\n".join(parts)
 
 
+def box_rules_markdown(halves: dict[str, dict[str, Any]], threshold: float = 0.3) -> str:
+    """Mean Acc at T(IoU) = ``threshold`` over the evaluated boxed findings, per method and box rule
+    (the method's own rule, then the candidates), one column per half: the evidence a rule is
+    chosen on (box-val) and what it then gives (box-test)."""
+    def mean_acc(results: dict[str, Any], evaluated: dict[str, int]) -> float:
+        values = [results[f]["iou"][threshold]["acc"] for f in BOXED_FINDINGS if evaluated.get(f)]
+        return sum(values) / len(values) if values else math.nan
+
+    names = list(halves)
+    first = halves[names[0]]
+    rows = []
+    for key in first["results"]:
+        rules = {"own": lambda h: h["results"][key], **{r: (lambda h, r=r: h["box_rules"][key][r]) for r in first["box_rules"].get(key, {})}}
+        for rule, pick in rules.items():
+            cells = [mean_acc(pick(halves[n]), halves[n]["evaluated"]) if key in halves[n]["results"] else math.nan for n in names]
+            rows.append([key, rule, *(MISSING if math.isnan(v) else f"{v:.3f}" for v in cells)])
+    title = f"## Box rules: mean Acc at T(IoU) = {threshold} over the evaluated findings (choose on box-val, read box-test)"
+    return f"{title}\n\n" + markdown_table(["method", "box rule", *names], rows)
+
+
 def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str) -> None:
     """evaluation.json (the report) and evaluation.md (a title and the tables)."""
     write_json(run.evaluation_json, report)

@@ -74,11 +74,13 @@ def test_attention_mining_localises_at_least_as_well_as_cam(trained, evaluated):
     assert RunFolder.of(trained, "t").evaluation_md.read_text().count("| 0.1 |") == 6  # 3 methods, IoU and IoR tables
 
 
-def test_max_box_acc_of_evaluate_matches_a_direct_computation(trained, evaluated):
-    """CAM heatmaps of the box-test images, straight from the method, scored with MaxBoxAccumulator:
-    the same figures as the evaluate flow's (which takes its maps from the boxing pass)."""
+def test_max_box_acc_and_box_rules_of_evaluate_match_a_direct_computation(trained, evaluated):
+    """CAM heatmaps of the box-test images, straight from the method, scored with MaxBoxAccumulator
+    and boxed by the every-component rule ranked by mass: the same figures as the evaluate flow's
+    (which takes its maps from the boxing pass)."""
+    from cxr_miner.miner.boxes import component_candidates
     from cxr_miner.miner.localize import boxes_in_source, upsample
-    from cxr_miner.miner.metrics import MaxBoxAccumulator
+    from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
     from cxr_miner.storage.stages.box_splits import box_splits
     from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes, read_index
 
@@ -89,7 +91,7 @@ def test_max_box_acc_of_evaluate_matches_a_direct_computation(trained, evaluated
     truth = read_gt_boxes(trained / GT_BOXES_FILE)
     patients = {r["image_id"]: r["patient_id"] for r in read_index(trained / "index.parquet").select(["image_id", "patient_id"]).to_pylist()}
     halves = box_splits(patients, truth)
-    ours = MaxBoxAccumulator()
+    ours, rule = MaxBoxAccumulator(), LocalizationEvaluator()
     size = config.input_size
     for batch in batch_stream(split_row_groups(trained, ("train", "val", "test"), only_boxed=True), 16):
         with torch.no_grad():
@@ -100,12 +102,18 @@ def test_max_box_acc_of_evaluate_matches_a_direct_computation(trained, evaluated
             for finding, gt in truth[image_id].items():
                 heatmap = upsample(maps[i, FINDINGS.index(finding)], size).numpy()
                 ours.accumulate(finding, heatmap, gt, lambda b, lb=letterbox: boxes_in_source(b, size, lb))
+                rule.accumulate(finding, boxes_in_source(component_candidates(heatmap, rank_by="mass").boxes, size, letterbox), gt)
     theirs = evaluated["max_box_acc_v2"]["cam"]
     for finding, figures in ours.compute().items():
         assert figures["pairs"] == theirs[finding]["pairs"] == (evaluated["evaluated"].get(finding, 0))
         if figures["pairs"]:
             assert figures["max_box_acc_v2"] == pytest.approx(theirs[finding]["max_box_acc_v2"]), finding
     assert sum(f["pairs"] for f in ours.compute().values()) > 0
+    theirs_rule, ours_rule = evaluated["box_rules"]["cam"]["every-mass"], rule.compute()
+    for finding in BOXED_FINDINGS:
+        for threshold in (0.1, 0.3, 0.5):
+            assert ours_rule[finding]["iou"][threshold] == pytest.approx(theirs_rule[finding]["iou"][threshold], nan_ok=True)
+    assert "## Box rules: mean Acc at T(IoU) = 0.3" in evaluated["markdown"] and "| cam | every-mass |" in evaluated["markdown"]
 
 
 def test_attention_mining_changes_the_heatmaps_where_later_steps_erase(trained):
