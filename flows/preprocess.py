@@ -57,7 +57,8 @@ def write_shard(spec: ShardSpec, root: str, shard_dir: str, settings: ShardSetti
 
 def check_sources(work: Path, root: Path, rows: list[dict], absent: list[dict], readable: list[dict], max_lost: float) -> None:
     """Refuse, before any shard is touched, an index whose image files are not there: none has a
-    path (a --metadata-only ingest that found no images), or more than ``max_lost`` are gone."""
+    path (a --metadata-only ingest that found no images), or more than ``max_lost`` are gone.
+    ``absent``: loss records (image_id, reason) of the rows without a file at ingest."""
     if not rows:
         raise InputError(work / INDEX_FILE, "lists no images; run `cxr-miner ingest` on the collection first")
     if not readable:
@@ -67,8 +68,7 @@ def check_sources(work: Path, root: Path, rows: list[dict], absent: list[dict], 
     # A stat per file (0.04 s for 6,000); links out of ROOT are caught by the workers, before opening.
     gone = [{"image_id": row["image_id"], "reason": f"{row['source_path']}: {reason}"} for row in readable
             if (reason := not_regular(root / row["source_path"]))]
-    check_losses(work / INDEX_FILE, len(rows), [*gone, *({**row, "reason": "missing at ingest"} for row in absent)], max_lost,
-                 f"are not readable files below {root}; no shard was touched")
+    check_losses(work / INDEX_FILE, len(rows), [*gone, *absent], max_lost, f"are not readable files below {root}; no shard was touched")
 
 
 @flow(name="preprocess", log_prints=True)
@@ -94,9 +94,10 @@ def preprocess(
     source_root = Path(root or ingest_report["root"])
     allow_outside_links = ingest_report.get("allow_outside_links", False)
     rows = index.select([*CARRIED_COLUMNS, "file_present"]).to_pylist()
-    absent = [row for row in rows if row["file_present"] is False or not row["source_path"]]
-    missing = len(absent)
     readable = [row for row in rows if row["file_present"] is not False and row["source_path"]]
+    absent = [{"image_id": row["image_id"], "reason": "missing at ingest"} for row in rows
+              if row["file_present"] is False or not row["source_path"]]
+    missing = len(absent)
     check_sources(work, source_root, rows, absent, readable, max_lost)
     specs = plan_shards(readable, shard_size)
     shard_dir = work / SHARD_DIR
@@ -112,7 +113,7 @@ def preprocess(
 
     ordered = [results[spec.name] for spec in specs]
     quarantined = write_quarantine(work / QUARANTINE_FILE, ordered)
-    lost = [*quarantine_records(ordered), *({**row, "reason": "missing at ingest"} for row in absent)]
+    lost = [*quarantine_records(ordered), *absent]
     removed = remove_stale(shard_dir, {spec.name for spec in specs})
     manifest = write_manifest(
         shard_dir, ordered, settings, index_rows=len(rows), missing=missing,

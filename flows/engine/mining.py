@@ -104,10 +104,10 @@ def evaluate_boxes(
                 half.boxes.accumulate(FINDINGS[c], loc.boxes, gt)
                 if found.maps is None:
                     continue
-                heatmap = upsample(found.maps[i, c], grid).cpu().numpy()
+                full = upsample(found.maps[i, c], input_size).cpu().numpy()
+                heatmap = full if grid == input_size else upsample(found.maps[i, c], grid).cpu().numpy()
                 half.heatmaps.accumulate(FINDINGS[c], heatmap, gt,
                                          lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
-                full = upsample(found.maps[i, c], input_size).cpu().numpy()
                 for rule, ranking in CANDIDATE_RULES.items():
                     candidates = component_candidates(full, rank_by=ranking)
                     half.rules[rule].accumulate(FINDINGS[c], boxes_in_source(candidates.boxes, input_size, letterboxes[i]), gt)

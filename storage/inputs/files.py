@@ -49,9 +49,10 @@ def _real_folder(folder: Path, folders: dict[Path, Path]) -> Path:
     return folders[folder]
 
 
-def check_inside_root(root: Path, path: Path) -> None:
-    """Raise InputError for a path that leads out of ``root`` through a symbolic link."""
-    if (target := resolves_outside(root, path)) is not None:
+def check_inside_root(root: Path, path: Path, folders: dict[Path, Path] | None = None) -> None:
+    """Raise InputError for a path that leads out of ``root`` through a symbolic link (``folders``:
+    see :func:`resolves_outside`)."""
+    if (target := resolves_outside(root, path, folders)) is not None:
         raise InputError(path, f"is a link to {target}, outside the dataset root {root}; "
                                "pass --allow-outside-links to read files there")
 
@@ -67,22 +68,23 @@ def walk_files(
     ``allow_outside_links``.
     """
     seen: set[Path] = set()
+    folders: dict[Path, Path] = {}  # real paths of the folders walked
     for folder, subfolders, files in os.walk(root, followlinks=True):
         here = Path(folder)
-        real = here.resolve()
+        real = _real_folder(here, folders)
         if real in seen:  # a link loop, or two links to one folder
             subfolders[:] = []
             continue
         seen.add(real)
         if not allow_outside_links:
-            check_inside_root(root, here)
+            check_inside_root(root, here, folders)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in sorted(files):
             path = here / name
             if name.startswith(".") or (suffixes is not None and path.suffix.lower() not in suffixes):
                 continue
             if not allow_outside_links:
-                check_inside_root(root, path)
+                check_inside_root(root, path, folders)
             if (reason := not_regular(path)) is not None:
                 if on_skip:
                     on_skip(path, f"{reason}, not a regular file: not opened")

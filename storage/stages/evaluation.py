@@ -63,16 +63,17 @@ def box_rules_markdown(halves: dict[str, dict[str, Any]], threshold: float = 0.3
         values = [results[f]["iou"][threshold]["acc"] for f in BOXED_FINDINGS if evaluated.get(f)]
         return sum(values) / len(values) if values else math.nan
 
-    names = list(halves)
-    first = halves[names[0]]
+    def rule_results(half: dict[str, Any], key: str, rule: str) -> dict[str, Any]:
+        return half["results"][key] if rule == "own" else half["box_rules"][key][rule]
+
+    first = next(iter(halves.values()))
     rows = []
     for key in first["results"]:
-        rules = {"own": lambda h: h["results"][key], **{r: (lambda h, r=r: h["box_rules"][key][r]) for r in first["box_rules"].get(key, {})}}
-        for rule, pick in rules.items():
-            cells = [mean_acc(pick(halves[n]), halves[n]["evaluated"]) if key in halves[n]["results"] else math.nan for n in names]
+        for rule in ["own", *first["box_rules"].get(key, {})]:
+            cells = [mean_acc(rule_results(h, key, rule), h["evaluated"]) if key in h["results"] else math.nan for h in halves.values()]
             rows.append([key, rule, *(MISSING if math.isnan(v) else f"{v:.3f}" for v in cells)])
     title = f"## Box rules: mean Acc at T(IoU) = {threshold} over the evaluated findings (choose on box-val, read box-test)"
-    return f"{title}\n\n" + markdown_table(["method", "box rule", *names], rows)
+    return f"{title}\n\n" + markdown_table(["method", "box rule", *halves], rows)
 
 
 def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str) -> None:
