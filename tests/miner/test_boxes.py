@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cxr_miner.miner.boxes import check_heatmap, heatmap_boxes, heatmap_boxes_batched
+from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, RULES_BY_NAME, BoxRule, rule_by_name
 
 
 def nested_blob() -> np.ndarray:
@@ -126,9 +127,7 @@ def _two_blobs() -> np.ndarray:
 
 
 def test_every_component_rule_boxes_two_separate_blobs():
-    from cxr_miner.miner.boxes import component_candidates
-
-    found = component_candidates(_two_blobs(), thresholds=(0.5, 0.7, 0.9))
+    found = BoxRule("every", (0.5, 0.7, 0.9), "peak").boxes(_two_blobs())
     boxes = found.boxes.tolist()
     assert [20, 12, 28, 18] in boxes  # blob B: the peak-component rule never boxes it
     assert found.peak.tolist() == [1.0, 1.0, 0.8]
@@ -137,17 +136,43 @@ def test_every_component_rule_boxes_two_separate_blobs():
     assert boxes == [[4, 4, 8, 6], [2, 2, 10, 8], [20, 12, 28, 18]]
     assert found.threshold.tolist() == [0.7, 0.5, 0.5]
     np.testing.assert_allclose(found.mean, [1.0, (8 * 1.0 + 40 * 0.6) / 48, 0.8])
+    np.testing.assert_allclose(found.area, [8 / 600, 48 / 600, 48 / 600])
+    assert PAPER_RULE.boxes(_two_blobs()).boxes.tolist() == [[4, 4, 8, 6], [2, 2, 10, 8]]
 
 
 def test_mass_ranking_prefers_the_larger_nested_box_and_nms_drops_near_copies():
-    from cxr_miner.miner.boxes import component_candidates
-
     heatmap = _two_blobs()
-    by_mass = component_candidates(heatmap, thresholds=(0.5, 0.7, 0.9), rank_by="mass")
+    by_mass = BoxRule("every", (0.5, 0.7, 0.9), "mass").boxes(heatmap)
     assert by_mass.boxes.tolist()[0] == [2, 2, 10, 8]  # 1.0 x 48/600 beats B's 0.8 x 48/600 and the core's 8/600
-    # A near copy: thresholds 0.55 and 0.5 cut the same ring box; NMS keeps one.
-    twice = component_candidates(heatmap, thresholds=(0.5, 0.55), rank_by="mass")
+    # A near copy: thresholds 0.5 and 0.55 cut the same ring box; NMS keeps one.
+    twice = BoxRule("every", (0.5, 0.55), "mass").boxes(heatmap)
     assert twice.boxes.tolist().count([2, 2, 10, 8]) == 1
-    assert len(component_candidates(np.zeros((5, 5)), thresholds=(0.5,)).boxes) == 0
-    with pytest.raises(ValueError, match="rank_by"):
-        component_candidates(heatmap, rank_by="size")
+    assert len(BoxRule("every", (0.5,)).boxes(np.zeros((5, 5))).boxes) == 0
+    assert len(PAPER_RULE.boxes(np.zeros((5, 5))).boxes) == 0
+    with pytest.raises(ValueError, match="ranking"):
+        BoxRule("every", rank_by="size")
+    with pytest.raises(ValueError, match="thresholds"):
+        BoxRule("every", (0.7, 0.5))
+
+
+def test_the_papers_rule_is_heatmap_boxes_on_random_maps():
+    """peak-mean from the shared component table: the same boxes, scores and order as the
+    paper's rule written directly (heatmap_boxes), flat maps and ties included."""
+    rng = np.random.default_rng(3)
+    for k in range(40):
+        heatmap = rng.random((9, 11)) ** 3
+        if k % 4 == 0:
+            heatmap = np.round(heatmap, 1)  # plateaus: equal boxes at several thresholds
+        boxes, scores = heatmap_boxes(heatmap)
+        found = PAPER_RULE.boxes(heatmap)
+        assert found.boxes.tolist() == boxes.tolist()
+        np.testing.assert_allclose(found.score, scores)
+
+
+def test_rules_are_named_and_round_trip():
+    assert [r.name for r in BOX_RULES][:3] == ["peak-mean", "peak-mass", "every-mean"]
+    assert "every-peak-from-0.5" in RULES_BY_NAME
+    for rule in BOX_RULES:
+        assert BoxRule.from_dict(rule.to_dict()) == rule
+    with pytest.raises(ValueError, match="unknown box rule"):
+        rule_by_name("largest")

@@ -1,0 +1,167 @@
+"""Box confidence (issue 11): the probability that a mined box is right, fitted on box-val.
+
+A box is *right* (a hit) when its IoU with some ground-truth box of its finding is at least
+HIT_IOU = 0.3. Its confidence is Platt scaling (a logistic regression, scikit-learn) of the
+box's own signals (BOX_SIGNALS: the mean heatmap inside it, its component's peak, its log area,
+its rank, and the classifier's probability of the finding), fitted per finding on box-val. Too
+few hits or misses to fit a slope gives the smoothed hit rate instead, for every box alike.
+
+Then, on any set of boxes with their confidences and hits: the reliability diagram and its
+expected calibration error (ECE; Guo et al. 2017, equal-width bins), precision and recall above
+a confidence, and the operating point: the lowest confidence above which the boxes reach a
+precision target (so the most boxes that do). Recall counts (image, finding) pairs with at least
+one hit among the boxes taken, over the pairs scored (Acc at T(IoU) = 0.3, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cxr_miner.miner.metrics import best_overlap
+
+HIT_IOU = 0.3
+BOX_SIGNALS = ("mean", "peak", "log_area", "rank", "probability")
+MIN_EACH = 4  # hits and misses needed to fit a slope
+PRECISION_TARGET = 0.5
+RELIABILITY_BINS = 10
+
+
+def box_signals(mean: np.ndarray, peak: np.ndarray, area: np.ndarray, probability: float | np.ndarray) -> np.ndarray:
+    """The BOX_SIGNALS of K boxes ranked 1..K: (K,) each (area: share of the heatmap) -> (K, 5)."""
+    k = len(mean)
+    return np.stack([
+        np.asarray(mean, dtype=np.float64), np.asarray(peak, dtype=np.float64),
+        np.log(np.clip(np.asarray(area, dtype=np.float64), 1e-6, None)), np.arange(1, k + 1, dtype=np.float64),
+        np.broadcast_to(np.asarray(probability, dtype=np.float64), (k,)),
+    ], axis=1).reshape(k, len(BOX_SIGNALS))
+
+
+def hits(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(K,) bool: whether each box (K, 4) has IoU >= HIT_IOU with one of ``truth`` (M, 4), same grid."""
+    return best_overlap(boxes, truth, "iou") >= HIT_IOU
+
+
+@dataclass
+class BoxOutcomes:
+    """Boxes scored against ground truth, for fitting and checking a confidence: per box its
+    signals (BOX_SIGNALS), whether it is a hit, its rank and its (image, finding) pair's number."""
+
+    signals: list[np.ndarray] = field(default_factory=list)
+    hit: list[np.ndarray] = field(default_factory=list)
+    pairs: int = 0
+
+    def add(self, signals: np.ndarray, hit: np.ndarray) -> None:
+        """One (image, finding) pair's boxes, rank 1 first (none is allowed: a miss)."""
+        self.signals.append(np.asarray(signals, dtype=np.float64).reshape(-1, len(BOX_SIGNALS)))
+        self.hit.append(np.asarray(hit, dtype=bool))
+        self.pairs += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """signals (B, 5), hit (B,), pair (B,) int over all B boxes."""
+        if not self.signals:
+            return np.zeros((0, len(BOX_SIGNALS))), np.zeros(0, dtype=bool), np.zeros(0, dtype=int)
+        pair = np.concatenate([np.full(len(h), i) for i, h in enumerate(self.hit)])
+        return np.concatenate(self.signals), np.concatenate(self.hit), pair
+
+    def acc(self, rank1_only: bool = False) -> float:
+        """Share of pairs with a hit among all their boxes (Acc at T(IoU) = 0.3), or in rank 1 alone."""
+        if not self.pairs:
+            return math.nan
+        return sum(bool(h[:1].any() if rank1_only else h.any()) for h in self.hit) / self.pairs
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """P(hit | signals) = sigmoid(coef . (signals - center) / scale + intercept); ``constant``
+    calibrations have no slope (coef all 0). ``boxes``/``hits``: what it was fitted on."""
+
+    kind: str
+    intercept: float
+    center: tuple[float, ...] = (0.0,) * len(BOX_SIGNALS)
+    scale: tuple[float, ...] = (1.0,) * len(BOX_SIGNALS)
+    coef: tuple[float, ...] = (0.0,) * len(BOX_SIGNALS)
+    boxes: int = 0
+    hits: int = 0
+
+    def predict(self, signals: np.ndarray) -> np.ndarray:
+        """(K, 5) signals -> (K,) confidences in (0, 1)."""
+        z = (np.asarray(signals, dtype=np.float64).reshape(-1, len(BOX_SIGNALS)) - self.center) / self.scale
+        return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-shaped (lists, not tuples), so that it equals itself read back."""
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, "signals": list(BOX_SIGNALS)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        if data.get("signals", list(BOX_SIGNALS)) != list(BOX_SIGNALS):
+            raise ValueError(f"calibration of signals {data.get('signals')}, this code uses {list(BOX_SIGNALS)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "signals"})
+
+
+def fit_calibration(signals: np.ndarray, hit: np.ndarray) -> Calibration:
+    """Platt scaling of the signals (B, 5) against hit (B,) (L2-regularised logistic regression on
+    standardised signals), or the hit rate smoothed by one hit and one miss (Laplace) when there
+    are fewer than MIN_EACH hits or misses."""
+    from sklearn.linear_model import LogisticRegression
+
+    hit = np.asarray(hit, dtype=bool)
+    n, positives = len(hit), int(hit.sum())
+    if positives < MIN_EACH or n - positives < MIN_EACH:
+        rate = (positives + 1) / (n + 2)
+        return Calibration("constant", float(math.log(rate / (1 - rate))), boxes=n, hits=positives)
+    center, scale = signals.mean(axis=0), signals.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    model = LogisticRegression(C=1.0).fit((signals - center) / scale, hit)
+    return Calibration("platt", float(model.intercept_[0]), tuple(center.tolist()), tuple(scale.tolist()),
+                       tuple(model.coef_[0].tolist()), boxes=n, hits=positives)
+
+
+def reliability(confidence: np.ndarray, hit: np.ndarray, bins: int = RELIABILITY_BINS) -> dict[str, Any]:
+    """Reliability diagram in ``bins`` equal-width confidence bins (each: low, high, boxes, mean
+    confidence, hit rate; empty bins left out) and the ECE: sum over bins of boxes / B x |mean
+    confidence - hit rate|. NaN ECE for no boxes."""
+    confidence, hit = np.asarray(confidence, dtype=np.float64), np.asarray(hit, dtype=bool)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if not inside.any():
+            continue
+        mean, rate = float(confidence[inside].mean()), float(hit[inside].mean())
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "boxes": int(inside.sum()), "confidence": mean, "hit_rate": rate})
+        ece += inside.sum() / len(hit) * abs(mean - rate)
+    return {"bins": rows, "ece": float(ece) if len(hit) else math.nan, "boxes": int(len(hit))}
+
+
+def precision_recall(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float) -> dict[str, float]:
+    """Precision (hits / boxes) and recall (pairs with a hit / ``pairs``) of the boxes with
+    confidence >= ``at``; NaN precision when no box is taken."""
+    taken = np.asarray(confidence) >= at
+    boxes = int(taken.sum())
+    hit_pairs = len(set(np.asarray(pair)[taken & np.asarray(hit, dtype=bool)].tolist()))
+    return {"boxes": boxes, "precision": float(hit[taken].mean()) if boxes else math.nan,
+            "recall": hit_pairs / pairs if pairs else math.nan}
+
+
+def pr_curve(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, points: int = 50) -> list[dict[str, float]]:
+    """Precision and recall at (at most ``points``) confidences taken from the boxes' own, highest first."""
+    levels = np.unique(confidence)[::-1]
+    if len(levels) > points:
+        levels = levels[np.linspace(0, len(levels) - 1, points).round().astype(int)]
+    return [{"confidence": float(c), **precision_recall(confidence, hit, pair, pairs, float(c))} for c in levels]
+
+
+def operating_point(confidence: np.ndarray, hit: np.ndarray, target: float = PRECISION_TARGET) -> float | None:
+    """The lowest confidence c (among the boxes') such that the boxes with confidence >= c have
+    precision >= ``target``; None when no c reaches it (then no box is at the operating point)."""
+    order = np.argsort(-np.asarray(confidence), kind="stable")
+    confidence, hit = np.asarray(confidence)[order], np.asarray(hit, dtype=bool)[order]
+    last_of_level = np.r_[confidence[1:] != confidence[:-1], True]  # take ties together
+    precision = np.cumsum(hit) / np.arange(1, len(hit) + 1)
+    reached = np.nonzero(last_of_level & (precision >= target))[0]
+    return float(confidence[reached[-1]]) if len(reached) else None

@@ -1,0 +1,158 @@
+"""Box rules: one normalised heatmap -> up to 3 ranked boxes and the signals of each (issue 11).
+
+A rule says which connected components of the thresholded map become boxes and how they are
+ranked. ``peak`` components are those holding the map's global maximum, one per threshold, as in
+Cai et al. 2018, section 3.2 (nested boxes, equal boxes given once); ``every`` takes every
+component at every threshold and thins them with non-maximum suppression (torchvision ``nms``)
+across thresholds, so that two separate blobs give two boxes and a nested copy of a kept box is
+dropped. The rankings: ``mean`` heatmap inside the box (the paper's), the component's ``peak``
+(ties broken by the larger mean) and ``mass`` (peak x area, which prefers the larger of nested
+boxes). Which rule a finding uses is chosen on box-val (flows/evaluate.py).
+
+Convention: boxes are xyxy in continuous pixels of the heatmap's grid, pixel (i, j) covering
+[i, i + 1) x [j, j + 1); a heatmap is a 2-D float array in [0, 1] (miner.boxes.check_heatmap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.measure import label
+from torchvision.ops import nms
+
+from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, check_heatmap
+
+SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+COMPONENTS = ("peak", "every")
+RANKINGS = ("mean", "peak", "mass")
+
+
+class Candidates(NamedTuple):
+    """A rule's boxes for one heatmap, rank 1 first, with per box the signals a ranking or a
+    confidence uses: boxes (K, 4) float64 xyxy; score (K,) the ranking signal; threshold (K,)
+    the cut it came from; peak (K,) its component's maximum; mean (K,) the mean heatmap inside
+    the box; area (K,) the box's share of the heatmap's pixels."""
+
+    boxes: np.ndarray
+    score: np.ndarray
+    threshold: np.ndarray
+    peak: np.ndarray
+    mean: np.ndarray
+    area: np.ndarray
+
+    def take(self, index: np.ndarray) -> Candidates:
+        return Candidates(*(field[index] for field in self))
+
+
+class ComponentTable(NamedTuple):
+    """Every 8-connected component of ``heatmap >= t`` for each swept t, one row each, in
+    threshold order: the Candidates fields (score unset) and ``holds_max`` (bool), whether the
+    component holds the global maximum (the first in row-major order, as ``np.argmax``)."""
+
+    rows: Candidates
+    holds_max: np.ndarray
+
+
+def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS) -> ComponentTable:
+    """The components of ``heatmap`` (H, W) at each threshold; the work every rule shares."""
+    heatmap = check_heatmap(heatmap)
+    h, w = heatmap.shape
+    integral = np.zeros((h + 1, w + 1))
+    integral[1:, 1:] = heatmap.cumsum(0).cumsum(1)
+    argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    columns: list[list[np.ndarray]] = [[] for _ in range(7)]
+    for threshold in thresholds:
+        labels, count = label(heatmap >= threshold, connectivity=2, return_num=True)
+        if count == 0:
+            continue
+        spans = ndimage.find_objects(labels)
+        boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64)
+        x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
+        area = (x1 - x0) * (y1 - y0)
+        sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        for column, values in zip(columns, (
+            boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, np.arange(1, count + 1))),
+            sums / area, area / heatmap.size, np.arange(1, count + 1) == labels[argmax],
+        )):
+            column.append(values)
+    if not columns[0]:
+        empty = np.zeros(0)
+        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty), np.zeros(0, dtype=bool))
+    boxes, threshold, peak, mean, area, holds_max = (np.concatenate(c) for c in columns[:6])
+    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area), holds_max)
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """Which components become boxes (``components``), at which ``thresholds``, ranked how
+    (``rank_by``); ``every`` rules keep boxes that overlap a better one at IoU < ``nms_iou``."""
+
+    components: str = "peak"
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    rank_by: str = "mean"
+    nms_iou: float = 0.5
+    limit: int = 3
+
+    def __post_init__(self) -> None:
+        if self.components not in COMPONENTS:
+            raise ValueError(f"box rule components must be one of {COMPONENTS}, got {self.components!r}")
+        if self.rank_by not in RANKINGS:
+            raise ValueError(f"box rule ranking must be one of {RANKINGS}, got {self.rank_by!r}")
+        if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds) or list(self.thresholds) != sorted(set(self.thresholds)):
+            raise ValueError(f"box rule thresholds must be increasing, in (0, 1]: {self.thresholds}")
+
+    @property
+    def name(self) -> str:
+        """e.g. ``peak-mean`` (the paper's rule), ``every-mass``, ``every-peak-from-0.5``."""
+        default = DEFAULT_THRESHOLDS if self.components == "peak" else SWEEP_THRESHOLDS
+        suffix = "" if self.thresholds == default else f"-from-{self.thresholds[0]:g}"
+        return f"{self.components}-{self.rank_by}{suffix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "thresholds": list(self.thresholds)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BoxRule:
+        return cls(**{**data, "thresholds": tuple(data["thresholds"])})
+
+    def apply(self, table: ComponentTable) -> Candidates:
+        """This rule's boxes from a component table that swept (at least) its thresholds."""
+        rows = table.rows
+        keep = np.isin(rows.threshold, self.thresholds)
+        if self.components == "peak":
+            keep &= table.holds_max
+        rows = rows.take(np.nonzero(keep)[0])
+        score = {"mean": rows.mean, "peak": rows.peak + 1e-6 * rows.mean, "mass": rows.peak * rows.area}[self.rank_by]
+        rows = rows._replace(score=score)
+        if self.components == "peak":  # nested boxes; a repeat (flat map) is given once, at its lowest threshold
+            _, first = np.unique(rows.boxes, axis=0, return_index=True)
+            order = np.sort(first)[np.argsort(-score[np.sort(first)], kind="stable")]
+        elif len(score):
+            order = nms(torch.from_numpy(rows.boxes), torch.from_numpy(score), self.nms_iou).numpy()
+        else:
+            order = np.zeros(0, dtype=int)
+        return rows.take(order[: self.limit])
+
+    def boxes(self, heatmap: np.ndarray) -> Candidates:
+        """Ranked boxes of one heatmap (H, W) in [0, 1], rank 1 first."""
+        return self.apply(component_table(heatmap, self.thresholds))
+
+
+PAPER_RULE = BoxRule()
+# The rules evaluate scores on box-val, per finding and method, to choose from.
+BOX_RULES = (
+    PAPER_RULE,
+    BoxRule("peak", rank_by="mass"),
+    *(BoxRule("every", sweep, ranking) for sweep in (SWEEP_THRESHOLDS, SWEEP_THRESHOLDS[3:]) for ranking in RANKINGS),
+)
+RULES_BY_NAME = {rule.name: rule for rule in BOX_RULES}
+
+
+def rule_by_name(name: str) -> BoxRule:
+    if name not in RULES_BY_NAME:
+        raise ValueError(f"unknown box rule {name!r}; known: {list(RULES_BY_NAME)}")
+    return RULES_BY_NAME[name]
