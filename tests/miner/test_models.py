@@ -51,3 +51,26 @@ def test_normalize_input_refuses_colour_images():
     with pytest.raises(ValueError, match="\\(N, S, S\\) or \\(N, 1, S, S\\)"):
         normalize_input(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     assert normalize_input(torch.full((1, 4, 4), 255, dtype=torch.uint8)).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize("trunk, channels", [("resnet10", (128, 256)), ("resnet18", (128, 256)), ("resnet50", (512, 1024))])
+def test_three_stages_halve_the_stride(trunk, channels):
+    """stages = 3 drops ResNet's last stage: MSA joins layer2 and layer3, X at stride 8."""
+    model = create_model(ModelConfig(name="msa", trunk=trunk, stages=3)).eval()
+    assert model.trunk.layer4 is None and model.trunk.channels == channels and model.stride == 8
+    with torch.no_grad():
+        out = model.forward_features(normalize_input(torch.randint(0, 256, (1, 64, 64), dtype=torch.uint8)))
+    assert out.layer3.shape[1:] == (channels[0], 8, 8) and out.layer4.shape[1:] == (channels[1], 4, 4)
+    assert out.features.shape == (1, 768, 8, 8)
+    assert create_model(ModelConfig(name="baseline", trunk=trunk, stages=3)).stride == 16
+    with pytest.raises(ValueError, match="stages must be 3 or 4"):
+        ModelConfig(stages=2)
+
+
+def test_resnet10_has_one_block_per_stage_and_no_imagenet_weights():
+    from cxr_miner.miner.models import imagenet_weights
+
+    trunk = create_model(ModelConfig(trunk="resnet10")).trunk
+    assert [len(layer) for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        imagenet_weights("resnet10")
