@@ -139,11 +139,13 @@ def evaluate(
     workdir: Annotated[Path, typer.Option(help="Working folder holding models/ and gt_boxes.parquet.")],
     run: Annotated[str, typer.Option(help="Training run to evaluate (W/models/RUN).")],
     box_val_fraction: Annotated[float, typer.Option(help="Patients of the boxed images kept in box-val for choosing; the rest (box-test) is reported.")] = 0.5,
+    precision_target: Annotated[float, typer.Option(help="Each finding's operating point: the lowest box confidence reaching this precision (IoU >= 0.3) on box-val.")] = 0.5,
 ) -> None:
-    """Acc/AFP and MaxBoxAccV2 per finding for every method (CAM baseline, attention mining), on box-test."""
+    """Acc/AFP and MaxBoxAccV2 per finding for every method (CAM baseline, attention mining) on box-test,
+    and per finding the method, box rule, confidence and operating point chosen on box-val (tuning.json)."""
     from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
-    report = evaluate_flow(workdir=str(workdir), run=run, box_val_fraction=box_val_fraction)
+    report = evaluate_flow(workdir=str(workdir), run=run, box_val_fraction=box_val_fraction, precision_target=precision_target)
     typer.echo(report["markdown"])
     say(f"evaluation: {report['path']}", f"({report['split']}: {report['images']} boxed images; box-val: {report['box_val']['images']})")
 
@@ -153,7 +155,8 @@ ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding
 RunOption = Annotated[Optional[str], typer.Option(help="Training run name under W/models/ (default: the preset).")]
 SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
 ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
-MethodOption = Annotated[str, typer.Option(help="am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline).")]
+MethodOption = Annotated[str, typer.Option(help="Method to train for: am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline); the harvest then boxes each finding with the variant chosen on box-val.")]
+HarvestMethodOption = Annotated[str, typer.Option(help="auto (per finding, the variant chosen on box-val by evaluate), am (Eq. 8 over all steps) or cam (the CAM baseline).")]
 AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")]
 MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")]
 WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")]
@@ -165,11 +168,12 @@ GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, o
 def harvest(
     workdir: Annotated[Path, typer.Option(help="Working folder holding shards/ and models/.")],
     run: Annotated[str, typer.Option(help="Training run to mine with (W/models/RUN).")],
-    method: MethodOption = "am", all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
+    method: HarvestMethodOption = "auto", all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: WorkersOption = None, gpus: GpusOption = None, dask_address: AddressOption = None,
 ) -> None:
-    """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/."""
+    """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/, each with
+    its calibrated confidence (run `evaluate` first: it tunes what the harvest applies)."""
     from cxr_miner.flows.harvest import run_harvest
 
     summary = run_harvest(
@@ -217,7 +221,7 @@ def run_all(
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
 ) -> None:
-    """The whole chain: ingest, preprocess, train, harvest, release."""
+    """The whole chain: ingest, preprocess, train, evaluate (tunes on box-val), harvest, release."""
     from cxr_miner.flows.pipeline import run as run_flow
 
     options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
@@ -254,6 +258,11 @@ def serve(
 def print_release(published: dict) -> None:
     say(f"release {published['version']}: {published['path']}", f"({published['boxes']} boxes)")
     say(f"report: {published['report']}")
+    found = published["manifest"].get("localisation") or {}
+    if found.get("findings"):
+        say(f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f} (all boxes), "
+            f"{found['mean_acc_rank1']:.2f} (rank 1 alone)",
+            f"over {len(found['findings'])} findings; lowest {found['min_acc']:.2f}")
 
 
 def print_auc_table(rows: list[dict]) -> None:

@@ -6,11 +6,14 @@ the checkpoints for boxes it, and the boxes are scored with Acc and AFP at the T
 T(IoR) lists, the heatmaps with MaxBoxAccV2 (miner.metrics). The boxed images are split by
 patient into box-val (to choose from) and box-test (to report on; storage.stages.box_splits):
 ``evaluation.json`` holds box-test's figures at the top level and box-val's under ``box_val``;
-``evaluation.md`` shows box-test's. Both go to ``W/models/<run>/``.
+``evaluation.md`` shows box-test's. Both go to ``W/models/<run>/``, with ``tuning.json``: per
+finding, the method variant and box rule chosen on box-val, the box confidence calibrated there
+and its operating point, each with its box-test figures (miner.tuning); harvest applies it.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,18 @@ from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import HalfScores, evaluate_boxes
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
+from cxr_miner.miner.calibration import PRECISION_TARGET
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.training import pick_device
+from cxr_miner.miner.tuning import chosen_entries, released_figures, tune
 from cxr_miner.storage.stages.batches import split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_splits
-from cxr_miner.storage.stages.evaluation import box_rules_markdown, evaluation_markdown, write_evaluation
+from cxr_miner.storage.stages.evaluation import (
+    box_rules_markdown,
+    evaluation_markdown,
+    tuning_markdown,
+    write_evaluation,
+)
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, SPLITS, read_gt_boxes, read_index
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
@@ -45,11 +55,30 @@ def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
     }
 
 
+RELEASED = "released"
+
+
+def add_released(half: dict[str, Any], tuning: dict[str, Any]) -> None:
+    """``results["released"]``: per finding, the Acc/AFP of the variant and box rule chosen for it
+    (what ``harvest --method auto`` ships), taken from the candidate rules' scores."""
+    if not half["box_rules"]:
+        return
+    rows = {}
+    for finding, row in next(iter(half["results"].values())).items():
+        choice = tuning["findings"].get(finding)
+        rows[finding] = half["box_rules"][choice["method"]][choice["candidates"][choice["method"]]["rule"]][finding] if choice else \
+            {**row, "iou": {t: {"acc": math.nan, "afp": math.nan} for t in row["iou"]}, "ior": {t: {"acc": math.nan, "afp": math.nan} for t in row["ior"]}}
+    half["results"][RELEASED] = rows
+
+
 @flow(name="evaluate", log_prints=True)
 @writes_into("workdir")
-def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: float = BOX_VAL_FRACTION) -> dict[str, Any]:
+def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: float = BOX_VAL_FRACTION,
+             precision_target: float = PRECISION_TARGET) -> dict[str, Any]:
     """Acc/AFP and MaxBoxAccV2 of every method the run has checkpoints for, on each half of the
-    boxed images (module doc); the figures reported are box-test's."""
+    boxed images, and the choices tuned on box-val (module doc); the figures reported are box-test's."""
+    if not 0 < precision_target <= 1:
+        raise ValueError(f"--precision-target must lie in (0, 1], got {precision_target}")
     logger = get_run_logger()
     work, folder = Path(workdir), RunFolder.of(workdir, run)
     config = read_config(folder)
@@ -69,10 +98,19 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
         for method in methods:
             scores[method.key] = evaluate_boxes(method, [models[n] for n in method.checkpoints()], groups, truth, halves, batch_size, advance)
     by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
-    markdown = evaluation_markdown(by_half[BOX_TEST], BOX_TEST) + "\n\n" + box_rules_markdown(by_half)
+    # ties go to the run's last variant (what `harvest --method am` ships), then backwards to the CAM baseline
+    outcomes = {half: {key: s[half].outcomes for key, s in scores.items() if half in s and s[half].heatmaps.pairs} for half in BOX_SPLITS}
+    variants = [m.key for m in reversed(methods) if m.key in outcomes[BOX_VAL] or m.key in outcomes[BOX_TEST]]
+    tuning = tune(outcomes[BOX_VAL], outcomes[BOX_TEST], variants, BOXED_FINDINGS, precision_target) if variants else None
+    if tuning:
+        for half in by_half.values():
+            add_released(half, tuning)
+    markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), evaluation_markdown(by_half[BOX_TEST], BOX_TEST),
+                             box_rules_markdown(by_half)])
     report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in models],
-              "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL]}
-    write_evaluation(folder, report, markdown)
+              "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL],
+              "released": released_figures(chosen_entries(tuning)) if tuning else None}
+    write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)
     create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")
     logger.info("evaluated %d boxed images -> %s", images, folder.evaluation_md)

@@ -1,9 +1,12 @@
 """Flow ``harvest``: mined boxes for every image of the shards -> ``W/harvest/parts/<shard>.parquet``.
 
 One Dask task per shard. Each worker process loads the run's models once and keeps them
-(``_MODELS``); on CUDA, one worker per GPU, bf16. The method (a registry entry of
-miner.methods: ``am``, the Eq. 8 heatmap over all T steps, or ``cam``, step 1 alone) makes,
-upsamples and boxes the heatmaps on the device; only the boxes come back, in source pixels.
+(``_MODELS``); on CUDA, one worker per GPU, bf16. Every finding is boxed as the run's
+``tuning.json`` says (flow ``evaluate``, miner.methods.tuned): with ``method`` ``auto``, by the
+variant chosen for it on box-val (the CAM baseline or AM at some t); with ``am`` or ``cam``, by
+that method, with the box rule, confidence and operating point tuned for it. Without a tuning
+(no boxed image to tune on) the boxes come from the method (``auto``: the run's AM over all its
+steps) by the paper's rule, with no confidence.
 
 Modes: mining (default) boxes every finding an image is labelled with; discovery
 (``all_findings``) boxes every finding whose classifier probability is >= ``min_score``.
@@ -15,6 +18,7 @@ worker is rerun by Dask, and the part it writes is the same.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +34,10 @@ from cxr_miner.flows.engine.mining import labelled, scored_at_least, shard_rows
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.tasks import collect, failure_text
-from cxr_miner.miner.methods import check_method, create_method
+from cxr_miner.miner.methods import FindingChoice, TunedLocalizer, check_method, choices_from_tuning, create_method
 from cxr_miner.miner.training import TrainConfig, pick_device
 from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.evaluation import read_tuning
 from cxr_miner.storage.stages.harvest import (
     harvest_summary,
     harvest_summary_file,
@@ -92,7 +97,7 @@ def worker_models(run: str, names: tuple[str, ...], model_id: str, device: torch
 def harvest_shard(shard: str, run: str, target: str, key: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Harvest one shard into its part; returns its name, image and box counts."""
     torch.set_num_threads(settings.get("threads") or worker_threads())
-    method = create_method(settings["method"], TrainConfig.from_dict(settings["config"]))
+    method = TunedLocalizer.from_key(TrainConfig.from_dict(settings["config"]), settings["choices"])
     models = worker_models(run, method.checkpoints(), settings["model_id"], worker_device(method.config.device))
     select = scored_at_least(settings["min_score"]) if settings["mode"] == "discovery" else labelled
     rows, images = shard_rows(method, models, Path(shard), select, settings["batch_size"], settings["model_id"])
@@ -101,12 +106,32 @@ def harvest_shard(shard: str, run: str, target: str, key: dict[str, Any], settin
     return {"shard": Path(shard).stem, "images": images, "boxes": boxes}
 
 
+AUTO = "auto"
+
+
+def check_harvest_method(method: str) -> None:
+    if method != AUTO:
+        check_method(method)
+
+
+def harvest_localizer(folder: RunFolder, method: str) -> TunedLocalizer:
+    """How each finding is boxed (module doc); ValueError for an unknown method."""
+    check_harvest_method(method)
+    config, tuning = read_config(folder), read_tuning(folder)
+    if method == AUTO:
+        am = create_method("am", config)
+        default = am.key if config.am_steps > 1 and not folder.missing(am.checkpoints()) else "cam"
+        return TunedLocalizer(config, choices_from_tuning(tuning, None), FindingChoice(default))
+    variant = create_method(method, config).key
+    return TunedLocalizer(config, choices_from_tuning(tuning, variant), FindingChoice(variant))
+
+
 @flow(name="harvest", log_prints=True)
 @writes_into("workdir")
 def harvest(
     workdir: str,
     run: str,
-    method: str = "am",
+    method: str = AUTO,
     all_findings: bool = False,
     min_score: float = 0.5,
     batch_size: int = 32,
@@ -122,7 +147,10 @@ def harvest(
     if not 0 <= min_score <= 1:
         raise ValueError(f"--min-score must lie in [0, 1], got {min_score}")
     work, folder = Path(workdir), RunFolder.of(workdir, run)
-    localizer = create_method(method, read_config(folder))
+    localizer = harvest_localizer(folder, method)
+    if not localizer.choices:
+        logger.warning("%s: no tuning.json (no boxed image was evaluated): every finding is boxed by %s with the "
+                       "paper's rule, and no box has a confidence", folder.directory, localizer.default.variant)
     if missing := folder.missing(localizer.checkpoints()):
         raise FileNotFoundError(f"{folder.directory}: method {method!r} needs {', '.join(missing)} (train the run first)")
     model_id, digests = model_identity(run, [folder.checkpoint(n) for n in localizer.checkpoints()])
@@ -132,12 +160,13 @@ def harvest(
         raise FileNotFoundError(f"{work / SHARD_DIR}: no shards of splits {', '.join(splits)} (run preprocess first)")
     base_key = {"model_id": model_id, "checkpoints": digests, "method": method, "mode": mode,
                 "min_score": min_score if all_findings else None, "input_size": localizer.config.input_size,
-                "thresholds": list(localizer.thresholds)}
+                "choices": localizer.key()}
     settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
-                "threads": threads, "method": method, "model_id": model_id}
+                "threads": threads, "choices": localizer.key(), "model_id": model_id}
     parts_dir(work).mkdir(parents=True, exist_ok=True)
     harvest_summary_file(work).unlink(missing_ok=True)  # the summary marks a complete harvest
 
+    base_key = json.loads(json.dumps(base_key))  # as a part's metadata reads back (lists, not tuples)
     keys = {s["name"]: {**base_key, "shard": s["sha256"]} for s in shards}
     todo = [s for s in shards if part_key(part_path(work, s["file"])) != keys[s["name"]]]
     rows = {s["name"]: s["rows"] for s in shards}
@@ -166,7 +195,7 @@ def run_harvest(
     """The flow on a Dask cluster: local processes by default (one per core on CPU, each with
     one torch thread; one per GPU on CUDA, each holding a ``GPU`` resource), or an existing
     scheduler (with ``gpus``, its workers must offer the ``GPU`` resource: tasks ask for one)."""
-    check_method(options.get("method", "am"))  # before a cluster starts
+    check_harvest_method(options.get("method", AUTO))  # before a cluster starts
     if gpus is None and not dask_address and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
     if not dask_address:

@@ -1,4 +1,7 @@
-"""Flow ``run``: the whole chain, ingest -> preprocess -> train -> harvest -> release.
+"""Flow ``run``: the whole chain, ingest -> preprocess -> train -> evaluate -> harvest -> release.
+
+Evaluate chooses, per finding on box-val, the method variant, box rule, confidence and operating
+point (tuning.json) that the harvest then applies (``method`` ``auto``).
 
 Every stage skips the work whose output already exists for the same inputs, so a scheduled
 run on an unchanged collection retrains nothing and reharvests nothing, and still publishes
@@ -12,8 +15,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.folders import writes_into
-from cxr_miner.flows.harvest import run_harvest
+from cxr_miner.flows.harvest import AUTO, run_harvest
 from cxr_miner.flows.ingest import ingest
 from cxr_miner.flows.preprocess import run_preprocess
 from cxr_miner.flows.release import release
@@ -38,13 +42,15 @@ def run(
     dask_address: str | None = None,
     gpus: int | None = None,
 ) -> dict[str, Any]:
-    """Ingest ROOT, preprocess, train run ``run`` (default: the preset's name) for ``method``, harvest, release."""
+    """Ingest ROOT, preprocess, train run ``run`` (default: the preset's name) for ``method``, evaluate,
+    harvest with what evaluate chose per finding, release."""
     logger = get_run_logger()
     ingest(root=root, workdir=workdir)
     run_preprocess(workdir, workers=workers, dask_address=dask_address, size=size, shard_size=shard_size)
     trained = train(workdir=workdir, preset=preset, config_file=config_file, run=run, method=method)
+    evaluate(workdir=workdir, run=trained["run"])
     run_harvest(workdir, trained["run"], workers=workers, dask_address=dask_address, gpus=gpus,
-                method=method, all_findings=all_findings, min_score=min_score)
+                method=AUTO, all_findings=all_findings, min_score=min_score)
     published = release(workdir=workdir, out=out, root=root)
     logger.info("release %s -> %s", published["version"], published["path"])
     return published

@@ -25,6 +25,7 @@ from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.miner.methods import LocalizationMethod, create_method
+from cxr_miner.miner.tuning import released_figures
 from cxr_miner.storage.releases.coco import write_coco_splits
 from cxr_miner.storage.releases.release import (
     BOXES_FILE,
@@ -44,6 +45,7 @@ from cxr_miner.storage.releases.release import (
 from cxr_miner.storage.releases.report import ReportData, headline_rows, write_report
 from cxr_miner.storage.releases.report_data import finding_pages
 from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.evaluation import harvested_choices, read_tuning
 from cxr_miner.storage.stages.harvest import read_harvest_summary
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, REPORT_FILE, SPLITS, read_gt_boxes
 from cxr_miner.storage.stages.provenance import code_version, package_versions
@@ -60,16 +62,32 @@ def evaluation_of(work: Path, run: str) -> dict[str, Any]:
     return json.loads(folder.evaluation_json.read_text())
 
 
-def acc_tables(evaluation: dict[str, Any], methods: list[LocalizationMethod]) -> dict[str, dict[str, dict[float, dict[str, float]]]]:
-    """finding -> {method label: {T: {acc, afp}}} at T(IoU), for the methods the evaluation scored."""
+def acc_tables(evaluation: dict[str, Any], methods: list[LocalizationMethod], choices: dict[str, Any]) -> dict[str, dict[str, dict[float, dict[str, float]]]]:
+    """finding -> {column: {T: {acc, afp}}} at T(IoU) on box-test: the ``methods`` the evaluation
+    scored (by the paper's rule), and ``released``: per finding, the variant and box rule the
+    harvest applied (``choices``, the harvest key's), where the evaluation scored that rule."""
     columns: dict[str, str] = {}
     for method in methods:
         if method.key in evaluation["results"]:
             columns.setdefault(method.label, method.key)
-    return {
-        f: {label: {float(t): cell for t, cell in evaluation["results"][key][f]["iou"].items()} for label, key in columns.items()}
-        for f in FINDINGS
-    }
+    tables = {f: {label: {float(t): cell for t, cell in evaluation["results"][key][f]["iou"].items()}
+                  for label, key in columns.items()} for f in FINDINGS}
+    for finding in FINDINGS:
+        choice = choices.get(finding, choices.get("default"))
+        scored = evaluation.get("box_rules", {}).get(choice["variant"], {}).get(choice["rule"], {}).get(finding) if choice else None
+        if scored:
+            tables[finding]["released"] = {float(t): cell for t, cell in scored["iou"].items()}
+    return tables
+
+
+def operating_points(tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The manifest's record of each calibrated finding's operating point and its figures."""
+    def at(half: dict[str, Any]) -> dict[str, Any]:
+        return {"pairs": half["pairs"], **half["at_operating_point"]}
+
+    return {f: {"method": t["method"], "box_rule": t["rule"], "confidence_at_least": t["operating_point"],
+                "box_val": at(t["box_val"]), "box_test": {**at(t["box_test"]), "ece": t["box_test"]["reliability"]["ece"]}}
+            for f, t in tuned.items()}
 
 
 @flow(name="release", log_prints=True)
@@ -101,21 +119,24 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
         counts = count_boxes(staging / BOXES_FILE)
         changes = diff_boxes(previous / BOXES_FILE if previous else None, staging / BOXES_FILE)
         evaluation = evaluation_of(work, run)
-        accs = acc_tables(evaluation, [create_method("cam", config), create_method(key["method"], config)])
+        tuned = harvested_choices(read_tuning(RunFolder.of(work, run)), key["choices"])
+        accs = acc_tables(evaluation, [create_method("cam", config), create_method("am", config)], key["choices"])
         quarantined = pq.read_table(work / QUARANTINE_FILE).num_rows if (work / QUARANTINE_FILE).exists() else 0
         facts = {"images harvested": summary["images"], "boxes": boxes, "mode": key["mode"], "quarantined images": quarantined,
                  "index rows": ingest_report.get("rows"), "created": created, "code version": code_version(),
                  "previous release": previous.name if previous else "none"}
         findings = finding_pages(staging / BOXES_FILE, images, source_root, read_gt_boxes(work / GT_BOXES_FILE), counts, accs,
-                                 evaluation["evaluated"], changes)
+                                 evaluation["evaluated"], changes, tuned)
         report = ReportData(title="cxr-miner harvest report", version=version, method=key["method"], model_id=key["model_id"],
                             previous=previous.name if previous else None, facts=facts, findings=findings)
         pages = write_report(staging / "report", report)
         manifest = {
             "version": version, "created": created, "code_version": code_version(), "packages": package_versions(),
             "index_sha256": ingest_report.get("index_sha256"), "model": provenance["model"], "harvest_key": key,
-            "config": {"train": config.to_dict(), "harvest": {k: key[k] for k in ("method", "mode", "min_score", "thresholds")}},
-            "counts": {"findings": counts, "splits": {s: {**coco[s], "boxes": coco[s]["annotations"]} for s in SPLITS},
+            "config": {"train": config.to_dict(), "harvest": {k: key[k] for k in ("method", "mode", "min_score", "choices")}},
+            "operating_points": operating_points(tuned), "localisation": released_figures(tuned),
+            "counts": {"findings": counts, **{variant.replace("-", "_"): {s: {**c[s], "boxes": c[s]["annotations"]} for s in SPLITS}
+                                              for variant, c in coco.items()},
                        "images": summary["images"], "boxes": boxes, "quarantined": quarantined},
             "changes": {"previous": previous.name if previous else None, "findings": changes},
             "files": file_digests(staging),

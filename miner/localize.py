@@ -19,10 +19,15 @@ from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
 class Localization(NamedTuple):
-    """Boxes (K, 4) xyxy in source pixels and their scores (K,), rank 1 first (K <= 3)."""
+    """Boxes (K, 4) xyxy in source pixels and their scores (K,), rank 1 first (K <= 3); tuned
+    boxes (miner.methods.tuned) also carry the variant that made them, their confidence (K,)
+    (NaN where none was calibrated) and whether each is at its finding's operating point (K,)."""
 
     boxes: np.ndarray
     scores: np.ndarray
+    variant: str | None = None
+    confidence: np.ndarray | None = None
+    at_operating_point: np.ndarray | None = None
 
 
 def upsample(heatmaps: torch.Tensor, size: int) -> torch.Tensor:

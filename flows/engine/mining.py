@@ -6,6 +6,7 @@ the same way and cannot drift apart. Boxes are xyxy in source pixels (see miner.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,10 +14,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from cxr_miner.miner.boxes import RANKINGS, component_candidates
+from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
 from cxr_miner.miner.localize import boxes_in_source, upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
+from cxr_miner.miner.rules import BOX_RULES, SWEEP_THRESHOLDS, Candidates, component_table
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
 from cxr_miner.storage.stages.harvest import part_rows
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -68,15 +70,22 @@ MAXBOXACC_GRID = 224  # heatmaps are scored for MaxBoxAccV2 at most at this side
 class HalfScores(NamedTuple):
     """A method's scores on one half of the boxed images (box-val or box-test)."""
 
-    boxes: LocalizationEvaluator  # Acc/AFP of the boxes the method's box rule gives
+    boxes: LocalizationEvaluator  # Acc/AFP of the boxes the method's own box rule gives
     heatmaps: MaxBoxAccumulator  # MaxBoxAccV2 of its heatmaps, apart from any box rule
     images: set[str]  # the half's boxed images that were scored
-    rules: dict[str, LocalizationEvaluator]  # Acc/AFP of the candidate box rules (CANDIDATE_RULES)
+    rules: dict[str, LocalizationEvaluator]  # Acc/AFP of each candidate box rule (miner.rules.BOX_RULES), by name
+    outcomes: dict[str, dict[str, BoxOutcomes]]  # rule name -> finding -> its boxes' signals and hits
+
+    @classmethod
+    def empty(cls) -> HalfScores:
+        return cls(LocalizationEvaluator(), MaxBoxAccumulator(), set(), {r.name: LocalizationEvaluator() for r in BOX_RULES},
+                   {r.name: defaultdict(BoxOutcomes) for r in BOX_RULES})
 
 
-# The every-component box rule (miner.boxes.component_candidates) under each ranking, scored beside
-# the method's own rule so that a rule can be chosen on box-val (issue 11).
-CANDIDATE_RULES = {f"every-{ranking}": ranking for ranking in RANKINGS}
+def candidates_by_rule(heatmap: np.ndarray) -> dict[str, Candidates]:
+    """Every candidate rule's boxes of one heatmap (input grid), from one shared component table."""
+    table = component_table(heatmap, SWEEP_THRESHOLDS)
+    return {rule.name: rule.apply(table) for rule in BOX_RULES}
 
 
 def evaluate_boxes(
@@ -85,13 +94,13 @@ def evaluate_boxes(
     advance: Callable[[int], None] = lambda n: None,
 ) -> dict[str, HalfScores]:
     """Scores of ``method`` on the boxed images of ``groups``, per half (``halves``: image id ->
-    box-val | box-test): each finding with a ground-truth box is boxed and scored against those
-    boxes (``truth``: image id -> finding -> xyxy boxes in source pixels)."""
+    box-val | box-test): each finding with a ground-truth box is boxed, by the method's own rule
+    and by every candidate rule, and scored against those boxes (``truth``: image id -> finding ->
+    xyxy boxes in source pixels)."""
     def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
 
-    scores = {half: HalfScores(LocalizationEvaluator(), MaxBoxAccumulator(), set(), {r: LocalizationEvaluator() for r in CANDIDATE_RULES})
-              for half in sorted(set(halves.values()))}
+    scores = {half: HalfScores.empty() for half in sorted(set(halves.values()))}
     input_size = method.config.input_size
     grid = min(input_size, MAXBOXACC_GRID)
     for batch, found in localized_batches(method, models, groups, batch_size, with_truth):
@@ -100,16 +109,18 @@ def evaluate_boxes(
             half = scores[halves[image_id]]
             half.images.add(image_id)
             for c, loc in pairs.items():
-                gt = truth[image_id][FINDINGS[c]]
-                half.boxes.accumulate(FINDINGS[c], loc.boxes, gt)
+                finding, gt = FINDINGS[c], truth[image_id][FINDINGS[c]]
+                half.boxes.accumulate(finding, loc.boxes, gt)
                 if found.maps is None:
                     continue
                 full = upsample(found.maps[i, c], input_size).cpu().numpy()
                 heatmap = full if grid == input_size else upsample(found.maps[i, c], grid).cpu().numpy()
-                half.heatmaps.accumulate(FINDINGS[c], heatmap, gt,
+                half.heatmaps.accumulate(finding, heatmap, gt,
                                          lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
-                for rule, ranking in CANDIDATE_RULES.items():
-                    candidates = component_candidates(full, rank_by=ranking)
-                    half.rules[rule].accumulate(FINDINGS[c], boxes_in_source(candidates.boxes, input_size, letterboxes[i]), gt)
+                for rule, candidates in candidates_by_rule(full).items():
+                    boxes = boxes_in_source(candidates.boxes, input_size, letterboxes[i])
+                    half.rules[rule].accumulate(finding, boxes, gt)
+                    signals = box_signals(candidates.mean, candidates.peak, candidates.area, found.probability[i, c])
+                    half.outcomes[rule][finding].add(signals, hits(boxes, np.asarray(gt)))
         advance(len(batch))
     return scores

@@ -2,7 +2,8 @@
 
 ``create_method("am", config)`` gives a method for a run; ``method_names()`` lists them.
 A new method (the MIL miner next) is a module here that registers its class, plus its
-import below.
+import below. ``tuned`` is no method of its own: it boxes each finding by the variant and rule
+chosen on box-val (harvest's localiser).
 """
 
 # Importing a method's module registers it; the CAM baseline first, so that it leads every table.
@@ -11,5 +12,7 @@ from cxr_miner.miner.methods import attention  # noqa: F401
 from cxr_miner.miner.methods.registry import (
     BatchLocalization, LocalizationMethod, check_method, create_method, method_names, register_method,
 )
+from cxr_miner.miner.methods.tuned import FindingChoice, TunedLocalizer, choices_from_tuning
 
-__all__ = ["BatchLocalization", "LocalizationMethod", "check_method", "create_method", "method_names", "register_method"]
+__all__ = ["BatchLocalization", "FindingChoice", "LocalizationMethod", "TunedLocalizer", "check_method", "choices_from_tuning",
+           "create_method", "method_names", "register_method"]

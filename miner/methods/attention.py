@@ -45,3 +45,16 @@ class AttentionMining(LocalizationMethod):
         (Eq. 1-2), so the selected maps are exactly those of a full run."""
         mining = mine(models[: self.steps], images, select)
         return normalize_maps(final_heatmap(mining.heatmaps, mining.masks)), mining.logits
+
+    def provides(self) -> tuple[str, ...]:
+        """The CAM baseline (H_1 alone: t = 1) and AM at every t = 2..steps."""
+        return ("cam", *(f"am-t{t}" for t in range(2, self.steps + 1)))
+
+    def variant_maps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One mining pass over ``steps`` models gives every shorter one's heatmaps too: H_1
+        (the CAM baseline's) and Eq. 8 over H_1..H_t for each t."""
+        mining = mine(models[: self.steps], images, select)
+        maps = {"cam": normalize_maps(mining.heatmaps[0])}
+        for t in range(2, self.steps + 1):
+            maps[f"am-t{t}"] = normalize_maps(final_heatmap(mining.heatmaps[:t], mining.masks[: t - 1]))
+        return maps, mining.logits

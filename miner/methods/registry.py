@@ -79,6 +79,15 @@ class LocalizationMethod(ABC):
         """The methods that ``evaluate`` scores for this entry (default: itself)."""
         return [self]
 
+    def provides(self) -> tuple[str, ...]:
+        """Keys of the variants whose heatmaps one pass of this method gives (``variant_maps``)."""
+        return (self.key,)
+
+    def variant_maps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``heatmaps`` of every variant in ``provides()`` from one pass: ({key: (N, C, h, w)}, logits (N, C))."""
+        maps, logits = self.heatmaps(models, images, select)
+        return {self.key: maps}, logits
+
     @abstractmethod
     def heatmaps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 1, S, S) normalised -> heatmaps (N, C, h, w) in [0, 1] and the logits (N, C).

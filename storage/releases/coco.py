@@ -3,8 +3,12 @@
 Images: every image of the split (ids from 1, in image_id order), ``file_name`` relative to
 the dataset root. Categories: the 14 findings, id = position in FINDINGS + 1, stable across
 releases. Annotations: one per box (ids from 1), ``bbox`` [x, y, w, h] in source pixels,
-``segmentation`` the box as a polygon, ``iscrowd`` 0, and ``score``, ``rank`` and ``method``
-as extra keys that pycocotools and torchvision ignore but ``COCO.loadRes`` accepts.
+``segmentation`` the box as a polygon, ``iscrowd`` 0, and ``score`` (the box's calibrated
+confidence where it has one, else its ranking score), ``confidence``, ``rank`` and ``method`` as
+extra keys that pycocotools and torchvision ignore but ``COCO.loadRes`` accepts.
+
+Two variants per release (COCO_VARIANTS): ``coco/<split>.json`` holds the boxes at their
+finding's operating point (``at_operating_point``), ``coco-all/<split>.json`` every box.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ def coco_image(image_id: int, record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def coco_annotation(annotation_id: int, image_id: int, box: Mapping[str, Any]) -> dict[str, Any]:
-    """One box row (x_min..y_max in source pixels, finding, score, rank, method) as a COCO annotation."""
+    """One box row (x_min..y_max in source pixels, finding, score, confidence, rank, method) as a COCO annotation."""
     x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
     w, h = x1 - x0, y1 - y0
+    confidence = box.get("confidence")
     return {
         "id": annotation_id, "image_id": image_id, "category_id": CATEGORY_ID[box["finding"]],
         "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0,
         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
-        "score": float(box["score"]), "rank": int(box["rank"]), "method": box["method"],
+        "score": float(box["score"] if confidence is None else confidence), "confidence": confidence,
+        "rank": int(box["rank"]), "method": box["method"],
     }
 
 
@@ -66,18 +72,29 @@ def write_coco(
     return {"images": len(ids), "annotations": annotations}
 
 
-def write_coco_splits(folder: Path, boxes: Path, images: pa.Table, info: Mapping[str, Any], splits: Sequence[str]) -> dict[str, dict[str, int]]:
-    """``folder/coco/<split>.json`` for each split, streamed from ``boxes`` (boxes.parquet);
-    ``images`` holds IMAGE_COLUMNS of every harvested image. Returns the counts per split."""
-    counts = {}
+COCO_VARIANTS = {"coco": "the boxes at their finding's operating point", "coco-all": "every mined box"}
+
+
+def write_coco_splits(
+    folder: Path, boxes: Path, images: pa.Table, info: Mapping[str, Any], splits: Sequence[str]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """``folder/<variant>/<split>.json`` for each of COCO_VARIANTS and each split, streamed from
+    ``boxes`` (boxes.parquet); ``images`` holds IMAGE_COLUMNS of every harvested image (every
+    image is listed in both variants). Returns the counts: variant -> split -> counts."""
+    counts: dict[str, dict[str, dict[str, int]]] = {v: {} for v in COCO_VARIANTS}
     handle = pq.ParquetFile(boxes)
-    for split in splits:
-        records = images.filter(pc.equal(images.column("split"), split)).to_pylist()
+    for variant, description in COCO_VARIANTS.items():
+        for split in splits:
+            records = images.filter(pc.equal(images.column("split"), split)).to_pylist()
 
-        def chunks(split=split):
-            for batch in handle.iter_batches(batch_size=65536):
-                table = pa.Table.from_batches([batch])
-                yield table.filter(pc.equal(table.column("split"), split)).to_pylist()
+            def chunks(split=split, variant=variant):
+                for batch in handle.iter_batches(batch_size=65536):
+                    table = pa.Table.from_batches([batch])
+                    keep = pc.equal(table.column("split"), split)
+                    if variant == "coco":
+                        keep = pc.and_(keep, pc.fill_null(table.column("at_operating_point"), False))
+                    yield table.filter(keep).to_pylist()
 
-        counts[split] = write_coco(folder / "coco" / f"{split}.json", records, chunks(), {**info, "split": split})
+            counts[variant][split] = write_coco(folder / variant / f"{split}.json", records, chunks(),
+                                                {**info, "split": split, "boxes": description})
     return counts

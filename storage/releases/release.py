@@ -58,6 +58,8 @@ RELEASE_SCHEMA = pa.schema(
         ("image_height", pa.int32()),
         ("score", pa.float32()),
         ("probability", pa.float32()),
+        ("confidence", pa.float32()),
+        ("at_operating_point", pa.bool_()),
         ("rank", pa.int8()),
         ("method", pa.string()),
         ("model_id", pa.string()),
@@ -109,7 +111,8 @@ def release_rows(part: pa.Table, images: pa.Table) -> pa.Table:
     width = pc.cast(joined.column("width"), pa.float32())
     height = pc.cast(joined.column("height"), pa.float32())
     columns = {name: joined.column(name) for name in ("image_id", "patient_id", "split", "finding", "x_min", "y_min",
-                                                      "x_max", "y_max", "score", "probability", "rank", "method", "model_id")}
+                                                      "x_max", "y_max", "score", "probability", "confidence",
+                                                      "at_operating_point", "rank", "method", "model_id")}
     for axis, size in (("x", width), ("y", height)):
         for end in ("min", "max"):
             columns[f"{axis}_{end}_norm"] = pc.divide(columns[f"{axis}_{end}"], size)
@@ -158,8 +161,11 @@ def write_release_boxes(path: Path, workdir: Path, shards: Iterable[str], images
 
 
 def count_boxes(path: Path) -> dict[str, dict[str, int]]:
-    """{finding: {"boxes", "images"}} of a boxes.parquet, every finding present (zeros included)."""
-    return finding_counts(pq.read_table(path, columns=["image_id", "finding"]))
+    """{finding: {"boxes", "images", "at_operating_point"}} of a boxes.parquet, every finding
+    present (zeros included); the last counts the boxes at their finding's operating point."""
+    table = pq.read_table(path, columns=["image_id", "finding", "at_operating_point"])
+    at_point = finding_counts(table.filter(pc.fill_null(table.column("at_operating_point"), False)))
+    return {f: {**c, "at_operating_point": at_point[f]["boxes"]} for f, c in finding_counts(table).items()}
 
 
 def diff_boxes(previous: Path | None, current: Path) -> dict[str, dict[str, int]]:

@@ -57,10 +57,13 @@ def gallery(columns: dict[str, np.ndarray], sources: dict[str, str], root: Path,
 def finding_pages(
     boxes: Path, images: pa.Table, root: Path, truth: dict, counts: Mapping[str, Mapping[str, int]],
     accs: Mapping[str, Any], evaluated: Mapping[str, int], changes: Mapping[str, Mapping[str, int]],
+    tuned: Mapping[str, Mapping[str, Any]],
 ) -> list[FindingData]:
     """One FindingData per finding, in FINDINGS order: counts, rank-1 boxes, Acc/AFP per method
-    (``accs``), images evaluated, changes, and the gallery (images read from ``root``)."""
+    (``accs``), images evaluated, changes, what was tuned for it (``tuned``: the tuning entry the
+    harvest applied, if any), and the gallery (images read from ``root``)."""
     sources = dict(zip(images.column("image_id").to_pylist(), images.column("source_path").to_pylist()))
     columns = rank1_columns(boxes)
     return [FindingData(f, counts[f]["boxes"], counts[f]["images"], columns[f], accs[f], evaluated.get(f, 0), changes[f],
-                        gallery(columns[f], sources, root, truth, f)) for f in FINDINGS]
+                        gallery(columns[f], sources, root, truth, f), tuned.get(f), counts[f].get("at_operating_point", 0))
+            for f in FINDINGS]

@@ -7,6 +7,7 @@ columns the boxed findings, cells "Acc-AFP".
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -76,8 +77,66 @@ def box_rules_markdown(halves: dict[str, dict[str, Any]], threshold: float = 0.3
     return f"{title}\n\n" + markdown_table(["method", "box rule", *halves], rows)
 
 
-def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str) -> None:
-    """evaluation.json (the report) and evaluation.md (a title and the tables)."""
+def _cell(value: float | None, digits: int = 2) -> str:
+    return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def tuning_markdown(tuning: dict[str, Any]) -> str:
+    """Per finding: the method and box rule chosen on box-val, and on box-test their Acc (all boxes
+    and rank 1), the confidence's expected calibration error, and precision and recall at the
+    operating point (the lowest confidence reaching the precision target on box-val)."""
+    rows = []
+    for finding, choice in tuning["findings"].items():
+        picked = choice["candidates"][choice["method"]]
+        val, test = picked["box_val"], picked["box_test"]
+        at = test["at_operating_point"]
+        rows.append([
+            finding, choice["method"], picked["rule"], f"{_cell(val['acc'])} / {_cell(val['acc_rank1'])} ({val['pairs']})",
+            f"{_cell(test['acc'])} / {_cell(test['acc_rank1'])} ({test['pairs']})", _cell(test["reliability"]["ece"], 3),
+            _cell(picked["operating_point"], 3), f"{_cell(at['precision'])} / {_cell(at['recall'])} ({at['boxes']} boxes)",
+        ])
+    title = (f"## Released boxes: chosen on box-val, read on box-test (hit: IoU >= {tuning['hit_iou']}; "
+             f"operating point: precision >= {tuning['precision_target']} on box-val)")
+    header = ["finding", "method", "box rule", "box-val Acc / rank 1 (pairs)", "box-test Acc / rank 1 (pairs)",
+              "box-test ECE", "operating point", "box-test precision / recall there"]
+    return f"{title}\n\n" + markdown_table(header, rows)
+
+
+def read_tuning(run: RunFolder) -> dict[str, Any] | None:
+    """The run's tuning.json, or None when evaluate had no boxed image to choose on."""
+    return json.loads(run.tuning_json.read_text()) if run.tuning_json.exists() else None
+
+
+class TuningChanged(ValueError):
+    """The run's tuning.json no longer says what the harvest applied (it was evaluated again)."""
+
+
+def harvested_choices(tuning: dict[str, Any] | None, choices: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """finding -> the tuning's entry (rule, calibration, operating point, box-val and box-test
+    figures) of what the harvest applied to it (``choices``: the harvest key's, finding ->
+    {variant, rule, calibration, operating_point}); findings boxed untuned are left out.
+    Raises TuningChanged when the tuning no longer matches the harvest."""
+    picked = {}
+    for finding, choice in choices.items():
+        if finding == "default" or choice.get("calibration") is None:
+            continue
+        entry = (tuning or {}).get("findings", {}).get(finding, {}).get("candidates", {}).get(choice["variant"])
+        same = entry is not None and entry["rule"] == choice["rule"] and entry["operating_point"] == choice["operating_point"] \
+            and entry["calibration"] == choice["calibration"]
+        if not same:
+            raise TuningChanged(f"{finding}: the run's tuning.json no longer matches the harvest (evaluated again?); "
+                                "harvest again before releasing")
+        picked[finding] = {"method": choice["variant"], **entry}
+    return picked
+
+
+def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str, tuning: dict[str, Any] | None = None) -> None:
+    """evaluation.json (the report), evaluation.md (a title and the tables) and tuning.json (what
+    was chosen on box-val; removed when there is nothing to choose on, so no stale choice stays)."""
+    if tuning is None:
+        run.tuning_json.unlink(missing_ok=True)
+    else:
+        write_json(run.tuning_json, tuning)
     write_json(run.evaluation_json, report)
     run.evaluation_md.write_text(
         f"# Localisation, run {run.name}: {report['split']}, {report['images']} boxed images "

@@ -1,10 +1,13 @@
 """Harvest parts: the mined boxes of one shard, ``W/harvest/parts/<shard>.parquet``.
 
 One row per box. Coordinates are xyxy in source pixels (the image as ingested, before the
-letterbox), continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1). ``rank`` 1 is the box
-with the highest mean heatmap inside (Cai et al., section 3.2); ``score`` is that mean, and
-``probability`` the classifier's sigmoid output for the finding on the whole image; ``method``
-and ``model_id`` say what mined it.
+letterbox), continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1). ``rank`` 1 is the box the
+finding's box rule ranks first (miner.rules; the paper's rule ranks by the mean heatmap inside);
+``score`` is that ranking signal, and ``probability`` the classifier's sigmoid output for the
+finding on the whole image; ``confidence`` the calibrated probability that the box is right
+(IoU >= 0.3 with a true lesion; null where the finding has no ground truth to calibrate on) and
+``at_operating_point`` whether it reaches the finding's operating point (miner.calibration);
+``method`` (the variant: ``cam``, ``am-t3``, ...) and ``model_id`` say what mined it.
 
 A part carries in its schema metadata the harvest key (model, method, mode, settings) it was
 made with and how many images of its shard it covers, so a rerun keeps the parts made with
@@ -14,6 +17,7 @@ the same key and redoes the others.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ PART_SCHEMA = pa.schema(
         ("y_max", pa.float32()),
         ("score", pa.float32()),
         ("probability", pa.float32()),
+        ("confidence", pa.float32()),
+        ("at_operating_point", pa.bool_()),
         ("method", pa.string()),
         ("model_id", pa.string()),
     ]
@@ -73,16 +79,25 @@ def part_rows(
     """PART_SCHEMA rows of a batch: per image, per finding index (in order), per box by rank.
 
     ``found[i]`` maps a finding index to an object with ``boxes`` (K, 4) xyxy in source pixels
-    and ``scores`` (K,), rank 1 first; ``probability`` (N, C) the classifier's sigmoid.
+    and ``scores`` (K,), rank 1 first, and optionally ``variant`` (else ``method``), ``confidence``
+    (K,) (NaN: none) and ``at_operating_point`` (K,); ``probability`` (N, C) the classifier's sigmoid.
     """
     rows = []
     for i, image_id in enumerate(image_ids):
         for c, loc in sorted(found[i].items()):
+            k = len(loc.boxes)
+            confidence = getattr(loc, "confidence", None)
+            confidence = np.full(k, np.nan) if confidence is None else confidence
+            at_point = getattr(loc, "at_operating_point", None)
+            at_point = np.zeros(k, dtype=bool) if at_point is None else at_point
             for rank, (box, score) in enumerate(zip(loc.boxes, loc.scores), start=1):
                 rows.append({
                     "image_id": image_id, "finding": FINDINGS[c], "rank": rank,
                     "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3],
-                    "score": score, "probability": probability[i, c], "method": method, "model_id": model_id,
+                    "score": score, "probability": probability[i, c],
+                    "confidence": None if math.isnan(confidence[rank - 1]) else float(confidence[rank - 1]),
+                    "at_operating_point": bool(at_point[rank - 1]),
+                    "method": getattr(loc, "variant", None) or method, "model_id": model_id,
                 })
     return rows
 

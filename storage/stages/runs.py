@@ -5,7 +5,8 @@
   classifier, best mean validation AUC), the MIL model will be ``mil``;
 - ``<checkpoint>-last.safetensors``: the resumable state after the last finished epoch;
 - ``metrics.json``: per-epoch loss, throughput and validation AUCs of every step;
-- ``summary.json``, ``evaluation.json`` and ``evaluation.md``: what train and evaluate report.
+- ``summary.json``, ``evaluation.json`` and ``evaluation.md``: what train and evaluate report;
+  ``tuning.json``: what evaluate chose on box-val for harvest to apply.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class RunFolder:
     @property
     def evaluation_md(self) -> Path:
         return self.directory / "evaluation.md"
+
+    @property
+    def tuning_json(self) -> Path:
+        """What evaluate chose on box-val per finding (method, box rule, calibration, operating point)."""
+        return self.directory / "tuning.json"
 
     def checkpoint(self, name: str, last: bool = False) -> Path:
         """``<name>.safetensors``, or with ``last`` the resumable ``<name>-last.safetensors``."""

@@ -1,8 +1,11 @@
-"""The harvest flow on the shared trained run: every image accounted for, resumable, and
-the same boxes after a killed worker, a rerun, or the evaluate flow's own computation."""
+"""The harvest flow on the shared trained run, tuned by evaluate: every image accounted for,
+resumable, and the same boxes after a killed worker, a rerun, or the evaluate flow's own
+computation; each box calibrated and marked at its finding's operating point as tuned."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,14 @@ def harvest_on(dask_cluster):
 
 @pytest.fixture(scope="module")
 def harvested(trained_workdir, tmp_path_factory, harvest_on) -> tuple[Path, dict]:
+    """Evaluated (which writes tuning.json), then harvested with ``--method auto``."""
     work = copy_workdir(trained_workdir, tmp_path_factory.mktemp("harvest") / "work")
+    evaluate(workdir=str(work), run="t")
     return work, harvest_on(work)
+
+
+def tuning_of(work: Path) -> dict:
+    return json.loads(RunFolder.of(work, "t").tuning_json.read_text())
 
 
 def all_parts(work: Path) -> pa.Table:
@@ -67,21 +76,41 @@ def test_every_image_gets_boxes_for_each_finding_it_is_labelled_with(harvested):
         image = images[row["image_id"]]
         assert 0 <= row["x_min"] <= row["x_max"] <= image["source_width"]
         assert 0 <= row["y_min"] <= row["y_max"] <= image["source_height"]
-        assert 0 <= row["score"] <= 1 and 0 < row["probability"] < 1
-        assert row["method"] == "am" and row["model_id"] == summary["key"]["model_id"]
+        assert 0 < row["probability"] < 1 and row["model_id"] == summary["key"]["model_id"]
     assert {i: set(r["findings"]) for i, r in images.items() if r["findings"]} == found
     by_pair = boxes.group_by(["image_id", "finding"]).aggregate([("rank", "list"), ("score", "list")])
     for ranks, scores in zip(by_pair.column("rank_list").to_pylist(), by_pair.column("score_list").to_pylist()):
         assert ranks == list(range(1, len(ranks) + 1)) and 1 <= len(ranks) <= 3
-        assert scores == sorted(scores, reverse=True)
+        assert scores == sorted(scores, reverse=True)  # every rule ranks by its score
     assert summary["boxes_per_finding"] == {f: int(np.sum(np.array(boxes.column("finding").to_pylist()) == f)) for f in FINDINGS}
 
 
+def test_each_finding_is_boxed_and_calibrated_as_tuned_on_box_val(harvested):
+    """The method variant of each box is its finding's choice; a boxed finding's boxes carry a
+    confidence in (0, 1), at the operating point exactly when it reaches the tuned confidence; the
+    six findings without ground truth are boxed by the run's AM over all steps, uncalibrated."""
+    work, summary = harvested
+    tuning = tuning_of(work)
+    assert summary["key"]["method"] == "auto"
+    for row in all_parts(work).to_pylist():
+        choice = tuning["findings"].get(row["finding"])
+        if choice is None:
+            assert row["finding"] not in BOXED_FINDINGS
+            assert row["method"] == "am-t3" and row["confidence"] is None and row["at_operating_point"] is False
+            continue
+        picked = choice["candidates"][choice["method"]]
+        assert row["method"] == choice["method"] and 0 < row["confidence"] < 1
+        point = picked["operating_point"]
+        assert row["at_operating_point"] == (point is not None and row["confidence"] >= np.float32(point) - 1e-6)
+
+
 def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
-    """Acc from the harvested AM boxes on the box-test images equals the evaluate flow's Acc of AM at t = T."""
+    """Acc from the harvested boxes on the box-test images equals the evaluate flow's Acc of what it
+    chose per finding (``released``): the harvest's one mining pass and per-finding box rules give
+    the boxes evaluate scored, variant by variant."""
     work, _ = harvested
     truth = read_gt_boxes(work / GT_BOXES_FILE)
-    report = evaluate(workdir=str(work), run="t")
+    report = json.loads(RunFolder.of(work, "t").evaluation_json.read_text())
     assert report["split"] == "box-test"
     patients = {r["image_id"]: r["patient_id"] for r in pq.read_table(work / "index.parquet", columns=["image_id", "patient_id"]).to_pylist()}
     halves = box_splits(patients, truth)
@@ -98,7 +127,7 @@ def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
     ours = evaluator.compute()
     for finding in BOXED_FINDINGS:
         for threshold in (0.1, 0.3, 0.5):
-            expected = report["results"]["am-t3"][finding]["iou"][threshold]
+            expected = report["results"]["released"][finding]["iou"][str(threshold)]
             got = ours[finding]["iou"][threshold]
             assert got["acc"] == pytest.approx(expected["acc"], nan_ok=True), (finding, threshold)
             assert got["afp"] == pytest.approx(expected["afp"], nan_ok=True), (finding, threshold)
@@ -121,6 +150,7 @@ def test_a_killed_worker_is_survived_with_the_same_boxes(harvested, trained_work
     """On a cluster of its own, whose workers see the planted fault."""
     reference, _ = harvested
     work = copy_workdir(trained_workdir, tmp_path / "work")
+    shutil.copy2(RunFolder.of(reference, "t").tuning_json, RunFolder.of(work, "t").tuning_json)
     victim = ShardReader(work / SHARD_DIR).shards[1]["name"]
     plant_fault(tmp_path / "fault.json", victim, "exit")
     monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fault.json"))
@@ -160,8 +190,21 @@ def test_discovery_mode_boxes_exactly_the_findings_scored_above_the_threshold(tr
         assert row["probability"] == pytest.approx(probability[(row["image_id"], row["finding"])], abs=1e-5)
     key = part_key(next(parts_dir(work).glob("*.parquet")))
     assert key["method"] == "cam" and key["mode"] == "discovery" and len(key["checkpoints"]) == 1
+    assert {c["variant"] for c in key["choices"].values()} == {"cam"}
     assert key["min_score"] == threshold
     assert boxes.schema.names == PART_SCHEMA.names and set(boxes.column("method").to_pylist()) == {"cam"}
+
+
+def test_am_harvest_boxes_every_finding_with_am_by_its_own_tuned_rule(harvested, trained_workdir, harvest_on, tmp_path):
+    work = copy_workdir(trained_workdir, tmp_path / "work")
+    shutil.copy2(RunFolder.of(harvested[0], "t").tuning_json, RunFolder.of(work, "t").tuning_json)
+    summary = harvest_on(work, method="am")
+    tuning = tuning_of(work)
+    choices = summary["key"]["choices"]
+    assert {c["variant"] for c in choices.values()} == {"am-t3"}
+    for finding in BOXED_FINDINGS:
+        assert choices[finding]["rule"] == tuning["findings"][finding]["candidates"]["am-t3"]["rule"]
+    assert set(all_parts(work).column("method").to_pylist()) == {"am-t3"}
 
 
 @pytest.mark.parametrize("method, message", [("mil", "MIL miner .* not built yet"), ("grad", "unknown method 'grad'")])

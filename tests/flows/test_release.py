@@ -60,24 +60,47 @@ def test_parquet_has_the_schema_provenance_and_normalised_copies(released):
     for name, size in (("x_min", "image_width"), ("y_max", "image_height")):
         expected = table.column(name).to_numpy() / table.column(size).to_numpy()
         assert np.allclose(table.column(f"{name}_norm").to_numpy(), expected, atol=1e-6)
-    assert set(table.column("method").to_pylist()) == {"am"}
+    assert set(table.column("method").to_pylist()) <= {"cam", "am-t2", "am-t3"}
+    tuned = [r for r in table.select(["finding", "confidence", "at_operating_point"]).to_pylist() if r["confidence"] is not None]
+    assert tuned and all(0 < r["confidence"] < 1 for r in tuned)
 
 
-def test_duckdb_counts_agree_with_the_coco_files(released):
+@pytest.mark.parametrize("variant, where", [("coco-all", "true"), ("coco", "at_operating_point")])
+def test_duckdb_counts_agree_with_the_coco_files(released, variant, where):
+    """coco-all/ holds every box of boxes.parquet, coco/ those at their finding's operating point;
+    both list every image of the split."""
     _, _, first, _ = released
     folder = Path(first["path"])
     counts = duckdb.sql(
-        f"SELECT split, finding, count(*) AS n FROM read_parquet('{folder / 'boxes.parquet'}') GROUP BY split, finding"
+        f"SELECT split, finding, count(*) AS n FROM read_parquet('{folder / 'boxes.parquet'}') WHERE {where} GROUP BY split, finding"
     ).fetchall()
     by_db = {(split, finding): n for split, finding, n in counts}
+    images = dict(duckdb.sql(f"SELECT split, count(DISTINCT image_id) FROM read_parquet('{folder / 'boxes.parquet'}') GROUP BY split").fetchall())
     for split in ("train", "val", "test"):
-        coco = COCO(str(folder / "coco" / f"{split}.json"))
+        coco = COCO(str(folder / variant / f"{split}.json"))
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(FINDINGS)
         for category in coco.loadCats(coco.getCatIds()):
             assert len(coco.getAnnIds(catIds=[category["id"]])) == by_db.get((split, category["name"]), 0)
-        manifest = first["manifest"]["counts"]["splits"][split]
+        manifest = first["manifest"]["counts"][variant.replace("-", "_")][split]
         assert manifest["annotations"] == len(coco.getAnnIds()) and manifest["images"] == len(coco.getImgIds())
-    assert sum(n for n in by_db.values()) == first["boxes"]
+        assert len(coco.getImgIds()) >= images.get(split, 0)
+    if variant == "coco-all":
+        assert sum(n for n in by_db.values()) == first["boxes"]
+    else:
+        assert sum(n for n in by_db.values()) == sum(c["at_operating_point"] for c in first["manifest"]["counts"]["findings"].values())
+
+
+def test_manifest_records_each_calibrated_findings_operating_point(released):
+    work, _, first, _ = released
+    tuning = json.loads((work / "models" / "t" / "tuning.json").read_text())
+    points = first["manifest"]["operating_points"]
+    assert points and set(points) <= set(tuning["findings"])
+    for finding, point in points.items():
+        choice = tuning["findings"][finding]
+        entry = choice["candidates"][choice["method"]]
+        assert (point["method"], point["box_rule"], point["confidence_at_least"]) == (choice["method"], entry["rule"], entry["operating_point"])
+        assert point["box_test"]["ece"] == entry["box_test"]["reliability"]["ece"]
+        assert point["box_val"]["precision"] == entry["box_val"]["at_operating_point"]["precision"] or point["box_val"]["boxes"] == 0
 
 
 def xyxy(boxes: list[list[float]]):
@@ -93,7 +116,7 @@ def test_cocoeval_agrees_with_an_independent_count_on_the_ground_truth(released)
     ground-truth boxes that torchvision's box_iou finds a mined box of the same image and
     finding for (one box per image and finding here, so greedy matching changes nothing)."""
     work, _, first, _ = released
-    mined = json.loads((Path(first["path"]) / "coco" / "test.json").read_text())
+    mined = json.loads((Path(first["path"]) / "coco-all" / "test.json").read_text())
     ids = {image["image_name"]: image["id"] for image in mined["images"]}
     truth = [b for b in pq.read_table(work / GT_BOXES_FILE).to_pylist() if b["image_id"] in ids]  # the test split's
     assert len(truth) >= 10
@@ -143,7 +166,7 @@ def test_torchvision_coco_detection_loads_a_split(released, trained_workdir):
 
     _, _, first, _ = released
     root = json.loads((trained_workdir / "ingest_report.json").read_text())["root"]
-    dataset = CocoDetection(root, str(Path(first["path"]) / "coco" / "train.json"))
+    dataset = CocoDetection(root, str(Path(first["path"]) / "coco-all" / "train.json"))
     image, annotations = next((dataset[i] for i in range(len(dataset)) if dataset[i][1]))
     record = dataset.coco.loadImgs(annotations[0]["image_id"])[0]
     assert image.size == (record["width"], record["height"])

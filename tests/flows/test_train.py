@@ -71,16 +71,16 @@ def test_attention_mining_localises_at_least_as_well_as_cam(trained, evaluated):
         return np.mean([report["results"][method][f]["iou"][0.1]["acc"] for f in evaluated])
 
     assert mean_acc("am-t3") >= mean_acc("cam"), report["markdown"]
-    assert RunFolder.of(trained, "t").evaluation_md.read_text().count("| 0.1 |") == 6  # 3 methods, IoU and IoR tables
+    assert RunFolder.of(trained, "t").evaluation_md.read_text().count("| 0.1 |") == 8  # 3 methods and released, IoU and IoR tables
 
 
 def test_max_box_acc_and_box_rules_of_evaluate_match_a_direct_computation(trained, evaluated):
     """CAM heatmaps of the box-test images, straight from the method, scored with MaxBoxAccumulator
     and boxed by the every-component rule ranked by mass: the same figures as the evaluate flow's
     (which takes its maps from the boxing pass)."""
-    from cxr_miner.miner.boxes import component_candidates
     from cxr_miner.miner.localize import boxes_in_source, upsample
     from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
+    from cxr_miner.miner.rules import RULES_BY_NAME
     from cxr_miner.storage.stages.box_splits import box_splits
     from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes, read_index
 
@@ -102,7 +102,7 @@ def test_max_box_acc_and_box_rules_of_evaluate_match_a_direct_computation(traine
             for finding, gt in truth[image_id].items():
                 heatmap = upsample(maps[i, FINDINGS.index(finding)], size).numpy()
                 ours.accumulate(finding, heatmap, gt, lambda b, lb=letterbox: boxes_in_source(b, size, lb))
-                rule.accumulate(finding, boxes_in_source(component_candidates(heatmap, rank_by="mass").boxes, size, letterbox), gt)
+                rule.accumulate(finding, boxes_in_source(RULES_BY_NAME["every-mass"].boxes(heatmap).boxes, size, letterbox), gt)
     theirs = evaluated["max_box_acc_v2"]["cam"]
     for finding, figures in ours.compute().items():
         assert figures["pairs"] == theirs[finding]["pairs"] == (evaluated["evaluated"].get(finding, 0))

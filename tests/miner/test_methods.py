@@ -102,3 +102,58 @@ def test_a_method_registered_from_outside_boxes_its_blob_in_source_pixels(known_
     outer = np.array([16.0, 0.0, 64.0, 48.0])
     assert np.all(loc.boxes[:, :2] >= outer[:2]) and np.all(loc.boxes[:, 2:] <= outer[2:])  # the others nest inside
     assert result.probability[0, 2] == 0.5
+
+
+def test_one_am_pass_gives_every_variants_heatmaps():
+    """AM over 3 steps provides the CAM baseline's and AM t = 2's maps: equal to their own passes."""
+    torch.manual_seed(1)
+    models = [create_model(CONFIG.model).eval() for _ in range(3)]
+    x = torch.randn(2, 1, 64, 64)
+    select = lambda logits: torch.ones_like(logits, dtype=torch.bool)  # noqa: E731
+    am = create_method("am", CONFIG)
+    assert am.provides() == ("cam", "am-t2", "am-t3") and create_method("cam", CONFIG).provides() == ("cam",)
+    with torch.no_grad():
+        maps, _ = am.variant_maps(models, x, select)
+        separate = {"cam": create_method("cam", CONFIG).heatmaps(models[:1], x, select)[0]}
+        separate.update({v.key: v.heatmaps(models[: v.steps], x, select)[0] for v in am.variants()})
+    assert set(maps) == set(separate)
+    for key in maps:
+        torch.testing.assert_close(maps[key], separate[key])
+
+
+def test_the_tuned_localiser_boxes_each_finding_by_its_choice():
+    """Mass by the CAM baseline with the every-component rule and a calibration, Nodule by AM t = 2
+    with the paper's rule; the other findings by the default. One AM t = 2 pass serves all three."""
+    from cxr_miner.miner.calibration import Calibration, box_signals
+    from cxr_miner.miner.localize import boxes_in_source, upsample
+    from cxr_miner.miner.methods import FindingChoice, TunedLocalizer
+    from cxr_miner.miner.rules import PAPER_RULE, rule_by_name
+    from cxr_miner.storage.vocab.findings import FINDINGS
+
+    calibration = Calibration("platt", -0.5, coef=(2.0, 0.0, 0.0, -0.5, 1.0))
+    choices = {"Mass": FindingChoice("cam", rule_by_name("every-peak"), calibration, 0.4), "Nodule": FindingChoice("am-t2")}
+    tuned = TunedLocalizer(CONFIG, choices, FindingChoice("cam"))
+    assert tuned.provider.key == "am-t2" and tuned.checkpoints() == ("step1", "step2")
+    assert TunedLocalizer.from_key(CONFIG, tuned.key()).key() == tuned.key()
+    torch.manual_seed(2)
+    models = [create_model(CONFIG.model).eval() for _ in range(2)]
+    images = torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8)
+    letterboxes = [Letterbox.fit(100, 80, 64), Letterbox.fit(64, 64, 64)]
+    wanted = torch.zeros(2, 14, dtype=torch.bool)
+    wanted[0, FINDINGS.index("Mass")] = wanted[1, FINDINGS.index("Nodule")] = wanted[1, FINDINGS.index("Edema")] = True
+    result = tuned.localize_batch(models, images, letterboxes, lambda logits: wanted)
+    from cxr_miner.miner.training import prepare_images
+
+    with torch.no_grad():
+        maps, _ = create_method("am", CONFIG, steps=2).variant_maps(models, prepare_images(images, 64, torch.device("cpu")), None)
+    mass = result.found[0][FINDINGS.index("Mass")]
+    expected = rule_by_name("every-peak").boxes(upsample(maps["cam"][0, FINDINGS.index("Mass")], 64).numpy())
+    np.testing.assert_allclose(mass.boxes, boxes_in_source(expected.boxes, 64, letterboxes[0]))
+    signals = box_signals(expected.mean, expected.peak, expected.area, result.probability[0, FINDINGS.index("Mass")])
+    np.testing.assert_allclose(mass.confidence, calibration.predict(signals))
+    assert mass.variant == "cam" and list(mass.at_operating_point) == list(mass.confidence >= 0.4)
+    nodule = result.found[1][FINDINGS.index("Nodule")]
+    paper = PAPER_RULE.boxes(upsample(maps["am-t2"][1, FINDINGS.index("Nodule")], 64).numpy())
+    np.testing.assert_allclose(nodule.boxes, boxes_in_source(paper.boxes, 64, letterboxes[1]))
+    assert nodule.variant == "am-t2" and np.isnan(nodule.confidence).all() and not nodule.at_operating_point.any()
+    assert result.found[1][FINDINGS.index("Edema")].variant == "cam"

@@ -31,9 +31,9 @@ IMAGES = pa.table({
 })
 
 
-def box(image_id, finding, rank, x0, y0, x1, y1, score=0.5):
+def box(image_id, finding, rank, x0, y0, x1, y1, score=0.5, at_point=False):
     return {"image_id": image_id, "finding": finding, "rank": rank, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1,
-            "score": score, "probability": 0.9, "method": "am", "model_id": "t@abc"}
+            "score": score, "probability": 0.9, "confidence": None, "at_operating_point": at_point, "method": "am", "model_id": "t@abc"}
 
 
 def part(rows) -> pa.Table:
@@ -59,7 +59,10 @@ def test_coco_annotation_by_hand():
     a = coco_annotation(7, 3, {**box("a.png", "Cardiomegaly", 2, 10, 20, 40, 60, 0.25), "method": "cam"})
     assert a == {"id": 7, "image_id": 3, "category_id": 2, "bbox": [10.0, 20.0, 30.0, 40.0], "area": 1200.0,
                  "iscrowd": 0, "segmentation": [[10.0, 20.0, 40.0, 20.0, 40.0, 60.0, 10.0, 60.0]],
-                 "score": 0.25, "rank": 2, "method": "cam"}
+                 "score": 0.25, "confidence": None, "rank": 2, "method": "cam"}
+    # a calibrated box: its COCO score is its confidence (what detector evaluation ranks by)
+    b = coco_annotation(1, 1, {**box("a.png", "Mass", 1, 0, 0, 1, 1, 0.25), "confidence": 0.6})
+    assert (b["score"], b["confidence"]) == (0.6, 0.6)
 
 
 def test_write_coco_numbers_images_and_annotations_from_one(tmp_path):
@@ -84,14 +87,15 @@ def test_diff_counts_added_and_removed_boxes(tmp_path):
 
     old = write("old.parquet", [box("a.png", "Mass", 1, 0, 0, 10, 10), box("a.png", "Mass", 2, 0, 0, 20, 20),
                                 box("b.png", "Edema", 1, 1, 1, 2, 2)])
-    new = write("new.parquet", [box("a.png", "Mass", 1, 0, 0, 10, 10), box("a.png", "Mass", 2, 0, 0, 21, 20),
+    new = write("new.parquet", [box("a.png", "Mass", 1, 0, 0, 10, 10, at_point=True), box("a.png", "Mass", 2, 0, 0, 21, 20),
                                 box("b.png", "Nodule", 1, 1, 1, 2, 2)])
     changes = diff_boxes(old, new)
     assert changes["Mass"] == {"before": 2, "after": 2, "added": 1, "removed": 1}  # rank 2 moved
     assert changes["Edema"] == {"before": 1, "after": 0, "added": 0, "removed": 1}
     assert changes["Nodule"] == {"before": 0, "after": 1, "added": 1, "removed": 0}
     assert diff_boxes(None, new)["Mass"] == {"before": 0, "after": 2, "added": 2, "removed": 0}
-    assert count_boxes(new)["Mass"] == {"boxes": 2, "images": 1} and count_boxes(new)["Hernia"] == {"boxes": 0, "images": 0}
+    assert count_boxes(new)["Mass"] == {"boxes": 2, "images": 1, "at_operating_point": 1}
+    assert count_boxes(new)["Hernia"] == {"boxes": 0, "images": 0, "at_operating_point": 0}
 
 
 def test_versions_sort_by_time_and_publish_moves_latest(tmp_path):

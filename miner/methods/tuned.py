@@ -1,0 +1,128 @@
+"""Harvest's localiser: per finding, what evaluate chose on box-val (miner.tuning).
+
+Each finding has a :class:`FindingChoice`: the method variant whose heatmap it uses (``cam``,
+``am-t2``, ...), the box rule (miner.rules), the confidence calibration and the operating point.
+One pass of the cheapest registered variant that provides every chosen variant's heatmap
+(``LocalizationMethod.provides``: AM over t steps gives the CAM baseline's and every shorter
+AM's too) makes the maps; each wanted (image, finding) is then boxed by its own choice, on the
+network-input grid, exactly as evaluate boxed box-val and box-test. A finding without a choice
+(no ground-truth box anywhere: NIH's six unboxed findings) gets ``default``: the harvested
+method with the paper's rule and no confidence (NaN, never at an operating point).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_miner.miner.calibration import Calibration, box_signals
+from cxr_miner.miner.localize import Localization, boxes_in_source, upsample
+from cxr_miner.miner.methods.registry import BatchLocalization, LocalizationMethod, Select, create_method, method_names
+from cxr_miner.miner.rules import PAPER_RULE, BoxRule, rule_by_name
+from cxr_miner.miner.training import TrainConfig, autocast, prepare_images
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.vocab.letterbox import Letterbox
+
+
+@dataclass(frozen=True)
+class FindingChoice:
+    """How one finding is boxed: heatmap of ``variant``, ``rule``, and (when calibrated) the
+    confidence and the operating point (None: no confidence reaches the precision target)."""
+
+    variant: str
+    rule: BoxRule = PAPER_RULE
+    calibration: Calibration | None = None
+    operating_point: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "rule": self.rule.name,
+                "calibration": self.calibration.to_dict() if self.calibration else None, "operating_point": self.operating_point}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FindingChoice:
+        calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
+        return cls(data["variant"], rule_by_name(data["rule"]), calibration, data.get("operating_point"))
+
+    def score(self, heatmap: np.ndarray, probability: float, input_size: int, letterbox: Letterbox) -> Localization:
+        """One heatmap (input grid, [0, 1]) -> its boxes in source pixels, scored and calibrated."""
+        found = self.rule.boxes(heatmap)
+        k = len(found.boxes)
+        if self.calibration is None:
+            confidence, at_point = np.full(k, math.nan), np.zeros(k, dtype=bool)
+        else:
+            confidence = self.calibration.predict(box_signals(found.mean, found.peak, found.area, probability))
+            at_point = confidence >= self.operating_point if self.operating_point is not None else np.zeros(k, dtype=bool)
+        return Localization(boxes_in_source(found.boxes, input_size, letterbox), found.score, self.variant, confidence, at_point)
+
+
+def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -> dict[str, FindingChoice]:
+    """finding -> FindingChoice from a run's tuning.json: the variant chosen for each finding
+    (``variant`` None), or the given variant's own tuned rule, calibration and operating point."""
+    choices = {}
+    for finding, entry in (tuning or {}).get("findings", {}).items():
+        key = entry["method"] if variant is None else variant
+        if key not in entry["candidates"]:
+            raise ValueError(f"the tuning has no {key!r} for {finding}; it has {sorted(entry['candidates'])} (evaluate the run again)")
+        picked = entry["candidates"][key]
+        choices[finding] = FindingChoice(key, rule_by_name(picked["rule"]), Calibration.from_dict(picked["calibration"]),
+                                         picked["operating_point"])
+    return choices
+
+
+def provider_for(variants: set[str], config: TrainConfig) -> LocalizationMethod:
+    """The registered variant with the fewest checkpoints whose one pass gives all ``variants``' maps."""
+    candidates = [v for name in method_names() for v in create_method(name, config).variants()]
+    for method in sorted(candidates, key=lambda m: len(m.checkpoints())):
+        if variants <= set(method.provides()):
+            return method
+    raise ValueError(f"no method of this run gives the heatmaps of {sorted(variants)}; it has {[m.key for m in candidates]}")
+
+
+class TunedLocalizer:
+    """Boxes every wanted (image, finding) by its finding's choice (module doc)."""
+
+    name = "tuned"
+
+    def __init__(self, config: TrainConfig, choices: Mapping[str, FindingChoice], default: FindingChoice) -> None:
+        unknown = sorted(set(choices) - set(FINDINGS))
+        if unknown:
+            raise ValueError(f"choices for unknown findings {unknown}")
+        self.config, self.default = config, default
+        self.choices = {FINDINGS.index(f): c for f, c in choices.items()}
+        self.provider = provider_for({c.variant for c in [default, *choices.values()]}, config)
+
+    @classmethod
+    def from_key(cls, config: TrainConfig, key: Mapping[str, Any]) -> TunedLocalizer:
+        """The localiser whose ``key()`` is ``key`` (how harvest's workers rebuild it)."""
+        default = FindingChoice.from_dict(key["default"])
+        return cls(config, {f: FindingChoice.from_dict(c) for f, c in key.items() if f != "default"}, default)
+
+    def checkpoints(self) -> tuple[str, ...]:
+        return self.provider.checkpoints()
+
+    def key(self) -> dict[str, Any]:
+        """What the boxes depend on besides the models (for the harvest key)."""
+        return {"default": self.default.to_dict(), **{FINDINGS[c]: choice.to_dict() for c, choice in sorted(self.choices.items())}}
+
+    def localize_batch(
+        self, models: Sequence[torch.nn.Module], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
+    ) -> BatchLocalization:
+        """Shard images uint8 (N, S, S) -> per wanted (image, finding) its Localization, in source pixels."""
+        device = next(models[0].parameters()).device
+        size = self.config.input_size
+        x = prepare_images(images, size, device)
+        with torch.no_grad(), autocast(device, self.config.precision):
+            maps, logits = self.provider.variant_maps(models, x, select)
+        wanted = select(logits).cpu().numpy()
+        probability = torch.sigmoid(logits.float()).cpu().numpy()
+        found: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]
+        for i, c in zip(*np.nonzero(wanted)):
+            choice = self.choices.get(int(c), self.default)
+            heatmap = upsample(maps[choice.variant][i, c], size).cpu().numpy()
+            found[i][int(c)] = choice.score(heatmap, float(probability[i, c]), size, letterboxes[i])
+        return BatchLocalization(probability, wanted, found, None)
