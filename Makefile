@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
-DEMO_IMAGES ?= 400
+DEMO_IMAGES ?= 1000
 DEMO_SIZE ?= 1024
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -24,13 +24,13 @@ $(STAMP): pyproject.toml requirements.lock requirements-test.lock | $(BIN)/pytho
 
 demo: $(STAMP)
 	$(BIN)/cxr-miner demo-data $(DEMO_DIR)/nih --images $(DEMO_IMAGES) --size $(DEMO_SIZE) --seed 0 --corrupt 3 --box-fraction 0.15
-	$(BIN)/cxr-miner run $(DEMO_DIR)/nih --workdir $(DEMO_DIR)/work --out $(DEMO_DIR)/releases --preset cpu-small
+	$(BIN)/cxr-miner run $(DEMO_DIR)/nih --workdir $(DEMO_DIR)/work --out $(DEMO_DIR)/releases --preset cpu-demo
 	@echo
 	@echo "demo data:     $(DEMO_DIR)/nih"
 	@echo "index:         $(DEMO_DIR)/work/index.parquet (report: $(DEMO_DIR)/work/ingest_report.json)"
 	@echo "shards:        $(DEMO_DIR)/work/shards/ (manifest.json; quarantine: $(DEMO_DIR)/work/quarantine.parquet)"
-	@echo "models:        $(DEMO_DIR)/work/models/cpu-small/ (metrics.json, evaluation.md)"
-	@echo "release:       $(DEMO_DIR)/releases/latest/ (boxes.parquet, coco/, manifest.json)"
+	@echo "models:        $(DEMO_DIR)/work/models/cpu-demo/ (metrics.json, evaluation.md, tuning.json)"
+	@echo "release:       $(DEMO_DIR)/releases/latest/ (boxes.parquet, coco/, coco-all/, manifest.json)"
 	@echo "report:        $(DEMO_DIR)/releases/latest/report/index.html"
 
 # The report test opens the release report in Debian's headless Chromium (as root, or with sudo).

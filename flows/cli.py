@@ -109,7 +109,7 @@ def preprocess(
 @app.command()
 def train(
     workdir: Annotated[Path, typer.Option(help="Working folder holding shards/.")],
-    preset: Annotated[str, typer.Option(help="Settings preset: cpu-small (minutes on a CPU) or paper (Cai et al., GPU).")] = "cpu-small",
+    preset: Annotated[str, typer.Option(help="Settings preset: cpu-small (minutes on a CPU), cpu-demo (the demo's: localises phantoms on a CPU) or paper (Cai et al., GPU).")] = "cpu-small",
     config: Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings, e.g. {\"epochs\": 5}.")] = None,
     run: Annotated[Optional[str], typer.Option(help="Run name under W/models/ (default: the preset); rerun to resume.")] = None,
     method: Annotated[str, typer.Option(help="Method to train for: am (step 1, then attention mining steps 2..T) or cam (step 1 only).")] = "am",
@@ -150,7 +150,7 @@ def evaluate(
     say(f"evaluation: {report['path']}", f"({report['split']}: {report['images']} boxed images; box-val: {report['box_val']['images']})")
 
 
-PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small or paper.")]
+PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small, cpu-demo or paper.")]
 ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings.")]
 RunOption = Annotated[Optional[str], typer.Option(help="Training run name under W/models/ (default: the preset).")]
 SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
@@ -258,7 +258,7 @@ def serve(
 def print_release(published: dict) -> None:
     say(f"release {published['version']}: {published['path']}", f"({published['boxes']} boxes)")
     say(f"report: {published['report']}")
-    found = published["manifest"].get("localisation") or {}
+    found = published.get("manifest", {}).get("localisation") or {}
     if found.get("findings"):
         say(f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f} (all boxes), "
             f"{found['mean_acc_rank1']:.2f} (rank 1 alone)",

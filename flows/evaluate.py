@@ -26,6 +26,7 @@ from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.miner.calibration import PRECISION_TARGET
 from cxr_miner.miner.methods import create_method, method_names
+from cxr_miner.miner.methods.tuned import provider_for
 from cxr_miner.miner.training import pick_device
 from cxr_miner.miner.tuning import chosen_entries, released_figures, tune
 from cxr_miner.storage.stages.batches import split_row_groups
@@ -85,18 +86,16 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     methods = [m for name in method_names() for m in create_method(name, config).variants() if not folder.missing(m.checkpoints())]
     if not methods:
         raise FileNotFoundError(f"{folder.directory}: no trained step 1 (train the run first)")
-    device = pick_device(config.device)
-    names = tuple(dict.fromkeys(n for m in methods for n in m.checkpoints()))
-    models = dict(zip(names, load_models(folder, names, device)))
+    provider = provider_for({m.key for m in methods}, config)  # one pass gives every variant's heatmaps
+    models = load_models(folder, provider.checkpoints(), pick_device(config.device))
     truth = read_gt_boxes(work / GT_BOXES_FILE)
     patients = read_index(work / INDEX_FILE).select(["image_id", "patient_id"]).to_pylist()
     halves = box_splits({r["image_id"]: r["patient_id"] for r in patients}, truth, box_val_fraction)
     groups = split_row_groups(work, SPLITS, only_boxed=True)
     images = sum(g.rows for g in groups)
-    scores = {}
-    with progress_bar(f"evaluate {run}", images * len(methods)) as advance:
-        for method in methods:
-            scores[method.key] = evaluate_boxes(method, [models[n] for n in method.checkpoints()], groups, truth, halves, batch_size, advance)
+    with progress_bar(f"evaluate {run}", images) as advance:
+        scores = evaluate_boxes(provider, models, groups, truth, halves, batch_size, advance)
+    scores = {m.key: scores[m.key] for m in methods}  # in registry order: the CAM baseline first
     by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
     # ties go to the run's last variant (what `harvest --method am` ships), then backwards to the CAM baseline
     outcomes = {half: {key: s[half].outcomes for key, s in scores.items() if half in s and s[half].heatmaps.pairs} for half in BOX_SPLITS}
@@ -107,7 +106,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
             add_released(half, tuning)
     markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), evaluation_markdown(by_half[BOX_TEST], BOX_TEST),
                              box_rules_markdown(by_half)])
-    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in models],
+    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in provider.checkpoints()],
               "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL],
               "released": released_figures(chosen_entries(tuning)) if tuning else None}
     write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)

@@ -154,10 +154,11 @@ MAXBOXACC_THRESHOLDS = tuple(round(0.01 * k, 2) for k in range(100))  # 0.00 .. 
 def component_boxes(heatmap: np.ndarray, threshold: float) -> np.ndarray:
     """Boxes (K, 4) xyxy of every 8-connected component of ``heatmap >= threshold`` (continuous
     pixel coordinates of the heatmap grid: pixel (i, j) covers [j, j + 1) x [i, i + 1))."""
-    from skimage.measure import label, regionprops
+    from scipy.ndimage import find_objects
+    from skimage.measure import label
 
-    regions = regionprops(label(heatmap >= threshold, connectivity=2))
-    return np.array([(r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]) for r in regions], dtype=np.float64).reshape(-1, 4)
+    spans = find_objects(label(heatmap >= threshold, connectivity=2))  # a slice pair per component, in label order
+    return np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64).reshape(-1, 4)
 
 
 class MaxBoxAccumulator:

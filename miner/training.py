@@ -121,6 +121,14 @@ PRESETS = {
         model=ModelConfig(name="msa", trunk="resnet18"), input_size=128, batch_size=32, epochs=12,
         optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=2, am_lr=5e-4, loader_workers=1,
     ),
+    # `make demo`: localises the phantoms' findings on 2 CPU cores in minutes (issue 11, BENCHMARKS.md
+    # "Demo preset"): at 128 px a ResNet-18's receptive field spans the whole image and its CAMs
+    # cannot point at a small finding; 256 px, a 3-stage ResNet-10 (X at stride 8, half the
+    # receptive field) and bf16 autocast (native on CPUs with AVX512-BF16) keep it in budget.
+    "cpu-demo": TrainConfig(
+        model=ModelConfig(name="msa", trunk="resnet10", stages=3), input_size=256, batch_size=32, epochs=10,
+        optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=1, am_lr=5e-4, loader_workers=1, precision="bf16",
+    ),
 }
 
 

@@ -1,7 +1,9 @@
 """Mining whole shards with a registered method: row groups in, ranked boxes out.
 
-Harvest and evaluate both go through :func:`localized_batches`, so they box the same pairs
-the same way and cannot drift apart. Boxes are xyxy in source pixels (see miner.localize).
+Harvest (through the tuned localiser, miner.methods.tuned) and evaluate both take the heatmaps of
+one pass of a provider (``LocalizationMethod.batch_variant_maps``) and box them on the network
+input grid with the rules of miner.rules, so they box the same pairs the same way and cannot
+drift apart. Boxes are xyxy in source pixels (see miner.localize).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
 from cxr_miner.miner.localize import boxes_in_source, upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
-from cxr_miner.miner.rules import BOX_RULES, SWEEP_THRESHOLDS, Candidates, component_table
+from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, SWEEP_THRESHOLDS, Candidates, component_table
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
 from cxr_miner.storage.stages.harvest import part_rows
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -89,38 +91,41 @@ def candidates_by_rule(heatmap: np.ndarray) -> dict[str, Candidates]:
 
 
 def evaluate_boxes(
-    method: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup],
+    provider: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup],
     truth: dict[str, dict[str, list[list[float]]]], halves: Mapping[str, str], batch_size: int,
     advance: Callable[[int], None] = lambda n: None,
-) -> dict[str, HalfScores]:
-    """Scores of ``method`` on the boxed images of ``groups``, per half (``halves``: image id ->
-    box-val | box-test): each finding with a ground-truth box is boxed, by the method's own rule
-    and by every candidate rule, and scored against those boxes (``truth``: image id -> finding ->
-    xyxy boxes in source pixels)."""
+) -> dict[str, dict[str, HalfScores]]:
+    """Scores of every variant ``provider`` gives in one pass (``provides()``: the CAM baseline and
+    AM at each t, from one AM pass) on the boxed images of ``groups``, per variant key and half
+    (``halves``: image id -> box-val | box-test): each finding with a ground-truth box is boxed by
+    the paper's rule (the variant's own) and by every candidate rule, its heatmap scored by
+    MaxBoxAccV2, and all against ``truth`` (image id -> finding -> xyxy boxes in source pixels)."""
     def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
 
-    scores = {half: HalfScores.empty() for half in sorted(set(halves.values()))}
-    input_size = method.config.input_size
+    scores = {key: {half: HalfScores.empty() for half in sorted(set(halves.values()))} for key in provider.provides()}
+    input_size = provider.config.input_size
     grid = min(input_size, MAXBOXACC_GRID)
-    for batch, found in localized_batches(method, models, groups, batch_size, with_truth):
+    for batch in batch_stream(groups, batch_size):
+        maps, logits = provider.batch_variant_maps(models, torch.from_numpy(batch.images), with_truth(batch))
+        probability = torch.sigmoid(logits.float()).cpu().numpy()
         letterboxes = batch.letterboxes()
-        for i, (image_id, pairs) in enumerate(zip(batch.meta["image_id"], found.found)):
-            half = scores[halves[image_id]]
-            half.images.add(image_id)
-            for c, loc in pairs.items():
-                finding, gt = FINDINGS[c], truth[image_id][FINDINGS[c]]
-                half.boxes.accumulate(finding, loc.boxes, gt)
-                if found.maps is None:
-                    continue
-                full = upsample(found.maps[i, c], input_size).cpu().numpy()
-                heatmap = full if grid == input_size else upsample(found.maps[i, c], grid).cpu().numpy()
-                half.heatmaps.accumulate(finding, heatmap, gt,
-                                         lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
-                for rule, candidates in candidates_by_rule(full).items():
-                    boxes = boxes_in_source(candidates.boxes, input_size, letterboxes[i])
-                    half.rules[rule].accumulate(finding, boxes, gt)
-                    signals = box_signals(candidates.mean, candidates.peak, candidates.area, found.probability[i, c])
-                    half.outcomes[rule][finding].add(signals, hits(boxes, np.asarray(gt)))
+        for i, image_id in enumerate(batch.meta["image_id"]):
+            for finding, gt in truth.get(image_id, {}).items():
+                c = FINDINGS.index(finding)
+                for key, variant_maps in maps.items():
+                    half = scores[key][halves[image_id]]
+                    half.images.add(image_id)
+                    full = upsample(variant_maps[i, c], input_size).cpu().numpy()
+                    heatmap = full if grid == input_size else upsample(variant_maps[i, c], grid).cpu().numpy()
+                    half.heatmaps.accumulate(finding, heatmap, gt,
+                                             lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
+                    for rule, candidates in candidates_by_rule(full).items():
+                        boxes = boxes_in_source(candidates.boxes, input_size, letterboxes[i])
+                        half.rules[rule].accumulate(finding, boxes, gt)
+                        if rule == PAPER_RULE.name:
+                            half.boxes.accumulate(finding, boxes, gt)
+                        signals = box_signals(candidates.mean, candidates.peak, candidates.area, probability[i, c])
+                        half.outcomes[rule][finding].add(signals, hits(boxes, np.asarray(gt)))
         advance(len(batch))
     return scores

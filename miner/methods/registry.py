@@ -88,6 +88,16 @@ class LocalizationMethod(ABC):
         maps, logits = self.heatmaps(models, images, select)
         return {self.key: maps}, logits
 
+    def batch_variant_maps(
+        self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``variant_maps`` of shard images uint8 (N, S, S): resized to the input size on the
+        models' device, under the run's precision; maps (N, C, h, w) in [0, 1], logits (N, C)."""
+        device = next(models[0].parameters()).device
+        x = prepare_images(images, self.config.input_size, device)
+        with torch.no_grad(), autocast(device, self.config.precision):
+            return self.variant_maps(models, x, select)
+
     @abstractmethod
     def heatmaps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 1, S, S) normalised -> heatmaps (N, C, h, w) in [0, 1] and the logits (N, C).

@@ -24,7 +24,7 @@ from cxr_miner.miner.calibration import Calibration, box_signals
 from cxr_miner.miner.localize import Localization, boxes_in_source, upsample
 from cxr_miner.miner.methods.registry import BatchLocalization, LocalizationMethod, Select, create_method, method_names
 from cxr_miner.miner.rules import PAPER_RULE, BoxRule, rule_by_name
-from cxr_miner.miner.training import TrainConfig, autocast, prepare_images
+from cxr_miner.miner.training import TrainConfig
 from cxr_miner.storage.vocab.findings import FINDINGS
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
@@ -113,11 +113,8 @@ class TunedLocalizer:
         self, models: Sequence[torch.nn.Module], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
     ) -> BatchLocalization:
         """Shard images uint8 (N, S, S) -> per wanted (image, finding) its Localization, in source pixels."""
-        device = next(models[0].parameters()).device
         size = self.config.input_size
-        x = prepare_images(images, size, device)
-        with torch.no_grad(), autocast(device, self.config.precision):
-            maps, logits = self.provider.variant_maps(models, x, select)
+        maps, logits = self.provider.batch_variant_maps(models, images, select)
         wanted = select(logits).cpu().numpy()
         probability = torch.sigmoid(logits.float()).cpu().numpy()
         found: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]

@@ -195,7 +195,12 @@ def confidence_section(data: FindingData) -> str:
             f"box-val. Confidence: {html.escape(t['calibration']['kind'])} calibration on {t['calibration']['boxes']} box-val boxes "
             f"({t['calibration']['hits']} hits; fitted on {html.escape(t['fitted_on'])}). Operating point: {point}; "
             f"<b>{data.at_operating_point}</b> boxes of this release are at it.</p>"
-            + _table(["half", "pairs", "Acc / rank 1 (IoU 0.3)", "boxes at op.", "precision there", "recall there", "ECE"], rows))
+            + _table(["half", "pairs", "Acc / rank 1 (IoU 0.3)", "boxes at op.", "precision there", "recall there", "ECE"], rows)
+            + "<p>The variants it was chosen from (each with its best box rule on box-val; Acc / rank-1 Acc at IoU 0.3):</p>"
+            + _table(["variant", "box rule", "box-val", "box-test"], [
+                [html.escape(v), html.escape(a["rule"]),
+                 *(f"{format_number(a[h]['acc'])} / {format_number(a[h]['acc_rank1'])}" for h in ("box_val", "box_test"))]
+                for v, a in t.get("alternatives", {}).items()]))
 
 
 def gallery_figure(ax: plt.Axes, item: GalleryItem) -> None:

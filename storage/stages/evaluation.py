@@ -126,7 +126,10 @@ def harvested_choices(tuning: dict[str, Any] | None, choices: dict[str, Any]) ->
         if not same:
             raise TuningChanged(f"{finding}: the run's tuning.json no longer matches the harvest (evaluated again?); "
                                 "harvest again before releasing")
-        picked[finding] = {"method": choice["variant"], **entry}
+        candidates = tuning["findings"][finding]["candidates"]
+        alternatives = {v: {"rule": c["rule"], **{half: {k: c[half][k] for k in ("pairs", "acc", "acc_rank1")} for half in ("box_val", "box_test")}}
+                        for v, c in candidates.items()}
+        picked[finding] = {"method": choice["variant"], **entry, "alternatives": alternatives}
     return picked
 
 

@@ -36,7 +36,7 @@ def _cli_with_failing_evaluate(workdir, error: str) -> subprocess.CompletedProce
         from cxr_miner.flows.cli import main
 
         @flow
-        def evaluate(workdir: str, run: str, box_val_fraction: float = 0.5):
+        def evaluate(workdir: str, run: str, box_val_fraction: float = 0.5, precision_target: float = 0.5):
             raise {error}
 
         cxr_miner.flows.evaluate.evaluate = evaluate

@@ -149,3 +149,39 @@ def test_rerun_skips_finished_steps_and_other_settings_are_refused(trained, tmp_
     other.write_text(json.dumps({**SETTINGS, "epochs": 3}))
     with pytest.raises(ValueError, match="run 't' was started with other settings"):
         train(workdir=str(trained), preset="cpu-small", config_file=str(other), run="t")
+
+
+def test_nothing_is_chosen_on_box_test(trained, evaluated, tmp_path):
+    """Move every box-test ground-truth box to a corner: the choices of tuning.json (variant, box
+    rule, calibration, operating point) stay exactly the same, and only box-test's figures change."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cxr_miner.storage.stages.box_splits import BOX_TEST, box_splits
+    from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes, read_index
+    from tests.flows.helpers import copy_workdir
+
+    work = copy_workdir(trained, tmp_path / "work")
+    truth = read_gt_boxes(work / GT_BOXES_FILE)
+    patients = {r["image_id"]: r["patient_id"] for r in read_index(work / "index.parquet").select(["image_id", "patient_id"]).to_pylist()}
+    test_images = [i for i, half in box_splits(patients, truth).items() if half == BOX_TEST]
+    table = pq.read_table(work / GT_BOXES_FILE)
+    moved = pc.is_in(table.column("image_id"), pa.array(test_images))
+    for name, value in (("x_min", 0.0), ("y_min", 0.0), ("x_max", 2.0), ("y_max", 2.0)):
+        column = table.column(name)
+        table = table.set_column(table.schema.get_field_index(name), name, pc.if_else(moved, pa.scalar(value, column.type), column))
+    (work / GT_BOXES_FILE).unlink()  # a hard link to the shared run's file
+    pq.write_table(table, work / GT_BOXES_FILE)
+
+    again = evaluate(workdir=str(work), run="t")
+    before = json.loads(RunFolder.of(trained, "t").tuning_json.read_text())
+    after = json.loads(RunFolder.of(work, "t").tuning_json.read_text())
+    assert before["findings"].keys() == after["findings"].keys() == set(BOXED_FINDINGS)
+    for finding, choice in before["findings"].items():
+        assert after["findings"][finding]["method"] == choice["method"]
+        for variant, entry in choice["candidates"].items():
+            moved_entry = after["findings"][finding]["candidates"][variant]
+            for key in ("rule", "calibration", "operating_point", "fitted_on", "box_val"):
+                assert json.dumps(moved_entry[key], sort_keys=True) == json.dumps(entry[key], sort_keys=True), (finding, variant, key)
+    assert again["released"]["mean_acc"] == 0 < evaluated["released"]["mean_acc"]
