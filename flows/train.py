@@ -26,7 +26,7 @@ from cxr_miner.flows.folders import writes_into
 from cxr_miner.miner.attention import attention_mining_loss
 from cxr_miner.miner.methods import create_method
 from cxr_miner.miner.models import create_model
-from cxr_miner.miner.training import TrainConfig, init_branch_bias, pick_device, plain_loss, preset
+from cxr_miner.miner.training import TrainConfig, init_branch_bias, pick_device, preset, step1_loss
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.batches import label_prevalence, split_row_groups
 from cxr_miner.storage.stages.runs import RunFolder
@@ -49,7 +49,7 @@ def train_classifier(workdir: str, run: str) -> dict[str, Any]:
         raise ValueError(f"{workdir}: no training images in the shards")
     init_branch_bias(model, torch.from_numpy(label_prevalence(train_groups)).float())
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    return fit(folder, 1, model, plain_loss, train_groups, val_groups, config, device, config.epochs, config.lr,
+    return fit(folder, 1, model, step1_loss(config), train_groups, val_groups, config, device, config.epochs, config.lr,
                keep_best=True, logger=get_run_logger())
 
 

@@ -102,6 +102,19 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
+def weighted_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The weighted cross-entropy loss of Wang et al. 2017 (ChestX-ray8, Eq. 1), W-CEL:
+    beta_P sum_{y=1} -ln f(x) + beta_N sum_{y=0} -ln(1 - f(x)), with beta_P = (|P| + |N|) / |P| and
+    beta_N = (|P| + |N|) / |N| counted over the batch's labels (N, C), averaged over the N x C terms.
+    A batch with no positive (or no negative) label weighs the other kind by 1."""
+    labels = labels.float()
+    total, positives = labels.numel(), labels.sum()
+    beta_p = total / positives.clamp(min=1)
+    beta_n = total / (total - positives).clamp(min=1)
+    weights = torch.where(labels > 0, beta_p, beta_n)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels, weight=weights)
+
+
 class AMLoss(NamedTuple):
     total: torch.Tensor
     cls: torch.Tensor

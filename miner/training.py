@@ -17,7 +17,13 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from cxr_miner.miner.attention import ERASED_FRACTION, KP_LAMBDA, KP_MODES, classification_loss
+from cxr_miner.miner.attention import (
+    ERASED_FRACTION,
+    KP_LAMBDA,
+    KP_MODES,
+    classification_loss,
+    weighted_classification_loss,
+)
 from cxr_miner.miner.models import CamClassifier, ModelConfig, normalize_input
 
 
@@ -42,6 +48,7 @@ class TrainConfig:
     kp_lambda: float = KP_LAMBDA
     erased_fraction: float = ERASED_FRACTION
     am_include_boxed: bool = True  # section 3: the boxed images join AM training, labels only
+    step1_loss: str = "bce"  # bce (Eq. 3) | w-cel (Wang et al. 2017's weighted cross entropy, for rare findings)
     loader_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -50,6 +57,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.kp not in KP_MODES:
             raise ValueError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
+        if self.step1_loss not in ("bce", "w-cel"):
+            raise ValueError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -193,6 +202,19 @@ def plain_loss(model: CamClassifier, images: torch.Tensor, labels: torch.Tensor)
     """Eq. 2-3 with M all ones: BCE of the unerased logits."""
     loss = classification_loss(model(images), labels)
     return loss, {"cls": float(loss.detach())}
+
+
+def weighted_plain_loss(model: CamClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Step 1 with W-CEL (Wang et al. 2017, Eq. 1) in place of Eq. 3's BCE."""
+    loss = weighted_classification_loss(model(images), labels)
+    return loss, {"cls": float(loss.detach())}
+
+
+def step1_loss(config: TrainConfig) -> LossFn:
+    return STEP1_LOSSES[config.step1_loss]
+
+
+STEP1_LOSSES: dict[str, LossFn] = {"bce": plain_loss, "w-cel": weighted_plain_loss}
 
 
 class EpochStats(NamedTuple):

@@ -102,3 +102,19 @@ def test_kp_term_is_zero_before_any_update_and_positive_after_one():
     after = attention_mining_loss(model, chain, images, labels, kp="kp")
     assert after.kp.item() > 1e-4
     assert after.total.item() == pytest.approx(after.cls.item() + 0.5 * after.kp.item(), rel=1e-5)
+
+
+def test_weighted_cross_entropy_by_hand():
+    """W-CEL (Wang et al. 2017, Eq. 1): one positive and three negatives in the batch, so
+    beta_P = 4 / 1 and beta_N = 4 / 3; the mean over the four terms."""
+    import math
+
+    from cxr_miner.miner.attention import weighted_classification_loss
+
+    logits, labels = torch.tensor([[0.0, 2.0], [1.0, -1.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    by_hand = (4 * -math.log(sigmoid(0)) + 4 / 3 * sum(-math.log(1 - sigmoid(v)) for v in (2.0, 1.0, -1.0))) / 4
+    assert float(weighted_classification_loss(logits, labels)) == pytest.approx(by_hand, rel=1e-6)
+    no_positive = torch.zeros(2, 2)
+    assert float(weighted_classification_loss(logits, no_positive)) == pytest.approx(
+        float(torch.nn.functional.binary_cross_entropy_with_logits(logits, no_positive)), rel=1e-6)
