@@ -28,7 +28,9 @@ VARIANTS = {
     "cpu-small": {},
     "resnet18-stages3-128": {"model": {"stages": 3}},
     "resnet18-stages3-256-bf16-e6": {"model": {"stages": 3}, "input_size": 256, "epochs": 6, **BF16},
-    "resnet10-stages3-256-bf16": {"model": {"stages": 3, "trunk": "resnet10"}, "input_size": 256, **BF16},
+    "resnet10-stages3-256-bf16": {"model": {"stages": 3, "trunk": "resnet10"}, "input_size": 256, "epochs": 12, **BF16},
+    "resnet10-stages3-256-bf16-wcel": {"model": {"stages": 3, "trunk": "resnet10"}, "input_size": 256, "epochs": 12,
+                                       "step1_loss": "w-cel", **BF16},
 }
 
 
