@@ -71,8 +71,8 @@ def tune_variant(val: Outcomes, test: Outcomes, variant: str, finding: str, targ
     of every finding (its ``fitted_on`` says so)."""
     rule = best_rule(val.get(variant, {}), finding)
     mine = val.get(variant, {}).get(rule, {}).get(finding)
-    if mine is not None and len(mine.arrays()[1]):
-        signals, hit, _ = mine.arrays()
+    signals, hit, _ = mine.arrays() if mine is not None else (None, np.zeros(0, dtype=bool), None)
+    if len(hit):
         fitted_on = finding
     else:
         pooled = [o.arrays() for o in val.get(variant, {}).get(rule, {}).values()]

@@ -143,6 +143,15 @@ def accuracy_figure(ax: plt.Axes, data: FindingData) -> None:
     ax.legend(fontsize=7)
 
 
+def _unit_axes(ax: plt.Axes, xlabel: str, ylabel: str) -> None:
+    """Both axes a share in [0, 1], labelled, with the legend."""
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
 def pr_figure(ax: plt.Axes, data: FindingData) -> None:
     """Precision against recall on box-test as the confidence threshold falls, the operating point marked."""
     test = data.tuned["box_test"] if data.tuned else None
@@ -153,11 +162,7 @@ def pr_figure(ax: plt.Axes, data: FindingData) -> None:
     at = test["at_operating_point"]
     if data.tuned["operating_point"] is not None and at["boxes"]:
         ax.plot([at["recall"]], [at["precision"]], "r*", markersize=12, label=f"operating point (conf >= {data.tuned['operating_point']:.2f})")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall (pairs with a hit, IoU >= 0.3)")
-    ax.set_ylabel("precision (boxes that hit)")
-    ax.legend(fontsize=7)
+    _unit_axes(ax, "recall (pairs with a hit, IoU >= 0.3)", "precision (boxes that hit)")
 
 
 def reliability_figure(ax: plt.Axes, data: FindingData) -> None:
@@ -169,11 +174,7 @@ def reliability_figure(ax: plt.Axes, data: FindingData) -> None:
     ax.plot([0, 1], [0, 1], color="#999", lw=1, label="calibrated")
     ax.scatter([b["confidence"] for b in bins], [b["hit_rate"] for b in bins], s=[10 + 4 * b["boxes"] for b in bins],
                label=f"box-test, ECE {test['reliability']['ece']:.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("confidence (mean in bin)")
-    ax.set_ylabel("share of boxes that hit")
-    ax.legend(fontsize=7)
+    _unit_axes(ax, "confidence (mean in bin)", "share of boxes that hit")
 
 
 def confidence_section(data: FindingData) -> str:

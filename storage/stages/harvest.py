@@ -78,18 +78,16 @@ def part_rows(
 ) -> list[dict[str, Any]]:
     """PART_SCHEMA rows of a batch: per image, per finding index (in order), per box by rank.
 
-    ``found[i]`` maps a finding index to an object with ``boxes`` (K, 4) xyxy in source pixels
-    and ``scores`` (K,), rank 1 first, and optionally ``variant`` (else ``method``), ``confidence``
-    (K,) (NaN: none) and ``at_operating_point`` (K,); ``probability`` (N, C) the classifier's sigmoid.
+    ``found[i]`` maps a finding index to a miner.localize.Localization: ``boxes`` (K, 4) xyxy in
+    source pixels and ``scores`` (K,), rank 1 first, ``variant`` (None: ``method``), ``confidence``
+    (K,) (None or NaN: none) and ``at_operating_point`` (K,); ``probability`` (N, C) the classifier's sigmoid.
     """
     rows = []
     for i, image_id in enumerate(image_ids):
         for c, loc in sorted(found[i].items()):
             k = len(loc.boxes)
-            confidence = getattr(loc, "confidence", None)
-            confidence = np.full(k, np.nan) if confidence is None else confidence
-            at_point = getattr(loc, "at_operating_point", None)
-            at_point = np.zeros(k, dtype=bool) if at_point is None else at_point
+            confidence = np.full(k, np.nan) if loc.confidence is None else loc.confidence
+            at_point = np.zeros(k, dtype=bool) if loc.at_operating_point is None else loc.at_operating_point
             for rank, (box, score) in enumerate(zip(loc.boxes, loc.scores), start=1):
                 rows.append({
                     "image_id": image_id, "finding": FINDINGS[c], "rank": rank,
@@ -97,7 +95,7 @@ def part_rows(
                     "score": score, "probability": probability[i, c],
                     "confidence": None if math.isnan(confidence[rank - 1]) else float(confidence[rank - 1]),
                     "at_operating_point": bool(at_point[rank - 1]),
-                    "method": getattr(loc, "variant", None) or method, "model_id": model_id,
+                    "method": loc.variant or method, "model_id": model_id,
                 })
     return rows
 
