@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, heatmap_boxes_batched
+from cxr_miner.miner.registration import upsample_registered
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
@@ -30,12 +30,11 @@ class Localization(NamedTuple):
     at_operating_point: np.ndarray | None = None
 
 
-def upsample(heatmaps: torch.Tensor, size: int) -> torch.Tensor:
-    """(..., h, w) -> (..., size, size), bilinear (pixel centres aligned), clamped to [0, 1]."""
-    shape = heatmaps.shape
-    flat = heatmaps.reshape(-1, 1, *shape[-2:]).float()
-    out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
-    return out.reshape(*shape[:-2], size, size).clamp(0, 1)
+def upsample(heatmaps: torch.Tensor, size: int, span: int | None = None) -> torch.Tensor:
+    """(..., h, w) -> (..., size, size), float32, bilinear, clamped to [0, 1]; heatmaps over the
+    network input (``span`` px square, default ``size``), each cell kept on the input pixel it is
+    centred on (miner.registration: cell j of a stride-s map on input pixel s j)."""
+    return upsample_registered(heatmaps.float(), size, span).clamp(0, 1)
 
 
 def boxes_in_source(boxes: np.ndarray, input_size: int, letterbox: Letterbox) -> np.ndarray:
@@ -44,6 +43,12 @@ def boxes_in_source(boxes: np.ndarray, input_size: int, letterbox: Letterbox) ->
     source = letterbox.boxes_to_source(shard)
     limit = np.array([letterbox.source_width, letterbox.source_height] * 2, dtype=np.float64)
     return np.clip(source, 0, limit)
+
+
+def covers_source(boxes: np.ndarray) -> np.ndarray:
+    """(K,) bool: which source-pixel boxes (K, 4) cover some source pixel. A box wholly in the
+    letterbox padding is clipped to zero width or height by boxes_in_source: it boxes nothing."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
 def localize(
@@ -65,5 +70,6 @@ def localize(
     boxes, scores, valid = (t.cpu().numpy() for t in found)
     for k, (i, c) in enumerate(zip(rows, classes)):
         source = boxes_in_source(boxes[k][valid[k]], input_size, letterboxes[i])
-        out[i][int(c)] = Localization(source, scores[k][valid[k]].astype(np.float64))
+        keep = covers_source(source)
+        out[i][int(c)] = Localization(source[keep], scores[k][valid[k]][keep].astype(np.float64))
     return out

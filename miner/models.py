@@ -22,6 +22,7 @@ from torch import nn
 from torchvision import models as tv
 
 from cxr_miner.miner.cam import class_activation_maps, erased_logits
+from cxr_miner.miner.registration import RegisteredUpsample
 
 
 def resnet10(weights: None = None) -> tv.ResNet:
@@ -139,7 +140,8 @@ class MultiScaleAggregation(nn.Module):
     """Section 2.3 (ResNet-MSA): [up2(conv1x1(X_k)), conv1x1(X_{k-1})] -> (N, 512 + 256, 2h, 2w).
 
     ``upsample`` is "bilinear" (the paper's choice) or "deconv" (a learned 3x3 transposed
-    convolution with stride 2). The paper leaves the activation open; a ReLU after the
+    convolution with stride 2). Both keep cell j of the last stage on cell 2j of the one before,
+    where the trunk's strided layers put it (miner.registration). The paper leaves the activation open; a ReLU after the
     concatenation keeps X non-negative, so that erasing (zeroing) a region removes its evidence.
     """
 
@@ -149,7 +151,7 @@ class MultiScaleAggregation(nn.Module):
         self.reduce_last = nn.Conv2d(d4, c_last, kernel_size=1)
         self.reduce_prev = nn.Conv2d(d3, c_prev, kernel_size=1)
         if upsample == "bilinear":
-            self.upsample: nn.Module = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            self.upsample: nn.Module = RegisteredUpsample(2)  # cell j of layer4 onto cell 2j of layer3
         elif upsample == "deconv":
             self.upsample = nn.ConvTranspose2d(c_last, c_last, kernel_size=3, stride=2, padding=1, output_padding=1)
         else:

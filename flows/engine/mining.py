@@ -117,7 +117,7 @@ def evaluate_boxes(
                     half = scores[key][halves[image_id]]
                     half.images.add(image_id)
                     full = upsample(variant_maps[i, c], input_size).cpu().numpy()
-                    heatmap = full if grid == input_size else upsample(variant_maps[i, c], grid).cpu().numpy()
+                    heatmap = full if grid == input_size else upsample(variant_maps[i, c], grid, input_size).cpu().numpy()
                     half.heatmaps.accumulate(finding, heatmap, gt,
                                              lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
                     for rule, candidates in candidates_by_rule(full).items():

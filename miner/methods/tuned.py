@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cxr_miner.miner.calibration import Calibration, box_signals
-from cxr_miner.miner.localize import Localization, boxes_in_source, upsample
+from cxr_miner.miner.localize import Localization, boxes_in_source, covers_source, upsample
 from cxr_miner.miner.methods.registry import BatchLocalization, LocalizationMethod, Select, create_method, method_names
 from cxr_miner.miner.rules import PAPER_RULE, BoxRule, rule_by_name
 from cxr_miner.miner.training import TrainConfig
@@ -51,13 +51,16 @@ class FindingChoice:
     def score(self, heatmap: np.ndarray, probability: float, input_size: int, letterbox: Letterbox) -> Localization:
         """One heatmap (input grid, [0, 1]) -> its boxes in source pixels, scored and calibrated."""
         found = self.rule.boxes(heatmap)
+        source = boxes_in_source(found.boxes, input_size, letterbox)
+        keep = covers_source(source)
+        found, source = found.take(keep), source[keep]
         k = len(found.boxes)
         if self.calibration is None:
             confidence, at_point = np.full(k, math.nan), np.zeros(k, dtype=bool)
         else:
             confidence = self.calibration.predict(box_signals(found.mean, found.peak, found.area, probability))
             at_point = confidence >= self.operating_point if self.operating_point is not None else np.zeros(k, dtype=bool)
-        return Localization(boxes_in_source(found.boxes, input_size, letterbox), found.score, self.variant, confidence, at_point)
+        return Localization(source, found.score, self.variant, confidence, at_point)
 
 
 def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -> dict[str, FindingChoice]:

@@ -35,11 +35,34 @@ def test_localize_boxes_only_the_wanted_pairs():
     assert found[1][2].boxes.shape[1] == 4
 
 
-def test_upsample_is_bilinear_with_pixel_centres_aligned_and_clamped():
-    """2 -> 4 px: output pixel x samples the input at u = (x + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75,
-    1.25 (the ends held at the border), so a left-to-right step 0 | 1 becomes 0, 0.25, 0.75, 1;
-    values outside [0, 1] (a step -1 | 3 gives -1, 0, 2, 3) are clamped."""
+def test_upsample_keeps_each_cell_on_the_input_pixel_it_is_centred_on():
+    """2 cells -> 4 px (stride 2): cell j sits on input pixel 2j, so pixel x samples the map at
+    u = x / 2 = 0, 0.5, 1, 1.5 (held at the last cell): a left-to-right step 0 | 1 becomes
+    0, 0.5, 1, 1; values outside [0, 1] (a step -1 | 3 gives -1, 1, 3, 3) are clamped."""
     step = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-    assert torch.allclose(upsample(step, 4), torch.tensor([[0.0, 0.25, 0.75, 1.0]] * 4))
+    assert torch.allclose(upsample(step, 4), torch.tensor([[0.0, 0.5, 1.0, 1.0]] * 4))
     wide = torch.tensor([[-1.0, 3.0], [-1.0, 3.0]])[None, None]  # (1, 1, 2, 2): leading dimensions are kept
-    assert torch.equal(upsample(wide, 4), torch.tensor([[[[0.0, 0.0, 1.0, 1.0]] * 4]]))
+    assert torch.equal(upsample(wide, 4), torch.tensor([[[[0.0, 1.0, 1.0, 1.0]] * 4]]))
+
+
+def test_upsample_to_a_coarser_grid_samples_each_pixel_at_its_centre():
+    """4 cells over 8 input px (stride 2) onto a 2 px grid: grid pixel 0 covers input pixels 0-3,
+    centred on input 1.5, i.e. cell 0.75: 0.25 cell 0 + 0.75 cell 1; grid pixel 1 is cell 2.75."""
+    ramp = torch.tensor([0.0, 0.2, 0.4, 0.8]).expand(4, 4)
+    assert torch.allclose(upsample(ramp, 2, span=8), torch.tensor([[0.15, 0.7]] * 2))
+
+
+def test_a_hot_cell_peaks_on_its_input_pixel():
+    maps = torch.zeros(8, 8)
+    maps[3, 5] = 1.0  # stride 4 at 32 px: centred on input pixel (x 20, y 12)
+    full = upsample(maps, 32)
+    assert np.unravel_index(int(full.argmax()), full.shape) == (12, 20)
+    assert full[12, 16] == 0 and full[12, 18] == 0.5
+
+
+def test_a_box_wholly_in_the_letterbox_padding_is_dropped():
+    """A 64 x 32 source in a 16 px input fills rows 4..12; a blob on rows 0..2 boxes only padding."""
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 0:2, 4:8] = 1.0
+    [found] = localize(maps, np.array([[True]]), 16, [Letterbox.fit(64, 32, 16)])
+    assert found[0].boxes.shape == (0, 4) and found[0].scores.shape == (0,)

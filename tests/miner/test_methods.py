@@ -87,9 +87,10 @@ def known_blob():
 
 
 def test_a_method_registered_from_outside_boxes_its_blob_in_source_pixels(known_blob):
-    """Input 64 px: a feature cell is 8 px, so the 0.5 contour of the bilinear upsampling lies on
-    the cell edges: x 8..32, y 16..40 on the input grid. A 128 x 64 source letterboxed to 64 px
-    has scale 0.5 and offset_y 16, so that box is (16, 0, 64, 48) in source pixels."""
+    """Input 64 px: stride 8, cell j centred on input pixel 8j, so the bilinear map is 0.5 halfway
+    between cells 0 and 1 (pixel 4) and between cells 3 and 4 (pixel 28), both kept by ``>=``:
+    x 4..29, y 12..37 on the input grid. A 128 x 64 source letterboxed to 64 px has scale 0.5
+    and offset_y 16, so that box is (8, 0, 58, 42) in source pixels."""
     assert "known-blob" in method_names()
     letterbox = Letterbox.fit(128, 64, 64)
     assert (letterbox.scale_x, letterbox.offset_x, letterbox.offset_y) == (0.5, 0, 16)
@@ -98,8 +99,8 @@ def test_a_method_registered_from_outside_boxes_its_blob_in_source_pixels(known_
     result = known_blob.localize_batch([torch.nn.Linear(1, 1)], torch.zeros(1, 64, 64, dtype=torch.uint8), [letterbox],
                                        lambda logits: wanted)
     (loc,) = result.found[0].values()
-    assert [16.0, 0.0, 64.0, 48.0] in loc.boxes.tolist()
-    outer = np.array([16.0, 0.0, 64.0, 48.0])
+    assert [8.0, 0.0, 58.0, 42.0] in loc.boxes.tolist()
+    outer = np.array([8.0, 0.0, 58.0, 42.0])
     assert np.all(loc.boxes[:, :2] >= outer[:2]) and np.all(loc.boxes[:, 2:] <= outer[2:])  # the others nest inside
     assert result.probability[0, 2] == 0.5
 

@@ -74,3 +74,20 @@ def test_resnet10_has_one_block_per_stage_and_no_imagenet_weights():
     assert [len(layer) for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)] == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="no ImageNet weights"):
         imagenet_weights("resnet10")
+
+
+@pytest.mark.parametrize("name, stages, size", [("msa", 3, 128), ("msa-deconv", 3, 128), ("baseline", 4, 256)])
+def test_a_feature_cell_is_centred_on_the_input_pixel_registration_says(name, stages, size):
+    """What the heatmap upsampling assumes (miner.registration: cell j of a stride-s map on input
+    pixel s j), checked against the network itself: the centroid of |d X[:, j, j] / d input| of a
+    random network. The centre-aligned convention, s (j + 1/2), is (s - 1) / 2 px off."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name=name, trunk="resnet10", stages=stages)).eval()
+    images = torch.randn(8, 1, size, size, requires_grad=True)
+    features = model.forward_features(images).features
+    s, j = model.stride, features.shape[-1] // 2
+    features[:, :, j, j].sum().backward()
+    weight = images.grad.abs().sum(dim=(0, 1))
+    centre = torch.arange(size) + 0.5
+    centroid = ((weight.sum(0) * centre).sum() / weight.sum(), (weight.sum(1) * centre).sum() / weight.sum())
+    assert all(abs(float(c) - (s * j + 0.5)) < s / 4 for c in centroid), (s, j, centroid)
