@@ -28,7 +28,7 @@ from cxr_miner.miner.calibration import PRECISION_TARGET
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.methods.tuned import provider_for
 from cxr_miner.miner.training import pick_device
-from cxr_miner.miner.tuning import chosen_entries, released_figures, tune
+from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
 from cxr_miner.storage.stages.batches import split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_splits
 from cxr_miner.storage.stages.evaluation import (
@@ -37,7 +37,7 @@ from cxr_miner.storage.stages.evaluation import (
     tuning_markdown,
     write_evaluation,
 )
-from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, SPLITS, read_gt_boxes, read_index
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, SPLITS, image_sizes, read_gt_boxes, read_index
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 
@@ -89,18 +89,19 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     provider = provider_for({m.key for m in methods}, config)  # one pass gives every variant's heatmaps
     models = load_models(folder, provider.checkpoints(), pick_device(config.device))
     truth = read_gt_boxes(work / GT_BOXES_FILE)
-    patients = read_index(work / INDEX_FILE).select(["image_id", "patient_id"]).to_pylist()
-    halves = box_splits({r["image_id"]: r["patient_id"] for r in patients}, truth, box_val_fraction)
+    index = read_index(work / INDEX_FILE)
+    halves = box_splits(dict(zip(*index.select(["image_id", "patient_id"]).to_pydict().values())), truth, box_val_fraction)
+    box_sizes = box_size_priors(truth, [i for i, half in halves.items() if half == BOX_VAL], image_sizes(index))
     groups = split_row_groups(work, SPLITS, only_boxed=True)
     images = sum(g.rows for g in groups)
     with progress_bar(f"evaluate {run}", images) as advance:
-        scores = evaluate_boxes(provider, models, groups, truth, halves, batch_size, advance)
+        scores = evaluate_boxes(provider, models, groups, truth, halves, batch_size, advance, box_sizes)
     scores = {m.key: scores[m.key] for m in methods}  # in registry order: the CAM baseline first
     by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
     # ties go to the run's last variant (what `harvest --method am` ships), then backwards to the CAM baseline
     outcomes = {half: {key: s[half].outcomes for key, s in scores.items() if half in s and s[half].heatmaps.pairs} for half in BOX_SPLITS}
     variants = [m.key for m in reversed(methods) if m.key in outcomes[BOX_VAL] or m.key in outcomes[BOX_TEST]]
-    tuning = tune(outcomes[BOX_VAL], outcomes[BOX_TEST], variants, BOXED_FINDINGS, precision_target) if variants else None
+    tuning = tune(outcomes[BOX_VAL], outcomes[BOX_TEST], variants, BOXED_FINDINGS, precision_target, box_sizes) if variants else None
     if tuning:
         for half in by_half.values():
             add_released(half, tuning)

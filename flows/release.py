@@ -85,7 +85,7 @@ def operating_points(tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     def at(half: dict[str, Any]) -> dict[str, Any]:
         return {"pairs": half["pairs"], **half["at_operating_point"]}
 
-    return {f: {"method": t["method"], "box_rule": t["rule"], "confidence_at_least": t["operating_point"],
+    return {f: {"method": t["method"], "box_rule": t["rule"], "box_size": t.get("box_size"), "confidence_at_least": t["operating_point"],
                 "box_val": at(t["box_val"]), "box_test": {**at(t["box_test"]), "ece": t["box_test"]["reliability"]["ece"]}}
             for f, t in tuned.items()}
 

@@ -7,7 +7,12 @@ component at every threshold and thins them with non-maximum suppression (torchv
 across thresholds, so that two separate blobs give two boxes and a nested copy of a kept box is
 dropped. The rankings: ``mean`` heatmap inside the box (the paper's), the component's ``peak``
 (ties broken by the larger mean) and ``mass`` (peak x area, which prefers the larger of nested
-boxes). Which rule a finding uses is chosen on box-val (flows/evaluate.py).
+boxes). A ``prior``-sized rule keeps the components and their ranking but boxes each by the
+finding's typical box (the median width and height of its box-val boxes, as fractions of the
+image), centred on the component's heatmap-weighted centroid: where a map locates a finding
+better than it outlines it (a nodule of 8 input px under stride-8 cells), the centroid is
+sub-cell and the component several times the lesion. Which rule a finding uses is chosen on
+box-val (flows/evaluate.py).
 
 Convention: boxes are xyxy in continuous pixels of the heatmap's grid, pixel (i, j) covering
 [i, i + 1) x [j, j + 1); a heatmap is a 2-D float array in [0, 1] (miner.boxes.check_heatmap).
@@ -25,17 +30,21 @@ from skimage.measure import label
 from torchvision.ops import nms
 
 from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, check_heatmap
+from cxr_miner.miner.localize import boxes_in_source, covers_source
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPONENTS = ("peak", "every")
 RANKINGS = ("mean", "peak", "mass")
+SIZES = ("component", "prior")
 
 
 class Candidates(NamedTuple):
     """A rule's boxes for one heatmap, rank 1 first, with per box the signals a ranking or a
     confidence uses: boxes (K, 4) float64 xyxy; score (K,) the ranking signal; threshold (K,)
     the cut it came from; peak (K,) its component's maximum; mean (K,) the mean heatmap inside
-    the box; area (K,) the box's share of the heatmap's pixels."""
+    the box; area (K,) the box's share of the heatmap's pixels; centre (K, 2) the component's
+    heatmap-weighted centroid (x, y), continuous pixels of the grid."""
 
     boxes: np.ndarray
     score: np.ndarray
@@ -43,6 +52,7 @@ class Candidates(NamedTuple):
     peak: np.ndarray
     mean: np.ndarray
     area: np.ndarray
+    centre: np.ndarray
 
     def take(self, index: np.ndarray) -> Candidates:
         return Candidates(*(field[index] for field in self))
@@ -74,43 +84,49 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
         x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
         area = (x1 - x0) * (y1 - y0)
         sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        index = np.arange(1, count + 1)
+        centre = np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
         for column, values in zip(columns, (
-            boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, np.arange(1, count + 1))),
-            sums / area, area / heatmap.size, np.arange(1, count + 1) == labels[argmax],
+            boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, index)),
+            sums / area, area / heatmap.size, centre, index == labels[argmax],
         )):
             column.append(values)
     if not columns[0]:
         empty = np.zeros(0)
-        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty), np.zeros(0, dtype=bool))
-    boxes, threshold, peak, mean, area, holds_max = (np.concatenate(c) for c in columns[:6])
-    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area), holds_max)
+        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2))), np.zeros(0, dtype=bool))
+    boxes, threshold, peak, mean, area, centre, holds_max = (np.concatenate(c) for c in columns)
+    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre), holds_max)
 
 
 @dataclass(frozen=True)
 class BoxRule:
     """Which components become boxes (``components``), at which ``thresholds``, ranked how
-    (``rank_by``); ``every`` rules keep boxes that overlap a better one at IoU < ``nms_iou``."""
+    (``rank_by``), boxed how (``size``: the component's box, or the finding's ``prior`` box at its
+    centroid); ``every`` and ``prior`` rules keep boxes that overlap a better one at IoU < ``nms_iou``."""
 
     components: str = "peak"
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     rank_by: str = "mean"
     nms_iou: float = 0.5
     limit: int = 3
+    size: str = "component"
 
     def __post_init__(self) -> None:
         if self.components not in COMPONENTS:
             raise ValueError(f"box rule components must be one of {COMPONENTS}, got {self.components!r}")
         if self.rank_by not in RANKINGS:
             raise ValueError(f"box rule ranking must be one of {RANKINGS}, got {self.rank_by!r}")
+        if self.size not in SIZES:
+            raise ValueError(f"box rule size must be one of {SIZES}, got {self.size!r}")
         if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds) or list(self.thresholds) != sorted(set(self.thresholds)):
             raise ValueError(f"box rule thresholds must be increasing, in (0, 1]: {self.thresholds}")
 
     @property
     def name(self) -> str:
-        """e.g. ``peak-mean`` (the paper's rule), ``every-mass``, ``every-peak-from-0.5``."""
+        """e.g. ``peak-mean`` (the paper's rule), ``every-mass``, ``every-peak-from-0.5``, ``every-peak-prior``."""
         default = DEFAULT_THRESHOLDS if self.components == "peak" else SWEEP_THRESHOLDS
         suffix = "" if self.thresholds == default else f"-from-{self.thresholds[0]:g}"
-        return f"{self.components}-{self.rank_by}{suffix}"
+        return f"{self.components}-{self.rank_by}{suffix}" + ("-prior" if self.size == "prior" else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "thresholds": list(self.thresholds)}
@@ -135,11 +151,33 @@ class BoxRule:
             order = nms(torch.from_numpy(rows.boxes), torch.from_numpy(score), self.nms_iou).numpy()
         else:
             order = np.zeros(0, dtype=int)
-        return rows.take(order[: self.limit])
+        return rows.take(order if self.size == "prior" else order[: self.limit])  # prior: limited once sized
 
     def boxes(self, heatmap: np.ndarray) -> Candidates:
-        """Ranked boxes of one heatmap (H, W) in [0, 1], rank 1 first."""
+        """Ranked boxes of one heatmap (H, W) in [0, 1], rank 1 first, on the heatmap's grid
+        (for a ``prior`` rule: its components' boxes; in_source gives the sized ones)."""
         return self.apply(component_table(heatmap, self.thresholds))
+
+    def in_source(self, found: Candidates, input_size: int, letterbox: Letterbox,
+                  box_size: tuple[float, float] | None = None) -> tuple[Candidates, np.ndarray]:
+        """``found`` (this rule's candidates on the input grid) as boxes (K', 4) in source pixels,
+        with the candidates kept: components' boxes through the letterbox, or for a ``prior``
+        rule boxes of ``box_size`` (width and height as fractions of the source image) centred on
+        each centroid, thinned by NMS in rank order. Boxes wholly in the letterbox padding go."""
+        if self.size == "component":
+            source = boxes_in_source(found.boxes, input_size, letterbox)
+        else:
+            if box_size is None:
+                raise ValueError(f"box rule {self.name} needs the finding's box size (fractions of the image)")
+            centres = boxes_in_source(np.repeat(found.centre, 2, axis=0).reshape(-1, 4), input_size, letterbox)[:, :2]
+            half = np.array(box_size) * (letterbox.source_width, letterbox.source_height) / 2
+            limit = np.array([letterbox.source_width, letterbox.source_height] * 2, dtype=np.float64)
+            source = np.clip(np.hstack([centres - half, centres + half]), 0, limit)
+            rank = torch.arange(len(source), 0, -1, dtype=torch.float64)
+            keep = np.sort(nms(torch.from_numpy(source), rank, self.nms_iou).numpy())[: self.limit]
+            found, source = found.take(keep), source[keep]
+        keep = covers_source(source)
+        return found.take(keep), source[keep]
 
 
 PAPER_RULE = BoxRule()
@@ -148,6 +186,8 @@ BOX_RULES = (
     PAPER_RULE,
     BoxRule("peak", rank_by="mass"),
     *(BoxRule("every", sweep, ranking) for sweep in (SWEEP_THRESHOLDS, SWEEP_THRESHOLDS[3:]) for ranking in RANKINGS),
+    BoxRule("peak", size="prior"),
+    BoxRule("every", SWEEP_THRESHOLDS, "peak", size="prior"),
 )
 RULES_BY_NAME = {rule.name: rule for rule in BOX_RULES}
 

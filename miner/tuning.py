@@ -14,7 +14,7 @@ Every figure that describes the choice is box-test's, where nothing was chosen.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from cxr_miner.miner.calibration import (
     precision_recall,
     reliability,
 )
-from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE
+from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, rule_by_name
 
 Outcomes = Mapping[str, Mapping[str, Mapping[str, BoxOutcomes]]]
 
@@ -64,8 +64,25 @@ def figures(outcomes: BoxOutcomes | None, calibration: Calibration, at: float | 
     return row
 
 
-def tune_variant(val: Outcomes, test: Outcomes, variant: str, finding: str, target: float) -> dict[str, Any]:
-    """Rule, calibration and operating point of one variant for one finding, with their figures.
+def box_size_priors(truth: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], images: Iterable[str],
+                    dims: Mapping[str, tuple[int, int]]) -> dict[str, tuple[float, float]]:
+    """finding -> (width, height) of its typical box: the medians over the ground-truth boxes of
+    ``images`` (box-val) as fractions of their image's (width, height) in ``dims``; what the
+    ``prior``-sized box rules (miner.rules) draw. ``truth``: image id -> finding -> xyxy boxes."""
+    fractions: dict[str, list[tuple[float, float]]] = {}
+    for image in images:
+        if image not in dims:
+            continue
+        width, height = dims[image]
+        for finding, boxes in truth.get(image, {}).items():
+            fractions.setdefault(finding, []).extend(((b[2] - b[0]) / width, (b[3] - b[1]) / height) for b in boxes)
+    return {f: tuple(float(v) for v in np.median(np.array(sizes), axis=0)) for f, sizes in sorted(fractions.items())}
+
+
+def tune_variant(val: Outcomes, test: Outcomes, variant: str, finding: str, target: float,
+                 box_size: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Rule, calibration and operating point of one variant for one finding, with their figures
+    (``box_size``: the finding's box-size prior, recorded with a ``prior`` rule).
 
     A finding without box-val boxes gets the paper's rule and a calibration fitted on the boxes
     of every finding (its ``fitted_on`` says so)."""
@@ -82,20 +99,23 @@ def tune_variant(val: Outcomes, test: Outcomes, variant: str, finding: str, targ
     calibration = fit_calibration(signals, hit)
     at = operating_point(calibration.predict(signals), hit, target)
     return {
-        "rule": rule, "calibration": calibration.to_dict(), "fitted_on": fitted_on, "operating_point": at,
+        "rule": rule, "box_size": list(box_size) if box_size and rule_by_name(rule).size == "prior" else None,
+        "calibration": calibration.to_dict(), "fitted_on": fitted_on, "operating_point": at,
         "box_val": figures(mine, calibration, at, curves=False),
         "box_test": figures(test.get(variant, {}).get(rule, {}).get(finding), calibration, at, curves=True),
     }
 
 
 def tune(val: Outcomes, test: Outcomes, variants: Sequence[str], findings: Sequence[str],
-         target: float = PRECISION_TARGET) -> dict[str, Any]:
-    """The choices of every finding (module doc); ``variants`` in preference order for ties."""
+         target: float = PRECISION_TARGET, box_sizes: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """The choices of every finding (module doc); ``variants`` in preference order for ties;
+    ``box_sizes`` (box_size_priors of box-val) for the ``prior`` rules."""
+    box_sizes = box_sizes or {}
     if not variants:
         raise ValueError("nothing to tune: no method variant")
     chosen: dict[str, Any] = {}
     for finding in findings:
-        candidates = {v: tune_variant(val, test, v, finding, target) for v in variants}
+        candidates = {v: tune_variant(val, test, v, finding, target, box_sizes.get(finding)) for v in variants}
         scores = [choice_score(val.get(v, {}).get(candidates[v]["rule"], {}).get(finding)) for v in variants]
         chosen[finding] = {"method": variants[int(np.argmax(scores))], "candidates": candidates}
     return {"hit_iou": HIT_IOU, "precision_target": target, "chosen_on": "box-val", "reported_on": "box-test",

@@ -20,7 +20,7 @@ from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
 from cxr_miner.miner.localize import boxes_in_source, upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
-from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, SWEEP_THRESHOLDS, Candidates, component_table
+from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, RULES_BY_NAME, SWEEP_THRESHOLDS, Candidates, component_table
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
 from cxr_miner.storage.stages.harvest import part_rows
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -93,13 +93,16 @@ def candidates_by_rule(heatmap: np.ndarray) -> dict[str, Candidates]:
 def evaluate_boxes(
     provider: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup],
     truth: dict[str, dict[str, list[list[float]]]], halves: Mapping[str, str], batch_size: int,
-    advance: Callable[[int], None] = lambda n: None,
+    advance: Callable[[int], None] = lambda n: None, box_sizes: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, dict[str, HalfScores]]:
     """Scores of every variant ``provider`` gives in one pass (``provides()``: the CAM baseline and
     AM at each t, from one AM pass) on the boxed images of ``groups``, per variant key and half
     (``halves``: image id -> box-val | box-test): each finding with a ground-truth box is boxed by
     the paper's rule (the variant's own) and by every candidate rule, its heatmap scored by
-    MaxBoxAccV2, and all against ``truth`` (image id -> finding -> xyxy boxes in source pixels)."""
+    MaxBoxAccV2, and all against ``truth`` (image id -> finding -> xyxy boxes in source pixels).
+    ``box_sizes`` (finding -> box-size prior from box-val) sizes the ``prior`` rules' boxes; a
+    finding without one is not boxed by them."""
+    box_sizes = box_sizes or {}
     def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
         return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
 
@@ -121,7 +124,9 @@ def evaluate_boxes(
                     half.heatmaps.accumulate(finding, heatmap, gt,
                                              lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
                     for rule, candidates in candidates_by_rule(full).items():
-                        boxes = boxes_in_source(candidates.boxes, input_size, letterboxes[i])
+                        if RULES_BY_NAME[rule].size == "prior" and finding not in box_sizes:
+                            continue
+                        candidates, boxes = RULES_BY_NAME[rule].in_source(candidates, input_size, letterboxes[i], box_sizes.get(finding))
                         half.rules[rule].accumulate(finding, boxes, gt)
                         if rule == PAPER_RULE.name:
                             half.boxes.accumulate(finding, boxes, gt)

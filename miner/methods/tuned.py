@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cxr_miner.miner.calibration import Calibration, box_signals
-from cxr_miner.miner.localize import Localization, boxes_in_source, covers_source, upsample
+from cxr_miner.miner.localize import Localization, upsample
 from cxr_miner.miner.methods.registry import BatchLocalization, LocalizationMethod, Select, create_method, method_names
 from cxr_miner.miner.rules import PAPER_RULE, BoxRule, rule_by_name
 from cxr_miner.miner.training import TrainConfig
@@ -31,29 +31,34 @@ from cxr_miner.storage.vocab.letterbox import Letterbox
 
 @dataclass(frozen=True)
 class FindingChoice:
-    """How one finding is boxed: heatmap of ``variant``, ``rule``, and (when calibrated) the
-    confidence and the operating point (None: no confidence reaches the precision target)."""
+    """How one finding is boxed: heatmap of ``variant``, ``rule`` (with the finding's box size,
+    fractions of the image, for a ``prior`` rule), and (when calibrated) the confidence and the
+    operating point (None: no confidence reaches the precision target)."""
 
     variant: str
     rule: BoxRule = PAPER_RULE
     calibration: Calibration | None = None
     operating_point: float | None = None
+    box_size: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule.size == "prior" and self.box_size is None:
+            raise ValueError(f"box rule {self.rule.name} needs a box size")
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.variant, "rule": self.rule.name,
-                "calibration": self.calibration.to_dict() if self.calibration else None, "operating_point": self.operating_point}
+                "calibration": self.calibration.to_dict() if self.calibration else None, "operating_point": self.operating_point,
+                "box_size": list(self.box_size) if self.box_size else None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FindingChoice:
         calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
-        return cls(data["variant"], rule_by_name(data["rule"]), calibration, data.get("operating_point"))
+        box_size = tuple(data["box_size"]) if data.get("box_size") else None
+        return cls(data["variant"], rule_by_name(data["rule"]), calibration, data.get("operating_point"), box_size)
 
     def score(self, heatmap: np.ndarray, probability: float, input_size: int, letterbox: Letterbox) -> Localization:
         """One heatmap (input grid, [0, 1]) -> its boxes in source pixels, scored and calibrated."""
-        found = self.rule.boxes(heatmap)
-        source = boxes_in_source(found.boxes, input_size, letterbox)
-        keep = covers_source(source)
-        found, source = found.take(keep), source[keep]
+        found, source = self.rule.in_source(self.rule.boxes(heatmap), input_size, letterbox, self.box_size)
         k = len(found.boxes)
         if self.calibration is None:
             confidence, at_point = np.full(k, math.nan), np.zeros(k, dtype=bool)
@@ -72,8 +77,9 @@ def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -
         if key not in entry["candidates"]:
             raise ValueError(f"the tuning has no {key!r} for {finding}; it has {sorted(entry['candidates'])} (evaluate the run again)")
         picked = entry["candidates"][key]
+        box_size = tuple(picked["box_size"]) if picked.get("box_size") else None
         choices[finding] = FindingChoice(key, rule_by_name(picked["rule"]), Calibration.from_dict(picked["calibration"]),
-                                         picked["operating_point"])
+                                         picked["operating_point"], box_size)
     return choices
 
 

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from cxr_miner.storage.vocab.findings import FINDINGS
-from cxr_miner.storage.vocab.text import format_number  # noqa: E402
+from cxr_miner.storage.vocab.text import format_number, rule_label  # noqa: E402
 
 GALLERY_PER_GROUP = 2  # images each from the top, the median and the bottom scores
 STYLE = """
@@ -192,14 +192,14 @@ def confidence_section(data: FindingData) -> str:
             ["box-test (reported)", test["pairs"], f"{format_number(test['acc'])} / {format_number(test['acc_rank1'])}",
              test["at_operating_point"]["boxes"], format_number(test["at_operating_point"]["precision"]),
              format_number(test["at_operating_point"]["recall"]), format_number(test["reliability"]["ece"])]]
-    return (f"<p>Boxed by <b>{html.escape(t['method'])}</b> with the box rule <b>{html.escape(t['rule'])}</b>, both chosen on "
+    return (f"<p>Boxed by <b>{html.escape(t['method'])}</b> with the box rule <b>{html.escape(rule_label(t))}</b>, both chosen on "
             f"box-val. Confidence: {html.escape(t['calibration']['kind'])} calibration on {t['calibration']['boxes']} box-val boxes "
             f"({t['calibration']['hits']} hits; fitted on {html.escape(t['fitted_on'])}). Operating point: {point}; "
             f"<b>{data.at_operating_point}</b> boxes of this release are at it.</p>"
             + _table(["half", "pairs", "Acc / rank 1 (IoU 0.3)", "boxes at op.", "precision there", "recall there", "ECE"], rows)
             + "<p>The variants it was chosen from (each with its best box rule on box-val; Acc / rank-1 Acc at IoU 0.3):</p>"
             + _table(["variant", "box rule", "box-val", "box-test"], [
-                [html.escape(v), html.escape(a["rule"]),
+                [html.escape(v), html.escape(rule_label(a)),
                  *(f"{format_number(a[h]['acc'])} / {format_number(a[h]['acc_rank1'])}" for h in ("box_val", "box_test"))]
                 for v, a in t.get("alternatives", {}).items()]))
 

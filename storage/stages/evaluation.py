@@ -14,7 +14,7 @@ from typing import Any
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
-from cxr_miner.storage.vocab.text import MISSING, markdown_table
+from cxr_miner.storage.vocab.text import MISSING, markdown_table, rule_label
 
 SHORT = {"Atelectasis": "AT", "Cardiomegaly": "CM", "Effusion": "PE", "Infiltration": "Infiltrat.", "Mass": "Mass",
          "Nodule": "Nodule", "Pneumonia": "PNA", "Pneumothorax": "PTx"}
@@ -91,7 +91,7 @@ def tuning_markdown(tuning: dict[str, Any]) -> str:
         val, test = picked["box_val"], picked["box_test"]
         at = test["at_operating_point"]
         rows.append([
-            finding, choice["method"], picked["rule"], f"{_cell(val['acc'])} / {_cell(val['acc_rank1'])} ({val['pairs']})",
+            finding, choice["method"], rule_label(picked), f"{_cell(val['acc'])} / {_cell(val['acc_rank1'])} ({val['pairs']})",
             f"{_cell(test['acc'])} / {_cell(test['acc_rank1'])} ({test['pairs']})", _cell(test["reliability"]["ece"], 3),
             _cell(picked["operating_point"], 3), f"{_cell(at['precision'])} / {_cell(at['recall'])} ({at['boxes']} boxes)",
         ])
@@ -122,12 +122,12 @@ def harvested_choices(tuning: dict[str, Any] | None, choices: dict[str, Any]) ->
             continue
         entry = (tuning or {}).get("findings", {}).get(finding, {}).get("candidates", {}).get(choice["variant"])
         same = entry is not None and entry["rule"] == choice["rule"] and entry["operating_point"] == choice["operating_point"] \
-            and entry["calibration"] == choice["calibration"]
+            and entry["calibration"] == choice["calibration"] and entry.get("box_size") == choice.get("box_size")
         if not same:
             raise TuningChanged(f"{finding}: the run's tuning.json no longer matches the harvest (evaluated again?); "
                                 "harvest again before releasing")
         candidates = tuning["findings"][finding]["candidates"]
-        alternatives = {v: {"rule": c["rule"], **{half: {k: c[half][k] for k in ("pairs", "acc", "acc_rank1")} for half in ("box_val", "box_test")}}
+        alternatives = {v: {"rule": c["rule"], "box_size": c.get("box_size"), **{half: {k: c[half][k] for k in ("pairs", "acc", "acc_rank1")} for half in ("box_val", "box_test")}}
                         for v, c in candidates.items()}
         picked[finding] = {"method": choice["variant"], **entry, "alternatives": alternatives}
     return picked

@@ -154,6 +154,17 @@ def read_index(path: Path) -> pa.Table:
     return table.select(INDEX_SCHEMA.names)
 
 
+def image_sizes(index: pa.Table) -> dict[str, tuple[int, int]]:
+    """image id -> (width, height) of its source image, from an index table: the size read from
+    the file, else the metadata's original size; images with neither are left out."""
+    sizes = {}
+    for row in index.select(["image_id", "width", "height", "original_width", "original_height"]).to_pylist():
+        width, height = row["width"] or row["original_width"], row["height"] or row["original_height"]
+        if width and height:
+            sizes[row["image_id"]] = (int(width), int(height))
+    return sizes
+
+
 MAX_SHRINK = 0.1  # an index with more than 10% fewer usable images than the last one is refused by default
 
 

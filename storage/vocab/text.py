@@ -21,3 +21,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(format_number(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def rule_label(choice: Any) -> str:
+    """A tuned choice's box rule for people: its name, and for a ``prior`` rule the box size
+    (``box_size``: width and height as fractions of the image), e.g. ``peak-mean-prior (0.035 x 0.036)``."""
+    size = choice.get("box_size")
+    return choice["rule"] + (f" ({size[0]:.3f} x {size[1]:.3f} of the image)" if size else "")

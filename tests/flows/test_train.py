@@ -153,7 +153,7 @@ def test_rerun_skips_finished_steps_and_other_settings_are_refused(trained, tmp_
 
 def test_nothing_is_chosen_on_box_test(trained, evaluated, tmp_path):
     """Move every box-test ground-truth box to a corner: the choices of tuning.json (variant, box
-    rule, calibration, operating point) stay exactly the same, and only box-test's figures change."""
+    rule, box size, calibration, operating point) stay exactly the same, and only box-test's figures change."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -182,6 +182,6 @@ def test_nothing_is_chosen_on_box_test(trained, evaluated, tmp_path):
         assert after["findings"][finding]["method"] == choice["method"]
         for variant, entry in choice["candidates"].items():
             moved_entry = after["findings"][finding]["candidates"][variant]
-            for key in ("rule", "calibration", "operating_point", "fitted_on", "box_val"):
+            for key in ("rule", "box_size", "calibration", "operating_point", "fitted_on", "box_val"):
                 assert json.dumps(moved_entry[key], sort_keys=True) == json.dumps(entry[key], sort_keys=True), (finding, variant, key)
     assert again["released"]["mean_acc"] == 0 < evaluated["released"]["mean_acc"]

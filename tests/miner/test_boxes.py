@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cxr_miner.miner.boxes import check_heatmap, heatmap_boxes, heatmap_boxes_batched
-from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, RULES_BY_NAME, BoxRule, rule_by_name
+from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, RULES_BY_NAME, BoxRule, component_table, rule_by_name
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
 def nested_blob() -> np.ndarray:
@@ -171,8 +172,43 @@ def test_the_papers_rule_is_heatmap_boxes_on_random_maps():
 
 def test_rules_are_named_and_round_trip():
     assert [r.name for r in BOX_RULES][:3] == ["peak-mean", "peak-mass", "every-mean"]
-    assert "every-peak-from-0.5" in RULES_BY_NAME
+    assert "every-peak-from-0.5" in RULES_BY_NAME and BOX_RULES[-1].name == "every-peak-prior"
     for rule in BOX_RULES:
         assert BoxRule.from_dict(rule.to_dict()) == rule
     with pytest.raises(ValueError, match="unknown box rule"):
         rule_by_name("largest")
+    with pytest.raises(ValueError, match="size must be one of"):
+        BoxRule(size="fixed")
+
+
+def test_components_carry_their_heatmap_weighted_centres():
+    """Blob A is symmetric about (x 6, y 5) at every cut (its ring spans columns 2-9 and rows 2-7,
+    its core columns 4-7 and rows 4-5); blob B, flat, spans columns 20-27 and rows 12-17."""
+    table = component_table(_two_blobs(), (0.5, 0.9))
+    assert table.rows.boxes.tolist() == [[2, 2, 10, 8], [20, 12, 28, 18], [4, 4, 8, 6]]
+    np.testing.assert_allclose(table.rows.centre, [[6, 5], [24, 15], [6, 5]])
+    skewed = np.zeros((4, 4))
+    skewed[1, 1:3] = [1.0, 0.5]  # centre x = (1.5 * 1.0 + 2.5 * 0.5) / 1.5
+    np.testing.assert_allclose(component_table(skewed, (0.5,)).rows.centre, [[(1.5 + 1.25) / 1.5, 1.5]])
+
+
+def test_prior_rules_box_the_findings_size_at_each_centroid():
+    """Source 60 x 60 in a 30 px input: x2. A box size of (0.2, 0.1) is 12 x 6 source px. Blob A's
+    core and ring share the centroid (6, 5) -> source (12, 10): one box (12 +- 6, 10 +- 3) after
+    NMS; blob B's centroid (24, 15) -> (48, 30). The peak-component rule boxes only blob A."""
+    letterbox = Letterbox.fit(60, 60, 30)
+    rule = rule_by_name("every-peak-prior")
+    found, source = rule.in_source(rule.boxes(_two_blobs()), 30, letterbox, (0.2, 0.1))
+    np.testing.assert_allclose(source, [[6, 7, 18, 13], [42, 27, 54, 33]])
+    np.testing.assert_allclose([found.mean, found.peak], [[1.0, 0.8], [1.0, 0.8]])
+    paper_sized = rule_by_name("peak-mean-prior")
+    np.testing.assert_allclose(paper_sized.in_source(paper_sized.boxes(_two_blobs()), 30, letterbox, (0.2, 0.1))[1], [[6, 7, 18, 13]])
+    _, clipped = rule.in_source(rule.boxes(_two_blobs()), 30, letterbox, (0.5, 0.5))  # 30 x 30 at (12, 10)
+    np.testing.assert_allclose(clipped[0], [0, 0, 27, 25])
+    with pytest.raises(ValueError, match="needs the finding's box size"):
+        rule.in_source(rule.boxes(_two_blobs()), 30, letterbox)
+
+
+def test_component_rules_map_their_boxes_through_the_letterbox():
+    found, source = PAPER_RULE.in_source(PAPER_RULE.boxes(_two_blobs()), 30, Letterbox.fit(60, 60, 30))
+    assert source.tolist() == [[8, 8, 16, 12], [4, 4, 20, 16]] and len(found.boxes) == 2

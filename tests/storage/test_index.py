@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_miner.storage.stages.index import assign_splits, hashed_split, index_table, unit_hash
+from cxr_miner.storage.stages.index import assign_splits, hashed_split, image_sizes, index_table, unit_hash
 from cxr_miner.storage.vocab.errors import InputError
 
 
@@ -57,3 +57,12 @@ def test_gt_boxes_read_back_grouped_by_image_and_finding(tmp_path):
     }
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         read_gt_boxes(tmp_path / "missing.parquet")
+
+
+def test_image_sizes_prefer_the_files_size_then_the_metadatas():
+    records = [
+        {"image_id": "read", "patient_id": "1", "findings": [], "width": 800, "height": 600, "original_width": 1024, "original_height": 1024},
+        {"image_id": "metadata-only", "patient_id": "2", "findings": [], "original_width": 1024, "original_height": 990},
+        {"image_id": "unknown", "patient_id": "3", "findings": []},
+    ]
+    assert image_sizes(index_table(records)) == {"read": (800, 600), "metadata-only": (1024, 990)}
