@@ -158,3 +158,30 @@ def test_the_tuned_localiser_boxes_each_finding_by_its_choice():
     np.testing.assert_allclose(nodule.boxes, boxes_in_source(paper.boxes, 64, letterboxes[1]))
     assert nodule.variant == "am-t2" and np.isnan(nodule.confidence).all() and not nodule.at_operating_point.any()
     assert result.found[1][FINDINGS.index("Edema")].variant == "cam"
+
+
+def test_the_tuned_localiser_sizes_a_prior_rules_boxes():
+    """A prior rule's choice boxes each component by its box size at the centroid, in source pixels."""
+    from cxr_miner.miner.localize import upsample
+    from cxr_miner.miner.methods import FindingChoice, TunedLocalizer
+    from cxr_miner.miner.rules import rule_by_name
+    from cxr_miner.storage.vocab.findings import FINDINGS
+
+    rule = rule_by_name("every-peak-prior")
+    tuned = TunedLocalizer(CONFIG, {"Mass": FindingChoice("cam", rule, box_size=(0.1, 0.05))}, FindingChoice("cam"))
+    torch.manual_seed(4)
+    models = [create_model(CONFIG.model).eval()]
+    images = torch.randint(0, 256, (1, 64, 64), dtype=torch.uint8)
+    letterbox = Letterbox.fit(200, 160, 64)
+    wanted = torch.zeros(1, 14, dtype=torch.bool)
+    wanted[0, FINDINGS.index("Mass")] = True
+    mass = tuned.localize_batch(models, images, [letterbox], lambda logits: wanted).found[0][FINDINGS.index("Mass")]
+    from cxr_miner.miner.training import prepare_images
+
+    with torch.no_grad():
+        maps, _ = create_method("cam", CONFIG).heatmaps(models, prepare_images(images, 64, torch.device("cpu")), None)
+    _, expected = rule.in_source(rule.boxes(upsample(maps[0, FINDINGS.index("Mass")], 64).numpy()), 64, letterbox, (0.1, 0.05))
+    np.testing.assert_allclose(mass.boxes, expected)
+    inside = (mass.boxes[:, 0] > 0) & (mass.boxes[:, 2] < 200) & (mass.boxes[:, 1] > 0) & (mass.boxes[:, 3] < 160)
+    np.testing.assert_allclose((mass.boxes[inside, 2:] - mass.boxes[inside, :2]), np.tile([20.0, 8.0], (inside.sum(), 1)))
+    assert 1 <= len(mass.boxes) <= 3 and inside.any()
