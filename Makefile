@@ -44,6 +44,7 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess_efficiency.py
 	$(BIN)/python bench/ingest_full_metadata.py
+	$(BIN)/python bench/prior_ceiling.py
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_efficiency.py
 	$(BIN)/python bench/harvest_efficiency.py
