@@ -263,6 +263,9 @@ def print_release(published: dict) -> None:
         say(f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f} (all boxes), "
             f"{found['mean_acc_rank1']:.2f} (rank 1 alone)",
             f"over {len(found['findings'])} findings; lowest {found['min_acc']:.2f}")
+        pooled = found.get("calibration") or {}
+        if pooled.get("boxes"):
+            say(f"confidence on box-test: expected calibration error {pooled['ece']:.3f} over its {pooled['boxes']} boxes")
 
 
 def print_auc_table(rows: list[dict]) -> None:

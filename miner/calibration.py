@@ -16,6 +16,7 @@ one hit among the boxes taken, over the pairs scored (Acc at T(IoU) = 0.3, DESIG
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -136,6 +137,22 @@ def reliability(confidence: np.ndarray, hit: np.ndarray, bins: int = RELIABILITY
         rows.append({"low": b / bins, "high": (b + 1) / bins, "boxes": int(inside.sum()), "confidence": mean, "hit_rate": rate})
         ece += inside.sum() / len(hit) * abs(mean - rate)
     return {"bins": rows, "ece": float(ece) if len(hit) else math.nan, "boxes": int(len(hit))}
+
+
+def pool_reliability(diagrams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One reliability diagram of the boxes of several (``reliability``'s output, same bins): the
+    bins' boxes, confidences and hit rates pooled, and the ECE of the pooled boxes."""
+    pooled: dict[tuple[float, float], list[float]] = {}
+    for diagram in diagrams:
+        for row in diagram["bins"]:
+            n, confidence, hits = pooled.setdefault((row["low"], row["high"]), [0, 0.0, 0.0])
+            pooled[(row["low"], row["high"])] = [n + row["boxes"], confidence + row["boxes"] * row["confidence"],
+                                                 hits + row["boxes"] * row["hit_rate"]]
+    rows = [{"low": low, "high": high, "boxes": int(n), "confidence": c / n, "hit_rate": h / n}
+            for (low, high), (n, c, h) in sorted(pooled.items())]
+    boxes = sum(r["boxes"] for r in rows)
+    ece = sum(r["boxes"] * abs(r["confidence"] - r["hit_rate"]) for r in rows) / boxes if boxes else math.nan
+    return {"bins": rows, "ece": float(ece), "boxes": boxes}
 
 
 def precision_recall(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float) -> dict[str, float]:

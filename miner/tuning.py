@@ -26,6 +26,7 @@ from cxr_miner.miner.calibration import (
     Calibration,
     fit_calibration,
     operating_point,
+    pool_reliability,
     pr_curve,
     precision_recall,
     reliability,
@@ -125,15 +126,18 @@ def tune(val: Outcomes, test: Outcomes, variants: Sequence[str], findings: Seque
 def released_figures(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Box-test Acc at T(IoU) = 0.3 of the boxes released per finding (``entries``: finding -> its
     tuned candidate, as in tuning.json), all boxes and rank 1, and the means over the findings
-    with box-test pairs (the demo's target, issue 11)."""
+    with box-test pairs (the demo's target, issue 11); ``calibration``: the ECE of all those
+    findings' box-test boxes pooled (a finding's own halves are often too small to show it)."""
     rows = {}
     for finding, entry in entries.items():
         test = entry["box_test"]
         if test["pairs"]:
             rows[finding] = {"acc": test["acc"], "acc_rank1": test["acc_rank1"], "pairs": test["pairs"]}
     mean = {k: float(np.mean([r[k] for r in rows.values()])) if rows else math.nan for k in ("acc", "acc_rank1")}
+    pooled = pool_reliability(entries[f]["box_test"]["reliability"] for f in rows)
     return {"split": "box-test", "hit_iou": HIT_IOU, "findings": rows, "mean_acc": mean["acc"],
-            "mean_acc_rank1": mean["acc_rank1"], "min_acc": min((r["acc"] for r in rows.values()), default=math.nan)}
+            "mean_acc_rank1": mean["acc_rank1"], "min_acc": min((r["acc"] for r in rows.values()), default=math.nan),
+            "calibration": {"boxes": pooled["boxes"], "ece": pooled["ece"]}}
 
 
 def chosen_entries(tuning: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:

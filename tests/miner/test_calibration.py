@@ -14,6 +14,7 @@ from cxr_miner.miner.calibration import (
     fit_calibration,
     hits,
     operating_point,
+    pool_reliability,
     pr_curve,
     precision_recall,
     reliability,
@@ -47,6 +48,18 @@ def test_reliability_diagram_and_ece_by_hand():
     # 1/4 |0.05 - 0| + 2/4 |0.15 - 0.5| + 1/4 |0.95 - 1| = 0.0125 + 0.175 + 0.0125
     assert result["ece"] == pytest.approx(0.2)
     assert reliability(np.array([1.0]), np.array([True]))["bins"][0]["low"] == 0.9  # 1.0 falls in the last bin
+
+
+def test_pooled_reliability_is_that_of_all_the_boxes_together():
+    rng = np.random.default_rng(5)
+    parts = [(rng.random(n), rng.random(n) < 0.6) for n in (7, 30, 1)]
+    pooled = pool_reliability(reliability(c, h) for c, h in parts)
+    together = reliability(np.concatenate([c for c, _ in parts]), np.concatenate([h for _, h in parts]))
+    assert pooled["boxes"] == together["boxes"] == 38
+    assert pooled["ece"] == pytest.approx(together["ece"])
+    for mine, theirs in zip(pooled["bins"], together["bins"], strict=True):
+        assert mine == pytest.approx(theirs)
+    assert math.isnan(pool_reliability([])["ece"])
 
 
 def test_operating_point_is_the_lowest_confidence_reaching_the_target():

@@ -8,7 +8,7 @@ import pytest
 from cxr_miner.miner.calibration import BoxOutcomes
 from cxr_miner.miner.methods import FindingChoice
 from cxr_miner.miner.rules import PAPER_RULE, rule_by_name
-from cxr_miner.miner.tuning import box_size_priors, tune
+from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
 
 
 def test_box_size_priors_are_medians_of_the_given_images_boxes_as_fractions():
@@ -39,6 +39,9 @@ def test_a_winning_prior_rule_is_recorded_with_the_findings_box_size():
     nodule, mass = (tuning["findings"][f]["candidates"]["cam"] for f in ("Nodule", "Mass"))
     assert (nodule["rule"], nodule["box_size"], nodule["box_test"]["acc"]) == ("peak-mean-prior", [0.1, 0.2], 0.5)
     assert (mass["rule"], mass["box_size"]) == (PAPER_RULE.name, None)
+    released = released_figures(chosen_entries(tuning))  # Mass has no box-test pair: Nodule alone
+    assert (list(released["findings"]), released["mean_acc"], released["calibration"]["boxes"]) == (["Nodule"], 0.5, 2)
+    assert released["calibration"]["ece"] == nodule["box_test"]["reliability"]["ece"]
 
 
 def test_a_finding_choice_with_a_prior_rule_needs_and_keeps_its_box_size():
