@@ -16,6 +16,7 @@ gradient of a confidently wrong patch (tests/miner/test_mil.py shows both).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from torch import nn
 
 from cxr_miner.miner.models import Trunk
 from cxr_miner.miner.registration import upsample_registered
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 RESCALE_LOW = 0.98  # section 3.4: p and 1 - p mapped from [0, 1] to [0.98, 1]
 LAMBDA_BBOX = 5.0  # Eq. 4's weight of the boxed images (section 3.4, "by cross validation")
@@ -88,6 +91,21 @@ def box_patches(boxes: np.ndarray, grid: int, input_size: int) -> np.ndarray:
         c1, r1 = int(math.ceil(x1 / side)), int(math.ceil(y1 / side))
         mask[max(r0, 0):min(r1, grid), max(c0, 0):min(c1, grid)] = True
     return mask
+
+
+def patch_targets(boxes: Sequence[Mapping[str, Sequence[Sequence[float]]]], letterboxes: Sequence[Letterbox],
+                  input_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 1's patch labels of a batch: ``boxes[i]`` maps a finding to image i's boxes (xyxy,
+    source pixels; empty: no box), mapped through its letterbox onto the input grid. Returns
+    positive (N, K, P, P) bool, the patches of finding k's boxes, and boxed (N, K) bool, eta_i for
+    finding k (Eq. 3), over the K = len(FINDINGS) findings."""
+    positive = np.zeros((len(boxes), len(FINDINGS), grid, grid), dtype=bool)
+    for i, (by_finding, letterbox) in enumerate(zip(boxes, letterboxes, strict=True)):
+        for finding, source in by_finding.items():
+            if len(source):
+                on_input = letterbox.boxes_to_shard(np.asarray(source, dtype=np.float64)) * (input_size / letterbox.size)
+                positive[i, FINDINGS.index(finding)] = box_patches(on_input, grid, input_size)
+    return positive, positive.any(axis=(2, 3))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,15 @@ from cxr_miner.miner.mil import (
     log_eq1,
     log_eq2,
     mil_loss,
+    patch_targets,
     region_boxes,
     rescaled_eq1,
     rescaled_eq2,
     slice_patches,
 )
 from cxr_miner.miner.registration import upsample_registered
+from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.vocab.letterbox import Letterbox
 
 P = np.array([[0.9, 0.2], [0.5, 0.1]])
 BOX = np.array([[True, False], [False, False]])
@@ -128,3 +131,15 @@ def test_the_patch_head_gives_k_logits_per_patch():
 def test_the_patch_model_maps_images_to_patch_logits(size, grid):
     model = PatchModel("resnet10", num_classes=3, grid=grid, head_channels=8).eval()
     assert model(torch.randn(2, 1, size, size)).shape == (2, 3, grid, grid)
+
+
+def test_patch_targets_map_source_boxes_through_the_letterbox():
+    """A 128 x 64 source in a 64 px shard: scale 0.5, offset_y 16; a 32 px input halves again.
+    Source box (0, 0, 64, 32) -> shard (0, 16, 32, 32) -> input (0, 8, 16, 16): with 8 px patches
+    (P = 4) row 1, columns 0 and 1."""
+    letterboxes = [Letterbox.fit(128, 64, 64), Letterbox.fit(64, 64, 64)]
+    positive, boxed = patch_targets([{"Mass": [[0, 0, 64, 32]], "Nodule": []}, {}], letterboxes, 32, 4)
+    mass = FINDINGS.index("Mass")
+    assert positive.shape == (2, len(FINDINGS), 4, 4)
+    assert sorted(zip(*np.nonzero(positive[0, mass]))) == [(1, 0), (1, 1)]
+    assert np.nonzero(boxed)[0].tolist() == [0] and np.nonzero(boxed)[1].tolist() == [mass]
