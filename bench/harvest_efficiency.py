@@ -51,7 +51,11 @@ def random_run(work: Path, preset_name: str, device: str) -> list:
 
     config = preset(preset_name).updated({"device": device})
     folder = RunFolder.of(work, "bench")
-    folder.start(config.to_dict(), work)
+    try:
+        folder.start(config.to_dict(), work)
+    except ValueError:  # a cached run of an older config or code: its random models are worth nothing
+        shutil.rmtree(folder.directory)
+        folder.start(config.to_dict(), work)
     for step in range(1, config.am_steps + 1):
         if not folder.step(step).exists():
             torch.manual_seed(step)
