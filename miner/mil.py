@@ -62,9 +62,11 @@ class PatchHead(nn.Module):
 
 class PatchModel(nn.Module):
     """Section 3.1: a ResNet trunk without pooling and classifier (its last stage's features),
-    patch slicing to ``grid`` x ``grid``, and the PatchHead: images (N, 1, S, S) normalised ->
-    patch logits (N, K, P, P). The paper's trunk is the pre-activation ResNet-50 v2; torchvision's
-    ResNets stand in (``trunk``), with a grayscale stem as the other models have."""
+    patch slicing to ``grid`` x ``grid``, and the PatchHead. ``patches``: images (N, 1, S, S)
+    normalised -> patch logits (N, K, P, P); ``forward``: the image logits (N, K) of Eq. 2,
+    log p - log(1 - p), so that sigmoid gives Eq. 2's p(y_k | x_i). The paper's trunk is the
+    pre-activation ResNet-50 v2; torchvision's ResNets stand in (``trunk``), with a grayscale stem
+    as the other models have."""
 
     def __init__(self, trunk: str = "resnet50", num_classes: int = 14, grid: int = 16, stages: int = 4,
                  head_channels: int = 512, trunk_weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -73,9 +75,27 @@ class PatchModel(nn.Module):
         self.grid = grid
         self.head = PatchHead(self.trunk.channels[1], num_classes, head_channels)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
         _, last = self.trunk(images)
         return self.head(slice_patches(last, self.grid, images.shape[-1]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return image_logits(self.patches(images))
+
+
+def image_logits(patch_logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 as a logit: patch logits (N, K, P, P) -> log p - log(1 - p), (N, K), float32."""
+    log_yes, log_no = log_eq2(patch_logits.float())
+    return log_yes - log_no
+
+
+def init_patch_bias(model: PatchModel, prevalence: torch.Tensor) -> None:
+    """Start every patch at the probability q that makes Eq. 2 give each finding's prevalence
+    (1 - (1 - q)^(P^2) = prevalence), so that early epochs do not spend themselves on the imbalance."""
+    p = prevalence.double().clamp(1e-4, 1 - 1e-4)
+    q = -torch.expm1(torch.log1p(-p) / model.grid**2)
+    with torch.no_grad():
+        model.head.classify.bias.copy_(torch.log(q / (1 - q)).float())
 
 
 def box_patches(boxes: np.ndarray, grid: int, input_size: int) -> np.ndarray:
@@ -106,6 +126,19 @@ def patch_targets(boxes: Sequence[Mapping[str, Sequence[Sequence[float]]]], lett
                 on_input = letterbox.boxes_to_shard(np.asarray(source, dtype=np.float64)) * (input_size / letterbox.size)
                 positive[i, FINDINGS.index(finding)] = box_patches(on_input, grid, input_size)
     return positive, positive.any(axis=(2, 3))
+
+
+class PatchLabels:
+    """The loader's ``targets`` for MIL training: a batch's (image ids, letterboxes) -> {"positive":
+    (N, K, P, P) bool, "boxed": (N, K) bool} (patch_targets) from ``boxes``, image id -> finding ->
+    xyxy source boxes of the images whose boxes the model may learn from. Picklable (loader workers)."""
+
+    def __init__(self, boxes: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], input_size: int, grid: int) -> None:
+        self.boxes, self.input_size, self.grid = dict(boxes), input_size, grid
+
+    def __call__(self, image_ids: Sequence[str], letterboxes: Sequence[Letterbox]) -> dict[str, torch.Tensor]:
+        positive, boxed = patch_targets([self.boxes.get(i, {}) for i in image_ids], letterboxes, self.input_size, self.grid)
+        return {"positive": torch.from_numpy(positive), "boxed": torch.from_numpy(boxed)}
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

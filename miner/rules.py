@@ -5,9 +5,14 @@ ranked. ``peak`` components are those holding the map's global maximum, one per 
 Cai et al. 2018, section 3.2 (nested boxes, equal boxes given once); ``every`` takes every
 component at every threshold and thins them with non-maximum suppression (torchvision ``nms``)
 across thresholds, so that two separate blobs give two boxes and a nested copy of a kept box is
-dropped. The rankings: ``mean`` heatmap inside the box (the paper's), the component's ``peak``
-(ties broken by the larger mean) and ``mass`` (peak x area, which prefers the larger of nested
-boxes). A ``prior``-sized rule keeps the components and their ranking but boxes each by the
+dropped. ``region`` is the rule of Li et al. 2018, section 3.3, for the MIL patch model's map
+of patch probabilities (absolute, not normalised): the region above T_s = 0.5, each 8-connected
+part of it a box (parts at one threshold are disjoint: no NMS), ranked by ``patches``, the mean
+over the part's own pixels (its patches, on a patch map drawn in blocks); the table keeps
+pixels ``>=`` a threshold where the paper says above, which differs only on ties at exactly 0.5.
+The rankings: ``mean`` heatmap inside the box (Cai et al.'s), the component's ``peak``
+(ties broken by the larger mean), ``mass`` (peak x area, which prefers the larger of nested
+boxes) and ``patches``. A ``prior``-sized rule keeps the components and their ranking but boxes each by the
 finding's typical box (the median width and height of its box-val boxes, as fractions of the
 image), centred on the component's heatmap-weighted centroid: where a map locates a finding
 better than it outlines it (a nodule of 8 input px under stride-8 cells), the centroid is
@@ -34,8 +39,9 @@ from cxr_miner.miner.localize import boxes_in_source, covers_source
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-COMPONENTS = ("peak", "every")
-RANKINGS = ("mean", "peak", "mass")
+REGION_THRESHOLD = 0.5  # T_s of Li et al. 2018, section 3.3
+COMPONENTS = ("peak", "every", "region")
+RANKINGS = ("mean", "peak", "mass", "patches")
 SIZES = ("component", "prior")
 
 
@@ -44,7 +50,8 @@ class Candidates(NamedTuple):
     confidence uses: boxes (K, 4) float64 xyxy; score (K,) the ranking signal; threshold (K,)
     the cut it came from; peak (K,) its component's maximum; mean (K,) the mean heatmap inside
     the box; area (K,) the box's share of the heatmap's pixels; centre (K, 2) the component's
-    heatmap-weighted centroid (x, y), continuous pixels of the grid."""
+    heatmap-weighted centroid (x, y), continuous pixels of the grid; inside (K,) the mean heatmap
+    over the component's own pixels."""
 
     boxes: np.ndarray
     score: np.ndarray
@@ -53,6 +60,7 @@ class Candidates(NamedTuple):
     mean: np.ndarray
     area: np.ndarray
     centre: np.ndarray
+    inside: np.ndarray
 
     def take(self, index: np.ndarray) -> Candidates:
         return Candidates(*(field[index] for field in self))
@@ -74,7 +82,7 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
     integral = np.zeros((h + 1, w + 1))
     integral[1:, 1:] = heatmap.cumsum(0).cumsum(1)
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    columns: list[list[np.ndarray]] = [[] for _ in range(7)]
+    columns: list[list[np.ndarray]] = [[] for _ in range(8)]
     for threshold in thresholds:
         labels, count = label(heatmap >= threshold, connectivity=2, return_num=True)
         if count == 0:
@@ -86,16 +94,18 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
         sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
         index = np.arange(1, count + 1)
         centre = np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
+        inside = np.asarray(ndimage.mean(heatmap, labels, index), dtype=np.float64).reshape(-1)
         for column, values in zip(columns, (
             boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, index)),
-            sums / area, area / heatmap.size, centre, index == labels[argmax],
+            sums / area, area / heatmap.size, centre, inside, index == labels[argmax],
         )):
             column.append(values)
     if not columns[0]:
         empty = np.zeros(0)
-        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2))), np.zeros(0, dtype=bool))
-    boxes, threshold, peak, mean, area, centre, holds_max = (np.concatenate(c) for c in columns)
-    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre), holds_max)
+        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2)), empty),
+                              np.zeros(0, dtype=bool))
+    boxes, threshold, peak, mean, area, centre, inside, holds_max = (np.concatenate(c) for c in columns)
+    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre, inside), holds_max)
 
 
 @dataclass(frozen=True)
@@ -123,8 +133,9 @@ class BoxRule:
 
     @property
     def name(self) -> str:
-        """e.g. ``peak-mean`` (the paper's rule), ``every-mass``, ``every-peak-from-0.5``, ``every-peak-prior``."""
-        default = DEFAULT_THRESHOLDS if self.components == "peak" else SWEEP_THRESHOLDS
+        """e.g. ``peak-mean`` (the paper's rule), ``every-mass``, ``every-peak-from-0.5``, ``every-peak-prior``,
+        ``region-patches`` (MIL's)."""
+        default = {"peak": DEFAULT_THRESHOLDS, "every": SWEEP_THRESHOLDS, "region": (REGION_THRESHOLD,)}[self.components]
         suffix = "" if self.thresholds == default else f"-from-{self.thresholds[0]:g}"
         return f"{self.components}-{self.rank_by}{suffix}" + ("-prior" if self.size == "prior" else "")
 
@@ -142,9 +153,12 @@ class BoxRule:
         if self.components == "peak":
             keep &= table.holds_max
         rows = rows.take(np.nonzero(keep)[0])
-        score = {"mean": rows.mean, "peak": rows.peak + 1e-6 * rows.mean, "mass": rows.peak * rows.area}[self.rank_by]
+        score = {"mean": rows.mean, "peak": rows.peak + 1e-6 * rows.mean, "mass": rows.peak * rows.area,
+                 "patches": rows.inside}[self.rank_by]
         rows = rows._replace(score=score)
-        if self.components == "peak":  # nested boxes; a repeat (flat map) is given once, at its lowest threshold
+        if self.components == "region":  # the parts at one threshold are disjoint
+            order = np.argsort(-score, kind="stable")
+        elif self.components == "peak":  # nested boxes; a repeat (flat map) is given once, at its lowest threshold
             _, first = np.unique(rows.boxes, axis=0, return_index=True)
             order = np.sort(first)[np.argsort(-score[np.sort(first)], kind="stable")]
         elif len(score):
@@ -181,13 +195,15 @@ class BoxRule:
 
 
 PAPER_RULE = BoxRule()
+REGION_RULE = BoxRule("region", (REGION_THRESHOLD,), "patches")  # the MIL model's own rule (Li et al. 2018)
 # The rules evaluate scores on box-val, per finding and method, to choose from.
 BOX_RULES = (
     PAPER_RULE,
     BoxRule("peak", rank_by="mass"),
-    *(BoxRule("every", sweep, ranking) for sweep in (SWEEP_THRESHOLDS, SWEEP_THRESHOLDS[3:]) for ranking in RANKINGS),
+    *(BoxRule("every", sweep, ranking) for sweep in (SWEEP_THRESHOLDS, SWEEP_THRESHOLDS[3:]) for ranking in ("mean", "peak", "mass")),
     BoxRule("peak", size="prior"),
     BoxRule("every", SWEEP_THRESHOLDS, "peak", size="prior"),
+    REGION_RULE,
 )
 RULES_BY_NAME = {rule.name: rule for rule in BOX_RULES}
 

@@ -24,7 +24,10 @@ from cxr_miner.miner.attention import (
     classification_loss,
     weighted_classification_loss,
 )
-from cxr_miner.miner.models import CamClassifier, ModelConfig, normalize_input
+from cxr_miner.miner.mil import PatchModel, mil_loss
+from cxr_miner.miner.models import CamClassifier, ModelConfig, create_model, normalize_input
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class TrainConfig:
     input_size: int = 512  # side of the network input; shard images are resized to it
     batch_size: int = 64  # section 3.1: 64 at 512 px, 32 at 1024 px
     epochs: int = 50  # section 3.1: 50 epochs
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw | adam (L2 in the loss: Adam's weight_decay)
     lr: float = 0.1  # section 3.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -49,6 +52,17 @@ class TrainConfig:
     erased_fraction: float = ERASED_FRACTION
     am_include_boxed: bool = True  # section 3: the boxed images join AM training, labels only
     step1_loss: str = "bce"  # bce (Eq. 3) | w-cel (Wang et al. 2017's weighted cross entropy, for rare findings)
+    # The MIL patch model (Li et al. 2018, method ``mil``): its trunk is model.trunk/stages/weights.
+    mil_grid: int = 16  # P of section 3.1 (the paper picks it from {12, 16, 20})
+    mil_head_channels: int = 512  # c* of section 3.1
+    mil_lambda_bbox: float = 5.0  # Eq. 4
+    mil_products: str = "log"  # log (Eq. 1-2 in log space) | rescaled (section 3.4: p to [0.98, 1])
+    mil_epochs: int = 25  # section 4: 500k iterations of batch 5 over ~90k images
+    mil_optimizer: str = "adam"  # section 4: Adam with L2 regularisation in the loss
+    mil_lr: float = 1e-3  # section 4
+    mil_lr_decay_epochs: int = 10  # section 4: x0.1 every 10 epochs; 0: cosine decay as the other steps
+    box_fraction: float = 1.0  # of the boxed images MIL may learn from, by patient (section 4.2's 0% to 80%)
+    box_folds: int = 0  # >= 2: K-fold cross-validation over the boxed images (section 4.2); 0: box-val/box-test
     loader_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -59,8 +73,15 @@ class TrainConfig:
             raise ValueError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
         if self.step1_loss not in ("bce", "w-cel"):
             raise ValueError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        for name in ("optimizer", "mil_optimizer"):
+            if getattr(self, name) not in OPTIMIZERS:
+                raise ValueError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")
+        if self.mil_products not in ("log", "rescaled"):
+            raise ValueError(f"mil_products must be log or rescaled, got {self.mil_products!r}")
+        if not 0 <= self.box_fraction <= 1 or self.box_folds == 1 or self.box_folds < 0:
+            raise ValueError(f"need box_fraction in [0, 1] and box_folds 0 or >= 2: {self.box_fraction}, {self.box_folds}")
+        if self.mil_grid < 1 or self.mil_epochs < 1:
+            raise ValueError(f"need mil_grid and mil_epochs >= 1: {self.mil_grid}, {self.mil_epochs}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.am_steps < 1 or self.epochs < 1 or self.batch_size < 1 or self.input_size < 32:
@@ -123,12 +144,15 @@ def _kind(default: Any) -> str:
 
 
 PRESETS = {
-    # Cai et al. 2018 section 3.1: ResNet-50 from ImageNet, 512 px, batch 64, lr 0.1, 50 epochs.
+    # Cai et al. 2018 section 3.1: ResNet-50 from ImageNet, 512 px, batch 64, lr 0.1, 50 epochs; for
+    # MIL, Li et al. 2018 section 4: 512 px, P = 16, lambda_bbox = 5, Adam from lr 0.001 x0.1 every
+    # 10 epochs (the mil_* defaults). Their batch of 5 was a memory limit of 2017 GPUs: batch 64 here.
     "paper": TrainConfig(model=ModelConfig(name="msa", trunk="resnet50"), weights="imagenet", loader_workers=8),
     # Minutes on 2 CPU cores on demo data: a small trunk from scratch at 128 px.
     "cpu-small": TrainConfig(
         model=ModelConfig(name="msa", trunk="resnet18"), input_size=128, batch_size=32, epochs=12,
         optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=2, am_lr=5e-4, loader_workers=1,
+        mil_grid=8, mil_head_channels=128, mil_epochs=12, mil_optimizer="adamw", mil_lr=2e-3, mil_lr_decay_epochs=0,
     ),
     # `make demo`: localises the phantoms' findings on 2 CPU cores in minutes (issue 11, BENCHMARKS.md
     # "Demo preset"): at 128 px a ResNet-18's receptive field spans the whole image and its CAMs
@@ -138,6 +162,7 @@ PRESETS = {
         model=ModelConfig(name="msa", trunk="resnet10", stages=3), input_size=256, batch_size=32, epochs=10,
         optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=1, am_lr=5e-4, loader_workers=1, precision="bf16",
         step1_loss="w-cel",  # each finding is on ~6% of images: BCE leaves Nodule unlearned in 12 epochs (AUC 0.56 vs 0.93)
+        mil_grid=16, mil_head_channels=128, mil_epochs=10, mil_optimizer="adamw", mil_lr=2e-3, mil_lr_decay_epochs=0,
     ),
 }
 
@@ -172,14 +197,23 @@ def prepare_images(images: torch.Tensor, input_size: int, device: torch.device) 
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, epochs: int, steps_per_epoch: int):
-    """(optimizer, scheduler): SGD or AdamW over trainable parameters, cosine decay per step."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, epochs: int, steps_per_epoch: int,
+                   kind: str | None = None, decay_epochs: int = 0):
+    """(optimizer, scheduler): ``kind`` (default config.optimizer: SGD, AdamW, or Adam with L2 in
+    the loss) over trainable parameters; cosine decay per step, or with ``decay_epochs`` x0.1
+    every that many epochs (Li et al. 2018, section 4)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
+    kind = kind or config.optimizer
+    if kind == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif kind == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    if decay_epochs:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_epochs * steps_per_epoch, gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     return optimizer, scheduler
 
 
@@ -196,7 +230,22 @@ def init_branch_bias(model: CamClassifier, prevalence: torch.Tensor) -> None:
         model.branches.bias.copy_(torch.log(p / (1 - p)))
 
 
-LossFn = Callable[[CamClassifier, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+NETWORKS = ("classifier", "patch")  # the CAM classifier (steps of cam/am) and the MIL patch model
+
+
+def create_network(config: TrainConfig, network: str = "classifier",
+                   trunk_weights: dict[str, torch.Tensor] | None = None) -> CamClassifier | PatchModel:
+    """The run's ``classifier`` (config.model) or its MIL ``patch`` model (same trunk, mil_* settings)."""
+    if network == "patch":
+        return PatchModel(config.model.trunk, config.model.num_classes, config.mil_grid, config.model.stages,
+                          config.mil_head_channels, trunk_weights)
+    if network != "classifier":
+        raise ValueError(f"unknown network {network!r}; known: {NETWORKS}")
+    return create_model(config.model, trunk_weights)
+
+
+# loss_fn(model, images, labels, **targets) -> (loss, parts); targets: what the loader adds (MIL's patch labels)
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
 def plain_loss(model: CamClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -216,6 +265,15 @@ def step1_loss(config: TrainConfig) -> LossFn:
 
 
 STEP1_LOSSES: dict[str, LossFn] = {"bce": plain_loss, "w-cel": weighted_plain_loss}
+
+
+def patch_loss(config: TrainConfig) -> LossFn:
+    """Eq. 4 on the patch model's logits, with the batch's patch labels (miner.mil.patch_targets)."""
+    def loss_fn(model: PatchModel, images: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, boxed: torch.Tensor):
+        loss = mil_loss(model.patches(images).float(), labels, positive, boxed, config.mil_lambda_bbox,
+                        rescaled=config.mil_products == "rescaled")
+        return loss, {"mil": float(loss.detach()), "boxed_pairs": float(boxed.sum()) / max(len(labels), 1)}
+    return loss_fn
 
 
 class EpochStats(NamedTuple):
@@ -247,8 +305,9 @@ def train_epoch(
     for batch in batches:
         images = prepare_images(batch["images"], config.input_size, device)
         labels = batch["labels"].to(device, non_blocking=True).float()
+        targets = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("images", "labels")}
         with autocast(device, config.precision):
-            loss, parts = loss_fn(model, images, labels)
+            loss, parts = loss_fn(model, images, labels, **targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)}; lower the learning rate (now {scheduler.get_last_lr()})")
         optimizer.zero_grad(set_to_none=True)

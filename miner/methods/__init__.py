@@ -1,14 +1,14 @@
 """Localisation methods: one registry (``registry``), one module per method.
 
 ``create_method("am", config)`` gives a method for a run; ``method_names()`` lists them.
-A new method (the MIL miner next) is a module here that registers its class, plus its
-import below. ``tuned`` is no method of its own: it boxes each finding by the variant and rule
+A new method is a module here that registers its class, plus its import below. ``tuned`` is no method of its own: it boxes each finding by the variant and rule
 chosen on box-val (harvest's localiser).
 """
 
 # Importing a method's module registers it; the CAM baseline first, so that it leads every table.
 from cxr_miner.miner.methods import cam  # noqa: F401, I001
 from cxr_miner.miner.methods import attention  # noqa: F401
+from cxr_miner.miner.methods import mil  # noqa: F401
 from cxr_miner.miner.methods.registry import (
     BatchLocalization, LocalizationMethod, check_method, create_method, method_names, register_method,
 )

@@ -1,7 +1,7 @@
 """The registry of localisation methods (the pattern of timm's model registry).
 
-A method has a ``name`` (``cam``, ``am``; the MIL miner will be ``mil``), knows which of a
-run's checkpoints it needs, and maps a batch of shard images, with the (image, finding)
+A method has a ``name`` (``cam``, ``am``, ``mil``), knows which of a run's checkpoints it needs
+(and which its releases use), its own box rule (``paper_rule``), and maps a batch of shard images, with the (image, finding)
 pairs wanted, to ranked boxes in source pixels. Evaluate, harvest, release and the report
 iterate the registry; a new method is a new module that registers its class here.
 """
@@ -17,6 +17,7 @@ import torch
 
 from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS
 from cxr_miner.miner.localize import Localization, localize
+from cxr_miner.miner.rules import PAPER_RULE, BoxRule
 from cxr_miner.miner.training import TrainConfig, autocast, prepare_images
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
@@ -24,7 +25,7 @@ from cxr_miner.storage.vocab.letterbox import Letterbox
 Select = Callable[[torch.Tensor], torch.Tensor]
 
 _REGISTRY: dict[str, type[LocalizationMethod]] = {}
-PLANNED = {"mil": "the MIL miner (Li et al. 2018) is not built yet"}
+PLANNED: dict[str, str] = {}  # name -> why it is not there yet
 
 
 class BatchLocalization(NamedTuple):
@@ -52,6 +53,8 @@ class LocalizationMethod(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    paper_rule: ClassVar[BoxRule] = PAPER_RULE  # the box rule of the method's paper (evaluate's own-rule figures)
+    network: ClassVar[str] = "classifier"  # what its checkpoints hold (miner.training.create_network)
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -74,6 +77,11 @@ class LocalizationMethod(ABC):
     @abstractmethod
     def checkpoints(self) -> tuple[str, ...]:
         """Names of the run's checkpoints the method needs, in the order ``models`` come in."""
+
+    def release_checkpoints(self) -> tuple[str, ...]:
+        """The checkpoints harvest uses, in the same roles (default: ``checkpoints``; the MIL model
+        evaluate scores learnt from box-val's boxes, the one released from all of them)."""
+        return self.checkpoints()
 
     def variants(self) -> list[LocalizationMethod]:
         """The methods that ``evaluate`` scores for this entry (default: itself)."""

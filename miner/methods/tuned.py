@@ -4,10 +4,10 @@ Each finding has a :class:`FindingChoice`: the method variant whose heatmap it u
 ``am-t2``, ...), the box rule (miner.rules), the confidence calibration and the operating point.
 One pass of the cheapest registered variant that provides every chosen variant's heatmap
 (``LocalizationMethod.provides``: AM over t steps gives the CAM baseline's and every shorter
-AM's too) makes the maps; each wanted (image, finding) is then boxed by its own choice, on the
+AM's too), and one of the MIL model when a finding chose it, makes the maps; each wanted (image, finding) is then boxed by its own choice, on the
 network-input grid, exactly as evaluate boxed box-val and box-test. A finding without a choice
 (no ground-truth box anywhere: NIH's six unboxed findings) gets ``default``: the harvested
-method with the paper's rule and no confidence (NaN, never at an operating point).
+method with its paper's rule and no confidence (NaN, never at an operating point).
 """
 
 from __future__ import annotations
@@ -85,11 +85,25 @@ def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -
 
 def provider_for(variants: set[str], config: TrainConfig) -> LocalizationMethod:
     """The registered variant with the fewest checkpoints whose one pass gives all ``variants``' maps."""
+    providers = providers_for(variants, config)
+    if len(providers) > 1:
+        raise ValueError(f"no one method gives the heatmaps of {sorted(variants)}: it takes {[p.key for p in providers]}")
+    return providers[0]
+
+
+def providers_for(variants: set[str], config: TrainConfig) -> list[LocalizationMethod]:
+    """Registered variants whose passes give all ``variants``' maps (AM's pass gives the CAM
+    baseline's too; the MIL model's is a pass of its own): greedily the one that gives the most
+    of those still missing, the fewest checkpoints breaking ties."""
     candidates = [v for name in method_names() for v in create_method(name, config).variants()]
-    for method in sorted(candidates, key=lambda m: len(m.checkpoints())):
-        if variants <= set(method.provides()):
-            return method
-    raise ValueError(f"no method of this run gives the heatmaps of {sorted(variants)}; it has {[m.key for m in candidates]}")
+    remaining, chosen = set(variants), []
+    while remaining:
+        best = max(candidates, key=lambda m: (len(remaining & set(m.provides())), -len(m.checkpoints())), default=None)
+        if best is None or not remaining & set(best.provides()):
+            raise ValueError(f"no method of this run gives the heatmaps of {sorted(remaining)}; it has {[m.key for m in candidates]}")
+        chosen.append(best)
+        remaining -= set(best.provides())
+    return chosen
 
 
 class TunedLocalizer:
@@ -103,7 +117,9 @@ class TunedLocalizer:
             raise ValueError(f"choices for unknown findings {unknown}")
         self.config, self.default = config, default
         self.choices = {FINDINGS.index(f): c for f, c in choices.items()}
-        self.provider = provider_for({c.variant for c in [default, *choices.values()]}, config)
+        # the default's provider first: its classifier scores select the pairs in discovery mode
+        providers = providers_for({c.variant for c in [default, *choices.values()]}, config)
+        self.providers = sorted(providers, key=lambda p: default.variant not in p.provides())
 
     @classmethod
     def from_key(cls, config: TrainConfig, key: Mapping[str, Any]) -> TunedLocalizer:
@@ -112,7 +128,8 @@ class TunedLocalizer:
         return cls(config, {f: FindingChoice.from_dict(c) for f, c in key.items() if f != "default"}, default)
 
     def checkpoints(self) -> tuple[str, ...]:
-        return self.provider.checkpoints()
+        """The providers' release checkpoints, in order (``models`` of localize_batch)."""
+        return tuple(name for provider in self.providers for name in provider.release_checkpoints())
 
     def key(self) -> dict[str, Any]:
         """What the boxes depend on besides the models (for the harvest key)."""
@@ -123,9 +140,20 @@ class TunedLocalizer:
     ) -> BatchLocalization:
         """Shard images uint8 (N, S, S) -> per wanted (image, finding) its Localization, in source pixels."""
         size = self.config.input_size
-        maps, logits = self.provider.batch_variant_maps(models, images, select)
-        wanted = select(logits).cpu().numpy()
-        probability = torch.sigmoid(logits.float()).cpu().numpy()
+        maps: dict[str, torch.Tensor] = {}
+        scores: dict[str, np.ndarray] = {}  # variant -> the image probabilities (N, C) of its provider
+        start = 0
+        for provider in self.providers:
+            count = len(provider.release_checkpoints())
+            provided, logits = provider.batch_variant_maps(models[start:start + count], images, select)
+            start += count
+            probability = torch.sigmoid(logits.float()).cpu().numpy()
+            for key, value in provided.items():
+                maps.setdefault(key, value)
+                scores.setdefault(key, probability)
+            if provider is self.providers[0]:
+                wanted = select(logits).cpu().numpy()
+        probability = np.stack([scores[self.choices.get(c, self.default).variant][:, c] for c in range(len(FINDINGS))], axis=1)
         found: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]
         for i, c in zip(*np.nonzero(wanted)):
             choice = self.choices.get(int(c), self.default)

@@ -172,7 +172,7 @@ def test_the_papers_rule_is_heatmap_boxes_on_random_maps():
 
 def test_rules_are_named_and_round_trip():
     assert [r.name for r in BOX_RULES][:3] == ["peak-mean", "peak-mass", "every-mean"]
-    assert "every-peak-from-0.5" in RULES_BY_NAME and BOX_RULES[-1].name == "every-peak-prior"
+    assert "every-peak-from-0.5" in RULES_BY_NAME and BOX_RULES[-1].name == "region-patches"
     for rule in BOX_RULES:
         assert BoxRule.from_dict(rule.to_dict()) == rule
     with pytest.raises(ValueError, match="unknown box rule"):

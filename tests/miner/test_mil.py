@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from cxr_miner.miner.methods.mil import patch_maps
 from cxr_miner.miner.mil import (
     PatchHead,
     PatchModel,
     box_patches,
+    image_logits,
+    init_patch_bias,
     log_eq1,
     log_eq2,
     mil_loss,
@@ -22,6 +25,7 @@ from cxr_miner.miner.mil import (
     slice_patches,
 )
 from cxr_miner.miner.registration import upsample_registered
+from cxr_miner.miner.rules import REGION_RULE
 from cxr_miner.storage.vocab.findings import FINDINGS
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
@@ -128,9 +132,41 @@ def test_the_patch_head_gives_k_logits_per_patch():
 
 
 @pytest.mark.parametrize("size, grid", [(64, 16), (256, 4)])  # ResNet-10 at stride 32: 2 -> 16 up, 8 -> 4 down
-def test_the_patch_model_maps_images_to_patch_logits(size, grid):
+def test_the_patch_model_maps_images_to_patch_logits_and_eq2_scores(size, grid):
     model = PatchModel("resnet10", num_classes=3, grid=grid, head_channels=8).eval()
-    assert model(torch.randn(2, 1, size, size)).shape == (2, 3, grid, grid)
+    images = torch.randn(2, 1, size, size)
+    with torch.no_grad():
+        patches, scores = model.patches(images), torch.sigmoid(model(images))
+    assert patches.shape == (2, 3, grid, grid) and scores.shape == (2, 3)
+    eq2 = 1 - torch.prod(1 - torch.sigmoid(patches.double()).flatten(-2), dim=-1)
+    torch.testing.assert_close(scores.double(), eq2, rtol=1e-4, atol=1e-6)
+
+
+def test_image_logits_are_eq2_as_a_logit():
+    """P of the 2 x 2 grid: Eq. 2 gives 0.964, so the logit is log(0.964 / 0.036)."""
+    assert float(image_logits(_logits(P)[None, None])) == pytest.approx(math.log(0.964 / 0.036), rel=1e-6)  # float32
+
+
+def test_the_patch_bias_starts_eq2_at_the_prevalence():
+    model = PatchModel("resnet10", num_classes=2, grid=4, head_channels=8)
+    init_patch_bias(model, torch.tensor([0.05, 0.5]))
+    bias = model.head.classify.bias.detach()
+    start = image_logits(bias[None, :, None, None].expand(1, 2, 4, 4))
+    torch.testing.assert_close(torch.sigmoid(start)[0], torch.tensor([0.05, 0.5]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_region_rule_on_patch_maps_is_the_papers_region():
+    """The registry's region rule (miner.rules) on the patch probabilities drawn as blocks finds the
+    same parts, boxes and scores as region_boxes on the grid itself (no patch exactly at 0.5)."""
+    grid = np.zeros((4, 4))
+    grid[0, 0:2], grid[1, 0] = 0.9, 0.6
+    grid[3, 3], grid[3, 1], grid[2, 3] = 0.7, 0.45, 0.55
+    drawn = patch_maps(torch.from_numpy(grid)[None, None].float(), 64)[0, 0].numpy()
+    assert drawn.shape == (64, 64) and drawn[15, 15] == pytest.approx(0.9) and drawn[16, 16] == 0.0
+    found = REGION_RULE.boxes(drawn)
+    boxes, scores = region_boxes(grid, 64)
+    assert found.boxes.tolist() == boxes.tolist() == [[0, 0, 32, 32], [48, 32, 64, 64]]
+    np.testing.assert_allclose(found.score, scores, rtol=1e-6)
 
 
 def test_patch_targets_map_source_boxes_through_the_letterbox():
