@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from cxr_miner.miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
-from cxr_miner.miner.models import CamClassifier, create_model, imagenet_weights
-from cxr_miner.miner.training import TrainConfig
+from cxr_miner.miner.models import imagenet_weights
+from cxr_miner.miner.training import TrainConfig, create_network
 from cxr_miner.storage.stages.checkpoints import read_checkpoint, read_weights_file, write_checkpoint
 from cxr_miner.storage.stages.runs import RunFolder
 
@@ -35,7 +35,7 @@ def trunk_weights(setting: str, trunk: str) -> dict[str, torch.Tensor] | None:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def save_checkpoint(path: Path, model: CamClassifier, record: dict[str, Any], optimizer=None, scheduler=None) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, record: dict[str, Any], optimizer=None, scheduler=None) -> None:
     """Model weights, and the optimiser/scheduler/random state when given (a resumable checkpoint)."""
     arrays = model_arrays(model)
     if optimizer is not None:
@@ -45,16 +45,17 @@ def save_checkpoint(path: Path, model: CamClassifier, record: dict[str, Any], op
     write_checkpoint(path, arrays, record)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[CamClassifier, dict[str, Any]]:
-    """The model of a checkpoint, in eval mode on ``device``, and its record."""
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint (its record's ``network``: the classifier unless said), in eval
+    mode on ``device``, and its record."""
     arrays, record = read_checkpoint(path)
     config = TrainConfig.from_dict(record["config"])
-    model = create_model(config.model)
+    model = create_network(config, record.get("network", "classifier"))
     load_model_arrays(model, arrays)
     return model.to(device).eval(), record
 
 
-def resume_into(path: Path, model: CamClassifier, optimizer, scheduler) -> dict[str, Any]:
+def resume_into(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Load model and training state of a resumable checkpoint; returns its record."""
     arrays, record = read_checkpoint(path)
     load_model_arrays(model, arrays)
@@ -67,7 +68,7 @@ def read_config(run: RunFolder) -> TrainConfig:
     return TrainConfig.from_dict(run.config())
 
 
-def load_models(run: RunFolder, names: tuple[str, ...], device: torch.device | str = "cpu") -> list[CamClassifier]:
+def load_models(run: RunFolder, names: tuple[str, ...], device: torch.device | str = "cpu") -> list[torch.nn.Module]:
     """The run's checkpoints ``names`` as models in eval mode on ``device``; FileNotFoundError
     naming the missing ones."""
     missing = run.missing(names)

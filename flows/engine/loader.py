@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxr_miner.storage.stages.batches import RowGroup, batch_stream
+from cxr_miner.storage.vocab.letterbox import Letterbox
+
+# (image ids, letterboxes) of a batch -> extra tensors of the batch, by name
+Targets = Callable[[list[str], list[Letterbox]], dict[str, torch.Tensor]]
 
 
 class ShardBatches(IterableDataset):
-    """Yields {"images": uint8 (B, S, S), "labels": float (B, C)}; each loader worker reads its
-    own row groups (storage.stages.batches.batch_stream).
+    """Yields {"images": uint8 (B, S, S), "labels": float (B, C)}, plus what ``targets(image ids,
+    letterboxes)`` gives (MIL's patch labels, miner.mil.PatchLabels) when set; each loader worker
+    reads its own row groups (storage.stages.batches.batch_stream).
 
     Each full pass is one epoch: the epoch number starts at ``start_epoch`` and counts up
     with every ``iter()``, in the main process and in each persistent worker alike, so the
     shuffle of epoch e is the same whether a run went straight through or resumed at e.
     """
 
-    def __init__(self, groups: Sequence[RowGroup], batch_size: int, shuffle: bool, seed: int = 0, start_epoch: int = 0) -> None:
+    def __init__(self, groups: Sequence[RowGroup], batch_size: int, shuffle: bool, seed: int = 0, start_epoch: int = 0,
+                 targets: Targets | None = None) -> None:
         self.groups, self.batch_size, self.shuffle, self.seed = list(groups), batch_size, shuffle, seed
-        self.epoch = start_epoch
+        self.epoch, self.targets = start_epoch, targets
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -30,12 +36,13 @@ class ShardBatches(IterableDataset):
         for batch in batch_stream(
             self.groups, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch, part=part, parts=parts
         ):
-            yield {"images": torch.from_numpy(batch.images), "labels": torch.from_numpy(batch.labels).float()}
+            extra = self.targets(batch.meta["image_id"], batch.letterboxes()) if self.targets is not None else {}
+            yield {"images": torch.from_numpy(batch.images), "labels": torch.from_numpy(batch.labels).float(), **extra}
 
 
 def shard_loader(
     groups: Sequence[RowGroup], batch_size: int, *, shuffle: bool, workers: int, seed: int = 0, start_epoch: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool = False, targets: Targets | None = None,
 ) -> DataLoader:
     """A DataLoader of whole batches (batching happens in the dataset, by row group).
 
@@ -45,7 +52,7 @@ def shard_loader(
     reset does not remove, and that hook fails an assertion in the child's shutdown
     (prefect 3.8.8). Spawning is also what CUDA needs.
     """
-    dataset = ShardBatches(groups, batch_size, shuffle, seed, start_epoch)
+    dataset = ShardBatches(groups, batch_size, shuffle, seed, start_epoch, targets)
     workers = min(workers, len(groups))
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,

@@ -20,7 +20,7 @@ from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
 from cxr_miner.miner.localize import boxes_in_source, upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
-from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, RULES_BY_NAME, SWEEP_THRESHOLDS, Candidates, component_table
+from cxr_miner.miner.rules import BOX_RULES, RULES_BY_NAME, SWEEP_THRESHOLDS, Candidates, component_table
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
 from cxr_miner.storage.stages.harvest import part_rows
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -98,7 +98,7 @@ def evaluate_boxes(
     """Scores of every variant ``provider`` gives in one pass (``provides()``: the CAM baseline and
     AM at each t, from one AM pass) on the boxed images of ``groups``, per variant key and half
     (``halves``: image id -> box-val | box-test): each finding with a ground-truth box is boxed by
-    the paper's rule (the variant's own) and by every candidate rule, its heatmap scored by
+    its paper's rule (``provider.paper_rule``) and by every candidate rule, its heatmap scored by
     MaxBoxAccV2, and all against ``truth`` (image id -> finding -> xyxy boxes in source pixels).
     ``box_sizes`` (finding -> box-size prior from box-val) sizes the ``prior`` rules' boxes; a
     finding without one is not boxed by them."""
@@ -128,7 +128,7 @@ def evaluate_boxes(
                             continue
                         candidates, boxes = RULES_BY_NAME[rule].in_source(candidates, input_size, letterboxes[i], box_sizes.get(finding))
                         half.rules[rule].accumulate(finding, boxes, gt)
-                        if rule == PAPER_RULE.name:
+                        if rule == provider.paper_rule.name:
                             half.boxes.accumulate(finding, boxes, gt)
                         signals = box_signals(candidates.mean, candidates.peak, candidates.area, probability[i, c])
                         half.outcomes[rule][finding].add(signals, hits(boxes, np.asarray(gt)))

@@ -8,12 +8,13 @@ resumed epoch reproduces the same order. Raw shards decode without a copy per im
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader, decode_image
@@ -26,12 +27,14 @@ META_COLUMNS = (
 
 
 class RowGroup(NamedTuple):
-    """One row group of a shard; ``only_boxed`` keeps just its images with ground-truth boxes."""
+    """One row group of a shard; ``only_boxed`` keeps just its images with ground-truth boxes,
+    ``images`` (when set) just those image ids."""
 
     path: str
     index: int
     rows: int
     only_boxed: bool = False
+    images: frozenset[str] | None = None
 
 
 class ShardBatch(NamedTuple):
@@ -49,25 +52,36 @@ class ShardBatch(NamedTuple):
         return [Letterbox.from_record({k: v[i] for k, v in self.meta.items()}) for i in range(len(self))]
 
 
-def list_row_groups(paths: Sequence[Path | str], only_boxed: bool = False) -> list[RowGroup]:
-    """Row groups of the shards, in file order (reads the footers, and the has_box column when
-    ``only_boxed``: then ``rows`` counts the boxed images and groups without any are left out)."""
+def list_row_groups(paths: Sequence[Path | str], only_boxed: bool = False, images: Iterable[str] | None = None) -> list[RowGroup]:
+    """Row groups of the shards, in file order (reads the footers, and the has_box or image_id
+    column when ``only_boxed`` or ``images`` filter them: then ``rows`` counts the images kept and
+    groups without any are left out)."""
     groups = []
+    kept = frozenset(images) if images is not None else None
     for path in paths:
         handle = pq.ParquetFile(path)
         for i in range(handle.metadata.num_row_groups):
             rows = handle.metadata.row_group(i).num_rows
-            if only_boxed:
-                rows = sum(handle.read_row_group(i, columns=["has_box"]).column("has_box").to_pylist())
+            if only_boxed or kept is not None:
+                rows = len(_filtered(handle.read_row_group(i, columns=["has_box", "image_id"]), only_boxed, kept))
             if rows:
-                groups.append(RowGroup(str(path), i, rows, only_boxed))
+                groups.append(RowGroup(str(path), i, rows, only_boxed, kept))
     return groups
 
 
-def split_row_groups(workdir: str | Path, splits: Sequence[str], only_boxed: bool = False) -> list[RowGroup]:
+def _filtered(table: pa.Table, only_boxed: bool, images: frozenset[str] | None) -> pa.Table:
+    if only_boxed:
+        table = table.filter(table.column("has_box"))
+    if images is not None:
+        table = table.filter(pa.compute.is_in(table.column("image_id"), value_set=pa.array(sorted(images), pa.string())))
+    return table
+
+
+def split_row_groups(workdir: str | Path, splits: Sequence[str], only_boxed: bool = False,
+                     images: Iterable[str] | None = None) -> list[RowGroup]:
     """Row groups of the workdir's shards of ``splits`` (see list_row_groups)."""
     paths = [path for split in splits for path in ShardReader(Path(workdir) / SHARD_DIR, split).paths]
-    return list_row_groups(paths, only_boxed)
+    return list_row_groups(paths, only_boxed, images)
 
 
 def label_prevalence(groups: Sequence[RowGroup]) -> np.ndarray:
@@ -101,9 +115,7 @@ def read_row_group(group: RowGroup) -> ShardBatch:
     size = int(metadata.get(b"cxr_miner.size", b"0"))
     if not encoding or not size:
         raise ValueError(f"{group.path}: not a cxr-miner shard (no encoding/size in its schema metadata)")
-    table = handle.read_row_group(group.index, columns=["image", "labels", *META_COLUMNS])
-    if group.only_boxed:
-        table = table.filter(table.column("has_box"))
+    table = _filtered(handle.read_row_group(group.index, columns=["image", "labels", *META_COLUMNS]), group.only_boxed, group.images)
     labels = np.asarray(table.column("labels").combine_chunks().flatten(), dtype=bool).reshape(len(table), -1)
     meta = {name: table.column(name).to_pylist() for name in META_COLUMNS}
     return ShardBatch(_images(table.column("image"), size, encoding), labels, meta)

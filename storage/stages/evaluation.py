@@ -144,3 +144,53 @@ def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str, tuni
     run.evaluation_md.write_text(
         f"# Localisation, run {run.name}: {report['split']}, {report['images']} boxed images "
         f"(box-val: {report['box_val']['images']}, kept for choosing)\n\n{markdown}\n")
+
+
+def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-fold Acc/AFP tables (finding -> {images, iou/ior: {T: {acc, afp}}}; empty: a fold without
+    boxed images) -> {folds, per_fold, mean, sd}: mean and sample standard deviation over the folds
+    that scored the finding (sd NaN with fewer than two), same shape as one fold's table."""
+    scored = [table for table in per_fold if table]
+    mean: dict[str, Any] = {}
+    sd: dict[str, Any] = {}
+    for finding in (scored[0] if scored else {}):
+        rows = [t[finding] for t in scored if t[finding]["images"]]
+        mean[finding] = {"images": sum(r["images"] for r in rows)}
+        sd[finding] = {"images": len(rows)}
+        for metric in ("iou", "ior"):
+            mean[finding][metric], sd[finding][metric] = {}, {}
+            for threshold in scored[0][finding][metric]:
+                for target, reduce in ((mean, _mean), (sd, _sd)):
+                    target[finding][metric][threshold] = {k: reduce([r[metric][threshold][k] for r in rows]) for k in ("acc", "afp")}
+    return {"folds": len(per_fold), "per_fold": per_fold, "mean": mean, "sd": sd}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _sd(values: list[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def folds_markdown(summary: dict[str, Any]) -> str:
+    """Rows: metric x T; columns: the boxed findings; cells "Acc mean ± sd" over the folds."""
+    title = (f"## MIL, {summary['folds']}-fold cross-validation: Acc, mean ± sd over the folds (each fold's model "
+             "scored on the boxed images it did not learn from)")
+    mean, sd = summary["mean"], summary["sd"]
+    if not mean:
+        return f"{title}\n\nNo boxed image was scored."
+    header = ["T", *(SHORT[f] for f in BOXED_FINDINGS)]
+    rows = []
+    for metric in ("iou", "ior"):
+        for t in mean[BOXED_FINDINGS[0]][metric]:
+            cells = []
+            for f in BOXED_FINDINGS:
+                m, s = mean[f][metric][t]["acc"], sd[f][metric][t]["acc"]
+                cells.append(MISSING if math.isnan(m) else f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}")
+            rows.append([f"{metric.upper()} {t}", *cells])
+    images = ["boxed images", *(str(mean[f]["images"]) for f in BOXED_FINDINGS)]
+    return f"{title}\n\n" + markdown_table(header, [images, *rows])

@@ -2,7 +2,8 @@
 
 - ``config.json``: the training config (a plain dict here) and the identity of the shards;
 - ``<checkpoint>.safetensors``: a model a method uses; AM step t is ``step<t>`` (step 1: the
-  classifier, best mean validation AUC), the MIL model will be ``mil``;
+  classifier, best mean validation AUC); the MIL patch model ``mil`` (learning from box-val's
+  boxes), ``mil-fold<k>`` (K-fold cross-validation) and ``mil-all`` (all boxes, for releases);
 - ``<checkpoint>-last.safetensors``: the resumable state after the last finished epoch;
 - ``metrics.json``: per-epoch loss, throughput and validation AUCs of every step;
 - ``summary.json``, ``evaluation.json`` and ``evaluation.md``: what train and evaluate report;
@@ -27,6 +28,15 @@ def shards_identity(workdir: str | Path) -> str:
     """sha256 over the shard files' names and sha256s: what a run was trained on."""
     entries = sorted((s["file"], s["sha256"]) for s in ShardReader(Path(workdir) / SHARD_DIR).shards)
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the settings it lacks taken from ``defaults`` (nested dicts merged)."""
+    merged = {**defaults, **saved}
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            merged[key] = with_defaults(saved[key], value)
+    return json.loads(json.dumps(merged))
 
 
 @dataclass(frozen=True)
@@ -80,11 +90,14 @@ class RunFolder:
         """File names of the checkpoints in ``names`` that do not exist."""
         return [self.checkpoint(n).name for n in names if not self.checkpoint(n).exists()]
 
-    def start(self, config: dict[str, Any], workdir: str | Path) -> None:
-        """Create the run with its config, or check that a resumed run has the same config and shards."""
+    def start(self, config: dict[str, Any], workdir: str | Path, defaults: dict[str, Any] | None = None) -> None:
+        """Create the run with its config, or check that a resumed run has the same config and shards.
+        A setting the saved config lacks (a run started before the setting existed) counts as its
+        value in ``defaults``, so that adding a setting does not orphan the runs made before."""
         record = {"config": config, "shards": shards_identity(workdir)}
         if self.config_file.exists():
             saved = json.loads(self.config_file.read_text())
+            saved["config"] = with_defaults(saved.get("config", {}), defaults or {})
             if saved != json.loads(json.dumps(record)):
                 raise ValueError(
                     f"{self.config_file}: run {self.name!r} was started with other settings or shards; "
@@ -99,9 +112,10 @@ class RunFolder:
             raise FileNotFoundError(f"{self.config_file}: no such training run")
         return json.loads(self.config_file.read_text())["config"]
 
-    def record_metrics(self, step: int, history: list[dict[str, Any]]) -> None:
+    def record_metrics(self, name: str, history: list[dict[str, Any]]) -> None:
+        """The per-epoch history of checkpoint ``name`` (``step1``, ``mil``, ...)."""
         metrics = json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else {}
-        metrics[f"step{step}"] = history
+        metrics[name] = history
         write_json(self.metrics_file, metrics)
 
     def metrics(self) -> dict[str, list[dict[str, Any]]]:
