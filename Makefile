@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_efficiency.py
 	$(BIN)/python bench/harvest_efficiency.py
+	$(BIN)/python bench/mil_fractions.py
 
 # Re-pin every dependency (after a change to pyproject.toml); needs uv (pip install uv).
 lock:

@@ -112,12 +112,16 @@ def train(
     preset: Annotated[str, typer.Option(help="Settings preset: cpu-small (minutes on a CPU), cpu-demo (the demo's: localises phantoms on a CPU) or paper (Cai et al., GPU).")] = "cpu-small",
     config: Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings, e.g. {\"epochs\": 5}.")] = None,
     run: Annotated[Optional[str], typer.Option(help="Run name under W/models/ (default: the preset); rerun to resume.")] = None,
-    method: Annotated[str, typer.Option(help="Method to train for: am (step 1, then attention mining steps 2..T) or cam (step 1 only).")] = "am",
+    method: Annotated[str, typer.Option(help="Method to train for: am (step 1, then attention mining steps 2..T), cam (step 1 only) or mil (the patch model of Li et al. 2018, learning from boxes too).")] = "am",
+    box_fraction: Annotated[Optional[float], typer.Option(help="mil: learn from the boxes of this fraction of the boxed images' patients (default 1; the paper's 0 to 0.8).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="mil: K-fold cross-validation over the boxed images (K models, each scored on the fold it did not learn from).")] = None,
+    for_release: Annotated[bool, typer.Option(help="mil: also train mil-all, from every box, which harvest uses.")] = True,
 ) -> None:
-    """Train the classifier (step 1, the CAM baseline), then attention mining with KP."""
+    """Train the classifier (step 1, the CAM baseline), then attention mining with KP; or the MIL patch model."""
     from cxr_miner.flows.train import train as train_flow
 
-    summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, method=method)
+    summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, method=method,
+                         box_fraction=box_fraction, folds=folds, for_release=for_release)
     say(f"models: {summary['directory']}", f"steps {summary['steps']}")
     print_auc_table(summary["auc"])
 
@@ -155,8 +159,8 @@ ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding
 RunOption = Annotated[Optional[str], typer.Option(help="Training run name under W/models/ (default: the preset).")]
 SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
 ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
-MethodOption = Annotated[str, typer.Option(help="Method to train for: am (attention mining, Eq. 8 over all steps) or cam (the CAM baseline); the harvest then boxes each finding with the variant chosen on box-val.")]
-HarvestMethodOption = Annotated[str, typer.Option(help="auto (per finding, the variant chosen on box-val by evaluate), am (Eq. 8 over all steps) or cam (the CAM baseline).")]
+MethodOption = Annotated[str, typer.Option(help="Method to train for: am (attention mining, Eq. 8 over all steps), cam (the CAM baseline) or mil (the MIL patch model, learning from boxes too); the harvest then boxes each finding with the variant chosen on box-val.")]
+HarvestMethodOption = Annotated[str, typer.Option(help="auto (per finding, the variant chosen on box-val by evaluate), am (Eq. 8 over all steps), cam (the CAM baseline) or mil (the MIL patch model trained on every box).")]
 AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")]
 MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")]
 WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")]

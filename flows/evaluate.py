@@ -9,6 +9,10 @@ patient into box-val (to choose from) and box-test (to report on; storage.stages
 ``evaluation.md`` shows box-test's. Both go to ``W/models/<run>/``, with ``tuning.json``: per
 finding, the method variant and box rule chosen on box-val, the box confidence calibrated there
 and its operating point, each with its box-test figures (miner.tuning); harvest applies it.
+
+A MIL run with ``box_folds`` K (Li et al. 2018, section 4.2) has no model learnt from box-val alone:
+each fold's model is scored by its own rule on the fold it did not learn from, and ``folds`` in
+``evaluation.json`` holds the per-fold tables with their mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.miner.calibration import PRECISION_TARGET
 from cxr_miner.miner.methods import create_method, method_names
-from cxr_miner.miner.methods.tuned import provider_for
-from cxr_miner.miner.training import pick_device
+from cxr_miner.miner.methods.mil import PatchMil
+from cxr_miner.miner.methods.tuned import providers_for
+from cxr_miner.miner.training import TrainConfig, pick_device
 from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
 from cxr_miner.storage.stages.batches import split_row_groups
-from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_splits
+from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_folds, box_splits
 from cxr_miner.storage.stages.evaluation import (
     box_rules_markdown,
     evaluation_markdown,
+    fold_summary,
+    folds_markdown,
     tuning_markdown,
     write_evaluation,
 )
@@ -57,6 +64,31 @@ def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
 
 
 RELEASED = "released"
+
+
+def fold_models(folder: RunFolder, config: TrainConfig) -> list[PatchMil]:
+    """The MIL model of each fold of a K-fold run, when all K are trained (else none)."""
+    if config.box_folds < 2:
+        return []
+    models = [PatchMil(config, fold) for fold in range(1, config.box_folds + 1)]
+    return [] if any(folder.missing(m.checkpoints()) for m in models) else models
+
+
+def evaluate_folds(work: Path, folder: RunFolder, methods: list[PatchMil], truth: dict[str, Any], patients: dict[str, Any],
+                   batch_size: int, device: Any) -> dict[str, Any]:
+    """Li et al. 2018, section 4.2: each fold's model scored on the boxed images of the fold it did
+    not learn from, by its own rule; the per-fold Acc/AFP tables and their mean and spread."""
+    assignment = box_folds(patients, sorted(truth), len(methods))
+    per_fold = []
+    for method in methods:
+        held_out = {i for i, fold in assignment.items() if fold == method.fold - 1}
+        groups = split_row_groups(work, SPLITS, only_boxed=True, images=held_out)
+        models = load_models(folder, method.checkpoints(), device)
+        with progress_bar(f"evaluate {method.label}", sum(g.rows for g in groups)) as advance:
+            scores = evaluate_boxes(method, models, groups, {i: truth[i] for i in held_out}, dict.fromkeys(held_out, BOX_TEST),
+                                    batch_size, advance)
+        per_fold.append(scores[method.key][BOX_TEST].boxes.compute() if held_out else {})
+    return fold_summary(per_fold)
 
 
 def add_released(half: dict[str, Any], tuning: dict[str, Any]) -> None:
@@ -84,18 +116,23 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     work, folder = Path(workdir), RunFolder.of(workdir, run)
     config = read_config(folder)
     methods = [m for name in method_names() for m in create_method(name, config).variants() if not folder.missing(m.checkpoints())]
-    if not methods:
-        raise FileNotFoundError(f"{folder.directory}: no trained step 1 (train the run first)")
-    provider = provider_for({m.key for m in methods}, config)  # one pass gives every variant's heatmaps
-    models = load_models(folder, provider.checkpoints(), pick_device(config.device))
+    folds = fold_models(folder, config)
+    if not methods and not folds:
+        raise FileNotFoundError(f"{folder.directory}: no trained model (train the run first)")
+    device = pick_device(config.device)
     truth = read_gt_boxes(work / GT_BOXES_FILE)
     index = read_index(work / INDEX_FILE)
-    halves = box_splits(dict(zip(*index.select(["image_id", "patient_id"]).to_pydict().values())), truth, box_val_fraction)
+    patients = dict(zip(*index.select(["image_id", "patient_id"]).to_pydict().values()))
+    halves = box_splits(patients, truth, box_val_fraction)
     box_sizes = box_size_priors(truth, [i for i, half in halves.items() if half == BOX_VAL], image_sizes(index))
     groups = split_row_groups(work, SPLITS, only_boxed=True)
     images = sum(g.rows for g in groups)
-    with progress_bar(f"evaluate {run}", images) as advance:
-        scores = evaluate_boxes(provider, models, groups, truth, halves, batch_size, advance, box_sizes)
+    providers = providers_for({m.key for m in methods}, config) if methods else []  # AM's one pass gives the CAM baseline's maps too
+    scores: dict[str, Any] = {}
+    for provider in providers:
+        models = load_models(folder, provider.checkpoints(), device)
+        with progress_bar(f"evaluate {run} ({provider.label})", images) as advance:
+            scores.update(evaluate_boxes(provider, models, groups, truth, halves, batch_size, advance, box_sizes))
     scores = {m.key: scores[m.key] for m in methods}  # in registry order: the CAM baseline first
     by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
     # ties go to the run's last variant (what `harvest --method am` ships), then backwards to the CAM baseline
@@ -105,11 +142,13 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     if tuning:
         for half in by_half.values():
             add_released(half, tuning)
-    markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), evaluation_markdown(by_half[BOX_TEST], BOX_TEST),
-                             box_rules_markdown(by_half)])
-    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in provider.checkpoints()],
+    cross_validation = evaluate_folds(work, folder, folds, truth, patients, batch_size, device) if folds else None
+    markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), *([folds_markdown(cross_validation)] if folds else []),
+                             *([evaluation_markdown(by_half[BOX_TEST], BOX_TEST), box_rules_markdown(by_half)] if methods else [])])
+    used = {name for provider in providers for name in provider.checkpoints()}
+    report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in used],
               "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL],
-              "released": released_figures(chosen_entries(tuning)) if tuning else None}
+              "released": released_figures(chosen_entries(tuning)) if tuning else None, "folds": cross_validation}
     write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)
     create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")

@@ -3,8 +3,10 @@
 One Dask task per shard. Each worker process loads the run's models once and keeps them
 (``_MODELS``); on CUDA, one worker per GPU, bf16. Every finding is boxed as the run's
 ``tuning.json`` says (flow ``evaluate``, miner.methods.tuned): with ``method`` ``auto``, by the
-variant chosen for it on box-val (the CAM baseline or AM at some t); with ``am`` or ``cam``, by
-that method, with the box rule, confidence and operating point tuned for it. Without a tuning
+variant chosen for it on box-val (the CAM baseline, AM at some t, or MIL); with ``am``, ``cam`` or
+``mil``, by that method, with the box rule, confidence and operating point tuned for it. MIL boxes
+come from ``mil-all``, the patch model that learnt from every box (evaluate scored ``mil``, which
+learnt from box-val's only; its tuned choices are applied to ``mil-all``). Without a tuning
 (no boxed image to tune on) the boxes come from the method (``auto``: the run's AM over all its
 steps) by the paper's rule, with no confidence.
 
@@ -34,7 +36,14 @@ from cxr_miner.flows.engine.mining import labelled, scored_at_least, shard_rows
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.tasks import collect, failure_text
-from cxr_miner.miner.methods import FindingChoice, TunedLocalizer, check_method, choices_from_tuning, create_method
+from cxr_miner.miner.methods import (
+    FindingChoice,
+    LocalizationMethod,
+    TunedLocalizer,
+    check_method,
+    choices_from_tuning,
+    create_method,
+)
 from cxr_miner.miner.training import TrainConfig, pick_device
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.evaluation import read_tuning
@@ -119,11 +128,21 @@ def harvest_localizer(folder: RunFolder, method: str) -> TunedLocalizer:
     check_harvest_method(method)
     config, tuning = read_config(folder), read_tuning(folder)
     if method == AUTO:
-        am = create_method("am", config)
-        default = am.key if config.am_steps > 1 and not folder.missing(am.checkpoints()) else "cam"
-        return TunedLocalizer(config, choices_from_tuning(tuning, None), FindingChoice(default))
-    variant = create_method(method, config).key
-    return TunedLocalizer(config, choices_from_tuning(tuning, variant), FindingChoice(variant))
+        default = auto_default(folder, config)
+        return TunedLocalizer(config, choices_from_tuning(tuning, None), FindingChoice(default.key, default.paper_rule))
+    chosen = create_method(method, config)
+    return TunedLocalizer(config, choices_from_tuning(tuning, chosen.key), FindingChoice(chosen.key, chosen.paper_rule))
+
+
+def auto_default(folder: RunFolder, config: TrainConfig) -> LocalizationMethod:
+    """The method ``auto`` boxes a finding without a tuned choice with: the run's AM over all its
+    steps, else the CAM baseline, else (a MIL-only run) the MIL model released from every box."""
+    am, mil = create_method("am", config), create_method("mil", config)
+    if config.am_steps > 1 and not folder.missing(am.checkpoints()):
+        return am
+    if folder.missing(("step1",)) and not folder.missing(mil.release_checkpoints()):
+        return mil
+    return create_method("cam", config)
 
 
 @flow(name="harvest", log_prints=True)

@@ -24,7 +24,8 @@ from cxr_miner.flows.engine.checkpoints import read_config
 from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
-from cxr_miner.miner.methods import LocalizationMethod, create_method
+from cxr_miner.miner.methods import LocalizationMethod, create_method, method_names
+from cxr_miner.miner.methods.mil import EVALUATED_CHECKPOINT, RELEASE_CHECKPOINT
 from cxr_miner.miner.tuning import released_figures
 from cxr_miner.storage.releases.coco import write_coco_splits
 from cxr_miner.storage.releases.release import (
@@ -45,6 +46,7 @@ from cxr_miner.storage.releases.release import (
 from cxr_miner.storage.releases.report import ReportData, headline_rows, write_report
 from cxr_miner.storage.releases.report_data import finding_pages
 from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.evaluation import harvested_choices, read_tuning
 from cxr_miner.storage.stages.harvest import read_harvest_summary
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, REPORT_FILE, SPLITS, read_gt_boxes
@@ -78,6 +80,17 @@ def acc_tables(evaluation: dict[str, Any], methods: list[LocalizationMethod], ch
         if scored:
             tables[finding]["released"] = {float(t): cell for t, cell in scored["iou"].items()}
     return tables
+
+
+def released_mil(folder: RunFolder, choices: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the harvest boxed some finding with MIL: which model made the boxes (``mil-all``, from
+    every box) and which one the evaluation figures are of (``mil``, box-val's boxes only)."""
+    if not any(choice["variant"] == "mil" for choice in choices.values()):
+        return None
+    released = read_checkpoint_record(folder.checkpoint(RELEASE_CHECKPOINT)).get("boxes", {})
+    return {"checkpoint": RELEASE_CHECKPOINT, "boxes": released, "evaluated_checkpoint": EVALUATED_CHECKPOINT,
+            "note": (f"boxes from {RELEASE_CHECKPOINT}, trained with the boxes of all {released.get('boxed_images', '?')} boxed "
+                     f"images; the box-test figures are of {EVALUATED_CHECKPOINT}, which learnt from box-val's boxes only")}
 
 
 def operating_points(tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -120,11 +133,14 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
         changes = diff_boxes(previous / BOXES_FILE if previous else None, staging / BOXES_FILE)
         evaluation = evaluation_of(work, run)
         tuned = harvested_choices(read_tuning(RunFolder.of(work, run)), key["choices"])
-        accs = acc_tables(evaluation, [create_method("cam", config), create_method("am", config)], key["choices"])
+        accs = acc_tables(evaluation, [create_method(name, config) for name in method_names()], key["choices"])
+        if mil := released_mil(RunFolder.of(work, run), key["choices"]):
+            provenance["model"]["mil"] = mil
         quarantined = pq.read_table(work / QUARANTINE_FILE).num_rows if (work / QUARANTINE_FILE).exists() else 0
         facts = {"images harvested": summary["images"], "boxes": boxes, "mode": key["mode"], "quarantined images": quarantined,
                  "index rows": ingest_report.get("rows"), "created": created, "code version": code_version(),
-                 "previous release": previous.name if previous else "none"}
+                 "previous release": previous.name if previous else "none",
+                 **({"MIL model": mil["note"]} if mil else {})}
         findings = finding_pages(staging / BOXES_FILE, images, source_root, read_gt_boxes(work / GT_BOXES_FILE), counts, accs,
                                  evaluation["evaluated"], changes, tuned)
         report = ReportData(title="cxr-miner harvest report", version=version, method=key["method"], model_id=key["model_id"],

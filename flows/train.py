@@ -2,7 +2,8 @@
 
 Step 1 trains the classifier (the CAM baseline); steps 2..T fine-tune it with attention
 mining and knowledge preservation (miner.attention). A run trains the checkpoints its
-method needs (``cam``: step 1; ``am``: steps 1..T). A stopped run resumes from its last
+method needs (``cam``: step 1; ``am``: steps 1..T; ``mil``: the patch model of Li et al. 2018,
+miner.mil). One run may hold both families: they share the config. A stopped run resumes from its last
 finished epoch when started again with the same ``--run``; a finished step is skipped. A
 different config under the same run is refused.
 """
@@ -20,13 +21,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from cxr_miner.flows.engine.boxes import mil_training_set
 from cxr_miner.flows.engine.checkpoints import load_model, read_config, trunk_weights
-from cxr_miner.flows.engine.fitting import fit, step_done
+from cxr_miner.flows.engine.fitting import Schedule, fit, step_done
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.miner.attention import attention_mining_loss
 from cxr_miner.miner.methods import create_method
-from cxr_miner.miner.models import create_model
-from cxr_miner.miner.training import TrainConfig, init_branch_bias, pick_device, preset, step1_loss
+from cxr_miner.miner.methods.mil import RELEASE_CHECKPOINT
+from cxr_miner.miner.mil import PatchLabels, init_patch_bias
+from cxr_miner.miner.training import (
+    TrainConfig,
+    create_network,
+    init_branch_bias,
+    patch_loss,
+    pick_device,
+    preset,
+    step1_loss,
+)
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.batches import label_prevalence, split_row_groups
 from cxr_miner.storage.stages.runs import RunFolder
@@ -39,18 +50,19 @@ def train_classifier(workdir: str, run: str) -> dict[str, Any]:
     """Step 1: multi-label BCE training on the train split, best model by validation mean AUC."""
     folder = RunFolder.of(workdir, run)
     config = read_config(folder)
-    if step_done(folder, 1, config.epochs):
+    if step_done(folder, "step1", config.epochs):
         return {"step": 1, "skipped": True}
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    model = create_model(config.model, trunk_weights(config.weights, config.model.trunk))
+    model = create_network(config, "classifier", trunk_weights(config.weights, config.model.trunk))
     train_groups, val_groups = split_row_groups(workdir, ("train",)), split_row_groups(workdir, ("val",))
     if not train_groups:
         raise ValueError(f"{workdir}: no training images in the shards")
     init_branch_bias(model, torch.from_numpy(label_prevalence(train_groups)).float())
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    return fit(folder, 1, model, step1_loss(config), train_groups, val_groups, config, device, config.epochs, config.lr,
-               keep_best=True, logger=get_run_logger())
+    schedule = Schedule(config.epochs, config.lr, config.seed + 1, freeze_epochs=config.freeze_trunk_epochs)
+    return fit(folder, "step1", model, step1_loss(config), train_groups, val_groups, config, device, schedule,
+               keep_best=True, logger=get_run_logger(), record={"step": 1})
 
 
 @task(cache_policy=NO_CACHE)
@@ -58,7 +70,7 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
     """AM step t >= 2: fine-tune step t-1's model on X * M_{t-1} (Eq. 1-3) with KP (Eq. 4-6)."""
     folder = RunFolder.of(workdir, run)
     config = read_config(folder)
-    if step_done(folder, step, config.am_epochs):
+    if step_done(folder, f"step{step}", config.am_epochs):
         return {"step": step, "skipped": True}
     device = pick_device(config.device)
     torch.manual_seed(config.seed + step)
@@ -74,8 +86,34 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
         loss = attention_mining_loss(model, chain, images, labels, config.kp, config.kp_lambda, config.erased_fraction)
         return loss.total, {"cls": float(loss.cls), "kp": float(loss.kp)}
 
-    return fit(folder, step, model, loss_fn, train_groups, val_groups, config, device, config.am_epochs, config.am_lr,
-               keep_best=False, logger=get_run_logger())
+    return fit(folder, f"step{step}", model, loss_fn, train_groups, val_groups, config, device,
+               Schedule(config.am_epochs, config.am_lr, config.seed + step), keep_best=False, logger=get_run_logger(),
+               record={"step": step})
+
+
+@task(cache_policy=NO_CACHE)
+def patch_model_step(workdir: str, run: str, name: str) -> dict[str, Any]:
+    """The MIL patch model ``name`` (``mil``, ``mil-fold<k>``, ``mil-all``): Eq. 4 on every unboxed
+    training image and the boxed images of its pool, with the boxes of its box subset
+    (flows.engine.boxes.mil_training_set); best model by validation mean AUC of Eq. 2's scores."""
+    folder = RunFolder.of(workdir, run)
+    config = read_config(folder)
+    if step_done(folder, name, config.mil_epochs):
+        return {"step": name, "skipped": True}
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    plan = mil_training_set(Path(workdir), config, name)
+    train_groups = split_row_groups(workdir, ("train",), images=plan.train_images) + plan.pool_groups
+    val_groups = split_row_groups(workdir, ("val",))
+    model = create_network(config, "patch", trunk_weights(config.weights, config.model.trunk))
+    init_patch_bias(model, torch.from_numpy(label_prevalence(train_groups)).float())
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    get_run_logger().info("%s: %d images, %d of them with the boxes they have (%s)", name, sum(g.rows for g in train_groups),
+                          len(plan.boxes), plan.description)
+    schedule = Schedule(config.mil_epochs, config.mil_lr, config.seed + 100, config.mil_optimizer, config.mil_lr_decay_epochs)
+    return fit(folder, name, model, patch_loss(config), train_groups, val_groups, config, device, schedule, keep_best=True,
+               logger=get_run_logger(), record={"step": name, "network": "patch", "boxes": plan.record()},
+               targets=PatchLabels(plan.boxes, config.input_size, config.mil_grid))
 
 
 def artifact_key(run: str) -> str:
@@ -121,19 +159,37 @@ def read_overrides(config_file: str) -> dict[str, Any]:
     return overrides
 
 
+def check_box_options(box_fraction: float | None, box_folds: int | None, method: str) -> dict[str, Any]:
+    """``--box-fraction`` and ``--folds`` as config overrides; they only mean something for ``mil``."""
+    overrides = {k: v for k, v in (("box_fraction", box_fraction), ("box_folds", box_folds)) if v is not None}
+    if overrides and method != "mil":
+        raise ValueError(f"--box-fraction and --folds train the MIL model from boxes: use them with --method mil, not {method!r}")
+    return overrides
+
+
 @flow(name="train", log_prints=True)
 @writes_into("workdir")
 def train(workdir: str, preset: str = "cpu-small", config_file: str | None = None, run: str | None = None,
-          method: str = "am") -> dict[str, Any]:
+          method: str = "am", box_fraction: float | None = None, folds: int | None = None,
+          for_release: bool = True) -> dict[str, Any]:
     """Train the checkpoints ``method`` needs: step 1 (the classifier, the CAM baseline) and, for
-    ``am``, AM steps 2..T."""
+    ``am``, AM steps 2..T; for ``mil`` the patch model scored by evaluate (``mil``, or one per fold
+    with ``folds``) and, with ``for_release``, ``mil-all`` (every box) that harvest uses."""
     config = resolve_config(preset, config_file)
-    steps_needed = len(create_method(method, config).checkpoints())  # cam: 1, am: T
+    try:
+        config = config.updated(check_box_options(box_fraction, folds, method))
+    except ValueError as error:
+        raise InputError("--box-fraction/--folds", str(error)) from None
+    checkpoints = create_method(method, config).checkpoints()
     run = run or preset
     folder = RunFolder.of(workdir, run)
-    folder.start(config.to_dict(), workdir)
-    steps = [train_classifier(workdir, run)]
-    steps += [attention_step(workdir, run, t) for t in range(2, steps_needed + 1)]
+    folder.start(config.to_dict(), workdir, defaults=TrainConfig().to_dict())
+    if method == "mil":
+        names = [*checkpoints, *((RELEASE_CHECKPOINT,) if for_release else ())]
+        steps = [patch_model_step(workdir, run, name) for name in names]
+    else:
+        steps = [train_classifier(workdir, run)]
+        steps += [attention_step(workdir, run, t) for t in range(2, len(checkpoints) + 1)]
     rows = publish_aucs(folder)
     summary = {"run": run, "directory": str(folder.directory), "steps": [s["step"] for s in steps], "auc": rows}
     write_json(folder.summary_file, summary)
