@@ -66,6 +66,15 @@ def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
 RELEASED = "released"
 
 
+def check_learnt_halves(methods: list[Any], box_val_fraction: float) -> None:
+    """The MIL model ``mil`` learnt from box-val's boxes at the default split: scored at another,
+    box-test would hold images whose boxes it learnt from."""
+    if box_val_fraction != BOX_VAL_FRACTION and any(m.network == "patch" for m in methods):
+        raise ValueError(f"--box-val-fraction {box_val_fraction}: the run's MIL model learnt from the boxes of box-val at "
+                         f"{BOX_VAL_FRACTION}, so box-test at another split would hold images it learnt from; "
+                         f"evaluate at {BOX_VAL_FRACTION}, or train MIL with --folds")
+
+
 def fold_models(folder: RunFolder, config: TrainConfig) -> list[PatchMil]:
     """The MIL model of each fold of a K-fold run, when all K are trained (else none)."""
     if config.box_folds < 2:
@@ -117,6 +126,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     config = read_config(folder)
     methods = [m for name in method_names() for m in create_method(name, config).variants() if not folder.missing(m.checkpoints())]
     folds = fold_models(folder, config)
+    check_learnt_halves(methods, box_val_fraction)
     if not methods and not folds:
         raise FileNotFoundError(f"{folder.directory}: no trained model (train the run first)")
     device = pick_device(config.device)

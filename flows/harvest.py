@@ -131,6 +131,9 @@ def harvest_localizer(folder: RunFolder, method: str) -> TunedLocalizer:
         default = auto_default(folder, config)
         return TunedLocalizer(config, choices_from_tuning(tuning, None), FindingChoice(default.key, default.paper_rule))
     chosen = create_method(method, config)
+    if missing := folder.missing(chosen.release_checkpoints()):
+        raise FileNotFoundError(f"{folder.directory}: method {method!r} needs {', '.join(missing)} "
+                                f"(train the run with --method {method} first)")
     return TunedLocalizer(config, choices_from_tuning(tuning, chosen.key), FindingChoice(chosen.key, chosen.paper_rule))
 
 

@@ -75,8 +75,10 @@ class ComponentTable(NamedTuple):
     holds_max: np.ndarray
 
 
-def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS) -> ComponentTable:
-    """The components of ``heatmap`` (H, W) at each threshold; the work every rule shares."""
+def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, centres: bool = True,
+                    inside: bool = True) -> ComponentTable:
+    """The components of ``heatmap`` (H, W) at each threshold; the work every rule shares. Without
+    ``centres`` or ``inside`` those columns are NaN (work a harvest's rule does not need)."""
     heatmap = check_heatmap(heatmap)
     h, w = heatmap.shape
     integral = np.zeros((h + 1, w + 1))
@@ -93,11 +95,12 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
         area = (x1 - x0) * (y1 - y0)
         sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
         index = np.arange(1, count + 1)
-        centre = np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
-        inside = np.asarray(ndimage.mean(heatmap, labels, index), dtype=np.float64).reshape(-1)
+        centre = (np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
+                  if centres else np.full((count, 2), np.nan))
+        means = np.asarray(ndimage.mean(heatmap, labels, index), dtype=np.float64).reshape(-1) if inside else np.full(count, np.nan)
         for column, values in zip(columns, (
             boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, index)),
-            sums / area, area / heatmap.size, centre, inside, index == labels[argmax],
+            sums / area, area / heatmap.size, centre, means, index == labels[argmax],
         )):
             column.append(values)
     if not columns[0]:
@@ -170,7 +173,7 @@ class BoxRule:
     def boxes(self, heatmap: np.ndarray) -> Candidates:
         """Ranked boxes of one heatmap (H, W) in [0, 1], rank 1 first, on the heatmap's grid
         (for a ``prior`` rule: its components' boxes; in_source gives the sized ones)."""
-        return self.apply(component_table(heatmap, self.thresholds))
+        return self.apply(component_table(heatmap, self.thresholds, centres=self.size == "prior", inside=self.rank_by == "patches"))
 
     def in_source(self, found: Candidates, input_size: int, letterbox: Letterbox,
                   box_size: tuple[float, float] | None = None) -> tuple[Candidates, np.ndarray]:

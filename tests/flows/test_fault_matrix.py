@@ -85,7 +85,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(trained_workdir, 
     assert _cli([*words, "--run", "calm"]).returncode == 0
     _killed([*words, "--run", "hit"], "train-step1-epoch2-batch2", tmp_path)
     second = _killed([*words, "--run", "hit"], "train-step2-epoch1-batch1", tmp_path)
-    assert "step 1: resuming after epoch 1" in second.stderr
+    assert "step1: resuming after epoch 1" in second.stderr
     assert _cli([*words, "--run", "hit"]).returncode == 0
     calm, hit = work / "models" / "calm", work / "models" / "hit"
     for step in ("step1", "step2"):

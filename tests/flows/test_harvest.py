@@ -207,7 +207,10 @@ def test_am_harvest_boxes_every_finding_with_am_by_its_own_tuned_rule(harvested,
     assert set(all_parts(work).column("method").to_pylist()) == {"am-t3"}
 
 
-@pytest.mark.parametrize("method, message", [("mil", "MIL miner .* not built yet"), ("grad", "unknown method 'grad'")])
-def test_unknown_or_unbuilt_methods_are_refused(trained_workdir, method, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("method, error, message", [
+    ("mil", FileNotFoundError, "method 'mil' needs mil-all.safetensors .train the run with --method mil"),
+    ("grad", ValueError, "unknown method 'grad'"),
+])
+def test_unknown_or_untrained_methods_are_refused(trained_workdir, method, error, message):
+    with pytest.raises(error, match=message):
         run_harvest(str(trained_workdir), "t", workers=1, method=method)

@@ -121,6 +121,11 @@ def test_box_options_are_refused_for_methods_that_learn_no_boxes(mil_work):
         train(workdir=str(mil_work), preset="cpu-small", run="am-boxes", method="am", box_fraction=0.5)
 
 
+def test_a_mil_run_is_not_scored_at_a_box_split_it_learnt_across(mil_work):
+    with pytest.raises(ValueError, match="learnt from the boxes of box-val at 0.5"):
+        evaluate(workdir=str(mil_work), run="boxes", box_val_fraction=0.4)
+
+
 def test_harvest_and_release_by_mil_use_the_model_of_every_box(mil_work, dask_cluster, tmp_path):
     summary = run_harvest(str(mil_work), "boxes", dask_address=dask_cluster, method="mil")
     folder = RunFolder.of(mil_work, "boxes")

@@ -88,7 +88,7 @@ def test_sigterm_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir,
     assert epochs_done >= 1
 
     again, log = _start(words, tmp_path)
-    _wait_for(log, f"step 1: resuming after epoch {epochs_done} from ", again)
+    _wait_for(log, f"step1: resuming after epoch {epochs_done} from ", again)
     assert _stop(again, signal.SIGTERM) < STOP_WITHIN_S and again.returncode == 143
 
 
