@@ -26,7 +26,7 @@ from common import OUT, machine, prefect_api
 
 BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
 POINTS = (("iou", 0.1), ("iou", 0.3), ("iou", 0.5), ("ior", 0.1), ("ior", 0.5))
-SETTINGS = {"mil_epochs": 10, "batch_size": 16, "loader_workers": 1, "epochs": 10, "am_epochs": 1}
+SETTINGS = {"mil_epochs": 6, "mil_lr": 4e-3, "batch_size": 16, "loader_workers": 1, "epochs": 10, "am_epochs": 1}
 
 
 def mean(values) -> float:
