@@ -36,7 +36,9 @@ from cxr_miner.miner.training import TrainConfig, pick_device
 from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
 from cxr_miner.storage.stages.batches import split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_folds, box_splits
+from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.evaluation import (
+    auc_markdown,
     box_rules_markdown,
     evaluation_markdown,
     fold_summary,
@@ -64,6 +66,11 @@ def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
 
 
 RELEASED = "released"
+
+
+def validation_aucs(folder: RunFolder, checkpoints: list[str]) -> dict[str, dict[str, float]]:
+    """checkpoint -> finding -> the validation ROC AUC of the model kept in it (its record's epoch)."""
+    return {name: read_checkpoint_record(folder.checkpoint(name))["metrics"]["auc"] for name in dict.fromkeys(checkpoints)}
 
 
 def check_learnt_halves(methods: list[Any], box_val_fraction: float) -> None:
@@ -153,12 +160,15 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
         for half in by_half.values():
             add_released(half, tuning)
     cross_validation = evaluate_folds(work, folder, folds, truth, patients, batch_size, device) if folds else None
+    aucs = validation_aucs(folder, [name for m in [*methods, *folds] for name in m.checkpoints()])
     markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), *([folds_markdown(cross_validation)] if folds else []),
-                             *([evaluation_markdown(by_half[BOX_TEST], BOX_TEST), box_rules_markdown(by_half)] if methods else [])])
+                             *([evaluation_markdown(by_half[BOX_TEST], BOX_TEST), box_rules_markdown(by_half)] if methods else []),
+                             auc_markdown(aucs)])
     used = {name for provider in providers for name in provider.checkpoints()}
     report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in used],
               "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL],
-              "released": released_figures(chosen_entries(tuning)) if tuning else None, "folds": cross_validation}
+              "released": released_figures(chosen_entries(tuning)) if tuning else None, "folds": cross_validation,
+              "validation_auc": aucs}
     write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)
     create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")

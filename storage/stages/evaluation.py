@@ -194,3 +194,14 @@ def folds_markdown(summary: dict[str, Any]) -> str:
             rows.append([f"{metric.upper()} {t}", *cells])
     images = ["boxed images", *(str(mean[f]["images"]) for f in BOXED_FINDINGS)]
     return f"{title}\n\n" + markdown_table(header, [images, *rows])
+
+
+def auc_markdown(aucs: dict[str, dict[str, float]]) -> str:
+    """Rows: the 14 findings and their mean; columns: the run's checkpoints; cells: validation ROC AUC."""
+    title = "## Validation ROC AUC of each model kept (the val split; MIL: Eq. 2's image score)"
+    if not aucs:
+        return f"{title}\n\nNo model."
+    findings = list(next(iter(aucs.values())))
+    rows = [[f, *(MISSING if math.isnan(a[f]) else f"{a[f]:.3f}" for a in aucs.values())] for f in findings]
+    means = [_mean([v for v in a.values() if not math.isnan(v)]) for a in aucs.values()]
+    return f"{title}\n\n" + markdown_table(["finding", *aucs], [*rows, ["mean", *(f"{m:.3f}" for m in means)]])

@@ -89,6 +89,10 @@ def test_evaluate_scores_mil_in_the_same_tables_and_tunes_its_rule(mil_work):
     assert "region-patches" in report["box_rules"]["mil"]
     # the method's own figures are its region rule's
     assert report["results"]["mil"]["Cardiomegaly"] == report["box_rules"]["mil"]["region-patches"]["Cardiomegaly"]
+    auc = read_checkpoint_record(RunFolder.of(mil_work, "boxes").checkpoint("mil"))["metrics"]["auc"]
+    assert report["validation_auc"] == {"mil": auc}
+    markdown = RunFolder.of(mil_work, "boxes").evaluation_md.read_text()
+    assert "| finding | mil |" in markdown and f"| Cardiomegaly | {auc['Cardiomegaly']:.3f} |" in markdown
     tuning = json.loads(RunFolder.of(mil_work, "boxes").tuning_json.read_text())
     assert {entry["method"] for entry in tuning["findings"].values()} == {"mil"}
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cxr_miner.storage.stages.evaluation import fold_summary, folds_markdown
+from cxr_miner.storage.stages.evaluation import auc_markdown, fold_summary, folds_markdown
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 
 
@@ -31,3 +31,8 @@ def test_mean_and_sample_sd_over_the_folds_that_scored_a_finding():
     assert math.isnan(summary["mean"]["Effusion"]["iou"][0.3]["acc"])
     table = folds_markdown(summary)
     assert "4-fold cross-validation" in table and "0.70 ± 0.20" in table and "| 0.40 |" in table
+
+
+def test_the_auc_table_has_a_column_per_model_and_the_mean_of_defined_aucs():
+    table = auc_markdown({"step1": {"Mass": 0.5, "Nodule": math.nan}, "mil": {"Mass": 0.75, "Nodule": 0.25}})
+    assert "| finding | step1 | mil |" in table and "| Nodule | - | 0.250 |" in table and "| mean | 0.500 | 0.500 |" in table
