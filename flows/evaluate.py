@@ -28,6 +28,7 @@ from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import HalfScores, evaluate_boxes
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
+from cxr_miner.flows.train import artifact_key
 from cxr_miner.miner.calibration import PRECISION_TARGET
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.methods.mil import PatchMil
@@ -170,7 +171,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
               "released": released_figures(chosen_entries(tuning)) if tuning else None, "folds": cross_validation,
               "validation_auc": aucs}
     write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)
-    create_markdown_artifact(markdown, key=f"localization-{run.lower()}".replace("_", "-"),
+    create_markdown_artifact(markdown, key=artifact_key(run, "localization"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")
     logger.info("evaluated %d boxed images -> %s", images, folder.evaluation_md)
     return {**report, "markdown": markdown, "path": str(folder.evaluation_md)}

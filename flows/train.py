@@ -116,8 +116,9 @@ def patch_model_step(workdir: str, run: str, name: str) -> dict[str, Any]:
                targets=PatchLabels(plan.boxes, config.input_size, config.mil_grid))
 
 
-def artifact_key(run: str) -> str:
-    return "auc-" + re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")
+def artifact_key(run: str, prefix: str = "auc") -> str:
+    """A Prefect artifact key for ``run`` (lowercase letters, digits and dashes only: a run may be ``v1.2``)."""
+    return f"{prefix}-" + re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")
 
 
 def publish_aucs(folder: RunFolder) -> list[dict[str, Any]]:
