@@ -28,7 +28,7 @@ from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import HalfScores, evaluate_boxes
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.progress import progress_bar
-from cxr_miner.flows.train import artifact_key
+from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.calibration import PRECISION_TARGET
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.methods.mil import PatchMil

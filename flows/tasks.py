@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,3 +37,8 @@ def failure_text(failures: Mapping[str, str], total: int) -> str:
     """``N of M shards failed (name: error; ...)``, names sorted."""
     detail = "; ".join(f"{name}: {error}" for name, error in sorted(failures.items()))
     return f"{len(failures)} of {total} shards failed ({detail})"
+
+
+def artifact_key(run: str, prefix: str = "auc") -> str:
+    """A Prefect artifact key for ``run`` (lowercase letters, digits and dashes only: a run may be ``v1.2``)."""
+    return f"{prefix}-" + re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")

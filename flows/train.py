@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from cxr_miner.flows.engine.boxes import mil_training_set
 from cxr_miner.flows.engine.checkpoints import load_model, read_config, trunk_weights
 from cxr_miner.flows.engine.fitting import Schedule, fit, step_done
 from cxr_miner.flows.folders import writes_into
+from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.attention import attention_mining_loss
 from cxr_miner.miner.methods import create_method
 from cxr_miner.miner.methods.mil import RELEASE_CHECKPOINT
@@ -114,11 +114,6 @@ def patch_model_step(workdir: str, run: str, name: str) -> dict[str, Any]:
     return fit(folder, name, model, patch_loss(config), train_groups, val_groups, config, device, schedule, keep_best=True,
                logger=get_run_logger(), record={"step": name, "network": "patch", "boxes": plan.record()},
                targets=PatchLabels(plan.boxes, config.input_size, config.mil_grid))
-
-
-def artifact_key(run: str, prefix: str = "auc") -> str:
-    """A Prefect artifact key for ``run`` (lowercase letters, digits and dashes only: a run may be ``v1.2``)."""
-    return f"{prefix}-" + re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")
 
 
 def publish_aucs(folder: RunFolder) -> list[dict[str, Any]]:

@@ -92,7 +92,8 @@ def test_evaluate_scores_mil_in_the_same_tables_and_tunes_its_rule(mil_work):
     auc = read_checkpoint_record(RunFolder.of(mil_work, "boxes").checkpoint("mil"))["metrics"]["auc"]
     assert report["validation_auc"] == {"mil": auc}
     markdown = RunFolder.of(mil_work, "boxes").evaluation_md.read_text()
-    assert "| finding | mil |" in markdown and f"| Cardiomegaly | {auc['Cardiomegaly']:.3f} |" in markdown
+    finite = next(f for f, v in auc.items() if not math.isnan(v))
+    assert "| finding | mil |" in markdown and f"| {finite} | {auc[finite]:.3f} |" in markdown
     tuning = json.loads(RunFolder.of(mil_work, "boxes").tuning_json.read_text())
     assert {entry["method"] for entry in tuning["findings"].values()} == {"mil"}
 
