@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dask
+import torch
 from prefect_dask import DaskTaskRunner
+
+from cxr_miner.miner.training import pick_device
 
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
 # mmap threshold at 128 KiB: every decoded image buffer is then mmap'ed, zero-filled and
@@ -65,3 +68,27 @@ def local_worker_config() -> Iterator[None]:
     """Dask settings in force while a flow starts its LocalCluster (see LOCAL_WORKER_CONFIG)."""
     with dask.config.set(LOCAL_WORKER_CONFIG):
         yield
+
+
+def worker_device(setting: str) -> torch.device:
+    """The configured device; on CUDA without an index, GPU (Dask worker number mod GPU count)."""
+    device = pick_device(setting)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    try:
+        from distributed import get_worker
+
+        number = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        number = 0
+    return torch.device("cuda", number % torch.cuda.device_count())
+
+
+def worker_threads() -> int:
+    """The Dask worker's thread count (a torch thread per worker thread), else torch's default."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return torch.get_num_threads()

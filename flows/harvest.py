@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cxr_miner.flows.api import prefect_api
-from cxr_miner.flows.dask import dask_task_runner, default_workers, local_worker_config
+from cxr_miner.flows.dask import dask_task_runner, default_workers, local_worker_config, worker_device, worker_threads
 from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import labelled, scored_at_least, shard_rows
 from cxr_miner.flows.faults import maybe_fail
@@ -44,7 +44,7 @@ from cxr_miner.miner.methods import (
     choices_from_tuning,
     create_method,
 )
-from cxr_miner.miner.training import TrainConfig, pick_device
+from cxr_miner.miner.training import TrainConfig
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.evaluation import read_tuning
 from cxr_miner.storage.stages.harvest import (
@@ -68,30 +68,6 @@ _MODELS: dict[tuple[str, str], list] = {}
 
 class HarvestIncomplete(RuntimeError):
     """Some shards failed; the finished parts are kept and a rerun resumes."""
-
-
-def worker_device(setting: str) -> torch.device:
-    """The configured device; on CUDA without an index, GPU (Dask worker number mod GPU count)."""
-    device = pick_device(setting)
-    if device.type != "cuda" or device.index is not None:
-        return device
-    try:
-        from distributed import get_worker
-
-        number = int(get_worker().name)
-    except (ImportError, ValueError, TypeError):
-        number = 0
-    return torch.device("cuda", number % torch.cuda.device_count())
-
-
-def worker_threads() -> int:
-    """The Dask worker's thread count (a torch thread per worker thread), else torch's default."""
-    try:
-        from distributed import get_worker
-
-        return get_worker().state.nthreads
-    except (ImportError, ValueError, AttributeError):
-        return torch.get_num_threads()
 
 
 def worker_models(run: str, names: tuple[str, ...], model_id: str, device: torch.device) -> list:

@@ -33,10 +33,10 @@ def collect(
     return results, failures
 
 
-def failure_text(failures: Mapping[str, str], total: int) -> str:
+def failure_text(failures: Mapping[str, str], total: int, what: str = "shards") -> str:
     """``N of M shards failed (name: error; ...)``, names sorted."""
     detail = "; ".join(f"{name}: {error}" for name, error in sorted(failures.items()))
-    return f"{len(failures)} of {total} shards failed ({detail})"
+    return f"{len(failures)} of {total} {what} failed ({detail})"
 
 
 def artifact_key(run: str, prefix: str = "auc") -> str:

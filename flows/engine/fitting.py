@@ -57,6 +57,7 @@ class Schedule:
     optimizer: str | None = None
     decay_epochs: int = 0
     freeze_epochs: int = 0
+    warmup_steps: int = 0
 
 
 def fit(
@@ -74,7 +75,8 @@ def fit(
     last = run.checkpoint(name, last=True)
     pending = run.checkpoint(name).with_suffix(".pending")
     steps_per_epoch = max(1, math.ceil(sum(g.rows for g in train_groups) / config.batch_size))
-    optimizer, scheduler = make_optimizer(model, config, schedule.lr, epochs, steps_per_epoch, schedule.optimizer, schedule.decay_epochs)
+    optimizer, scheduler = make_optimizer(model, config, schedule.lr, epochs, steps_per_epoch, schedule.optimizer, schedule.decay_epochs,
+                                          schedule.warmup_steps)
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": -math.inf}
     if last.exists():
         state = resume_into(last, model, optimizer, scheduler)["state"]
@@ -96,7 +98,7 @@ def fit(
             stats = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, config, device, on_batch=on_batch)
         aucs = validation_aucs(model, val_loader, config, device) if val_groups else {f: math.nan for f in FINDINGS}
         row = {"epoch": epoch + 1, "loss": stats.loss, **{f"loss_{k}": v for k, v in stats.parts.items()},
-               "images_per_second": stats.images_per_second, "mean_auc": mean_auc(aucs), "auc": aucs}
+               "images_per_second": stats.images_per_second, "seconds": stats.seconds, "mean_auc": mean_auc(aucs), "auc": aucs}
         state["history"].append(row)
         state["epoch"] = epoch + 1
         logger.info("%s epoch %d: loss %.4f, %.1f images/s, validation mean AUC %.3f",

@@ -139,9 +139,9 @@ class BoxesWriter:
         self.writer.close()
 
 
-def harvested_images(workdir: Path) -> pa.Table:
-    """IMAGE_COLUMNS of the images in the shards (quarantined and missing files are not)."""
-    index = read_index(workdir / INDEX_FILE).select(list(IMAGE_COLUMNS))
+def harvested_images(workdir: Path, columns: Iterable[str] = IMAGE_COLUMNS) -> pa.Table:
+    """The index's ``columns`` of the images in the shards (quarantined and missing files are not)."""
+    index = read_index(workdir / INDEX_FILE).select(list(columns))
     ids = pa.concat_arrays([pq.read_table(p, columns=["image_id"]).column("image_id").combine_chunks()
                             for p in ShardReader(workdir / SHARD_DIR).paths])
     return index.filter(pc.is_in(index.column("image_id"), value_set=ids))
