@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_efficiency.py
 	$(BIN)/python bench/harvest_efficiency.py
 	$(BIN)/python bench/mil_fractions.py
+	$(BIN)/python bench/detector_check.py
 
 # Re-pin every dependency (after a change to pyproject.toml); needs uv (pip install uv).
 lock:

@@ -204,15 +204,57 @@ def release(
     print_release(published)
 
 
+@app.command("detector-check")
+def detector_check(
+    release: Annotated[Path, typer.Option(help="Release folder to check (RELEASES/<version> or RELEASES/latest).")],
+    workdir: Annotated[Path, typer.Option(help="Working folder the release was made in (its shards, ground truth and run).")],
+    detector: Annotated[str, typer.Option(help="fasterrcnn-mobilenet (MobileNetV3-Large FPN, CPU-sized) or fasterrcnn-resnet50 (ResNet-50 FPN, GPU).")] = "fasterrcnn-mobilenet",
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs of each detector (default 12).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Detector input side, pixels (default 256).")] = None,
+    weights: Annotated[str, typer.Option(help="Trunk weights: random, imagenet (downloads) or a local torchvision weights file.")] = "random",
+    background_ratio: Annotated[float, typer.Option(help="Background images (no checked finding) per positive image in each training set.")] = 1.0,
+    config: Annotated[Optional[Path], typer.Option(help="JSON object of more detector settings (batch_size, lr, rois_per_image, proposals, box_head, ...).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Releases folder for the checked copy (default: the checked release's).")] = None,
+    workers: WorkersOption = None, gpus: Annotated[Optional[int], typer.Option(help="GPUs, one detector worker each (default: all, when CUDA is present).")] = None,
+    dask_address: AddressOption = None,
+) -> None:
+    """Train a torchvision detector on the release's boxes and, the same way, on box-val's ground truth and
+    on a prior of mean boxes; score each on box-test's ground truth with COCOeval; publish the release
+    again, as a new version, with detector-check.json and a report page added."""
+    from cxr_miner.flows.detector_check import run_detector_check
+    from cxr_miner.flows.train import read_overrides
+
+    checked = run_detector_check(str(release), str(workdir), str(out) if out else None, workers=workers, gpus=gpus,
+                                 dask_address=dask_address, detector=detector, epochs=epochs, size=size, weights=weights,
+                                 background_ratio=background_ratio, settings=read_overrides(str(config)) if config else None)
+    print_check(checked)
+
+
+def print_check(checked: dict) -> None:
+    from cxr_miner.storage.vocab.text import format_number
+
+    check = checked["check"]
+    say(f"release {checked['version']}: {checked['path']}", f"(release {checked['checked_release']} with its detector check)")
+    say(f"report page: {Path(checked['path']) / 'report' / 'detector-check.html'}")
+    overall = {name: check["figures"][name]["overall"]["ap30"] for name in check["sets"]}
+    say("AP at IoU 0.3 on box-test, overall:", ", ".join(f"{name} {format_number(v)}" for name, v in overall.items()))
+    if behind := [f for f in check["findings"] if check["verdicts"][f] != "beats the prior"]:
+        say("mined boxes do not beat the prior for:", ", ".join(behind), style="yellow")
+
+
 def run_options(
     preset: str, config: Optional[Path], run: Optional[str], size: int, shard_size: int, method: str,
     all_findings: bool, min_score: float, workers: Optional[int], dask_address: Optional[str], gpus: Optional[int],
+    check_detector: bool = False,
 ) -> dict:
     return {
         "preset": preset, "config_file": str(config) if config else None, "run": run, "size": size,
         "shard_size": shard_size, "method": method, "all_findings": all_findings, "min_score": min_score,
-        "workers": workers, "dask_address": dask_address, "gpus": gpus,
+        "workers": workers, "dask_address": dask_address, "gpus": gpus, "detector_check": check_detector,
     }
+
+
+DetectorCheckOption = Annotated[bool, typer.Option("--detector-check", help="Last stage: the detector check of the new release (`cxr-miner detector-check`), published as a further version.")]
 
 
 @app.command("run")
@@ -224,12 +266,18 @@ def run_all(
     size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
+    check_detector: DetectorCheckOption = False,
 ) -> None:
-    """The whole chain: ingest, preprocess, train, evaluate (tunes on box-val), harvest, release."""
+    """The whole chain: ingest, preprocess, train, evaluate (tunes on box-val), harvest, release
+    (and with --detector-check, the detector check of the release)."""
     from cxr_miner.flows.pipeline import run as run_flow
 
-    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
-    print_release(run_flow(root=str(root), workdir=str(workdir), out=str(out), **options))
+    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
+                          check_detector)
+    published = run_flow(root=str(root), workdir=str(workdir), out=str(out), **options)
+    print_release(published)
+    if published.get("detector_check"):
+        print_check(published["detector_check"])
 
 
 @app.command()
@@ -243,6 +291,7 @@ def serve(
     size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
+    check_detector: DetectorCheckOption = False,
 ) -> None:
     """Serve the `run` flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)."""
     from cxr_miner.flows.api import temporary_api
@@ -253,7 +302,8 @@ def serve(
             "schedules need a Prefect server: start one with `prefect server start` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus)
+    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
+                          check_detector)
     parameters = {"root": str(root.resolve()), "workdir": str(workdir.resolve()), "out": str(out.resolve()), **options}
     say(f"serving deployment run/{name}", f"on schedule {cron!r}; stop with Ctrl-C")
     serve_flow(cron, name=name, **parameters)

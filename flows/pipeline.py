@@ -1,4 +1,5 @@
-"""Flow ``run``: the whole chain, ingest -> preprocess -> train -> evaluate -> harvest -> release.
+"""Flow ``run``: the whole chain, ingest -> preprocess -> train -> evaluate -> harvest -> release
+(-> with ``detector_check``, the detector check of the release, published as a further version).
 
 Evaluate chooses, per finding on box-val, the method variant, box rule, confidence and operating
 point (tuning.json) that the harvest then applies (``method`` ``auto``).
@@ -15,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from cxr_miner.flows.detector_check import run_detector_check
 from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.harvest import AUTO, run_harvest
@@ -41,6 +43,7 @@ def run(
     workers: int | None = None,
     dask_address: str | None = None,
     gpus: int | None = None,
+    detector_check: bool = False,
 ) -> dict[str, Any]:
     """Ingest ROOT, preprocess, train run ``run`` (default: the preset's name) for ``method``, evaluate,
     harvest with what evaluate chose per finding, release."""
@@ -53,6 +56,9 @@ def run(
                 method=AUTO, all_findings=all_findings, min_score=min_score)
     published = release(workdir=workdir, out=out, root=root)
     logger.info("release %s -> %s", published["version"], published["path"])
+    if detector_check:
+        published["detector_check"] = run_detector_check(published["path"], workdir, out, workers=workers,
+                                                         dask_address=dask_address, gpus=gpus)
     return published
 
 

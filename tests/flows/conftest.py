@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.helpers import SETTINGS
+from tests.flows.helpers import SETTINGS, copy_workdir
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,19 @@ def dask_cluster(prefect_server) -> str:
 
     with local_worker_config(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def released(trained_workdir, dask_cluster, tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+    """Two runs of the whole chain (flow ``run``) on the same inputs: the second finds every
+    stage done (no retraining, no reharvest) and publishes a second release."""
+    base = tmp_path_factory.mktemp("release")
+    work = copy_workdir(trained_workdir, base / "work")
+    root = json.loads((work / "ingest_report.json").read_text())["root"]
+    options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "run": "t", "size": 128,
+               "shard_size": 64, "dask_address": dask_cluster}
+    from cxr_miner.flows.pipeline import run
+
+    first = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
+    second = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
+    return work, base / "releases", first, second

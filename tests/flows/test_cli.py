@@ -138,3 +138,15 @@ def test_an_ingest_that_finds_none_of_the_listed_images_is_refused(tmp_path, mon
     status, told = _run(monkeypatch, "ingest", root, "--workdir", str(tmp_path / "w"))
     assert status == 2 and f"none of its 34 images was found below {root}" in told
     assert not (tmp_path / "w" / "index.parquet").exists()
+
+
+def test_detector_check_names_a_folder_that_is_no_release_and_a_setting_it_does_not_know(tmp_path, monkeypatch, prefect_server):
+    status, told = _run(monkeypatch, "detector-check", "--release", str(tmp_path / "nowhere"), "--workdir", str(tmp_path))
+    assert status == 2 and f"{tmp_path / 'nowhere'}: not a release (no manifest.json)" in told
+    release = tmp_path / "r"
+    release.mkdir()
+    (release / "manifest.json").write_text('{"index_sha256": null}')
+    (tmp_path / "settings.json").write_text('{"anchors": 3}')
+    status, told = _run(monkeypatch, "detector-check", "--release", str(release), "--workdir", str(tmp_path),
+                        "--config", str(tmp_path / "settings.json"))
+    assert status == 2 and "detector settings: unknown ['anchors']" in told

@@ -23,28 +23,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from cxr_miner.flows.pipeline import run
 from cxr_miner.storage.releases.release import PROVENANCE_META, RELEASE_SCHEMA, ReleaseExists, publish, staging_dir
 from cxr_miner.storage.stages.index import GT_BOXES_FILE
 from cxr_miner.storage.vocab.findings import FINDINGS
-from tests.flows.helpers import copy_workdir
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture(scope="module")
-def released(trained_workdir, dask_cluster, tmp_path_factory) -> tuple[Path, Path, dict, dict]:
-    """Two runs of the whole chain (flow ``run``) on the same inputs: the second finds every
-    stage done (no retraining, no reharvest) and publishes a second release."""
-    base = tmp_path_factory.mktemp("release")
-    work = copy_workdir(trained_workdir, base / "work")
-    root = json.loads((work / "ingest_report.json").read_text())["root"]
-    options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "run": "t", "size": 128,
-               "shard_size": 64, "dask_address": dask_cluster}
-    first = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
-    second = run(root=root, workdir=str(work), out=str(base / "releases"), **options)
-    return work, base / "releases", first, second
 
 
 def test_parquet_has_the_schema_provenance_and_normalised_copies(released):

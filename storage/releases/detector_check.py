@@ -1,0 +1,165 @@
+"""The detector check's output: ``detector-check.json`` and the report page ``report/detector-check.html``
+(a table per finding and AP bars), added to a copy of the checked release as a new release version.
+
+Releases are immutable, so the check never writes into the release it checks: the new version holds
+the checked release's files unchanged (hard links where the file system allows), the two added files
+(with a figure beside the page), and a manifest that lists them with their sha256 and says which
+release was checked (``detector_check``). boxes.parquet and the COCO files are byte for byte the
+checked release's, so their provenance still names it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cxr_miner.storage.releases.detector_sets import TRAINING_SETS  # noqa: E402
+from cxr_miner.storage.releases.release import (  # noqa: E402
+    MANIFEST_FILE,
+    discard_staging,
+    file_digests,
+    fresh_version,
+    publish,
+    staging_dir,
+)
+from cxr_miner.storage.stages.atomic import write_json  # noqa: E402
+from cxr_miner.storage.stages.provenance import file_sha256  # noqa: E402
+from cxr_miner.storage.vocab.text import format_number, markdown_table  # noqa: E402
+
+CHECK_FILE = "detector-check.json"
+CHECK_PAGE = "report/detector-check.html"
+CHECK_FIGURE = "report/detector-check-ap30.png"
+COLUMNS = {"ap30": "AP@0.3", "ap50": "AP@0.5", "ap": "AP@[.5:.95]", "recall1_30": "R@1 (0.3)", "recall3_30": "R@3 (0.3)"}
+
+
+def verdicts(figures: Mapping[str, Mapping[str, Mapping[str, float]]], findings: Sequence[str]) -> dict[str, str]:
+    """Per finding (and overall): whether the detector trained on mined boxes at the operating point
+    beats the prior's at AP@0.3 (the mined boxes are worth releasing where they do)."""
+    said = {}
+    for finding in [*findings, "overall"]:
+        mined, prior = figures["mined"][finding]["ap30"], figures["prior"][finding]["ap30"]
+        if math.isnan(mined):
+            said[finding] = "not scored (no mined box at the operating point to learn from)"
+        elif math.isnan(prior):
+            said[finding] = "not scored (no prior)"
+        else:
+            said[finding] = "beats the prior" if mined > prior else "does not beat the prior"
+    return said
+
+
+def check_markdown(check: Mapping[str, Any]) -> str:
+    """Per finding and overall: one row per training set, the COLUMNS figures on box-test."""
+    parts = []
+    for finding in [*check["findings"], "overall"]:
+        rows = [[name, *(check["figures"][name][finding][m] for m in COLUMNS)] for name in check["sets"]]
+        parts.append(f"**{finding}** (mined boxes: {check['verdicts'][finding]})\n\n"
+                     + markdown_table(["trained on", *COLUMNS.values()], rows))
+    return "\n\n".join(parts)
+
+
+def ap_figure(path: Path, check: Mapping[str, Any]) -> None:
+    """Grouped bars: AP@0.3 per finding (and overall), one bar per training set."""
+    groups = [*check["findings"], "overall"]
+    names = list(check["sets"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups)), 3.2), dpi=90)
+    try:
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            values = [check["figures"][name][g]["ap30"] for g in groups]
+            ax.bar(np.arange(len(groups)) + (k - (len(names) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
+        ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("AP at IoU 0.3 on box-test")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, ncols=len(names))
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def check_page(check: Mapping[str, Any]) -> str:
+    """The report page (HTML) of a detector check."""
+    def table(finding: str) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["trained on", *COLUMNS.values()])
+        rows = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
+            f"<td>{format_number(check['figures'][name][finding][m])}</td>" for m in COLUMNS) + "</tr>" for name in check["sets"])
+        return (f"<h3>{html.escape(finding)}</h3><p>Mined boxes: <b>{html.escape(check['verdicts'][finding])}</b>.</p>"
+                f"<table><tr>{head}</tr>{rows}</table>")
+
+    sets = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(s['description'])}</td><td>{s['positive_images']}</td>"
+                   f"<td>{s['background_images']}</td><td>{s['boxes']}</td><td>{s['left_out_images']}</td><td>{s['epochs']}</td></tr>"
+                   for name, s in check["sets"].items())
+    detector = check["detector"]
+    body = (
+        "<p><a href='index.html'>&larr; the harvest report</a></p><h1>Detector check</h1>"
+        f"<p>Release <b>{html.escape(check['checked_release'])}</b> checked: a {html.escape(detector['name'])} "
+        f"at {detector['size']} px, trunk weights {html.escape(detector['weights'])}, trained on each set below for as many "
+        f"steps as {detector['epochs']} epochs of the largest set, all scored by COCOeval on the radiologists' boxes of the "
+        f"{check['test_images']} box-test images (no image of a box-test patient is trained on).</p>"
+        "<table><tr><th>trained on</th><th>what</th><th>positive images</th><th>background images</th><th>boxes</th>"
+        f"<th>left out</th><th>epochs</th></tr>{sets}</table>"
+        "<p class='muted'>Left out: images labelled with a finding the set has no box for. AP@0.3 and AP@0.5: "
+        "average precision at that IoU; R@k (0.3): recall with the k top detections of a finding per image at IoU 0.3.</p>"
+        f"<div class='figures'><img src='{Path(CHECK_FIGURE).name}' alt='AP at IoU 0.3'></div>"
+        + "".join(table(f) for f in [*check["findings"], "overall"])
+    )
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Detector check</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "th:first-child,td:first-child{text-align:left}.muted{color:#777}"
+            f"</style></head><body>{body}</body></html>\n")
+
+
+def write_check(folder: Path, check: Mapping[str, Any]) -> None:
+    """detector-check.json, the report page and its figure into a release (staging) folder."""
+    write_json(folder / CHECK_FILE, check)
+    (folder / CHECK_PAGE).parent.mkdir(parents=True, exist_ok=True)
+    ap_figure(folder / CHECK_FIGURE, check)
+    (folder / CHECK_PAGE).write_text(check_page(check))
+
+
+def copy_release(source: Path, target: Path) -> None:
+    """Every file of the release ``source`` except its manifest into ``target`` (hard links where possible)."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if path.is_dir() or relative.as_posix() == MANIFEST_FILE:
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target / relative)
+        except OSError:
+            shutil.copy2(path, target / relative)
+
+
+def publish_checked(out: Path, source: Path, check: Mapping[str, Any], write: Callable[[Path, Mapping[str, Any]], None] = write_check) -> Path:
+    """A new release version under ``out``: the release ``source`` plus the check (module doc); returns its folder."""
+    manifest = json.loads((source / MANIFEST_FILE).read_text())
+    version = fresh_version(out)
+    staging = staging_dir(out, version)
+    try:
+        copy_release(source, staging)
+        check = {**check, "release": version}
+        write(staging, check)
+        manifest.update(version=version, files=file_digests(staging), detector_check={
+            "checked_release": source.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "file": CHECK_FILE, "sha256": file_sha256(staging / CHECK_FILE), "page": CHECK_PAGE,
+            "overall_ap30": {name: check["figures"][name]["overall"]["ap30"] for name in TRAINING_SETS},
+            "verdicts": check["verdicts"]})
+        write_json(staging / MANIFEST_FILE, manifest)
+        return publish(staging, out, version)
+    except BaseException:
+        discard_staging(staging)
+        raise
