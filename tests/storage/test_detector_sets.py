@@ -93,3 +93,15 @@ def test_background_images_follow_the_ratio_in_the_same_order_for_every_set():
     assert half["mined-all"].background == 1 and BACKGROUND[0] in half["mined-all"].boxes  # 2 positives x 0.5
     with pytest.raises(ValueError, match="background ratio"):
         make_plan(-1.0)
+
+
+def test_the_mined_boxes_beat_the_prior_only_by_more_than_the_margin():
+    from cxr_miner.storage.releases.detector_check import verdicts
+
+    def figures(mined: float, prior: float) -> dict:
+        return {"mined": {"Nodule": {"ap30": mined}, "overall": {"ap30": mined}},
+                "prior": {"Nodule": {"ap30": prior}, "overall": {"ap30": prior}}}
+
+    assert verdicts(figures(0.30, 0.10), ["Nodule"])["Nodule"] == "beats the prior (AP@0.3 0.30 against 0.10)"
+    assert verdicts(figures(0.004, 0.0), ["Nodule"])["Nodule"].startswith("does not beat the prior")
+    assert verdicts(figures(float("nan"), 0.2), ["Nodule"])["overall"].startswith("not scored")
