@@ -116,9 +116,11 @@ def detections(model: torch.nn.Module, config: DetectorConfig, groups: list[RowG
 
 
 def detections_of(image: str, letterbox: Letterbox, output: Mapping[str, torch.Tensor], size: int) -> list[dict[str, Any]]:
-    """One image's detector output (input pixels) -> COCO results in source pixels, clipped to the image."""
+    """One image's detector output (input pixels) -> COCO results in source pixels, clipped to the
+    image; a box that lies wholly in the letterbox's padding (no area left) is dropped."""
     boxes = letterbox.boxes_to_source(output["boxes"].numpy() * (letterbox.size / size))
     boxes = np.clip(boxes, 0, [letterbox.source_width, letterbox.source_height] * 2)
     return [{"image": image, "finding": FINDINGS[int(label) - 1], "score": float(score),
              "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
-            for (x0, y0, x1, y1), label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist())]
+            for (x0, y0, x1, y1), label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist())
+            if x1 > x0 and y1 > y0]
