@@ -21,6 +21,7 @@ from cxr_miner.miner.training import pick_device
 LOCAL_WORKER_CONFIG = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.worker.profile.enabled": False,
+    "distributed.worker.preload": ["cxr_miner.flows.workers"],  # its dask_setup runs in each worker process
 }
 
 
