@@ -238,8 +238,9 @@ def print_check(checked: dict) -> None:
     say(f"report page: {Path(checked['path']) / 'report' / 'detector-check.html'}")
     overall = {name: check["figures"][name]["overall"]["ap30"] for name in check["sets"]}
     say("AP at IoU 0.3 on box-test, overall:", ", ".join(f"{name} {format_number(v)}" for name, v in overall.items()))
-    if behind := [f for f in check["findings"] if not check["verdicts"][f].startswith("beats the prior")]:
-        say("mined boxes do not beat the prior for:", ", ".join(behind), style="yellow")
+    for verdict in ("does not beat the prior", "not scored"):
+        if found := [f for f in check["findings"] if check["verdicts"][f].startswith(verdict)]:
+            say(f"mined boxes {verdict.replace('does not beat', 'do not beat')} for:", ", ".join(found), style="yellow")
 
 
 def run_options(
