@@ -35,6 +35,7 @@ from cxr_miner.storage.releases.release import (  # noqa: E402
     publish,
     staging_dir,
 )
+from cxr_miner.storage.releases.report import figure_file, html_page, html_table  # noqa: E402
 from cxr_miner.storage.stages.atomic import write_json  # noqa: E402
 from cxr_miner.storage.stages.provenance import file_sha256  # noqa: E402
 from cxr_miner.storage.vocab.text import format_number, markdown_table  # noqa: E402
@@ -77,38 +78,29 @@ def check_markdown(check: Mapping[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def ap_figure(path: Path, check: Mapping[str, Any]) -> None:
+def ap_bars(ax: plt.Axes, check: Mapping[str, Any]) -> None:
     """Grouped bars: AP@0.3 per finding (and overall), one bar per training set."""
     groups = [*check["findings"], "overall"]
     names = list(check["sets"])
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups)), 3.2), dpi=90)
-    try:
-        width = 0.8 / len(names)
-        for k, name in enumerate(names):
-            values = [check["figures"][name][g]["ap30"] for g in groups]
-            ax.bar(np.arange(len(groups)) + (k - (len(names) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
-        ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("AP at IoU 0.3 on box-test")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, ncols=len(names))
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        values = [check["figures"][name][g]["ap30"] for g in groups]
+        ax.bar(np.arange(len(groups)) + (k - (len(names) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("AP at IoU 0.3 on box-test")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncols=len(names))
 
 
-def check_page(check: Mapping[str, Any]) -> str:
-    """The report page (HTML) of a detector check."""
+def check_page(check: Mapping[str, Any], figure: str) -> str:
+    """The report page (HTML) of a detector check; ``figure``: the AP bars' file name beside it."""
     def table(finding: str) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["trained on", *COLUMNS.values()])
-        rows = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
-            f"<td>{format_number(check['figures'][name][finding][m])}</td>" for m in COLUMNS) + "</tr>" for name in check["sets"])
+        rows = [[html.escape(name), *(format_number(check["figures"][name][finding][m]) for m in COLUMNS)] for name in check["sets"]]
         return (f"<h3>{html.escape(finding)}</h3><p>Mined boxes: <b>{html.escape(check['verdicts'][finding])}</b>.</p>"
-                f"<table><tr>{head}</tr>{rows}</table>")
+                + html_table(["trained on", *COLUMNS.values()], rows))
 
-    sets = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(s['description'])}</td><td>{s['positive_images']}</td>"
-                   f"<td>{s['background_images']}</td><td>{s['boxes']}</td><td>{s['left_out_images']}</td><td>{s['epochs']}</td></tr>"
-                   for name, s in check["sets"].items())
+    sets = [[html.escape(name), html.escape(s["description"]), s["positive_images"], s["background_images"], s["boxes"],
+             s["left_out_images"], s["epochs"]] for name, s in check["sets"].items()]
     detector = check["detector"]
     body = (
         "<p><a href='index.html'>&larr; the harvest report</a></p><h1>Detector check</h1>"
@@ -116,26 +108,21 @@ def check_page(check: Mapping[str, Any]) -> str:
         f"at {detector['size']} px, trunk weights {html.escape(detector['weights'])}, trained on each set below for as many "
         f"steps as {detector['epochs']} epochs of the largest set, all scored by COCOeval on the radiologists' boxes of the "
         f"{check['test_images']} box-test images (no image of a box-test patient is trained on).</p>"
-        "<table><tr><th>trained on</th><th>what</th><th>positive images</th><th>background images</th><th>boxes</th>"
-        f"<th>left out</th><th>epochs</th></tr>{sets}</table>"
-        "<p class='muted'>Left out: images labelled with a finding the set has no box for. AP@0.3 and AP@0.5: "
+        + html_table(["trained on", "what", "positive images", "background images", "boxes", "left out", "epochs"], sets)
+        + "<p class='muted'>Left out: images labelled with a finding the set has no box for. AP@0.3 and AP@0.5: "
         "average precision at that IoU; R@k (0.3): recall with the k top detections of a finding per image at IoU 0.3.</p>"
-        f"<div class='figures'><img src='{Path(CHECK_FIGURE).name}' alt='AP at IoU 0.3'></div>"
+        f"<div class='figures'><img src='{figure}' alt='AP at IoU 0.3'></div>"
         + "".join(table(f) for f in [*check["findings"], "overall"])
     )
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Detector check</title><style>"
-            "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}"
-            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-            "th:first-child,td:first-child{text-align:left}.muted{color:#777}"
-            f"</style></head><body>{body}</body></html>\n")
+    return html_page("Detector check", body)
 
 
 def write_check(folder: Path, check: Mapping[str, Any]) -> None:
     """detector-check.json, the report page and its figure into a release (staging) folder."""
     write_json(folder / CHECK_FILE, check)
     (folder / CHECK_PAGE).parent.mkdir(parents=True, exist_ok=True)
-    ap_figure(folder / CHECK_FIGURE, check)
-    (folder / CHECK_PAGE).write_text(check_page(check))
+    figure = figure_file(folder / CHECK_FIGURE, lambda ax: ap_bars(ax, check), size=(max(5.0, 1.1 * (len(check["findings"]) + 1)), 3.2))
+    (folder / CHECK_PAGE).write_text(check_page(check, figure))
 
 
 def copy_release(source: Path, target: Path) -> None:

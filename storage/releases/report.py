@@ -80,7 +80,7 @@ def page_name(finding: str) -> str:
     return f"{finding.lower()}.html"
 
 
-def _figure(path: Path, draw: Callable[[plt.Axes], None], size: tuple[float, float] = (4.0, 3.0)) -> str:
+def figure_file(path: Path, draw: Callable[[plt.Axes], None], size: tuple[float, float] = (4.0, 3.0)) -> str:
     fig, ax = plt.subplots(figsize=size, dpi=90)
     try:
         draw(ax)
@@ -196,9 +196,9 @@ def confidence_section(data: FindingData) -> str:
             f"box-val. Confidence: {html.escape(t['calibration']['kind'])} calibration on {t['calibration']['boxes']} box-val boxes "
             f"({t['calibration']['hits']} hits; fitted on {html.escape(t['fitted_on'])}). Operating point: {point}; "
             f"<b>{data.at_operating_point}</b> boxes of this release are at it.</p>"
-            + _table(["half", "pairs", "Acc / rank 1 (IoU 0.3)", "boxes at op.", "precision there", "recall there", "ECE"], rows)
+            + html_table(["half", "pairs", "Acc / rank 1 (IoU 0.3)", "boxes at op.", "precision there", "recall there", "ECE"], rows)
             + "<p>The variants it was chosen from (each with its best box rule on box-val; Acc / rank-1 Acc at IoU 0.3):</p>"
-            + _table(["variant", "box rule", "box-val", "box-test"], [
+            + html_table(["variant", "box rule", "box-val", "box-test"], [
                 [html.escape(v), html.escape(rule_label(a)),
                  *(f"{format_number(a[h]['acc'])} / {format_number(a[h]['acc_rank1'])}" for h in ("box_val", "box_test"))]
                 for v, a in t.get("alternatives", {}).items()]))
@@ -215,7 +215,7 @@ def gallery_figure(ax: plt.Axes, item: GalleryItem) -> None:
     ax.set_axis_off()
 
 
-def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+def html_table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table>{head}{body}</table>"
@@ -227,7 +227,7 @@ def acc_rows(data: FindingData) -> list[list[str]]:
     return [[str(t)] + [f"{format_number(data.acc[m][t]['acc'])} / {format_number(data.acc[m][t]['afp'])}" for m in methods] for t in thresholds]
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
 
@@ -235,18 +235,18 @@ def _page(title: str, body: str) -> str:
 def finding_page(folder: Path, report: ReportData, data: FindingData) -> str:
     stem = data.finding.lower()
     figures = [
-        _figure(folder / f"{stem}-scores.png", lambda ax: score_figure(ax, data)),
-        _figure(folder / f"{stem}-size.png", lambda ax: size_figure(ax, data)),
-        _figure(folder / f"{stem}-position.png", lambda ax: position_figure(ax, data)),
-        _figure(folder / f"{stem}-accuracy.png", lambda ax: accuracy_figure(ax, data)),
+        figure_file(folder / f"{stem}-scores.png", lambda ax: score_figure(ax, data)),
+        figure_file(folder / f"{stem}-size.png", lambda ax: size_figure(ax, data)),
+        figure_file(folder / f"{stem}-position.png", lambda ax: position_figure(ax, data)),
+        figure_file(folder / f"{stem}-accuracy.png", lambda ax: accuracy_figure(ax, data)),
     ]
     calibration_figures = [
-        _figure(folder / f"{stem}-precision-recall.png", lambda ax: pr_figure(ax, data)),
-        _figure(folder / f"{stem}-reliability.png", lambda ax: reliability_figure(ax, data)),
+        figure_file(folder / f"{stem}-precision-recall.png", lambda ax: pr_figure(ax, data)),
+        figure_file(folder / f"{stem}-reliability.png", lambda ax: reliability_figure(ax, data)),
     ]
     gallery = []
     for k, item in enumerate(data.gallery):
-        name = _figure(folder / f"{stem}-gallery-{k}.png", lambda ax, item=item: gallery_figure(ax, item), size=(3.0, 3.0))
+        name = figure_file(folder / f"{stem}-gallery-{k}.png", lambda ax, item=item: gallery_figure(ax, item), size=(3.0, 3.0))
         caption = f"{html.escape(item.group)}: {html.escape(item.image_id)}, score {item.score:.2f}"
         gallery.append(f"<figure><img src='{name}' alt='{html.escape(item.image_id)}'><figcaption>{caption}</figcaption></figure>")
     changes = data.changes
@@ -257,7 +257,7 @@ def finding_page(folder: Path, report: ReportData, data: FindingData) -> str:
         "<h2>Against the ground truth</h2>",
         (f"<p>Acc / AFP at T(IoU) on box-test: {data.evaluated_images} images with a ground-truth box of this "
          "finding that nothing was tuned on (the other half of the boxed images, box-val, is kept for choosing).</p>"
-         + _table(["T(IoU)", *data.acc], acc_rows(data))) if data.evaluated_images else
+         + html_table(["T(IoU)", *data.acc], acc_rows(data))) if data.evaluated_images else
         "<p class='muted'>No image has a ground-truth box of this finding.</p>",
         "<h2>Confidence and operating point</h2>" + confidence_section(data)
         + "<div class='figures'>" + "".join(f"<img src='{f}' alt='{f}'>" for f in calibration_figures) + "</div>",
@@ -266,12 +266,12 @@ def finding_page(folder: Path, report: ReportData, data: FindingData) -> str:
         "<h2>Gallery</h2><p class='muted'>Red: the mined rank-1 box; green: ground truth where it exists.</p>"
         f"<div class='gallery'>{''.join(gallery) or '<p class=muted>no boxes</p>'}</div>",
         "<h2>Changes since the previous release</h2>",
-        _table(["before", "after", "added", "removed"], [[changes.get(k, 0) for k in ("before", "after", "added", "removed")]])
+        html_table(["before", "after", "added", "removed"], [[changes.get(k, 0) for k in ("before", "after", "added", "removed")]])
         + (f"<p class='muted'>previous release: {html.escape(report.previous)}</p>" if report.previous else
            "<p class='muted'>first release: every box is new</p>"),
     ]
     name = page_name(data.finding)
-    (folder / name).write_text(_page(f"{data.finding}: {report.title}", "".join(body)))
+    (folder / name).write_text(html_page(f"{data.finding}: {report.title}", "".join(body)))
     return name
 
 
@@ -299,7 +299,7 @@ def write_report(folder: Path, report: ReportData) -> list[str]:
     header = list(rows[0]) if rows else ["finding"]
     cells = [[f"<a href='{page_name(r['finding'])}'>{html.escape(r['finding'])}</a>"]
              + [format_number(v) for k, v in r.items() if k != "finding"] for r in rows]
-    facts = _table(None, [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
+    facts = html_table(None, [[html.escape(str(k)), html.escape(str(v))] for k, v in report.facts.items()])
     body = (f"<h1>{html.escape(report.title)}</h1><p>Release <b>{html.escape(report.version)}</b>, method "
             f"<b>{html.escape(report.method)}</b>, model {html.escape(report.model_id)}.</p>{facts}"
             "<h2>Per finding</h2><p class='muted'>At operating point: the boxes in coco/ (those whose calibrated "
@@ -307,8 +307,8 @@ def write_report(folder: Path, report: ReportData) -> list[str]:
             "share of such boxes that hit a ground-truth box (IoU &ge; 0.3) on box-test. Acc at T(IoU) = 0.3 on box-test "
             "(the half of the images with ground-truth boxes that nothing is tuned on); released: the variant and "
             "box rule each finding's boxes come from. Added / removed: boxes against the previous release.</p>"
-            + _table(header, cells))
-    (folder / "index.html").write_text(_page(report.title, body))
+            + html_table(header, cells))
+    (folder / "index.html").write_text(html_page(report.title, body))
     missing = [f for f in FINDINGS if page_name(f) not in pages]
     if missing:
         raise ValueError(f"report without pages for {missing}")
