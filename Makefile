@@ -57,4 +57,4 @@ lock:
 	uv pip compile pyproject.toml --extra test --universal --python-version 3.11 -c requirements.lock -o requirements-test.lock
 
 clean:
-	rm -rf $(DEMO_DIR) .prefect
+	chmod -R u+w $(DEMO_DIR) 2>/dev/null; rm -rf $(DEMO_DIR) .prefect  # releases are read-only

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import OUT, machine, prefect_api
+from common import OUT, machine, mean, prefect_api, undefined
 
 BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
 VARIANTS = {
@@ -28,11 +28,6 @@ VARIANTS = {
     "am-no-kp": {"kp": "none"},
     "am-kp-lambda-2": {"kp_lambda": 2.0},
 }
-
-
-def mean(values) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -33,3 +34,14 @@ def prefect_api():
     from cxr_miner.flows.api import prefect_api as api
 
     return api()
+
+
+def undefined(value) -> bool:
+    """An undefined figure: None as the project's JSON files write it, NaN as the flows return it."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def mean(values) -> float:
+    """The mean of the defined figures (NaN when none is)."""
+    values = [v for v in values if not undefined(v)]
+    return sum(values) / len(values) if values else math.nan

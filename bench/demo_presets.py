@@ -19,7 +19,7 @@ import json
 import math
 import time
 
-from common import OUT, machine, prefect_api
+from common import OUT, machine, mean, prefect_api, undefined
 
 BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
 BF16 = {"precision": "bf16"}
@@ -32,11 +32,6 @@ VARIANTS = {
     "resnet10-stages3-256-bf16-wcel": {"model": {"stages": 3, "trunk": "resnet10"}, "input_size": 256, "epochs": 12,
                                        "step1_loss": "w-cel", **BF16},
 }
-
-
-def mean(values) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
 
 
 def row(name: str, report: dict, seconds: float) -> dict:

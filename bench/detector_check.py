@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
-from common import OUT, machine, prefect_api
+from common import OUT, machine, prefect_api, undefined
 
 SETTINGS = {"lr": 0.01, "batch_size": 4, "rois_per_image": 16, "box_head": 256}
 
@@ -66,7 +65,7 @@ def main() -> None:
     print("| AP@0.3 trained on | " + " | ".join(groups) + " | images (+ background) | epochs | training s |")
     print("|---" * (len(groups) + 4) + "|")
     for name, record in check["sets"].items():
-        cells = ["-" if math.isnan(check["figures"][name][g]["ap30"]) else f"{check['figures'][name][g]['ap30']:.2f}" for g in groups]
+        cells = ["-" if undefined(check["figures"][name][g]["ap30"]) else f"{check['figures'][name][g]['ap30']:.2f}" for g in groups]
         seconds_trained = record.get("train_seconds")
         print(f"| {name} | " + " | ".join(cells) + f" | {record['positive_images']} (+ {record['background_images']}) | "
               f"{record['epochs']} | {'-' if seconds_trained is None else f'{seconds_trained:.0f}'} |")

@@ -18,20 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-from common import OUT, machine, prefect_api
+from common import OUT, machine, mean, prefect_api, undefined
 
 BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
 POINTS = (("iou", 0.1), ("iou", 0.3), ("iou", 0.5), ("ior", 0.1), ("ior", 0.5))
 SETTINGS = {"mil_epochs": 6, "mil_lr": 4e-3, "batch_size": 16, "loader_workers": 1, "epochs": 10, "am_epochs": 1}
-
-
-def mean(values) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
 
 
 def workdir(images: int) -> Path:
@@ -127,14 +121,14 @@ def main() -> None:
     print("| box fraction | " + " | ".join(BOXED) + " |")
     print("|---" * (len(BOXED) + 1) + "|")
     for fraction, row in rows.items():
-        print(f"| {fraction} | " + " | ".join("-" if math.isnan(v) else f"{v:.2f}" for v in row["ior@0.1"].values()) + " |")
+        print(f"| {fraction} | " + " | ".join("-" if undefined(v) else f"{v:.2f}" for v in row["ior@0.1"].values()) + " |")
     if sides:
         print("\nSide by side on box-test (same images): Acc at T(IoU) = 0.3, each method by its own rule; released: "
               "the variant and rule chosen per finding on box-val")
         print("| method | " + " | ".join(BOXED) + " | mean |")
         print("|---" * (len(BOXED) + 2) + "|")
         for key, accs in sides["acc"].items():
-            print(f"| {key} | " + " | ".join("-" if math.isnan(v) else f"{v:.2f}" for v in accs.values()) + f" | {mean(accs.values()):.2f} |")
+            print(f"| {key} | " + " | ".join("-" if undefined(v) else f"{v:.2f}" for v in accs.values()) + f" | {mean(accs.values()):.2f} |")
         print("| pairs | " + " | ".join(str(sides["pairs"][f]) for f in BOXED) + " | |")
         print(f"chosen on box-val: {sides['chosen']}")
         print(f"training images/s: {json.dumps({k: round(v, 1) for k, v in sides['train_images_per_second'].items()})}")

@@ -11,12 +11,24 @@ from cxr_miner.flows.stopping import Stopped
 # database: about 15 s on 2 idle cores, more under load.
 STARTUP_TIMEOUT_S = 120
 
-_temporary: list[str] = []  # URLs of the temporary servers this process has running
 
+def detached_server():  # -> prefect's SubprocessASGIServer
+    """Prefect's temporary API server, started in a process session of its own: a signal sent to
+    the command's whole process group (Ctrl-C in a terminal, ``timeout``, a scheduler's stop) then
+    reaches the command, which stops the server last, after the runs have reported their end. In
+    the command's group the server died first, and every report after it retried for minutes."""
+    import subprocess
+    from functools import partial
+    from unittest import mock
 
-def temporary_api() -> bool:
-    """Whether the API in use is a temporary server of this process (it cannot run schedules)."""
-    return bool(_temporary)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class DetachedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            with mock.patch.object(subprocess, "Popen", partial(subprocess.Popen, start_new_session=True)):
+                return super()._run_uvicorn_command()
+
+    return DetachedServer()
 
 
 @contextmanager
@@ -27,7 +39,6 @@ def prefect_api() -> Iterator[str]:
     server, about 15 s each, and so does every Dask worker process, whose task runs then
     report to an API nobody reads.
     """
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_HOME,
@@ -42,9 +53,8 @@ def prefect_api() -> Iterator[str]:
     # The server's SQLite file lives in PREFECT_HOME; a missing parent folder would
     # otherwise show up only as a start-up timeout.
     PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)
-    server = SubprocessASGIServer()
+    server = detached_server()
     server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-    _temporary.append(server.api_url)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             drain_timeout = 10.0
@@ -56,7 +66,6 @@ def prefect_api() -> Iterator[str]:
             finally:
                 _drain_to_api(drain_timeout)
     finally:
-        _temporary.remove(server.api_url)
         server.stop()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,6 +23,19 @@ def say(headline: str, detail: str = "", style: str = "green") -> None:
     """One line on stderr: ``headline`` in ``style``, then ``detail``. Neither is read as rich
     markup, so paths and values with brackets (a CSV value ``[/red]``) print as they are."""
     err.print(Text.assemble((headline, style), (" " + detail) if detail else ""))
+
+
+@contextmanager
+def prefect_runs() -> Iterator[None]:
+    """One Prefect API for the flow runs of a command, started only once its options are checked
+    (a temporary local server takes seconds to start); Prefect's own error lines are held back
+    from the console (the command says what failed in one line) for the error log."""
+    from cxr_miner.flows.api import prefect_api
+    from cxr_miner.flows.logs import hold_prefect_errors
+
+    hold_prefect_errors()
+    with prefect_api():  # one API for the command, its Dask workers included
+        yield
 
 
 @app.command("demo-data")
@@ -64,13 +79,17 @@ def ingest(
     allow_outside_links: Annotated[bool, typer.Option("--allow-outside-links", help="Read files that symbolic links under ROOT point to outside it.")] = False,
 ) -> None:
     """Index a collection: W/index.parquet, W/gt_boxes.parquet, W/ingest_report.json."""
+    from cxr_miner.flows.options import check_ingest
+
+    check_ingest(val_fraction, test_fraction, max_shrink)
     from cxr_miner.flows.ingest import ingest as ingest_flow
 
-    report = ingest_flow(
-        root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
-        metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
-        allow_shrink=allow_shrink, max_shrink=max_shrink, allow_outside_links=allow_outside_links,
-    )
+    with prefect_runs():
+        report = ingest_flow(
+            root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
+            metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
+            allow_shrink=allow_shrink, max_shrink=max_shrink, allow_outside_links=allow_outside_links,
+        )
     say(
         f"index: {workdir / 'index.parquet'}",
         f"{report['rows']} images, splits {report['splits']}, "
@@ -92,12 +111,17 @@ def preprocess(
     max_lost: Annotated[float, typer.Option(help="Fail (exit 2) when more than this fraction of the images is missing or quarantined.")] = 0.1,
 ) -> None:
     """Letterbox every indexed image into Parquet shards on a Dask cluster."""
+    from cxr_miner.flows.options import check_cluster, check_preprocess
+
+    check_preprocess(size, shard_size, encoding, max_lost, max_pixels)
+    check_cluster(workers, dask_address)
     from cxr_miner.flows.preprocess import run_preprocess
 
-    manifest = run_preprocess(
-        str(workdir), workers=workers, dask_address=dask_address, size=size, shard_size=shard_size,
-        encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None, max_lost=max_lost,
-    )
+    with prefect_runs():
+        manifest = run_preprocess(
+            str(workdir), workers=workers, dask_address=dask_address, size=size, shard_size=shard_size,
+            encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None, max_lost=max_lost,
+        )
     counts = manifest["counts"]
     say(
         f"shards: {workdir / 'shards'}",
@@ -118,10 +142,17 @@ def train(
     for_release: Annotated[bool, typer.Option(help="mil: also train mil-all, from every box, which harvest uses.")] = True,
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP; or the MIL patch model."""
-    from cxr_miner.flows.train import train as train_flow
+    from cxr_miner.flows.options import check_folds, mil_options
 
-    summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run, method=method,
-                         box_fraction=box_fraction, folds=folds, for_release=for_release)
+    mil_options(box_fraction, folds, method)
+    check_folds(workdir, folds or 0)
+    from cxr_miner.flows.train import train as train_flow
+    from cxr_miner.flows.train import train_config
+
+    train_config(str(workdir), preset, str(config) if config else None, method, box_fraction, folds)
+    with prefect_runs():
+        summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run,
+                             method=method, box_fraction=box_fraction, folds=folds, for_release=for_release)
     say(f"models: {summary['directory']}", f"steps {summary['steps']}")
     print_auc_table(summary["auc"])
 
@@ -134,7 +165,8 @@ def mine_attention(
     """Attention-mining steps 2..T (Eq. 1-7) for a trained run."""
     from cxr_miner.flows.train import mine_attention as mine_flow
 
-    summary = mine_flow(workdir=str(workdir), run=run)
+    with prefect_runs():
+        summary = mine_flow(workdir=str(workdir), run=run)
     say(f"attention mining done: run {summary['run']}, steps {summary['steps']}")
 
 
@@ -147,9 +179,13 @@ def evaluate(
 ) -> None:
     """Acc/AFP and MaxBoxAccV2 per finding for every method (CAM baseline, attention mining) on box-test,
     and per finding the method, box rule, confidence and operating point chosen on box-val (tuning.json)."""
+    from cxr_miner.flows.options import check_evaluate
+
+    check_evaluate(box_val_fraction, precision_target)
     from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
-    report = evaluate_flow(workdir=str(workdir), run=run, box_val_fraction=box_val_fraction, precision_target=precision_target)
+    with prefect_runs():
+        report = evaluate_flow(workdir=str(workdir), run=run, box_val_fraction=box_val_fraction, precision_target=precision_target)
     typer.echo(report["markdown"])
     say(f"evaluation: {report['path']}", f"({report['split']}: {report['images']} boxed images; box-val: {report['box_val']['images']})")
 
@@ -165,6 +201,7 @@ AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discove
 MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")]
 WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")]
 AddressOption = Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
+PrivateOption = Annotated[bool, typer.Option("--private", help="Make the release readable by its owner alone (files 0400, folders 0500) rather than by everyone (0444, 0555).")]
 GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, one worker each (default: all, when CUDA is present).")]
 
 
@@ -178,12 +215,18 @@ def harvest(
 ) -> None:
     """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/, each with
     its calibrated confidence (run `evaluate` first: it tunes what the harvest applies)."""
-    from cxr_miner.flows.harvest import run_harvest
+    from cxr_miner.flows.options import check_cluster, check_harvest
 
-    summary = run_harvest(
-        str(workdir), run, workers=workers, gpus=gpus, dask_address=dask_address,
-        method=method, all_findings=all_findings, min_score=min_score, batch_size=batch_size,
-    )
+    check_harvest(min_score, batch_size)
+    check_cluster(workers, dask_address, gpus)
+    from cxr_miner.flows.harvest import check_harvest_method, run_harvest
+
+    check_harvest_method(method)
+    with prefect_runs():
+        summary = run_harvest(
+            str(workdir), run, workers=workers, gpus=gpus, dask_address=dask_address,
+            method=method, all_findings=all_findings, min_score=min_score, batch_size=batch_size,
+        )
     say(
         f"harvest: {workdir / 'harvest'}",
         f"{summary['boxes']} boxes on {summary['images']} images "
@@ -196,11 +239,14 @@ def release(
     workdir: Annotated[Path, typer.Option(help="Working folder with a complete harvest (W/harvest/harvest.json).")],
     out: Annotated[Path, typer.Option(help="Releases folder: RELEASES/<version>/ and RELEASES/latest.")],
     root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest (for the report's gallery).")] = None,
+    private: PrivateOption = False,
 ) -> None:
-    """Package the harvest as a new immutable release: boxes.parquet, COCO, report, manifest."""
+    """Package the harvest as a new immutable release: boxes.parquet, COCO, report, manifest
+    (read-only; readable by everyone unless --private)."""
     from cxr_miner.flows.release import release as release_flow
 
-    published = release_flow(workdir=str(workdir), out=str(out), root=str(root) if root else None)
+    with prefect_runs():
+        published = release_flow(workdir=str(workdir), out=str(out), root=str(root) if root else None, private=private)
     print_release(published)
 
 
@@ -221,12 +267,22 @@ def detector_check(
     """Train a torchvision detector on the release's boxes and, the same way, on box-val's ground truth and
     on a prior of mean boxes; score each on box-test's ground truth with COCOeval; publish the release
     again, as a new version, with detector-check.json and a report page added."""
-    from cxr_miner.flows.detector_check import run_detector_check
+    from cxr_miner.flows.options import check_at_least, check_cluster
+
+    check_cluster(workers, dask_address, gpus)
+    check_at_least("--epochs", epochs, 1)
+    check_at_least("--size", size, 32)
+    if background_ratio < 0:
+        raise InputError("--background-ratio", f"{background_ratio:g} is below 0")
+    from cxr_miner.flows.detector_check import detector_config, run_detector_check
     from cxr_miner.flows.train import read_overrides
 
-    checked = run_detector_check(str(release), str(workdir), str(out) if out else None, workers=workers, gpus=gpus,
-                                 dask_address=dask_address, detector=detector, epochs=epochs, size=size, weights=weights,
-                                 background_ratio=background_ratio, settings=read_overrides(str(config)) if config else None)
+    settings = read_overrides(str(config)) if config else None
+    detector_config(detector, epochs, size, weights, settings or {})
+    with prefect_runs():
+        checked = run_detector_check(str(release), str(workdir), str(out) if out else None, workers=workers, gpus=gpus,
+                                     dask_address=dask_address, detector=detector, epochs=epochs, size=size, weights=weights,
+                                     background_ratio=background_ratio, settings=settings)
     print_check(checked)
 
 
@@ -246,12 +302,21 @@ def print_check(checked: dict) -> None:
 def run_options(
     preset: str, config: Optional[Path], run: Optional[str], size: int, shard_size: int, method: str,
     all_findings: bool, min_score: float, workers: Optional[int], dask_address: Optional[str], gpus: Optional[int],
-    check_detector: bool = False,
+    check_detector: bool = False, private: bool = False,
 ) -> dict:
+    """The ``run`` flow's parameters, each checked (InputError) before anything starts."""
+    from cxr_miner.flows.options import check_cluster, check_harvest, check_preprocess
+
+    check_preprocess(size, shard_size, "raw", 0.0, 1)
+    check_harvest(min_score, 1)
+    check_cluster(workers, dask_address, gpus)
+    from cxr_miner.flows.train import train_config
+
+    train_config("", preset, str(config) if config else None, method)
     return {
         "preset": preset, "config_file": str(config) if config else None, "run": run, "size": size,
         "shard_size": shard_size, "method": method, "all_findings": all_findings, "min_score": min_score,
-        "workers": workers, "dask_address": dask_address, "gpus": gpus, "detector_check": check_detector,
+        "workers": workers, "dask_address": dask_address, "gpus": gpus, "detector_check": check_detector, "private": private,
     }
 
 
@@ -267,15 +332,16 @@ def run_all(
     size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
-    check_detector: DetectorCheckOption = False,
+    check_detector: DetectorCheckOption = False, private: PrivateOption = False,
 ) -> None:
     """The whole chain: ingest, preprocess, train, evaluate (tunes on box-val), harvest, release
     (and with --detector-check, the detector check of the release)."""
     from cxr_miner.flows.pipeline import run as run_flow
 
     options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
-                          check_detector)
-    published = run_flow(root=str(root), workdir=str(workdir), out=str(out), **options)
+                          check_detector, private)
+    with prefect_runs():
+        published = run_flow(root=str(root), workdir=str(workdir), out=str(out), **options)
     print_release(published)
     if published.get("detector_check"):
         print_check(published["detector_check"])
@@ -292,22 +358,24 @@ def serve(
     size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
     all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
     workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
-    check_detector: DetectorCheckOption = False,
+    check_detector: DetectorCheckOption = False, private: PrivateOption = False,
 ) -> None:
     """Serve the `run` flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)."""
-    from cxr_miner.flows.api import temporary_api
+    from prefect.settings import PREFECT_API_URL
+
     from cxr_miner.flows.pipeline import serve as serve_flow
 
-    if temporary_api():
-        raise ValueError(
+    if not PREFECT_API_URL.value():
+        raise InputError("PREFECT_API_URL", 
             "schedules need a Prefect server: start one with `prefect server start` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
-                          check_detector)
+                          check_detector, private)
     parameters = {"root": str(root.resolve()), "workdir": str(workdir.resolve()), "out": str(out.resolve()), **options}
     say(f"serving deployment run/{name}", f"on schedule {cron!r}; stop with Ctrl-C")
-    serve_flow(cron, name=name, **parameters)
+    with prefect_runs():
+        serve_flow(cron, name=name, **parameters)
 
 
 def print_release(published: dict) -> None:
@@ -348,15 +416,13 @@ def main() -> None:
     folder. SIGINT and SIGTERM stop the command cleanly with exit 130 and 143.
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from cxr_miner.flows.api import prefect_api
     from cxr_miner.flows.logs import quiet_run_tracebacks
     from cxr_miner.flows.stopping import stop_on_signals
 
     quiet_run_tracebacks()
     with stop_on_signals():
         try:
-            with prefect_api():  # one API for the command, its Dask workers included
-                app()
+            app()
         except BaseException as error:
             if isinstance(error, SystemExit):
                 raise
@@ -365,7 +431,7 @@ def main() -> None:
 
 def failure_status(error: BaseException) -> int:
     """Say what ended the command, in one line; return its exit status (see main)."""
-    from cxr_miner.flows.logs import write_error_log
+    from cxr_miner.flows.logs import held_errors, write_error_log
     from cxr_miner.flows.stopping import Stopped, stop_requested
 
     stop = error if isinstance(error, Stopped) else stop_requested()
@@ -373,7 +439,8 @@ def failure_status(error: BaseException) -> int:
         say("stopped:", f"{stop}; temporary files removed, a rerun resumes", style="yellow")
         return stop.exit_status
     if isinstance(error, USER_ERRORS):
-        say("error:", str(error), style="red")
+        say("error:", str(error) + (f" (Prefect's log of it: {write_error_log(error, sys.argv)})" if held_errors() else ""),
+            style="red")
         return 2
     if not isinstance(error, Exception):
         raise error  # KeyboardInterrupt outside a stop, GeneratorExit: not ours to report

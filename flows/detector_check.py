@@ -39,7 +39,7 @@ from cxr_miner.miner.detection_metrics import detection_figures, undefined_figur
 from cxr_miner.miner.detector import DetectorConfig
 from cxr_miner.storage.releases.detector_check import check_markdown, publish_checked, verdicts
 from cxr_miner.storage.releases.detector_sets import TRAINING_SETS, CheckPlan, plan_check
-from cxr_miner.storage.releases.release import BOXES_FILE, MANIFEST_FILE, harvested_images
+from cxr_miner.storage.releases.release import BOXES_FILE, harvested_images, read_manifest, release_file
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.batches import split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_VAL_FRACTION
@@ -51,7 +51,9 @@ from cxr_miner.storage.stages.index import (
     image_sizes,
     read_gt_boxes,
     read_index,
+    read_ingest_report,
 )
+from cxr_miner.storage.stages.evaluation import read_evaluation
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -65,10 +67,9 @@ class DetectorCheckIncomplete(RuntimeError):
 
 def checked_release(release: Path, work: Path) -> dict[str, Any]:
     """The manifest of release folder ``release``, checked to come from the workdir's index."""
-    if not (release / MANIFEST_FILE).exists():
-        raise FileNotFoundError(f"{release}: not a release (no {MANIFEST_FILE})")
-    manifest = json.loads((release / MANIFEST_FILE).read_text())
-    index_sha = json.loads((work / REPORT_FILE).read_text()).get("index_sha256") if (work / REPORT_FILE).exists() else None
+    manifest = read_manifest(release)
+    release_file(release, BOXES_FILE)
+    index_sha = read_ingest_report(work).get("index_sha256") if (work / REPORT_FILE).exists() else None
     if manifest.get("index_sha256") != index_sha:
         raise InputError(release, f"was made from another index than {work / INDEX_FILE} "
                                   f"({manifest.get('index_sha256')} != {index_sha}): pass the workdir the release came from")
@@ -77,8 +78,8 @@ def checked_release(release: Path, work: Path) -> dict[str, Any]:
 
 def box_val_fraction_of(work: Path, manifest: dict[str, Any]) -> float:
     """The box-val fraction the release's run was evaluated with (its tuning chose on that half)."""
-    evaluation = RunFolder.of(work, manifest["model"]["run"]).evaluation_json
-    return json.loads(evaluation.read_text()).get("box_val_fraction", BOX_VAL_FRACTION) if evaluation.exists() else BOX_VAL_FRACTION
+    run = RunFolder.of(work, manifest["model"]["run"])
+    return read_evaluation(run).get("box_val_fraction", BOX_VAL_FRACTION) if run.evaluation_json.exists() else BOX_VAL_FRACTION
 
 
 def make_plan(work: Path, release: Path, box_val_fraction: float, background_ratio: float) -> tuple[CheckPlan, dict[str, tuple[int, int]]]:

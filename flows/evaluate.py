@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import HalfScores, evaluate_boxes
 from cxr_miner.flows.folders import writes_into
+from cxr_miner.flows.options import check_evaluate
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.calibration import PRECISION_TARGET
@@ -127,8 +128,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
              precision_target: float = PRECISION_TARGET) -> dict[str, Any]:
     """Acc/AFP and MaxBoxAccV2 of every method the run has checkpoints for, on each half of the
     boxed images, and the choices tuned on box-val (module doc); the figures reported are box-test's."""
-    if not 0 < precision_target <= 1:
-        raise ValueError(f"--precision-target must lie in (0, 1], got {precision_target}")
+    check_evaluate(box_val_fraction, precision_target)
     logger = get_run_logger()
     work, folder = Path(workdir), RunFolder.of(workdir, run)
     config = read_config(folder)

@@ -35,6 +35,7 @@ from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import labelled, scored_at_least, shard_rows
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
+from cxr_miner.flows.options import check_harvest
 from cxr_miner.flows.tasks import collect, failure_text
 from cxr_miner.miner.methods import (
     FindingChoice,
@@ -46,6 +47,7 @@ from cxr_miner.miner.methods import (
 )
 from cxr_miner.miner.training import TrainConfig
 from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.evaluation import read_tuning
 from cxr_miner.storage.stages.harvest import (
     harvest_summary,
@@ -54,9 +56,10 @@ from cxr_miner.storage.stages.harvest import (
     part_path,
     parts_dir,
     remove_stale_parts,
+    tuning_identity,
     write_part,
 )
-from cxr_miner.storage.stages.index import SPLITS
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, SPLITS, read_gt_boxes
 from cxr_miner.storage.stages.provenance import model_identity
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
@@ -113,6 +116,18 @@ def harvest_localizer(folder: RunFolder, method: str) -> TunedLocalizer:
     return TunedLocalizer(config, choices_from_tuning(tuning, chosen.key), FindingChoice(chosen.key, chosen.paper_rule))
 
 
+def why_untuned(work: Path, folder: RunFolder) -> str:
+    """Why a harvest has no tuning to apply, as it is: evaluate has not run, or there was nothing to tune on."""
+    boxed = len(read_gt_boxes(work / GT_BOXES_FILE)) if (work / GT_BOXES_FILE).exists() else 0
+    if not boxed:
+        return "no tuning: the collection has no image with a ground-truth box"
+    if not folder.evaluation_json.exists():
+        return (f"no tuning: evaluate has not run, though {boxed} images have ground-truth boxes (run `cxr-miner evaluate "
+                f"--workdir {work} --run {folder.name}`, then harvest again: a release refuses a harvest made without "
+                "its run's tuning)")
+    return "no tuning: evaluate found no boxed image among the harvested ones"
+
+
 def auto_default(folder: RunFolder, config: TrainConfig) -> LocalizationMethod:
     """The method ``auto`` boxes a finding without a tuned choice with: the run's AM over all its
     steps, else the CAM baseline, else (a MIL-only run) the MIL model released from every box."""
@@ -142,15 +157,16 @@ def harvest(
     ``gpu_tasks``: each task asks Dask for one unit of the workers' ``GPU`` resource.
     """
     logger = get_run_logger()
-    if not 0 <= min_score <= 1:
-        raise ValueError(f"--min-score must lie in [0, 1], got {min_score}")
+    check_harvest(min_score, batch_size)
     work, folder = Path(workdir), RunFolder.of(workdir, run)
     localizer = harvest_localizer(folder, method)
     if not localizer.choices:
-        logger.warning("%s: no tuning.json (no boxed image was evaluated): every finding is boxed by %s with the "
-                       "paper's rule, and no box has a confidence", folder.directory, localizer.default.variant)
+        logger.warning("%s: %s: every finding is boxed by %s with the paper's rule, and no box has a confidence",
+                       folder.directory, why_untuned(work, folder), localizer.default.variant)
     if missing := folder.missing(localizer.checkpoints()):
         raise FileNotFoundError(f"{folder.directory}: method {method!r} needs {', '.join(missing)} (train the run first)")
+    for name in localizer.checkpoints():  # a damaged one is the user's to mend: said once, before any worker starts
+        read_checkpoint_record(folder.checkpoint(name))
     model_id, digests = model_identity(run, [folder.checkpoint(n) for n in localizer.checkpoints()])
     mode = "discovery" if all_findings else "mining"
     shards = [s for s in ShardReader(work / SHARD_DIR).shards if s["split"] in splits]
@@ -158,7 +174,7 @@ def harvest(
         raise FileNotFoundError(f"{work / SHARD_DIR}: no shards of splits {', '.join(splits)} (run preprocess first)")
     base_key = {"model_id": model_id, "checkpoints": digests, "method": method, "mode": mode,
                 "min_score": min_score if all_findings else None, "input_size": localizer.config.input_size,
-                "choices": localizer.key()}
+                "choices": localizer.key(), "tuning": tuning_identity(folder.tuning_json)}
     settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
                 "threads": threads, "choices": localizer.key(), "model_id": model_id}
     parts_dir(work).mkdir(parents=True, exist_ok=True)

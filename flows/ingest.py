@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
+from cxr_miner.flows.options import check_ingest
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.storage.inputs.pseudonym import load_or_create_key
 from cxr_miner.storage.inputs.sources import SourceScan, scan_dicom, scan_nih
@@ -63,6 +64,7 @@ def ingest(
     usable images than the existing index, is refused before anything is written. A symbolic link
     out of ROOT stops the ingest unless ``allow_outside_links``; files that are not regular files
     (FIFOs, devices) are reported in the ingest report's ``skipped``, never opened."""
+    check_ingest(val_fraction, test_fraction, max_shrink)
     root_path, work = Path(root), Path(workdir)
     if not root_path.is_dir():
         raise FileNotFoundError(f"{root_path}: dataset root is not a folder")

@@ -44,6 +44,7 @@ def run(
     dask_address: str | None = None,
     gpus: int | None = None,
     detector_check: bool = False,
+    private: bool = False,
 ) -> dict[str, Any]:
     """Ingest ROOT, preprocess, train run ``run`` (default: the preset's name) for ``method``, evaluate,
     harvest with what evaluate chose per finding, release."""
@@ -54,7 +55,7 @@ def run(
     evaluate(workdir=workdir, run=trained["run"])
     run_harvest(workdir, trained["run"], workers=workers, dask_address=dask_address, gpus=gpus,
                 method=AUTO, all_findings=all_findings, min_score=min_score)
-    published = release(workdir=workdir, out=out, root=root)
+    published = release(workdir=workdir, out=out, root=root, private=private)
     logger.info("release %s -> %s", published["version"], published["path"])
     if detector_check:
         published["detector_check"] = run_detector_check(published["path"], workdir, out, workers=workers,

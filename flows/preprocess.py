@@ -8,7 +8,6 @@ index rows = shard rows + quarantined + missing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ from cxr_miner.flows.api import prefect_api
 from cxr_miner.flows.dask import dask_task_runner, local_worker_config
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.folders import writes_into
+from cxr_miner.flows.options import check_preprocess
 from cxr_miner.flows.tasks import collect, failure_text
 from cxr_miner.storage.inputs.files import not_regular
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS
-from cxr_miner.storage.stages.index import INDEX_FILE, REPORT_FILE, read_index
+from cxr_miner.storage.stages.index import INDEX_FILE, read_index, read_ingest_report
 from cxr_miner.storage.stages.provenance import code_version
 from cxr_miner.storage.stages.shard_manifest import (
     MANIFEST,
@@ -86,11 +86,12 @@ def preprocess(
 
     More than ``max_lost`` of the indexed images missing or unreadable is an error: refused
     before any shard is touched when the files are not there, else after the run is recorded."""
+    check_preprocess(size, shard_size, encoding, max_lost, max_pixels)
     logger = get_run_logger()
     work = Path(workdir)
     settings = ShardSettings(size=size, encoding=encoding, max_pixels=max_pixels)
     index = read_index(work / INDEX_FILE)
-    ingest_report = json.loads((work / REPORT_FILE).read_text())
+    ingest_report = read_ingest_report(work)
     source_root = Path(root or ingest_report["root"])
     allow_outside_links = ingest_report.get("allow_outside_links", False)
     rows = index.select([*CARRIED_COLUMNS, "file_present"]).to_pylist()

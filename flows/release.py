@@ -47,9 +47,9 @@ from cxr_miner.storage.releases.report import ReportData, headline_rows, write_r
 from cxr_miner.storage.releases.report_data import finding_pages
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
-from cxr_miner.storage.stages.evaluation import harvested_choices, read_tuning
-from cxr_miner.storage.stages.harvest import read_harvest_summary
-from cxr_miner.storage.stages.index import GT_BOXES_FILE, REPORT_FILE, SPLITS, read_gt_boxes
+from cxr_miner.storage.stages.evaluation import harvested_choices, read_evaluation, read_tuning
+from cxr_miner.storage.stages.harvest import check_tuning_current, read_harvest_summary
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, SPLITS, read_gt_boxes, read_ingest_report
 from cxr_miner.storage.stages.provenance import code_version, package_versions
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shard_manifest import QUARANTINE_FILE
@@ -57,11 +57,14 @@ from cxr_miner.storage.vocab.findings import FINDINGS
 from cxr_miner.storage.vocab.text import markdown_table
 
 
-def evaluation_of(work: Path, run: str) -> dict[str, Any]:
+def evaluation_of(work: Path, run: str, key: dict[str, Any]) -> dict[str, Any]:
+    """The run's evaluation (evaluated first if it has none), refused (StaleHarvest) when the harvest
+    was not made with the tuning that evaluation chose: a release never pairs the two."""
     folder = RunFolder.of(work, run)
     if not folder.evaluation_json.exists():
         evaluate(workdir=str(work), run=run)
-    return json.loads(folder.evaluation_json.read_text())
+    check_tuning_current(work, key, run, folder.tuning_json)
+    return read_evaluation(folder)
 
 
 def acc_tables(evaluation: dict[str, Any], methods: list[LocalizationMethod], choices: dict[str, Any]) -> dict[str, dict[str, dict[float, dict[str, float]]]]:
@@ -105,14 +108,16 @@ def operating_points(tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 
 @flow(name="release", log_prints=True)
 @writes_into("workdir", "out")
-def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
-    """Package the complete harvest of ``workdir`` as a new release under ``out`` (module doc)."""
+def release(workdir: str, out: str, root: str | None = None, private: bool = False) -> dict[str, Any]:
+    """Package the complete harvest of ``workdir`` as a new release under ``out`` (module doc);
+    ``private``: readable by its owner alone (else by everyone; read-only either way)."""
     logger = get_run_logger()
     work, releases = Path(workdir), Path(out)
     summary = read_harvest_summary(work)
     key, run = summary["key"], summary["run"]
     config = read_config(RunFolder.of(work, run))
-    ingest_report = json.loads((work / REPORT_FILE).read_text())
+    evaluation = evaluation_of(work, run, key)
+    ingest_report = read_ingest_report(work)
     source_root = Path(root or ingest_report["root"])
     if stale := discard_stale_staging(releases):
         logger.info("removed the staging folders of stopped releases: %s", ", ".join(stale))
@@ -131,7 +136,6 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
             "model_id": key["model_id"], "method": key["method"]}, SPLITS)
         counts = count_boxes(staging / BOXES_FILE)
         changes = diff_boxes(previous / BOXES_FILE if previous else None, staging / BOXES_FILE)
-        evaluation = evaluation_of(work, run)
         tuned = harvested_choices(read_tuning(RunFolder.of(work, run)), key["choices"])
         accs = acc_tables(evaluation, [create_method(name, config) for name in method_names()], key["choices"])
         if mil := released_mil(RunFolder.of(work, run), key["choices"]):
@@ -159,7 +163,7 @@ def release(workdir: str, out: str, root: str | None = None) -> dict[str, Any]:
         }
         write_json(staging / MANIFEST_FILE, manifest)
         maybe_fail("release")
-        target = publish(staging, releases, version)
+        target = publish(staging, releases, version, private=private)
     except BaseException:
         discard_staging(staging)
         raise

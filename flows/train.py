@@ -24,9 +24,10 @@ from cxr_miner.flows.engine.boxes import mil_training_set
 from cxr_miner.flows.engine.checkpoints import load_model, read_config, trunk_weights
 from cxr_miner.flows.engine.fitting import Schedule, fit, step_done
 from cxr_miner.flows.folders import writes_into
+from cxr_miner.flows.options import check_folds, mil_options
 from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.attention import attention_mining_loss
-from cxr_miner.miner.methods import create_method
+from cxr_miner.miner.methods import check_method, create_method
 from cxr_miner.miner.methods.mil import RELEASE_CHECKPOINT
 from cxr_miner.miner.mil import PatchLabels, init_patch_bias
 from cxr_miner.miner.training import (
@@ -123,8 +124,8 @@ def publish_aucs(folder: RunFolder) -> list[dict[str, Any]]:
     for finding in FINDINGS:
         row: dict[str, Any] = {"finding": finding}
         for step, history in sorted(metrics.items()):
-            value = history[-1]["auc"][finding] if history else math.nan
-            row[step] = None if math.isnan(value) else round(value, 4)
+            value = history[-1]["auc"][finding] if history else None  # None: undefined (metrics.json's null)
+            row[step] = None if value is None or math.isnan(value) else round(value, 4)
         rows.append(row)
     create_table_artifact(rows, key=artifact_key(folder.name), description=f"Validation ROC AUC per finding, run {folder.name}")
     return rows
@@ -155,12 +156,19 @@ def read_overrides(config_file: str) -> dict[str, Any]:
     return overrides
 
 
-def check_box_options(box_fraction: float | None, box_folds: int | None, method: str) -> dict[str, Any]:
-    """``--box-fraction`` and ``--folds`` as config overrides; they only mean something for ``mil``."""
-    overrides = {k: v for k, v in (("box_fraction", box_fraction), ("box_folds", box_folds)) if v is not None}
-    if overrides and method != "mil":
-        raise ValueError(f"--box-fraction and --folds train the MIL model from boxes: use them with --method mil, not {method!r}")
-    return overrides
+def train_config(workdir: str, preset: str, config_file: str | None, method: str, box_fraction: float | None = None,
+                 folds: int | None = None) -> tuple[TrainConfig, str | None]:
+    """The run's config from the preset, the config file and the MIL options, checked (InputError
+    naming the bad setting) against the collection's boxed patients; and a warning, if any."""
+    check_method(method)
+    config = resolve_config(preset, config_file)
+    try:
+        config = config.updated(mil_options(box_fraction, folds, method))
+    except InputError:
+        raise
+    except ValueError as error:
+        raise InputError("--box-fraction/--folds", str(error)) from None
+    return config, check_folds(Path(workdir), config.box_folds)
 
 
 @flow(name="train", log_prints=True)
@@ -171,11 +179,9 @@ def train(workdir: str, preset: str = "cpu-small", config_file: str | None = Non
     """Train the checkpoints ``method`` needs: step 1 (the classifier, the CAM baseline) and, for
     ``am``, AM steps 2..T; for ``mil`` the patch model scored by evaluate (``mil``, or one per fold
     with ``folds``) and, with ``for_release``, ``mil-all`` (every box) that harvest uses."""
-    config = resolve_config(preset, config_file)
-    try:
-        config = config.updated(check_box_options(box_fraction, folds, method))
-    except ValueError as error:
-        raise InputError("--box-fraction/--folds", str(error)) from None
+    config, warning = train_config(workdir, preset, config_file, method, box_fraction, folds)
+    if warning:
+        get_run_logger().warning(warning)
     checkpoints = create_method(method, config).checkpoints()
     run = run or preset
     folder = RunFolder.of(workdir, run)

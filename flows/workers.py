@@ -23,3 +23,6 @@ def dask_setup(worker: object) -> None:
     log = logging.getLogger("distributed.worker")
     if not any(isinstance(f, _OneLineHeartbeatLoss) for f in log.filters):
         log.addFilter(_OneLineHeartbeatLoss())
+    from cxr_miner.flows.logs import hold_prefect_errors
+
+    hold_prefect_errors()  # a failed task is reported by the command, in its one line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -57,5 +58,14 @@ def shard_loader(
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, persistent_workers=bool(workers),
-        multiprocessing_context="spawn" if workers else None,
+        multiprocessing_context="spawn" if workers else None, worker_init_fn=leave_process_group if workers else None,
     )
+
+
+def leave_process_group(worker_id: int) -> None:
+    """A loader worker leaves the command's process group: a signal sent to the whole group
+    (Ctrl-C in a terminal, ``timeout``) would kill it before the command's own clean stop, which
+    then fails as "DataLoader worker killed by signal". The command ends its workers as it stops
+    (signals sent to the worker itself still reach it); a worker whose parent is gone ends by
+    itself (torch watches the parent)."""
+    os.setpgid(0, 0)

@@ -32,7 +32,9 @@ from cxr_miner.storage.releases.release import (  # noqa: E402
     discard_staging,
     file_digests,
     fresh_version,
+    is_private,
     publish,
+    read_manifest,
     staging_dir,
 )
 from cxr_miner.storage.releases.report import figure_file, html_page, html_table  # noqa: E402
@@ -140,7 +142,7 @@ def copy_release(source: Path, target: Path) -> None:
 
 def publish_checked(out: Path, source: Path, check: Mapping[str, Any], write: Callable[[Path, Mapping[str, Any]], None] = write_check) -> Path:
     """A new release version under ``out``: the release ``source`` plus the check (module doc); returns its folder."""
-    manifest = json.loads((source / MANIFEST_FILE).read_text())
+    manifest = read_manifest(source)
     version = fresh_version(out)
     staging = staging_dir(out, version)
     try:
@@ -153,7 +155,7 @@ def publish_checked(out: Path, source: Path, check: Mapping[str, Any], write: Ca
             "overall_ap30": {name: check["figures"][name]["overall"]["ap30"] for name in TRAINING_SETS},
             "verdicts": check["verdicts"]})
         write_json(staging / MANIFEST_FILE, manifest)
-        return publish(staging, out, version)
+        return publish(staging, out, version, private=is_private(source))
     except BaseException:
         discard_staging(staging)
         raise

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cxr_miner.storage.stages.atomic import read_json
 from cxr_miner.storage.stages.harvest import finding_counts, part_path, read_part
 from cxr_miner.storage.stages.index import INDEX_FILE, read_index
 from cxr_miner.storage.stages.provenance import file_sha256
@@ -195,17 +196,50 @@ def file_digests(folder: Path, skip: Iterable[str] = (MANIFEST_FILE,)) -> dict[s
     return digests
 
 
-def publish(staging: Path, out: Path, version: str) -> Path:
-    """Rename the complete staging folder to ``out/<version>``, make its files read-only, and
-    point ``latest`` at it (replaced atomically). Returns the release folder."""
+# A published release is read-only for everyone and readable by all (the analysts it is for),
+# or with ``private`` by its owner alone.
+FILE_MODE, FOLDER_MODE = 0o444, 0o555
+PRIVATE_FILE_MODE, PRIVATE_FOLDER_MODE = 0o400, 0o500
+
+
+def publish(staging: Path, out: Path, version: str, private: bool = False) -> Path:
+    """Rename the complete staging folder to ``out/<version>``, make it read-only (files 0444,
+    folders 0555; ``private``: 0400 and 0500), and point ``latest`` at it (replaced atomically).
+    Returns the release folder."""
     check_new_version(out, version)
     target = out / version
+    file_mode, folder_mode = (PRIVATE_FILE_MODE, PRIVATE_FOLDER_MODE) if private else (FILE_MODE, FOLDER_MODE)
     os.rename(staging, target)
-    for path in target.rglob("*"):
+    tree = [target, *target.rglob("*")]
+    for path in tree:
         if path.is_file():
-            path.chmod(0o444)
+            path.chmod(file_mode)
+    for folder in sorted((p for p in tree if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.chmod(folder_mode)  # the deepest first, so that each parent is still writable while its children change
     point_latest(out, version)
     return target
+
+
+def is_private(release: Path) -> bool:
+    """Whether a published release is readable by its owner alone."""
+    return not release.stat().st_mode & 0o004
+
+
+def read_manifest(release: Path) -> dict[str, Any]:
+    """``RELEASE/manifest.json``; FileNotFoundError naming a folder that is not a release."""
+    path = Path(release) / MANIFEST_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{release}: not a release (no {MANIFEST_FILE})")
+    return read_json(path, "the release is damaged: publish a new one with `cxr-miner release`")
+
+
+def release_file(release: Path, name: str) -> Path:
+    """The path of file ``name`` of a release; FileNotFoundError that says it is missing."""
+    path = Path(release) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing from release {Path(release).name} (a release is immutable: "
+                                "publish a new one with `cxr-miner release`)")
+    return path
 
 
 def point_latest(out: Path, version: str) -> None:

@@ -21,7 +21,13 @@ META_KEY = "cxr_miner"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read; the message names the file."""
+    """A checkpoint file that cannot be read; the message names the file and how to remake it."""
+
+    def __init__(self, path: Path, error: Exception) -> None:
+        path = Path(path)
+        last = path.with_name(path.stem.removesuffix("-last") + "-last" + path.suffix)
+        super().__init__(f"{path}: damaged, not a readable cxr-miner checkpoint ({type(error).__name__}: {error}); delete it "
+                         f"and {last.name}, then run `cxr-miner train` with the same --run: that model is trained again")
 
 
 def write_checkpoint(path: Path, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> None:
@@ -41,7 +47,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             record = json.loads((handle.metadata() or {})[META_KEY])
             arrays = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, ValueError, KeyError, OSError) as error:
-        raise CheckpointError(f"{path}: not a cxr-miner checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(path, error) from error
     return arrays, record
 
 
@@ -51,7 +57,7 @@ def read_checkpoint_record(path: Path) -> dict[str, Any]:
         with safe_open(Path(path), framework="numpy") as handle:
             return json.loads((handle.metadata() or {})[META_KEY])
     except (SafetensorError, ValueError, KeyError, OSError) as error:
-        raise CheckpointError(f"{path}: not a cxr-miner checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(path, error) from error
 
 
 def read_weights_file(path: Path) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.atomic import read_json, write_json
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 from cxr_miner.storage.vocab.text import MISSING, markdown_table, rule_label
@@ -102,9 +102,19 @@ def tuning_markdown(tuning: dict[str, Any]) -> str:
     return f"{title}\n\n" + markdown_table(header, rows)
 
 
+def evaluate_command(run: RunFolder) -> str:
+    """The command that writes the run's evaluation.json and tuning.json again."""
+    return f"run `cxr-miner evaluate --workdir {run.directory.parent.parent} --run {run.name}` to make it again"
+
+
 def read_tuning(run: RunFolder) -> dict[str, Any] | None:
     """The run's tuning.json, or None when evaluate had no boxed image to choose on."""
-    return json.loads(run.tuning_json.read_text()) if run.tuning_json.exists() else None
+    return read_json(run.tuning_json, evaluate_command(run)) if run.tuning_json.exists() else None
+
+
+def read_evaluation(run: RunFolder) -> dict[str, Any]:
+    """The run's evaluation.json (FileNotFoundError before evaluate has run)."""
+    return read_json(run.evaluation_json, evaluate_command(run))
 
 
 class TuningChanged(ValueError):

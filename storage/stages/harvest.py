@@ -26,8 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxr_miner.storage.stages.atomic import write_parquet
-from cxr_miner.storage.stages.provenance import code_version
+from cxr_miner.storage.stages.atomic import read_json, write_parquet
+from cxr_miner.storage.stages.provenance import code_version, file_sha256
+from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 HARVEST_DIR = "harvest"
@@ -168,4 +169,27 @@ def read_harvest_summary(workdir: Path) -> dict[str, Any]:
     path = harvest_summary_file(workdir)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no complete harvest (run `cxr-miner harvest` first)")
-    return json.loads(path.read_text())
+    return read_json(path, f"run `cxr-miner harvest --workdir {workdir} --run RUN` again")
+
+
+class StaleHarvest(InputError):
+    """The harvest was made with another tuning than the run's current one (or with none)."""
+
+
+def tuning_identity(tuning_json: Path) -> str | None:
+    """sha256 of a run's tuning.json, None while it has none. The harvest key records it, so that
+    a release can refuse a harvest whose boxes were not made with the tuning it would report."""
+    return file_sha256(tuning_json) if tuning_json.exists() else None
+
+
+def check_tuning_current(workdir: Path, key: Mapping[str, Any], run: str, tuning_json: Path) -> None:
+    """StaleHarvest unless the harvest (its ``key``) was made with the run's current tuning.json.
+    A harvest made before the key recorded its tuning passes here (the release compares its
+    choices with the tuning instead)."""
+    if "tuning" not in key or key["tuning"] == (now := tuning_identity(tuning_json)):
+        return
+    made = "without a tuning (evaluate had not run)" if key["tuning"] is None else "with another tuning.json"
+    found = f"{tuning_json} is gone" if now is None else (f"{tuning_json} exists now" if key["tuning"] is None
+                                                          else f"{tuning_json} has changed since (evaluated again)")
+    raise StaleHarvest(harvest_summary_file(workdir), f"the harvest was made {made}, but {found}: run "
+                       f"`cxr-miner harvest --workdir {workdir} --run {run}` again, then release")

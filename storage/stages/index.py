@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from cxr_miner.storage.inputs.nih import GroundTruthBox
 from cxr_miner.storage.inputs.sources import SourceScan
-from cxr_miner.storage.stages.atomic import write_json, write_parquet
+from cxr_miner.storage.stages.atomic import read_json, write_json, write_parquet
 from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
 
@@ -131,6 +131,11 @@ def index_table(records: list[dict[str, Any]]) -> pa.Table:
 
 def gt_boxes_table(boxes: Iterable[GroundTruthBox]) -> pa.Table:
     return pa.Table.from_pylist([vars(box) for box in boxes], schema=GT_BOX_SCHEMA)
+
+
+def read_ingest_report(workdir: Path) -> dict[str, Any]:
+    """``W/ingest_report.json`` (FileNotFoundError before ingest has run)."""
+    return read_json(Path(workdir) / REPORT_FILE, f"run `cxr-miner ingest ROOT --workdir {workdir}` again")
 
 
 def read_gt_boxes(path: Path) -> dict[str, dict[str, list[list[float]]]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.atomic import read_json, write_json
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 
 RUNS_DIR = "models"
@@ -96,7 +96,7 @@ class RunFolder:
         value in ``defaults``, so that adding a setting does not orphan the runs made before."""
         record = {"config": config, "shards": shards_identity(workdir)}
         if self.config_file.exists():
-            saved = json.loads(self.config_file.read_text())
+            saved = read_json(self.config_file, self.restart_hint)
             saved["config"] = with_defaults(saved.get("config", {}), defaults or {})
             if saved != json.loads(json.dumps(record)):
                 raise ValueError(
@@ -110,13 +110,18 @@ class RunFolder:
         """The training config the run was started with (FileNotFoundError for no run)."""
         if not self.config_file.exists():
             raise FileNotFoundError(f"{self.config_file}: no such training run")
-        return json.loads(self.config_file.read_text())["config"]
+        return read_json(self.config_file, self.restart_hint)["config"]
 
     def record_metrics(self, name: str, history: list[dict[str, Any]]) -> None:
         """The per-epoch history of checkpoint ``name`` (``step1``, ``mil``, ...)."""
-        metrics = json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else {}
+        metrics = self.metrics() if self.metrics_file.exists() else {}
         metrics[name] = history
         write_json(self.metrics_file, metrics)
 
     def metrics(self) -> dict[str, list[dict[str, Any]]]:
-        return json.loads(self.metrics_file.read_text())
+        """Per checkpoint, its epochs' records; an undefined figure (an AUC without positives) is None."""
+        return read_json(self.metrics_file, self.restart_hint)
+
+    @property
+    def restart_hint(self) -> str:
+        return f"restore it, or delete {self.directory} (or pass another --run) to train the run again"

@@ -23,7 +23,7 @@ from PIL import Image
 
 from cxr_miner.storage.inputs.files import source_problem
 from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from cxr_miner.storage.stages.atomic import atomic_path, write_json
+from cxr_miner.storage.stages.atomic import atomic_path, read_json, write_json
 from cxr_miner.storage.stages.index import SPLITS
 from cxr_miner.storage.stages.provenance import file_sha256
 from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
@@ -250,7 +250,7 @@ class ShardReader:
             raise FileNotFoundError(f"{manifest_path}: no shard manifest; run `cxr-miner preprocess` first")
         if split is not None and split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path, "run `cxr-miner preprocess` again to rebuild it (finished shards are kept)")
         self.settings = manifest["settings"]
         self.shards = [s for s in manifest["shards"] if split is None or s["split"] == split]
         self.paths = [Path(shard_dir) / s["file"] for s in self.shards]

@@ -61,8 +61,9 @@ def test_an_internal_error_exits_1_with_its_traceback_in_a_log_file_under_the_wo
 def test_user_errors_are_one_line_with_exit_2_and_no_traceback(tmp_path, prefect_server, error):
     done = _cli_with_failing_evaluate(tmp_path, error)
     assert done.returncode == 2
-    assert f"\nerror: {eval(error)}\n" in done.stderr
-    assert "Traceback" not in done.stderr + done.stdout and not (tmp_path / "logs").exists()
+    (log,) = (tmp_path / "logs").glob("error-*.log")  # Prefect's lines about the failed run, kept off the console
+    assert f"\nerror: {eval(error)} (Prefect's log of it: {log})\n" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "| ERROR" not in done.stderr + done.stdout
 
 
 def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path, monkeypatch, nih_excerpt, prefect_server):
@@ -101,7 +102,7 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path, monkeypatch, nih_excerpt,
 
 
 @pytest.mark.parametrize("words, message", [
-    (["--workers", "-1"], "--workers must be at least 1, got -1"),
+    (["--workers", "-1"], "--workers: -1 is below 1"),
     (["--dask-address", "tcp://127.0.0.1:9"], "--dask-address tcp://127.0.0.1:9: no Dask scheduler answers there"),
 ])
 def test_impossible_dask_options_are_refused_at_once(tmp_path, monkeypatch, prefect_server, words, message):

@@ -20,13 +20,17 @@ pytestmark = pytest.mark.slow
 STOP_WITHIN_S = 10
 
 
-def _start(words: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+def _start(words: list[str], tmp_path: Path, own_api: bool = False) -> tuple[subprocess.Popen, Path]:
     """The real command line in a session of its own (so that what it leaves running can be found);
-    its stderr goes to a file."""
+    its stderr goes to a file. ``own_api``: without PREFECT_API_URL, so that it starts its own
+    temporary Prefect server, as a user's command does."""
     from prefect.settings import PREFECT_API_URL
 
     log = tmp_path / "stderr.txt"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    if own_api:
+        env = {k: v for k, v in env.items() if not k.startswith("PREFECT_API")}
+        env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     code = "from cxr_miner.flows.cli import main; main()"
     process = subprocess.Popen([sys.executable, "-c", code, *words], stderr=log.open("w"), stdout=subprocess.DEVNULL,
                                env=env, start_new_session=True)
@@ -41,10 +45,14 @@ def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout_s: float 
         time.sleep(0.2)
 
 
-def _stop(process: subprocess.Popen, signum: int) -> float:
-    """Send ``signum``; return the seconds until the process ended."""
+def _stop(process: subprocess.Popen, signum: int, group: bool = False) -> float:
+    """Send ``signum`` (``group``: to the command's whole process group, as ``timeout`` and a
+    terminal's Ctrl-C do); return the seconds until the process ended."""
     sent = time.monotonic()
-    process.send_signal(signum)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     process.wait(timeout=60)
     return time.monotonic() - sent
 
@@ -61,28 +69,42 @@ def _left_running(session: int) -> list[str]:
     return left
 
 
-def _stops_cleanly(process: subprocess.Popen, log: Path, signum: int) -> None:
-    """``signum`` ends the command within STOP_WITHIN_S with exit 128 + signum, one line, nothing left running."""
-    took = _stop(process, signum)
+def _stops_cleanly(process: subprocess.Popen, log: Path, signum: int, group: bool = False) -> None:
+    """``signum`` ends the command within STOP_WITHIN_S with exit 128 + signum, one line, nothing left
+    running: neither in its session nor among the processes it had started (the Prefect server has a session of its own)."""
+    children = psutil.Process(process.pid).children(recursive=True)
+    took = _stop(process, signum, group)
     told = log.read_text()
     assert process.returncode == 128 + signum, told
     assert took < STOP_WITHIN_S, took
     assert f"stopped: stopped by {signal.Signals(signum).name}" in told and "Traceback" not in told
+    assert "| ERROR" not in told and "internal error" not in told
     time.sleep(1)
     assert _left_running(process.pid) == []
+    assert [c.pid for c in children if _alive(c)] == []
 
 
-def test_sigterm_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir, tmp_path):
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir, tmp_path):
+    """As ``timeout`` sends it: to the command, its loader workers and (unless it leaves the group)
+    its temporary Prefect server at once. A server killed first made every report retry for minutes."""
     work = copy_workdir(trained_workdir, tmp_path / "w")
     config = tmp_path / "long.json"
     config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1}))
     words = ["train", "--workdir", str(work), "--run", "long", "--config", str(config), "--method", "cam"]
-    process, log = _start(words, tmp_path)
+    process, log = _start(words, tmp_path, own_api=True)
     metrics = work / "models" / "long" / "metrics.json"
     while not metrics.exists():  # one epoch done: its checkpoint is written, then its metrics
         assert process.poll() is None, log.read_text()
         time.sleep(0.2)
-    _stops_cleanly(process, log, signal.SIGTERM)
+    time.sleep(1)  # mid-epoch
+    _stops_cleanly(process, log, signal.SIGTERM, group=True)
     assert not list(work.rglob("*.tmp"))
     epochs_done = len(json.loads(metrics.read_text())["step1"])
     assert epochs_done >= 1
