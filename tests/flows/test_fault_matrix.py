@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,12 +98,9 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(trained_workdir, 
     assert losses["hit"] == losses["calm"]
 
 
-def test_release_killed_before_publishing_leaves_nothing_and_the_rerun_publishes_the_same_boxes(trained_workdir, dask_cluster, tmp_path,
-                                                                                                prefect_server):
-    from cxr_miner.flows.harvest import run_harvest
-
-    work = copy_workdir(trained_workdir, tmp_path / "w")
-    run_harvest(str(work), "t", dask_address=dask_cluster, method="cam")
+def test_release_killed_before_publishing_leaves_nothing_and_the_rerun_publishes_the_same_boxes(released, tmp_path, prefect_server):
+    work = tmp_path / "w"  # the released workdir: evaluated, then harvested with its tuning
+    shutil.copytree(released[0], work, ignore=shutil.ignore_patterns("logs", ".cxr-miner.lock"), copy_function=os.link)
     calm, hit = tmp_path / "calm", tmp_path / "hit"
     assert _cli(["release", "--workdir", str(work), "--out", str(calm)]).returncode == 0
     plant_fault(tmp_path / "fault.json", "release", "exit")

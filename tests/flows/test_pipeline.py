@@ -222,6 +222,6 @@ def test_cli_preprocess_shares_one_prefect_api_with_its_workers(indexed, preproc
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     # one server, stopped once by the command; a worker with a server of its own would log its own
-    assert output.count("temporary server on") == output.count("Stopping temporary server") == 1, output[-3000:]
+    assert output.count("Starting temporary server") == output.count("Stopping temporary server") == 1, output[-3000:]
     assert "Error logging to API" not in output
     assert _hashes(work / "shards") == _hashes(indexed / "shards")

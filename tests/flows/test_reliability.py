@@ -45,7 +45,7 @@ def test_a_harvest_made_before_evaluate_is_never_released(trained_workdir, dask_
     boxed = len(set(pq.read_table(work / "gt_boxes.parquet", columns=["image_id"]).column("image_id").to_pylist()))
     assert boxed > 0
     assert f"evaluate has not run, though {boxed} images have ground-truth boxes" in why_untuned(work, folder)
-    harvested = run_harvest(str(work), "t", dask_address=dask_cluster, threads=1)
+    harvested = run_harvest(str(work), "t", dask_address=dask_cluster, threads=1, splits=("test",))  # a small harvest will do
     assert harvested["key"]["tuning"] is None and not folder.tuning_json.exists()
 
     with pytest.raises(StaleHarvest, match=r"made without a tuning \(evaluate had not run\).* harvest --workdir .* --run t` again") as refused:
