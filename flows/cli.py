@@ -142,10 +142,9 @@ def train(
     for_release: Annotated[bool, typer.Option(help="mil: also train mil-all, from every box, which harvest uses.")] = True,
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP; or the MIL patch model."""
-    from cxr_miner.flows.options import check_folds, mil_options
+    from cxr_miner.flows.options import mil_options
 
-    mil_options(box_fraction, folds, method)
-    check_folds(workdir, folds or 0)
+    mil_options(box_fraction, folds, method)  # at once, before train_config's imports (torch: seconds) check the rest
     from cxr_miner.flows.train import train as train_flow
     from cxr_miner.flows.train import train_config
 
@@ -305,10 +304,10 @@ def run_options(
     check_detector: bool = False, private: bool = False,
 ) -> dict:
     """The ``run`` flow's parameters, each checked (InputError) before anything starts."""
-    from cxr_miner.flows.options import check_cluster, check_harvest, check_preprocess
+    from cxr_miner.flows.options import check_cluster, check_harvest, check_shard_layout
 
-    check_preprocess(size, shard_size, "raw", 0.0, 1)
-    check_harvest(min_score, 1)
+    check_shard_layout(size, shard_size)
+    check_harvest(min_score)
     check_cluster(workers, dask_address, gpus)
     from cxr_miner.flows.train import train_config
 

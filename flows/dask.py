@@ -11,6 +11,7 @@ import dask
 import torch
 from prefect_dask import DaskTaskRunner
 
+from cxr_miner.flows.options import check_cluster
 from cxr_miner.miner.training import pick_device
 
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
@@ -36,10 +37,7 @@ def dask_task_runner(workers: int | None = None, address: str | None = None, res
     core), so CPU-bound image work runs in parallel without contending for the GIL; each
     worker offers ``resources`` (e.g. {"GPU": 1}). Create and use it inside :func:`local_worker_config`.
     """
-    if address and workers:
-        raise ValueError("give either --workers (local cluster) or --dask-address (existing cluster), not both")
-    if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+    check_cluster(workers, address)
     if address:
         check_scheduler(address)
         return DaskTaskRunner(address=address)

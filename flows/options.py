@@ -45,9 +45,13 @@ def check_ingest(val_fraction: float, test_fraction: float, max_shrink: float) -
     check_range("--max-shrink", max_shrink, 0, 1)
 
 
-def check_preprocess(size: int, shard_size: int, encoding: str, max_lost: float, max_pixels: int) -> None:
+def check_shard_layout(size: int, shard_size: int) -> None:
     check_at_least("--size", size, 32)
     check_at_least("--shard-size", shard_size, 1)
+
+
+def check_preprocess(size: int, shard_size: int, encoding: str, max_lost: float, max_pixels: int) -> None:
+    check_shard_layout(size, shard_size)
     check_at_least("--max-pixels", max_pixels, 1)
     if encoding not in ENCODINGS:
         raise InputError("--encoding", f"{encoding!r} is not one of {', '.join(ENCODINGS)}")
@@ -59,7 +63,7 @@ def check_evaluate(box_val_fraction: float, precision_target: float) -> None:
     check_range("--precision-target", precision_target, 0, 1, open_low=True)
 
 
-def check_harvest(min_score: float, batch_size: int) -> None:
+def check_harvest(min_score: float, batch_size: int | None = None) -> None:
     check_range("--min-score", min_score, 0, 1)
     check_at_least("--batch-size", batch_size, 1)
 
