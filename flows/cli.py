@@ -142,9 +142,10 @@ def train(
     for_release: Annotated[bool, typer.Option(help="mil: also train mil-all, from every box, which harvest uses.")] = True,
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP; or the MIL patch model."""
-    from cxr_miner.flows.options import mil_options
+    from cxr_miner.flows.options import check_folds, mil_options
 
-    mil_options(box_fraction, folds, method)  # at once, before train_config's imports (torch: seconds) check the rest
+    mil_options(box_fraction, folds, method)  # at once: train_config checks them again with the rest, after importing torch (seconds)
+    check_folds(workdir, folds or 0)
     from cxr_miner.flows.train import train as train_flow
     from cxr_miner.flows.train import train_config
 
@@ -335,10 +336,10 @@ def run_all(
 ) -> None:
     """The whole chain: ingest, preprocess, train, evaluate (tunes on box-val), harvest, release
     (and with --detector-check, the detector check of the release)."""
-    from cxr_miner.flows.pipeline import run as run_flow
-
     options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
                           check_detector, private)
+    from cxr_miner.flows.pipeline import run as run_flow
+
     with prefect_runs():
         published = run_flow(root=str(root), workdir=str(workdir), out=str(out), **options)
     print_release(published)
