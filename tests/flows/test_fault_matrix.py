@@ -101,8 +101,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(trained_workdir, 
 def test_release_killed_before_publishing_leaves_nothing_and_the_rerun_publishes_the_same_boxes(released, tmp_path, prefect_server):
     work = tmp_path / "w"  # the released workdir: evaluated, then harvested with its tuning
     shutil.copytree(released[0], work, ignore=shutil.ignore_patterns("logs", ".cxr-miner.lock"), copy_function=os.link)
-    calm, hit = tmp_path / "calm", tmp_path / "hit"
-    assert _cli(["release", "--workdir", str(work), "--out", str(calm)]).returncode == 0
+    calm, hit = released[1], tmp_path / "hit"  # calm: the undisturbed releases of this very harvest
     plant_fault(tmp_path / "fault.json", "release", "exit")
     killed = _cli(["release", "--workdir", str(work), "--out", str(hit)], tmp_path / "fault.json")
     assert killed.returncode == KILLED, killed.stderr
