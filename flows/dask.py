@@ -12,6 +12,7 @@ import torch
 from prefect_dask import DaskTaskRunner
 
 from cxr_miner.flows.options import check_cluster
+from cxr_miner.flows.workers import quiet_dask_shutdown
 from cxr_miner.miner.training import pick_device
 
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
@@ -64,7 +65,9 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
 
 @contextmanager
 def local_worker_config() -> Iterator[None]:
-    """Dask settings in force while a flow starts its LocalCluster (see LOCAL_WORKER_CONFIG)."""
+    """Dask settings in force while a flow starts its LocalCluster (see LOCAL_WORKER_CONFIG); the
+    scheduler in this process logs a closed connection in one line, as its workers do."""
+    quiet_dask_shutdown()
     with dask.config.set(LOCAL_WORKER_CONFIG):
         yield
 
