@@ -42,6 +42,8 @@ from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.evaluation import (
     auc_markdown,
     box_rules_markdown,
+    evaluation_current,
+    evaluation_inputs,
     evaluation_markdown,
     fold_summary,
     folds_markdown,
@@ -122,6 +124,14 @@ def add_released(half: dict[str, Any], tuning: dict[str, Any]) -> None:
     half["results"][RELEASED] = rows
 
 
+def is_evaluated(workdir: str, run: str, box_val_fraction: float = BOX_VAL_FRACTION, precision_target: float = PRECISION_TARGET) -> bool:
+    """Whether the run's evaluation is what evaluate would write now: the same checkpoints, boxes,
+    index, shards, settings and code (storage.stages.evaluation.evaluation_inputs), its files intact."""
+    folder = RunFolder.of(workdir, run)
+    settings = {"box_val_fraction": box_val_fraction, "precision_target": precision_target}
+    return evaluation_current(folder, evaluation_inputs(Path(workdir), folder, settings))
+
+
 @flow(name="evaluate", log_prints=True)
 @writes_into("workdir")
 def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: float = BOX_VAL_FRACTION,
@@ -131,6 +141,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     check_evaluate(box_val_fraction, precision_target)
     logger = get_run_logger()
     work, folder = Path(workdir), RunFolder.of(workdir, run)
+    inputs = evaluation_inputs(work, folder, {"box_val_fraction": box_val_fraction, "precision_target": precision_target})
     config = read_config(folder)
     methods = [m for name in method_names() for m in create_method(name, config).variants() if not folder.missing(m.checkpoints())]
     folds = fold_models(folder, config)
@@ -169,7 +180,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in used],
               "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL],
               "released": released_figures(chosen_entries(tuning)) if tuning else None, "folds": cross_validation,
-              "validation_auc": aucs}
+              "validation_auc": aucs, "inputs": inputs}
     write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)
     create_markdown_artifact(markdown, key=artifact_key(run, "localization"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from cxr_miner.flows.detector_check import run_detector_check
-from cxr_miner.flows.evaluate import evaluate
+from cxr_miner.flows.evaluate import evaluate, is_evaluated
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.harvest import AUTO, run_harvest
 from cxr_miner.flows.ingest import ingest
@@ -52,7 +52,10 @@ def run(
     ingest(root=root, workdir=workdir)
     run_preprocess(workdir, workers=workers, dask_address=dask_address, size=size, shard_size=shard_size)
     trained = train(workdir=workdir, preset=preset, config_file=config_file, run=run, method=method)
-    evaluate(workdir=workdir, run=trained["run"])
+    if is_evaluated(workdir, trained["run"]):
+        logger.info("evaluate: run %s was evaluated with these checkpoints, boxes and shards; kept", trained["run"])
+    else:
+        evaluate(workdir=workdir, run=trained["run"])
     run_harvest(workdir, trained["run"], workers=workers, dask_address=dask_address, gpus=gpus,
                 method=AUTO, all_findings=all_findings, min_score=min_score)
     published = release(workdir=workdir, out=out, root=root, private=private)

@@ -12,11 +12,24 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.measure import label
+from scipy import ndimage
 
 # The paper fixes three thresholds but not their values; these span the upper half of
 # the normalised map, where the binarisation of Eq. 7 (0.5) also works.
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.9)
+
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 8-connected components of a bool mask (H, W): labels int32 (H, W), 0 outside, 1..count
+    numbered in row-major order of each component's first pixel, and count. The labels of
+    scikit-image's ``label(connectivity=2)``, from scipy's ``ndimage.label``: a third of the time
+    on the 128 to 512 px maps boxed here (0.17 against 0.50 ms at 128 px), and every harvested
+    pair labels its map at several thresholds."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    return labels, int(count)
 
 
 def check_heatmap(heatmap: np.ndarray) -> np.ndarray:
@@ -41,7 +54,7 @@ def peak_component(heatmap: np.ndarray, threshold: float) -> np.ndarray:
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     if heatmap[peak] <= 0 or heatmap[peak] < threshold:
         return np.zeros(heatmap.shape, dtype=bool)
-    components = label(heatmap >= threshold, connectivity=2)
+    components, _ = label_components(heatmap >= threshold)
     return components == components[peak]
 
 

@@ -155,9 +155,10 @@ def component_boxes(heatmap: np.ndarray, threshold: float) -> np.ndarray:
     """Boxes (K, 4) xyxy of every 8-connected component of ``heatmap >= threshold`` (continuous
     pixel coordinates of the heatmap grid: pixel (i, j) covers [j, j + 1) x [i, i + 1))."""
     from scipy.ndimage import find_objects
-    from skimage.measure import label
 
-    spans = find_objects(label(heatmap >= threshold, connectivity=2))  # a slice pair per component, in label order
+    from cxr_miner.miner.boxes import label_components
+
+    spans = find_objects(label_components(heatmap >= threshold)[0])  # a slice pair per component, in label order
     return np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64).reshape(-1, 4)
 
 
@@ -184,14 +185,17 @@ class MaxBoxAccumulator:
         low, high = heatmap.min(), heatmap.max()
         normalised = (heatmap - low) / (high - low) if high > low else np.zeros_like(heatmap)
         truth = _boxes(truth)
+        per_threshold = [component_boxes(normalised, tau) for tau in self.thresholds]
+        boxes = np.concatenate(per_threshold)
         hits = np.zeros((len(self.thresholds), len(self.ious)), dtype=np.int64)
-        for i, tau in enumerate(self.thresholds):
-            boxes = component_boxes(normalised, tau)
-            if to_truth_grid is not None and len(boxes):
+        if len(boxes) and len(truth):  # one IoU matrix for every threshold's boxes, then the best per threshold
+            if to_truth_grid is not None:
                 boxes = to_truth_grid(boxes)
-            if len(boxes) and len(truth):
-                best = box_iou(_boxes(boxes), truth).max().item()
-                hits[i] = [best >= delta for delta in self.ious]
+            best_of_box = box_iou(torch.from_numpy(np.asarray(boxes, dtype=np.float64)), truth).max(dim=1).values.numpy()
+            counts = np.array([len(b) for b in per_threshold])
+            best = np.full(len(counts), -np.inf)
+            best[counts > 0] = np.maximum.reduceat(best_of_box, np.cumsum(counts)[counts > 0] - counts[counts > 0])
+            hits = (best[:, None] >= np.array(self.ious)[None, :]).astype(np.int64)
         self.hits[finding] = self.hits.get(finding, 0) + hits
         self.pairs[finding] += 1
 

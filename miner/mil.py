@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.measure import label
 from torch import nn
 
+from cxr_miner.miner.boxes import label_components
 from cxr_miner.miner.models import Trunk
 from cxr_miner.miner.registration import upsample_registered
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -208,7 +208,7 @@ def region_boxes(probabilities: np.ndarray, input_size: int, threshold: float = 
     probabilities = np.asarray(probabilities, dtype=np.float64)
     grid = probabilities.shape[-1]
     side = input_size / grid
-    parts, count = label(probabilities > threshold, connectivity=2, return_num=True)
+    parts, count = label_components(probabilities > threshold)
     boxes, scores = [], []
     for part in range(1, count + 1):
         rows, cols = np.nonzero(parts == part)

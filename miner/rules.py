@@ -31,10 +31,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.measure import label
 from torchvision.ops import nms
 
-from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, check_heatmap
+from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, check_heatmap, label_components
 from cxr_miner.miner.localize import boxes_in_source, covers_source
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
@@ -86,7 +85,7 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     columns: list[list[np.ndarray]] = [[] for _ in range(8)]
     for threshold in thresholds:
-        labels, count = label(heatmap >= threshold, connectivity=2, return_num=True)
+        labels, count = label_components(heatmap >= threshold)
         if count == 0:
             continue
         spans = ndimage.find_objects(labels)

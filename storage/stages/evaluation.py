@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cxr_miner.storage.stages.atomic import read_json, write_json
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE
+from cxr_miner.storage.stages.provenance import code_version, file_sha256
 from cxr_miner.storage.stages.runs import RunFolder
+from cxr_miner.storage.stages.shard_manifest import MANIFEST
+from cxr_miner.storage.stages.shards import SHARD_DIR
+from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 from cxr_miner.storage.vocab.text import MISSING, markdown_table, rule_label
 
@@ -117,6 +124,26 @@ def read_evaluation(run: RunFolder) -> dict[str, Any]:
     return read_json(run.evaluation_json, evaluate_command(run))
 
 
+def evaluation_inputs(work: Path, run: RunFolder, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What an evaluation's figures depend on (sha256s): the run's trained checkpoints, the ground-truth
+    boxes, the index (its patients split the boxed images) and the shards it scored, and its settings
+    and the code. evaluation.json records them as ``inputs``."""
+    models = {p.name: file_sha256(p) for p in sorted(run.directory.glob("*.safetensors")) if not p.stem.endswith("-last")}
+    files = {name: file_sha256(work / name) for name in (GT_BOXES_FILE, INDEX_FILE, f"{SHARD_DIR}/{MANIFEST}") if (work / name).exists()}
+    return json.loads(json.dumps({"models": models, "files": files, "settings": dict(settings), "code_version": code_version()}))
+
+
+def evaluation_current(run: RunFolder, inputs: Mapping[str, Any]) -> bool:
+    """Whether the run's evaluation was made from ``inputs`` and its files are still as evaluate wrote
+    them (a damaged, edited or missing one is made again)."""
+    try:
+        report = read_evaluation(run)
+    except (OSError, InputError):
+        return False
+    tuning = file_sha256(run.tuning_json) if run.tuning_json.exists() else None
+    return report.get("inputs") == inputs and report.get("tuning_sha256", False) == tuning and run.evaluation_md.exists()
+
+
 class TuningChanged(ValueError):
     """The run's tuning.json no longer says what the harvest applied (it was evaluated again)."""
 
@@ -150,6 +177,7 @@ def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str, tuni
         run.tuning_json.unlink(missing_ok=True)
     else:
         write_json(run.tuning_json, tuning)
+    report = {**report, "tuning_sha256": file_sha256(run.tuning_json) if tuning is not None else None}
     write_json(run.evaluation_json, report)
     run.evaluation_md.write_text(
         f"# Localisation, run {run.name}: {report['split']}, {report['images']} boxed images "

@@ -179,6 +179,8 @@ def test_manifest_hashes_every_file_and_latest_is_the_newest(released):
 def test_second_run_redoes_nothing_and_releases_the_same_boxes_with_no_changes(released):
     work, _, first, second = released
     assert json.loads((work / "harvest" / "harvest.json").read_text())["built"] == 0
+    evaluated = (work / "models" / "t" / "evaluation.json").stat().st_mtime_ns
+    assert evaluated < (Path(first["path"]) / "manifest.json").stat().st_mtime_ns  # not evaluated again
     assert second["manifest"]["model"] == first["manifest"]["model"]  # not retrained
     assert pq.read_table(Path(second["path"]) / "boxes.parquet").drop_columns([]).equals(
         pq.read_table(Path(first["path"]) / "boxes.parquet"))
@@ -187,6 +189,33 @@ def test_second_run_redoes_nothing_and_releases_the_same_boxes_with_no_changes(r
     assert all(c["added"] == 0 and c["removed"] == 0 and c["before"] == c["after"] for c in changes["findings"].values())
     first_changes = first["manifest"]["changes"]["findings"]
     assert sum(c["added"] for c in first_changes.values()) == first["boxes"]
+
+
+def test_an_evaluation_is_current_until_what_it_scored_or_wrote_changes(released, tmp_path):
+    from cxr_miner.flows.evaluate import is_evaluated
+    from tests.flows.helpers import copy_workdir
+
+    work = copy_workdir(released[0], tmp_path / "w")  # hard links: a file is changed by writing a new one
+    assert is_evaluated(str(work), "t")
+    assert not is_evaluated(str(work), "t", box_val_fraction=0.4) and not is_evaluated(str(work), "other-run")
+
+    def rewritten(path: Path, text: str) -> None:
+        path.unlink()
+        path.write_text(text)
+
+    tuning = work / "models" / "t" / "tuning.json"
+    original = tuning.read_text()
+    for edit in (original.replace('"run"', '"run" ', 1), original[:-10]):  # edited, truncated
+        rewritten(tuning, edit)
+        assert not is_evaluated(str(work), "t")
+    rewritten(tuning, original)
+    assert is_evaluated(str(work), "t")
+    boxes = work / GT_BOXES_FILE
+    data = boxes.read_bytes()
+    boxes.unlink()
+    assert not is_evaluated(str(work), "t")
+    boxes.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert not is_evaluated(str(work), "t")
 
 
 def test_releases_are_immutable(released):

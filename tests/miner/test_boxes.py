@@ -212,3 +212,19 @@ def test_prior_rules_box_the_findings_size_at_each_centroid():
 def test_component_rules_map_their_boxes_through_the_letterbox():
     found, source = PAPER_RULE.in_source(PAPER_RULE.boxes(_two_blobs()), 30, Letterbox.fit(60, 60, 30))
     assert source.tolist() == [[8, 8, 16, 12], [4, 4, 20, 16]] and len(found.boxes) == 2
+
+
+def test_components_are_scikit_images_8_connected_labels_on_random_maps():
+    """label_components (scipy) gives scikit-image's labels, numbering included, which the rules'
+    component order and the MaxBoxAccV2 boxes depend on."""
+    from skimage.measure import label
+
+    from cxr_miner.miner.boxes import label_components
+
+    rng = np.random.default_rng(5)
+    for side in (7, 32, 96):
+        smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 1, 6, 6))), size=side, mode="bilinear")[0, 0].numpy()
+        for mask in (smooth >= 0.5, rng.random((side, side)) > 0.6, np.zeros((side, side), bool)):
+            labels, count = label_components(mask)
+            theirs, their_count = label(mask, connectivity=2, return_num=True)
+            assert count == their_count and np.array_equal(labels, theirs)

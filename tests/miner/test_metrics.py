@@ -145,3 +145,31 @@ def test_max_box_acc_maps_boxes_to_the_truth_grid():
     unmapped = MaxBoxAccumulator(ious=(0.7,))
     unmapped.accumulate("Nodule", heatmap, [[4, 8, 12, 16]])
     assert unmapped.compute()["Nodule"]["max_box_acc_v2"] == 0.0
+
+
+def test_max_box_acc_is_the_per_threshold_definition_on_random_maps():
+    """The accumulator's one IoU matrix over all thresholds gives what the definition computes
+    threshold by threshold, with scikit-image's components and torchvision's IoU."""
+    import torch
+    from scipy.ndimage import find_objects
+    from skimage.measure import label
+    from torchvision.ops import box_iou
+
+    from cxr_miner.miner.metrics import MAXBOXACC_IOUS, MAXBOXACC_THRESHOLDS, MaxBoxAccumulator
+
+    rng = np.random.default_rng(3)
+    accumulator, hits = MaxBoxAccumulator(), np.zeros((len(MAXBOXACC_THRESHOLDS), len(MAXBOXACC_IOUS)))
+    for _ in range(6):
+        heatmap = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 1, 5, 5))), size=40, mode="bilinear")[0, 0].numpy()
+        truth = np.sort(rng.integers(0, 40, (2, 2, 2)), axis=1).transpose(0, 2, 1).reshape(2, 4)[:, [0, 2, 1, 3]] + [0, 0, 1, 1]
+        accumulator.accumulate("Nodule", heatmap, truth)
+        normalised = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min())
+        for i, tau in enumerate(MAXBOXACC_THRESHOLDS):
+            spans = find_objects(label(normalised >= tau, connectivity=2))
+            boxes = torch.tensor([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=torch.float64)
+            best = box_iou(boxes, torch.as_tensor(truth, dtype=torch.float64)).max().item()
+            hits[i] += [best >= delta for delta in MAXBOXACC_IOUS]
+    ours = accumulator.compute()["Nodule"]
+    accuracy = hits / 6
+    assert ours["max_box_acc_v2"] == pytest.approx(accuracy.max(axis=0).mean())
+    assert [ours["per_iou"][d]["threshold"] for d in MAXBOXACC_IOUS] == [MAXBOXACC_THRESHOLDS[k] for k in accuracy.argmax(axis=0)]
