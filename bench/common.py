@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -45,3 +46,41 @@ def mean(values) -> float:
     """The mean of the defined figures (NaN when none is)."""
     values = [v for v in values if not undefined(v)]
     return sum(values) / len(values) if values else math.nan
+
+
+class PeakMemory:
+    """Peak of the summed RSS of a process (``root``, default this one) and all its descendants,
+    sampled every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.05, root: int | None = None) -> None:
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(root), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        try:
+            processes = [self.process, *self.process.children(recursive=True)]
+        except Exception:  # the process has ended
+            return 0
+        for p in processes:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a process that just ended
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
-from common import OUT, demo_collection, machine, prefect_api
+from common import OUT, PeakMemory, demo_collection, machine, prefect_api
 
 
 def make_workdir(images: int, shard_size: int, size: int) -> Path:
@@ -61,39 +60,6 @@ def random_run(work: Path, preset_name: str, device: str) -> list:
             torch.manual_seed(step)
             save_checkpoint(folder.step(step), create_model(config.model), {"config": config.to_dict(), "step": step})
     return [load_model(folder.step(s))[0] for s in range(1, config.am_steps + 1)]
-
-
-class PeakMemory:
-    """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        import psutil
-
-        self.process, self.interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        total = 0
-        for p in [self.process, *self.process.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except Exception:  # a process that just ended
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, device_name: str) -> float:

@@ -129,8 +129,11 @@ def evaluation_inputs(work: Path, run: RunFolder, settings: Mapping[str, Any]) -
     boxes, the index (its patients split the boxed images) and the shards it scored, and its settings
     and the code. evaluation.json records them as ``inputs``."""
     models = {p.name: file_sha256(p) for p in sorted(run.directory.glob("*.safetensors")) if not p.stem.endswith("-last")}
-    files = {name: file_sha256(work / name) for name in (GT_BOXES_FILE, INDEX_FILE, f"{SHARD_DIR}/{MANIFEST}") if (work / name).exists()}
-    return json.loads(json.dumps({"models": models, "files": files, "settings": dict(settings), "code_version": code_version()}))
+    files = {name: file_sha256(work / name) for name in (GT_BOXES_FILE, INDEX_FILE) if (work / name).exists()}
+    manifest = work / SHARD_DIR / MANIFEST  # the shards' own digests: a rerun of preprocess rewrites the manifest's time
+    shards = {s["name"]: s["sha256"] for s in read_json(manifest, "run preprocess again")["shards"]} if manifest.exists() else {}
+    return json.loads(json.dumps({"models": models, "files": files, "shards": shards, "settings": dict(settings),
+                                  "code_version": code_version()}))
 
 
 def evaluation_current(run: RunFolder, inputs: Mapping[str, Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,18 +11,14 @@ import pytest
 from tests.flows.helpers import SETTINGS, copy_workdir
 
 
-@pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory, prefect_server) -> Path:
-    """320 phantoms of 256 px (20% with boxes), shards of 128 px, run ``t`` of preset cpu-small.
-
-    Tests that write into a workdir copy it (copy_workdir) rather than change this one.
-    """
+def _train_phantoms(base: Path) -> Path:
+    """320 phantoms of 256 px (20% with boxes), shards of 128 px, run ``t`` of preset cpu-small, under ``base``."""
     from cxr_miner.flows.ingest import ingest
     from cxr_miner.flows.preprocess import run_preprocess
     from cxr_miner.flows.train import train
     from cxr_miner.storage.phantoms.generator import generate
 
-    root, work = tmp_path_factory.mktemp("nih"), tmp_path_factory.mktemp("work")
+    root, work = base / "nih", base / "work"
     generate(root, n_images=320, size=256, seed=11, box_fraction=0.2, workers=2)
     ingest(root=str(root), workdir=str(work))
     run_preprocess(str(work), workers=2, size=128, shard_size=64)
@@ -29,6 +26,26 @@ def trained_workdir(tmp_path_factory, prefect_server) -> Path:
     config.write_text(json.dumps(SETTINGS))
     train(workdir=str(work), preset="cpu-small", config_file=str(config), run="t")
     return work
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, prefect_server, worker_id) -> Path:
+    """The trained phantoms of _train_phantoms. Made once per test session: with pytest-xdist the
+    first worker to ask trains them in the session's shared temp folder while the others wait.
+
+    Tests that write into a workdir copy it (copy_workdir) rather than change this one.
+    """
+    if worker_id == "master":
+        return _train_phantoms(tmp_path_factory.mktemp("trained"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "trained"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "done").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            _train_phantoms(shared)
+            (shared / "done").touch()
+    return shared / "work"
 
 
 @pytest.fixture(scope="session")

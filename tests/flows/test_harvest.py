@@ -214,3 +214,46 @@ def test_am_harvest_boxes_every_finding_with_am_by_its_own_tuned_rule(harvested,
 def test_unknown_or_untrained_methods_are_refused(trained_workdir, method, error, message):
     with pytest.raises(error, match=message):
         run_harvest(str(trained_workdir), "t", workers=1, method=method)
+
+
+def test_a_cluster_started_apart_with_workers_elsewhere_gives_the_local_boxes(harvested, trained_workdir, tmp_path, monkeypatch):
+    """A scheduler and two workers started as processes of their own (as on machines the flow does
+    not manage), each worker in a working directory of its own, and the work folder given relative
+    to the command's: the boxes of the harvest on the tests' local cluster."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from distributed import Client
+    from prefect.settings import PREFECT_API_URL
+
+    reference, _ = harvested
+    work = copy_workdir(trained_workdir, tmp_path / "work")
+    shutil.copy2(RunFolder.of(reference, "t").tuning_json, RunFolder.of(work, "t").tuning_json)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    places = [tmp_path / name for name in ("scheduler", "worker-a", "worker-b")]
+    for place in places:
+        place.mkdir()
+    processes = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                   "--dashboard-address", ":0"], cwd=places[0], env=env, stderr=subprocess.DEVNULL)]
+    processes += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
+                                    "--dashboard-address", ":0", "--name", place.name], cwd=place, env=env, stderr=subprocess.DEVNULL)
+                  for place in places[1:]]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert sorted(client.run(os.getcwd).values()) == [str(p) for p in places[1:]]
+        monkeypatch.chdir(tmp_path)
+        summary = run_harvest("work", "t", dask_address=address, threads=1)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+    assert summary["built"] == len(summary["shards"])
+    assert all_parts(work).equals(all_parts(reference))

@@ -203,25 +203,3 @@ def test_killed_worker_is_survived(indexed, preprocessed, tmp_path, monkeypatch)
     assert not (tmp_path / "fault.json").exists()  # the fault fired
     assert manifest["counts"] == reference["counts"]
     assert _hashes(work / "shards") == _hashes(indexed / "shards")
-
-
-def test_cli_preprocess_shares_one_prefect_api_with_its_workers(indexed, preprocessed, tmp_path):
-    """Without PREFECT_API_URL, the command starts one temporary API, and its Dask workers use it."""
-    import os
-    import subprocess
-    import sys
-
-    work = tmp_path / "work"
-    _copy_index(indexed, work)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    done = subprocess.run(
-        [sys.executable, "-m", "cxr_miner.flows.cli", "preprocess", "--workdir", str(work), "--workers", "2", "--size", str(SIZE), "--shard-size", "8"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    output = done.stdout + done.stderr
-    # one server, stopped once by the command; a worker with a server of its own would log its own
-    assert output.count("Starting temporary server") == output.count("Stopping temporary server") == 1, output[-3000:]
-    assert "Error logging to API" not in output
-    assert _hashes(work / "shards") == _hashes(indexed / "shards")
