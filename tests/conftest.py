@@ -30,7 +30,7 @@ def prefect_server():
 
 # With pytest-xdist (make test runs two workers, --dist loadgroup), the tests of one module-scoped or
 # expensive session fixture run in one worker, so that it is made once: by the fixture they use.
-GROUPS = {"released": "released", "mil_work": "mil", "harvested": "harvested", "evaluated": "evaluated",
+GROUPS = {"released": "released", "mil_work": "mil", "harvested": "harvested", "trained": "train",
           "preprocessed": "pipeline", "indexed": "pipeline", "wheel": "wheel"}
 
 

@@ -211,9 +211,10 @@ def test_am_harvest_boxes_every_finding_with_am_by_its_own_tuned_rule(harvested,
     ("mil", FileNotFoundError, "method 'mil' needs mil-all.safetensors .train the run with --method mil"),
     ("grad", ValueError, "unknown method 'grad'"),
 ])
-def test_unknown_or_untrained_methods_are_refused(trained_workdir, method, error, message):
+def test_unknown_or_untrained_methods_are_refused(trained_workdir, method, error, message, tmp_path):
+    work = copy_workdir(trained_workdir, tmp_path / "work")  # a flow holds its folder's lock: not the shared one
     with pytest.raises(error, match=message):
-        run_harvest(str(trained_workdir), "t", workers=1, method=method)
+        run_harvest(str(work), "t", workers=1, method=method)
 
 
 def test_a_cluster_started_apart_with_workers_elsewhere_gives_the_local_boxes(harvested, trained_workdir, tmp_path, monkeypatch):

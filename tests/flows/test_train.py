@@ -26,14 +26,15 @@ from cxr_miner.miner.training import predict, prepare_images, preset
 from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
-from tests.flows.helpers import SETTINGS
+from tests.flows.helpers import SETTINGS, copy_workdir
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(trained_workdir) -> Path:
-    return trained_workdir
+def trained(trained_workdir, tmp_path_factory) -> Path:
+    """The shared trained run, copied: these tests evaluate and train in it (a flow holds its folder's lock)."""
+    return copy_workdir(trained_workdir, tmp_path_factory.mktemp("train") / "work")
 
 
 def test_run_folder_holds_every_step_and_its_metrics(trained):
