@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from cxr_miner.storage.stages.lock import LOCK_FILE
+
 # The shared trained run: 10 epochs of step 1 and one per AM step, about 100 s on 2 cores. Shards are
 # read in the training process: on 2 cores a spawned loader worker costs its start-up (a torch import)
 # per loader and contends with torch's threads (149 s against 98 s for the same weights). The tests of
@@ -22,5 +24,7 @@ def copy_workdir(source: Path, target: Path) -> Path:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("harvest", "releases"), copy_function=copy)
+    # not the lock file: a hard link to it is the same lock (flock holds an inode), which a flow in
+    # the source, or in another copy, may hold
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("harvest", "releases", LOCK_FILE), copy_function=copy)
     return target
