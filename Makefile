@@ -39,7 +39,7 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
 test: $(STAMP) browser
-	CXR_MINER_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
+	CXR_MINER_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess_efficiency.py

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,23 +28,12 @@ def _train_phantoms(base: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory, prefect_server, worker_id) -> Path:
-    """The trained phantoms of _train_phantoms. Made once per test session: with pytest-xdist the
-    first worker to ask trains them in the session's shared temp folder while the others wait.
+def trained_workdir(tmp_path_factory, prefect_server) -> Path:
+    """The trained phantoms of _train_phantoms, made once per test session.
 
     Tests that write into a workdir copy it (copy_workdir) rather than change this one.
     """
-    if worker_id == "master":
-        return _train_phantoms(tmp_path_factory.mktemp("trained"))
-    from filelock import FileLock
-
-    shared = tmp_path_factory.getbasetemp().parent / "trained"
-    with FileLock(str(shared) + ".lock"):
-        if not (shared / "done").exists():
-            shutil.rmtree(shared, ignore_errors=True)
-            _train_phantoms(shared)
-            (shared / "done").touch()
-    return shared / "work"
+    return _train_phantoms(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")
