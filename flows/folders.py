@@ -16,7 +16,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def writes_into(*parameters: str) -> Callable[[F], F]:
     """Decorator: the call holds the lock of each folder named by these parameters (in order);
-    another process writing there makes it fail at once with FolderBusy naming the holder."""
+    another process writing there makes it fail at once with FolderBusy naming the holder. The
+    function gets each folder as an absolute path: the Dask workers it sends tasks to may run in
+    other working directories, or on other machines."""
 
     def decorate(function: F) -> F:
         signature = inspect.signature(function)
@@ -26,8 +28,8 @@ def writes_into(*parameters: str) -> Callable[[F], F]:
             bound = signature.bind(*args, **kwargs)
             with ExitStack() as stack:
                 for name in parameters:
-                    stack.enter_context(folder_lock(Path(bound.arguments[name])))
-                return function(*args, **kwargs)
+                    bound.arguments[name] = str(stack.enter_context(folder_lock(Path(bound.arguments[name]))))
+                return function(*bound.args, **bound.kwargs)
 
         return locked  # type: ignore[return-value]
 
