@@ -128,8 +128,12 @@ def is_evaluated(workdir: str, run: str, box_val_fraction: float = BOX_VAL_FRACT
     """Whether the run's evaluation is what evaluate would write now: the same checkpoints, boxes,
     index, shards, settings and code (storage.stages.evaluation.evaluation_inputs), its files intact."""
     folder = RunFolder.of(workdir, run)
-    settings = {"box_val_fraction": box_val_fraction, "precision_target": precision_target}
-    return evaluation_current(folder, evaluation_inputs(Path(workdir), folder, settings))
+    return evaluation_current(folder, evaluation_inputs(Path(workdir), folder, _settings(box_val_fraction, precision_target)))
+
+
+def _settings(box_val_fraction: float, precision_target: float) -> dict[str, float]:
+    """The settings an evaluation's figures depend on (its inputs record them)."""
+    return {"box_val_fraction": box_val_fraction, "precision_target": precision_target}
 
 
 @flow(name="evaluate", log_prints=True)
@@ -141,7 +145,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
     check_evaluate(box_val_fraction, precision_target)
     logger = get_run_logger()
     work, folder = Path(workdir), RunFolder.of(workdir, run)
-    inputs = evaluation_inputs(work, folder, {"box_val_fraction": box_val_fraction, "precision_target": precision_target})
+    inputs = evaluation_inputs(work, folder, _settings(box_val_fraction, precision_target))
     config = read_config(folder)
     methods = [m for name in method_names() for m in create_method(name, config).variants() if not folder.missing(m.checkpoints())]
     folds = fold_models(folder, config)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_miner.storage.stages.atomic import read_json, write_json
+from cxr_miner.storage.stages.harvest import tuning_identity
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE
 from cxr_miner.storage.stages.provenance import code_version, file_sha256
 from cxr_miner.storage.stages.runs import RunFolder
@@ -143,8 +144,8 @@ def evaluation_current(run: RunFolder, inputs: Mapping[str, Any]) -> bool:
         report = read_evaluation(run)
     except (OSError, InputError):
         return False
-    tuning = file_sha256(run.tuning_json) if run.tuning_json.exists() else None
-    return report.get("inputs") == inputs and report.get("tuning_sha256", False) == tuning and run.evaluation_md.exists()
+    return report.get("inputs") == inputs and report.get("tuning_sha256", False) == tuning_identity(run.tuning_json) \
+        and run.evaluation_md.exists()
 
 
 class TuningChanged(ValueError):
@@ -180,7 +181,7 @@ def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str, tuni
         run.tuning_json.unlink(missing_ok=True)
     else:
         write_json(run.tuning_json, tuning)
-    report = {**report, "tuning_sha256": file_sha256(run.tuning_json) if tuning is not None else None}
+    report = {**report, "tuning_sha256": tuning_identity(run.tuning_json)}
     write_json(run.evaluation_json, report)
     run.evaluation_md.write_text(
         f"# Localisation, run {run.name}: {report['split']}, {report['images']} boxed images "
