@@ -41,6 +41,7 @@ from cxr_miner.storage.stages.shards import (
     ShardSettings,
     ShardSpec,
     build_shard,
+    completed_shard,
     plan_shards,
 )
 from cxr_miner.storage.vocab.errors import InputError
@@ -106,9 +107,13 @@ def preprocess(
     (shard_dir / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run
     logger.info("%d images in %d shards (%d missing files excluded)", len(rows) - missing, len(specs), missing)
 
-    largest_first = sorted(specs, key=lambda spec: -len(spec.rows))  # partial shards fill the tail
-    futures = [write_shard.submit(spec, str(source_root), str(shard_dir), settings, allow_outside_links) for spec in largest_first]
-    results, failures = collect("preprocess", futures, [s.name for s in largest_first], {s.name: len(s.rows) for s in specs})
+    # complete shards are not submitted: a rerun with nothing to build starts no Dask cluster
+    complete = {spec.name: done for spec in specs if (done := completed_shard(spec, source_root, shard_dir, settings))}
+    todo = sorted((s for s in specs if s.name not in complete), key=lambda spec: -len(spec.rows))  # partial shards fill the tail
+    futures = [write_shard.submit(spec, str(source_root), str(shard_dir), settings, allow_outside_links) for spec in todo]
+    results, failures = collect("preprocess", futures, [s.name for s in todo], {s.name: len(s.rows) for s in specs},
+                                already_done=sum(len(s.rows) for s in specs if s.name in complete))
+    results |= complete
     if failures:
         raise PreprocessIncomplete(f"{failure_text(failures, len(specs))}; the other {len(results)} are kept: rerun to resume")
 

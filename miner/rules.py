@@ -79,34 +79,85 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
     """The components of ``heatmap`` (H, W) at each threshold; the work every rule shares. Without
     ``centres`` or ``inside`` those columns are NaN (work a harvest's rule does not need)."""
     heatmap = check_heatmap(heatmap)
-    h, w = heatmap.shape
-    integral = np.zeros((h + 1, w + 1))
-    integral[1:, 1:] = heatmap.cumsum(0).cumsum(1)
+    integral = integral_image(heatmap)
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    columns: list[list[np.ndarray]] = [[] for _ in range(8)]
+    parts = []
     for threshold in thresholds:
         labels, count = label_components(heatmap >= threshold)
-        if count == 0:
-            continue
-        spans = ndimage.find_objects(labels)
-        boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64)
-        x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
-        area = (x1 - x0) * (y1 - y0)
-        sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        index = np.arange(1, count + 1)
-        centre = (np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
-                  if centres else np.full((count, 2), np.nan))
-        means = np.asarray(ndimage.mean(heatmap, labels, index), dtype=np.float64).reshape(-1) if inside else np.full(count, np.nan)
-        for column, values in zip(columns, (
-            boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, index)),
-            sums / area, area / heatmap.size, centre, means, index == labels[argmax],
-        )):
-            column.append(values)
-    if not columns[0]:
+        if count:
+            spans = ndimage.find_objects(labels)
+            parts.append(_rows(heatmap, integral, labels, spans, np.arange(1, count + 1), threshold, centres, inside,
+                               holds_max=np.arange(1, count + 1) == labels[argmax]))
+    return _table(parts)
+
+
+def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, centres: bool = True,
+               inside: bool = True) -> ComponentTable:
+    """The rows of :func:`component_table` that hold the global maximum, equal to them value for
+    value, and only those: what a ``peak`` rule keeps. The component holding the maximum at a
+    threshold lies inside the one at the threshold below (increasing ``thresholds``), so each is
+    labelled only within the box of the one before."""
+    heatmap = check_heatmap(heatmap)
+    integral = integral_image(heatmap)
+    argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    window = (slice(0, heatmap.shape[0]), slice(0, heatmap.shape[1]))
+    parts = []
+    for threshold in thresholds:
+        if heatmap[argmax] < threshold:
+            break
+        labels, _ = label_components(heatmap[window] >= threshold)
+        label = labels[argmax[0] - window[0].start, argmax[1] - window[1].start]
+        span = ndimage.find_objects(labels, max_label=label)[label - 1]
+        window = tuple(slice(w.start + s.start, w.start + s.stop) for w, s in zip(window, span))
+        own = labels[span] == label
+        parts.append(_rows(heatmap[window], integral, own.astype(np.int32), [window], np.ones(1, dtype=int), threshold,
+                           centres, inside, holds_max=np.ones(1, dtype=bool), offset=(window[0].start, window[1].start)))
+    return _table(parts)
+
+
+def integral_image(heatmap: np.ndarray) -> np.ndarray:
+    """(H + 1, W + 1) float64: entry (y, x) is the sum of ``heatmap[:y, :x]``."""
+    integral = np.zeros((heatmap.shape[0] + 1, heatmap.shape[1] + 1))
+    integral[1:, 1:] = heatmap.cumsum(0).cumsum(1)
+    return integral
+
+
+def _rows(heatmap: np.ndarray, integral: np.ndarray, labels: np.ndarray, spans: list, index: np.ndarray, threshold: float,
+          centres: bool, inside: bool, holds_max: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
+    """The table's columns for the components ``index`` of ``labels`` (over ``heatmap``, a window
+    of the full map at ``offset`` (row, col); ``spans`` their slices in full-map pixels)."""
+    boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64)
+    x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
+    area = (x1 - x0) * (y1 - y0)
+    sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    count = len(index)
+    within = labels > 0
+    owner, values = labels[within], heatmap[within]
+    peak = np.zeros(count + 1, dtype=np.float64)
+    np.maximum.at(peak, owner, values)
+    if centres or inside:
+        # per-component sums in pixel order (np.bincount), as scipy.ndimage.center_of_mass and mean add them
+        weight = np.bincount(owner, weights=values, minlength=count + 1)[1:]
+    if centres:
+        rows, cols = (np.nonzero(within)[axis] + offset[axis] for axis in (0, 1))
+        centre = np.stack([np.bincount(owner, weights=values * grid.astype(float), minlength=count + 1)[1:] / weight
+                           for grid in (cols, rows)], axis=1) + 0.5
+    else:
+        centre = np.full((count, 2), np.nan)
+    means = weight / np.bincount(owner, minlength=count + 1)[1:] if inside else np.full(count, np.nan)
+    return [boxes, np.full(count, threshold), peak[1:], sums / area, area / integral_area(integral), centre, means, holds_max]
+
+
+def integral_area(integral: np.ndarray) -> int:
+    return (integral.shape[0] - 1) * (integral.shape[1] - 1)
+
+
+def _table(parts: list[list[np.ndarray]]) -> ComponentTable:
+    if not parts:
         empty = np.zeros(0)
         return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2)), empty),
                               np.zeros(0, dtype=bool))
-    boxes, threshold, peak, mean, area, centre, inside, holds_max = (np.concatenate(c) for c in columns)
+    boxes, threshold, peak, mean, area, centre, inside, holds_max = (np.concatenate(c) for c in zip(*parts))
     return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre, inside), holds_max)
 
 
@@ -172,7 +223,8 @@ class BoxRule:
     def boxes(self, heatmap: np.ndarray) -> Candidates:
         """Ranked boxes of one heatmap (H, W) in [0, 1], rank 1 first, on the heatmap's grid
         (for a ``prior`` rule: its components' boxes; in_source gives the sized ones)."""
-        return self.apply(component_table(heatmap, self.thresholds, centres=self.size == "prior", inside=self.rank_by == "patches"))
+        table = peak_table if self.components == "peak" else component_table
+        return self.apply(table(heatmap, self.thresholds, centres=self.size == "prior", inside=self.rank_by == "patches"))
 
     def in_source(self, found: Candidates, input_size: int, letterbox: Letterbox,
                   box_size: tuple[float, float] | None = None) -> tuple[Candidates, np.ndarray]:

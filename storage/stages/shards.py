@@ -154,6 +154,18 @@ def load_completion(shard_path: Path) -> dict[str, Any] | None:
         return None
 
 
+def completed_shard(spec: ShardSpec, root: Path, shard_dir: Path, settings: ShardSettings,
+                    inputs_hash: str | None = None) -> ShardResult | None:
+    """The result (``skipped``) of a shard already written for these inputs and settings, else None."""
+    shard_path = shard_dir / f"{spec.name}.parquet"
+    done = load_completion(shard_path)
+    if not done or done.get("fingerprint") != (inputs_hash or fingerprint(spec, root, settings)):
+        return None
+    if not shard_path.exists() or shard_path.stat().st_size != done.get("bytes"):
+        return None
+    return ShardResult(spec.name, str(shard_path), done["rows"], done["quarantined"], skipped=True, sha256=done["sha256"], bytes=done["bytes"])
+
+
 def build_shard(
     spec: ShardSpec,
     root: Path,
@@ -172,11 +184,8 @@ def build_shard(
     """
     shard_path = shard_dir / f"{spec.name}.parquet"
     inputs_hash = fingerprint(spec, root, settings)
-    done = load_completion(shard_path)
-    if done and done.get("fingerprint") == inputs_hash and shard_path.exists() and shard_path.stat().st_size == done.get("bytes"):
-        return ShardResult(
-            spec.name, str(shard_path), done["rows"], done["quarantined"], skipped=True, sha256=done["sha256"], bytes=done["bytes"]
-        )
+    if done := completed_shard(spec, root, shard_dir, settings, inputs_hash):
+        return done
 
     rows: list[dict[str, Any]] = []
     quarantined: list[dict[str, str]] = []

@@ -20,6 +20,7 @@ from cxr_miner.storage.phantoms.generator import generate
 from cxr_miner.storage.stages.index import INDEX_SCHEMA
 from cxr_miner.storage.stages.shards import SHARD_SCHEMA, ShardReader
 from cxr_miner.storage.vocab.findings import FINDINGS
+from tests.flows.helpers import copy_workdir
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 48
@@ -173,6 +174,21 @@ def test_existing_dask_scheduler(indexed, preprocessed, tmp_path):
         manifest = run_preprocess(str(work), dask_address=cluster.scheduler_address, size=SIZE, shard_size=8)
         ran = set(cluster.scheduler.task_prefixes)
     assert any("write_shard" in prefix for prefix in ran), ran
+    assert manifest["counts"] == preprocessed[1]["counts"]
+    assert _hashes(work / "shards") == _hashes(indexed / "shards")
+
+
+def test_a_rerun_with_every_shard_complete_submits_no_task(indexed, preprocessed, tmp_path):
+    """Complete shards are kept in the flow itself: a rerun on an unchanged collection sends no
+    task to the cluster (a local one is then never started), and the shards stay as they were."""
+    from distributed import LocalCluster
+
+    work = copy_workdir(indexed, tmp_path / "work")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        manifest = run_preprocess(str(work), dask_address=cluster.scheduler_address, size=SIZE, shard_size=8)
+        ran = set(cluster.scheduler.task_prefixes)
+    assert not any("write_shard" in prefix for prefix in ran), ran
+    assert manifest["run"]["built"] == 0 and manifest["run"]["skipped"] == len(preprocessed[1]["shards"])
     assert manifest["counts"] == preprocessed[1]["counts"]
     assert _hashes(work / "shards") == _hashes(indexed / "shards")
 
