@@ -9,14 +9,16 @@ phantoms draw a finding where they draw it, not where NIH's box is: localisation
 nothing here, the point is time, memory and files.
 
 Then runs the real commands, each a process of its own against one Prefect API: ``ingest``,
-``preprocess``, ``train`` (cpu-small with 1 epoch of step 1 and 1 AM step at 64 px), ``evaluate``,
+``preprocess``, ``train`` (TINY: 1 epoch of step 1 and 1 AM step of a 3-stage ResNet-10 at 64 px), ``evaluate``,
 ``harvest --method auto``, ``release``, and a second ``run`` of the whole chain on the unchanged
 collection (it must redo nothing). Per stage: wall time, time per image, peak RSS of the command's
 process tree (Dask workers and loader workers included, sampled every 0.2 s), files written and their
 size, and Prefect task runs. With ``--browser``, the release report's pages are timed in headless
-Chromium. Prints one table and writes ``bench/out/full-scale-N.json``.
+Chromium. Prints one table, the accounting (index rows = released images + quarantined +
+missing) and the issue's must-holds (with ``--against M``: time per image against the run of M
+images), and writes ``bench/out/full-scale-N.json``.
 
-    python bench/full_scale.py --images 1000 [--size 128] [--workers 2] [--browser]
+    python bench/full_scale.py --images 1000 [--size 128] [--workers 2] [--browser] [--against 10000]
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ from common import OUT, PeakMemory, machine, prefect_api
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "nih"
 NIH_SIDE = 1024  # NIH's PNGs, in whose pixels BBox_List_2017.csv is given
-TINY = {"epochs": 1, "am_steps": 2, "am_epochs": 1, "input_size": 64, "loader_workers": 0}
+# train: the pipeline, not accuracy: 1 epoch of step 1 and 1 AM step of a 3-stage ResNet-10 at 64 px
+TINY = {"epochs": 1, "am_steps": 2, "am_epochs": 1, "input_size": 64, "loader_workers": 0, "model": {"trunk": "resnet10", "stages": 3}}
+RSS_LIMIT_MIB = 4096  # issue 22: every stage but train under 4 GiB
+LINEAR_LIMIT = 1.2  # issue 22: time per image at 112k within 1.2x of 10k's
+PAGE_LIMIT_S = 2.0
+RERUN_LIMIT = 0.05
 
 
 def chosen_rows(rows: list[list[str]], n: int, seed: int) -> list[list[str]]:
@@ -173,6 +180,30 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
 
 
+def must_holds(result: dict, smaller: dict | None) -> dict[str, dict]:
+    """The issue's must-holds, each with its figure: accounting, RSS, rerun share, page loads and
+    (against a smaller run) time per image."""
+    a = result["accounting"]
+    checks = {"every image accounted for": {
+        "holds": a["index_rows"] == a["released_images"] + a["quarantined"] + a["missing"],
+        "figure": f"{a['index_rows']} = {a['released_images']} released + {a['quarantined']} quarantined + {a['missing']} missing"}}
+    heavy = {r["stage"]: r["peak_rss_mib"] for r in result["stages"] if r["stage"] != "train"}
+    checks["peak RSS < 4 GiB but train"] = {"holds": max(heavy.values()) < RSS_LIMIT_MIB,
+                                           "figure": ", ".join(f"{k} {v} MiB" for k, v in heavy.items())}
+    checks["second run < 5% of the first"] = {"holds": result["rerun_share"] < RERUN_LIMIT, "figure": f"{result['rerun_share']:.2%}"}
+    if "page_load_s" in result:
+        slowest = max(result["page_load_s"], key=result["page_load_s"].get)
+        checks["report pages load < 2 s"] = {"holds": result["page_load_s"][slowest] < PAGE_LIMIT_S,
+                                             "figure": f"slowest {slowest} {result['page_load_s'][slowest]} s"}
+    if smaller:
+        before = {r["stage"]: r["ms_per_image"] for r in smaller["stages"]}
+        ratios = {r["stage"]: round(r["ms_per_image"] / before[r["stage"]], 2) for r in result["stages"]
+                  if r["stage"] in before and r["stage"] != "run again"}
+        checks[f"time per image within {LINEAR_LIMIT}x of {smaller['collection']['images']} images'"] = {
+            "holds": max(ratios.values()) <= LINEAR_LIMIT, "figure": ", ".join(f"{k} {v}x" for k, v in ratios.items())}
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -180,6 +211,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--browser", action="store_true", help="time the report's pages in headless Chromium")
+    parser.add_argument("--against", type=int, default=None, help="compare time per image with bench/out/full-scale-M.json")
     args = parser.parse_args()
     if not (NIH / "Data_Entry_2017_v2020.csv.gz").exists():
         raise SystemExit(f"{NIH}: the real NIH metadata is not there")
@@ -220,8 +252,17 @@ def main() -> None:
     result["release_counts"] = release.get("counts")
     if args.browser:
         result["page_load_s"] = page_load_seconds(releases / "latest" / "report", base / "chromium-profile")
+    shards = json.loads((work / "shards" / "manifest.json").read_text())["counts"]
+    counts_out = result["release_counts"] or {}
+    result["accounting"] = {"index_rows": shards["index_rows"], "released_images": counts_out.get("images"),
+                            "quarantined": counts_out.get("quarantined"), "missing": shards["missing"]}
     print_table(result["stages"])
     print(f"second run / first: {result['rerun_share']:.2%}")
+    print(f"accounting: {result['accounting']}")
+    against = OUT / f"full-scale-{args.against}.json" if args.against else None
+    result["checks"] = must_holds(result, json.loads(against.read_text()) if against and against.exists() else None)
+    for check, verdict in result["checks"].items():
+        print(f"{'ok  ' if verdict['holds'] else 'FAIL'} {check}: {verdict['figure']}")
     (OUT / f"full-scale-{args.images}.json").write_text(json.dumps(result, indent=2))
 
 

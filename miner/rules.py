@@ -77,18 +77,43 @@ class ComponentTable(NamedTuple):
 def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, centres: bool = True,
                     inside: bool = True) -> ComponentTable:
     """The components of ``heatmap`` (H, W) at each threshold; the work every rule shares. Without
-    ``centres`` or ``inside`` those columns are NaN (work a harvest's rule does not need)."""
+    ``centres`` or ``inside`` those columns are NaN (work a harvest's rule does not need). Each
+    threshold is labelled only within the box of the pixels at or above the one below it (the
+    masks are nested): the same components, numbered in the same row-major order."""
     heatmap = check_heatmap(heatmap)
+    check_increasing(thresholds)
     integral = integral_image(heatmap)
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    window = (slice(0, heatmap.shape[0]), slice(0, heatmap.shape[1]))
     parts = []
     for threshold in thresholds:
-        labels, count = label_components(heatmap >= threshold)
-        if count:
-            spans = ndimage.find_objects(labels)
-            parts.append(_rows(heatmap, integral, labels, spans, np.arange(1, count + 1), threshold, centres, inside,
-                               holds_max=np.arange(1, count + 1) == labels[argmax]))
+        window = mask_window(heatmap, window, threshold)
+        if window is None:
+            break
+        labels, count = label_components(heatmap[window] >= threshold)
+        origin = (window[0].start, window[1].start)
+        spans = [tuple(slice(o + d.start, o + d.stop) for o, d in zip(origin, span)) for span in ndimage.find_objects(labels)]
+        local = (argmax[0] - origin[0], argmax[1] - origin[1])
+        at_max = labels[local] if all(0 <= v < n for v, n in zip(local, labels.shape)) else 0
+        parts.append(_rows(heatmap[window], integral, labels, spans, threshold, centres, inside,
+                           holds_max=np.arange(1, count + 1) == at_max, offset=origin, size=heatmap.size))
     return _table(parts)
+
+
+def check_increasing(thresholds: tuple[float, ...]) -> None:
+    if list(thresholds) != sorted(set(thresholds)):
+        raise ValueError(f"thresholds must be increasing: {thresholds}")
+
+
+def mask_window(heatmap: np.ndarray, window: tuple[slice, slice], threshold: float) -> tuple[slice, slice] | None:
+    """The box (row and column slices of ``heatmap``) of its pixels ``>= threshold``, all of which
+    lie in ``window``; None when there are none."""
+    mask = heatmap[window] >= threshold
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return (slice(window[0].start + rows[0], window[0].start + rows[-1] + 1),
+            slice(window[1].start + cols[0], window[1].start + cols[-1] + 1))
 
 
 def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, centres: bool = True,
@@ -96,11 +121,14 @@ def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRE
     """The rows of :func:`component_table` that hold the global maximum, equal to them value for
     value, and only those: what a ``peak`` rule keeps. The component holding the maximum at a
     threshold lies inside the one at the threshold below (increasing ``thresholds``), so each is
-    labelled only within the box of the one before."""
+    labelled only within the box of the one before, and the integral image is summed only as
+    far as the first box reaches (its entries depend on the pixels above and left of them)."""
     heatmap = check_heatmap(heatmap)
-    integral = integral_image(heatmap)
+    check_increasing(thresholds)
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    peak = np.full(1, heatmap[argmax], dtype=np.float64)  # the component holds the map's maximum
     window = (slice(0, heatmap.shape[0]), slice(0, heatmap.shape[1]))
+    integral = None
     parts = []
     for threshold in thresholds:
         if heatmap[argmax] < threshold:
@@ -109,9 +137,11 @@ def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRE
         label = labels[argmax[0] - window[0].start, argmax[1] - window[1].start]
         span = ndimage.find_objects(labels, max_label=label)[label - 1]
         window = tuple(slice(w.start + s.start, w.start + s.stop) for w, s in zip(window, span))
-        own = labels[span] == label
-        parts.append(_rows(heatmap[window], integral, own.astype(np.int32), [window], np.ones(1, dtype=int), threshold,
-                           centres, inside, holds_max=np.ones(1, dtype=bool), offset=(window[0].start, window[1].start)))
+        if integral is None:
+            integral = integral_image(heatmap[: window[0].stop, : window[1].stop])
+        own = (labels[span] == label).astype(np.int32)
+        parts.append(_rows(heatmap[window], integral, own, [window], threshold, centres, inside, holds_max=np.ones(1, dtype=bool),
+                           offset=(window[0].start, window[1].start), size=heatmap.size, peak=peak))
     return _table(parts)
 
 
@@ -122,34 +152,47 @@ def integral_image(heatmap: np.ndarray) -> np.ndarray:
     return integral
 
 
-def _rows(heatmap: np.ndarray, integral: np.ndarray, labels: np.ndarray, spans: list, index: np.ndarray, threshold: float,
-          centres: bool, inside: bool, holds_max: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
-    """The table's columns for the components ``index`` of ``labels`` (over ``heatmap``, a window
-    of the full map at ``offset`` (row, col); ``spans`` their slices in full-map pixels)."""
+def _rows(heatmap: np.ndarray, integral: np.ndarray, labels: np.ndarray, spans: list, threshold: float, centres: bool,
+          inside: bool, holds_max: np.ndarray, offset: tuple[int, int] = (0, 0), size: int | None = None,
+          peak: np.ndarray | None = None) -> list[np.ndarray]:
+    """The table's columns for components 1..K of ``labels`` (over ``heatmap``, the window of the
+    full map at ``offset`` (row, col), whose ``size`` pixels it has), ``spans`` their slices in
+    full-map pixels; ``peak`` their maxima when known."""
     boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64)
     x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
     area = (x1 - x0) * (y1 - y0)
     sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    count = len(index)
+    count = len(spans)
     within = labels > 0
     owner, values = labels[within], heatmap[within]
-    peak = np.zeros(count + 1, dtype=np.float64)
-    np.maximum.at(peak, owner, values)
+    if peak is None:
+        peak = component_maxima(heatmap, labels, spans, offset, owner, values)
     if centres or inside:
         # per-component sums in pixel order (np.bincount), as scipy.ndimage.center_of_mass and mean add them
         weight = np.bincount(owner, weights=values, minlength=count + 1)[1:]
     if centres:
-        rows, cols = (np.nonzero(within)[axis] + offset[axis] for axis in (0, 1))
+        rows, cols = (grid + start for grid, start in zip(np.nonzero(within), offset))
         centre = np.stack([np.bincount(owner, weights=values * grid.astype(float), minlength=count + 1)[1:] / weight
                            for grid in (cols, rows)], axis=1) + 0.5
     else:
         centre = np.full((count, 2), np.nan)
     means = weight / np.bincount(owner, minlength=count + 1)[1:] if inside else np.full(count, np.nan)
-    return [boxes, np.full(count, threshold), peak[1:], sums / area, area / integral_area(integral), centre, means, holds_max]
+    return [boxes, np.full(count, threshold), peak, sums / area, area / (size or heatmap.size), centre, means, holds_max]
 
 
-def integral_area(integral: np.ndarray) -> int:
-    return (integral.shape[0] - 1) * (integral.shape[1] - 1)
+def component_maxima(heatmap: np.ndarray, labels: np.ndarray, spans: list, offset: tuple[int, int], owner: np.ndarray,
+                     values: np.ndarray) -> np.ndarray:
+    """(K,) float64: each component's maximum; a few components each within its own box, many at
+    once over their pixels ``values`` (of component ``owner``)."""
+    if len(spans) <= FEW_COMPONENTS:
+        local = [tuple(slice(s.start - o, s.stop - o) for s, o in zip(span, offset)) for span in spans]
+        return np.array([heatmap[box][labels[box] == k].max() for k, box in enumerate(local, 1)], dtype=np.float64)
+    peak = np.zeros(len(spans) + 1, dtype=np.float64)
+    np.maximum.at(peak, owner, values)
+    return peak[1:]
+
+
+FEW_COMPONENTS = 8
 
 
 def _table(parts: list[list[np.ndarray]]) -> ComponentTable:
