@@ -48,6 +48,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard_read.py
 	$(BIN)/python bench/train_efficiency.py
 	$(BIN)/python bench/harvest_efficiency.py
+	$(BIN)/python bench/harvest_cpu.py
+	$(BIN)/python bench/harvest_cpu.py --preset paper
+	$(BIN)/python bench/full_scale.py --images 10000 --browser
 	$(BIN)/python bench/mil_fractions.py
 	$(BIN)/python bench/detector_check.py
 

@@ -5,7 +5,9 @@
   one process that does only the step models' forward passes over the same shards with the
   same models and batch size. Like for like: the flow on one Dask worker with all the cores'
   torch threads, the loop with the same threads. The flow's Dask cluster is started, and a
-  warm-up harvest run, before the clock starts. The flow's default layout on a CPU (one
+  warm-up harvest run, before the clock starts. The flow is timed as it runs on a CPU (each
+  batch boxed after its forward passes) and with ``overlap`` (boxed in a thread during the next
+  batch's passes, the GPU default). The flow's default layout on a CPU (one
   single-threaded worker per core) is timed too, as the speed users get.
 - Memory: the peak resident memory of the whole process tree (this process, the Dask
   scheduler, nannies and workers, sampled every 50 ms) while harvesting N and 4N images.
@@ -85,14 +87,14 @@ def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, devic
     return time.perf_counter() - started
 
 
-def timed_harvest(work: Path, address: str, batch_size: int, threads: int) -> tuple[float, dict]:
+def timed_harvest(work: Path, address: str, batch_size: int, threads: int, overlap: bool | None = None) -> tuple[float, dict]:
     from cxr_miner.flows.dask import dask_task_runner
     from cxr_miner.flows.harvest import harvest
 
     shutil.rmtree(work / "harvest", ignore_errors=True)
     started = time.perf_counter()
     summary = harvest.with_options(task_runner=dask_task_runner(address=address))(
-        workdir=str(work), run="bench", batch_size=batch_size, threads=threads)
+        workdir=str(work), run="bench", batch_size=batch_size, threads=threads, overlap=overlap)
     return time.perf_counter() - started, summary
 
 
@@ -125,11 +127,13 @@ def main() -> None:
                 with LocalCluster(n_workers=1, threads_per_worker=1, processes=True) as cluster:
                     timed_harvest(work, cluster.scheduler_address, args.batch_size, cores)  # warm-up: imports, model loads
                     flow_s, summary = timed_harvest(work, cluster.scheduler_address, args.batch_size, cores)
+                    overlapped_s, _ = timed_harvest(work, cluster.scheduler_address, args.batch_size, cores, overlap=True)
                 bare_s = bare_loop(work, models, args.batch_size, args.preset, args.device)
                 images = summary["images"]
                 result.update({
                     "images": images, "torch_threads": cores, "flow_images_per_s": round(images / flow_s, 2),
                     "bare_forward_images_per_s": round(images / bare_s, 2), "efficiency": round(bare_s / flow_s, 3),
+                    "flow_overlapped_images_per_s": round(images / overlapped_s, 2), "efficiency_overlapped": round(bare_s / overlapped_s, 3),
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu",
                 })
             with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as cluster:

@@ -86,9 +86,11 @@ def harvest_shard(shard: str, run: str, target: str, key: dict[str, Any], settin
     """Harvest one shard into its part; returns its name, image and box counts."""
     torch.set_num_threads(settings.get("threads") or worker_threads())
     method = TunedLocalizer.from_key(TrainConfig.from_dict(settings["config"]), settings["choices"])
-    models = worker_models(run, method.checkpoints(), settings["model_id"], worker_device(method.config.device))
+    device = worker_device(method.config.device)
+    models = worker_models(run, method.checkpoints(), settings["model_id"], device)
     select = scored_at_least(settings["min_score"]) if settings["mode"] == "discovery" else labelled
-    rows, images = shard_rows(method, models, Path(shard), select, settings["batch_size"], settings["model_id"])
+    overlap = device.type == "cuda" if settings.get("overlap") is None else settings["overlap"]
+    rows, images = shard_rows(method, models, Path(shard), select, settings["batch_size"], settings["model_id"], overlap)
     maybe_fail(Path(shard).stem, images)
     boxes = write_part(Path(target), rows, key, images)
     return {"shard": Path(shard).stem, "images": images, "boxes": boxes}
@@ -151,10 +153,13 @@ def harvest(
     splits: tuple[str, ...] = SPLITS,
     threads: int | None = None,
     gpu_tasks: bool = False,
+    overlap: bool | None = None,
 ) -> dict[str, Any]:
     """Boxes for every image of ``splits`` (see module doc); writes W/harvest/harvest.json.
 
     ``gpu_tasks``: each task asks Dask for one unit of the workers' ``GPU`` resource.
+    ``overlap``: box each batch in a thread while the next batch's forward passes run (default:
+    on a GPU; on a CPU the two contend for the same cores).
     """
     logger = get_run_logger()
     check_harvest(min_score, batch_size)
@@ -176,7 +181,7 @@ def harvest(
                 "min_score": min_score if all_findings else None, "input_size": localizer.config.input_size,
                 "choices": localizer.key(), "tuning": tuning_identity(folder.tuning_json)}
     settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
-                "threads": threads, "choices": localizer.key(), "model_id": model_id}
+                "threads": threads, "choices": localizer.key(), "model_id": model_id, "overlap": overlap}
     parts_dir(work).mkdir(parents=True, exist_ok=True)
     harvest_summary_file(work).unlink(missing_ok=True)  # the summary marks a complete harvest
 

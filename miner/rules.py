@@ -39,6 +39,7 @@ from cxr_miner.storage.vocab.letterbox import Letterbox
 
 SWEEP_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 REGION_THRESHOLD = 0.5  # T_s of Li et al. 2018, section 3.3
+FEW_COMPONENTS = 8  # up to this many, a component's maximum is taken within its own box (component_maxima)
 COMPONENTS = ("peak", "every", "region")
 RANKINGS = ("mean", "peak", "mass", "patches")
 SIZES = ("component", "prior")
@@ -191,8 +192,6 @@ def component_maxima(heatmap: np.ndarray, labels: np.ndarray, spans: list, offse
     np.maximum.at(peak, owner, values)
     return peak[1:]
 
-
-FEW_COMPONENTS = 8
 
 
 def _table(parts: list[list[np.ndarray]]) -> ComponentTable:

@@ -9,7 +9,8 @@ drift apart. Boxes are xyxy in source pixels (see miner.localize).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ import torch
 
 from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
 from cxr_miner.miner.localize import boxes_in_source, upsample
-from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod
+from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod, TunedLocalizer
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
 from cxr_miner.miner.rules import BOX_RULES, RULES_BY_NAME, SWEEP_THRESHOLDS, Candidates, component_table
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
@@ -45,24 +46,37 @@ def scored_at_least(min_score: float) -> Selector:
     return lambda batch: lambda logits: torch.sigmoid(logits.float()) >= min_score
 
 
-def localized_batches(
-    method: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup], batch_size: int, select: Selector
-) -> Iterator[tuple[ShardBatch, BatchLocalization]]:
-    """Each batch of the row groups (in order) with what ``method`` finds in it."""
-    for batch in batch_stream(groups, batch_size):
-        images = torch.from_numpy(batch.images)
-        yield batch, method.localize_batch(models, images, batch.letterboxes(), select(batch))
-
-
 def shard_rows(
-    method: LocalizationMethod, models: Sequence[torch.nn.Module], shard: Path, select: Selector, batch_size: int, model_id: str
+    method: TunedLocalizer, models: Sequence[torch.nn.Module], shard: Path, select: Selector, batch_size: int, model_id: str,
+    overlap: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
-    """The harvest part rows (PART_SCHEMA) of every image of one shard, and how many images it has."""
+    """The harvest part rows (PART_SCHEMA) of every image of one shard, and how many images it has.
+
+    With ``overlap``, a batch is boxed in a thread of its own while the next batch's forward
+    passes run (on a GPU, the CPU boxes what the GPU made while it makes the next); the rows are
+    the same, in the same order."""
     rows: list[dict[str, Any]] = []
     images = 0
-    for batch, found in localized_batches(method, models, list_row_groups([shard]), batch_size, select):
+
+    def add(batch: ShardBatch, found: BatchLocalization) -> None:
+        nonlocal rows, images
         rows += part_rows(batch.meta["image_id"], found.found, found.probability, method.name, model_id)
         images += len(batch)
+
+    batches = batch_stream(list_row_groups([shard]), batch_size)
+    if not overlap:
+        for batch in batches:
+            add(batch, method.localize_batch(models, torch.from_numpy(batch.images), batch.letterboxes(), select(batch)))
+        return rows, images
+    with ThreadPoolExecutor(1, thread_name_prefix="boxing") as boxing:
+        pending: tuple[ShardBatch, Future] | None = None
+        for batch in batches:
+            maps = method.batch_maps(models, torch.from_numpy(batch.images), select(batch))
+            if pending:
+                add(pending[0], pending[1].result())
+            pending = batch, boxing.submit(method.box_maps, maps, batch.letterboxes())
+        if pending:
+            add(pending[0], pending[1].result())
     return rows, images
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -138,10 +138,16 @@ class TunedLocalizer:
     def localize_batch(
         self, models: Sequence[torch.nn.Module], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
     ) -> BatchLocalization:
-        """Shard images uint8 (N, S, S) -> per wanted (image, finding) its Localization, in source pixels."""
-        size = self.config.input_size
+        """Shard images uint8 (N, S, S) -> per wanted (image, finding) its Localization, in source pixels:
+        :meth:`batch_maps`, then :meth:`box_maps`."""
+        return self.box_maps(self.batch_maps(models, images, select), letterboxes)
+
+    def batch_maps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select) -> BatchMaps:
+        """The forward half: every provider's pass over shard images uint8 (N, S, S); the chosen
+        variants' maps come back to the CPU (on a GPU, once its passes are done)."""
         maps: dict[str, torch.Tensor] = {}
         scores: dict[str, np.ndarray] = {}  # variant -> the image probabilities (N, C) of its provider
+        used = {c.variant for c in [self.default, *self.choices.values()]}
         start = 0
         for provider in self.providers:
             count = len(provider.release_checkpoints())
@@ -149,14 +155,31 @@ class TunedLocalizer:
             start += count
             probability = torch.sigmoid(logits.float()).cpu().numpy()
             for key, value in provided.items():
-                maps.setdefault(key, value)
+                if key in used and key not in maps:
+                    maps[key] = value.float().cpu()
                 scores.setdefault(key, probability)
             if provider is self.providers[0]:
                 wanted = select(logits).cpu().numpy()
         probability = np.stack([scores[self.choices.get(c, self.default).variant][:, c] for c in range(len(FINDINGS))], axis=1)
-        found: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]
-        for i, c in zip(*np.nonzero(wanted)):
+        return BatchMaps(maps, probability, wanted)
+
+    def box_maps(self, batch: BatchMaps, letterboxes: Sequence[Letterbox]) -> BatchLocalization:
+        """The CPU half: each wanted (image, finding) boxed by its finding's choice, on the
+        network-input grid, in source pixels (``letterboxes``: one per image)."""
+        size = self.config.input_size
+        found: list[dict[int, Localization]] = [{} for _ in range(len(batch.wanted))]
+        for i, c in zip(*np.nonzero(batch.wanted)):
             choice = self.choices.get(int(c), self.default)
-            heatmap = upsample(maps[choice.variant][i, c], size).cpu().numpy()
-            found[i][int(c)] = choice.score(heatmap, float(probability[i, c]), size, letterboxes[i])
-        return BatchLocalization(probability, wanted, found, None)
+            heatmap = upsample(batch.maps[choice.variant][i, c], size).numpy()
+            found[i][int(c)] = choice.score(heatmap, float(batch.probability[i, c]), size, letterboxes[i])
+        return BatchLocalization(batch.probability, batch.wanted, found, None)
+
+
+class BatchMaps(NamedTuple):
+    """A batch of N images between TunedLocalizer's halves: the chosen variants' maps
+    {variant: (N, C, h, w) float32, CPU, in [0, 1]}, probability (N, C) (each finding's from its
+    choice's provider) and wanted (N, C) bool."""
+
+    maps: dict[str, torch.Tensor]
+    probability: np.ndarray
+    wanted: np.ndarray

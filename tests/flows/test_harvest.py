@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cxr_miner.flows.engine.checkpoints import load_model, read_config
+from cxr_miner.flows.engine import mining
+from cxr_miner.flows.engine.checkpoints import load_model, load_models, read_config
+from cxr_miner.flows.engine.mining import labelled
 from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.faults import FAULT_ENV, plant_fault
-from cxr_miner.flows.harvest import run_harvest
+from cxr_miner.flows.harvest import harvest_localizer, run_harvest
 from cxr_miner.miner.metrics import LocalizationEvaluator
 from cxr_miner.miner.training import prepare_images
 from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
@@ -131,6 +133,20 @@ def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
             got = ours[finding]["iou"][threshold]
             assert got["acc"] == pytest.approx(expected["acc"], nan_ok=True), (finding, threshold)
             assert got["afp"] == pytest.approx(expected["afp"], nan_ok=True), (finding, threshold)
+
+
+def test_boxing_overlapped_with_the_next_batch_gives_the_same_rows_in_order(harvested):
+    """shard_rows with ``overlap`` (a batch boxed in a thread while the next one's forward passes
+    run, the default on a GPU) against boxing each batch after its own passes, on batches of 8."""
+    work, summary = harvested
+    localizer = harvest_localizer(RunFolder.of(work, "t"), "auto")
+    models = load_models(RunFolder.of(work, "t"), localizer.checkpoints())
+    shard = ShardReader(work / SHARD_DIR).paths[0]
+    model_id = summary["key"]["model_id"]
+    after, images = mining.shard_rows(localizer, models, shard, labelled, 8, model_id, overlap=False)
+    overlapped, count = mining.shard_rows(localizer, models, shard, labelled, 8, model_id, overlap=True)
+    assert count == images > 16 and len(after) > 0
+    assert json.dumps(overlapped, default=float) == json.dumps(after, default=float)  # floats exactly, NaN too
 
 
 def test_rerun_skips_every_part_and_redoes_one_made_with_another_key(harvested, harvest_on):
