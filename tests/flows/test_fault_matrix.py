@@ -81,7 +81,8 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(trained_workdir, 
     each after its last finished epoch, and ends with the weights of an undisturbed run."""
     work = copy_workdir(trained_workdir, tmp_path / "w")
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"epochs": 2, "am_steps": 2, "am_epochs": 1, "loader_workers": 0, "input_size": 64}))
+    config.write_text(json.dumps({"epochs": 2, "am_steps": 2, "am_epochs": 1, "loader_workers": 0, "input_size": 64,
+                                  "model": {"trunk": "resnet10", "stages": 3}}))  # small: the test is of resuming, not learning
     words = ["train", "--workdir", str(work), "--config", str(config)]
     assert _cli([*words, "--run", "calm"]).returncode == 0
     _killed([*words, "--run", "hit"], "train-step1-epoch2-batch2", tmp_path)

@@ -96,7 +96,8 @@ def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_res
     its temporary Prefect server at once. A server killed first made every report retry for minutes."""
     work = copy_workdir(trained_workdir, tmp_path / "w")
     config = tmp_path / "long.json"
-    config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1}))
+    config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1, "input_size": 64,
+                                  "model": {"trunk": "resnet10", "stages": 3}}))  # short epochs: the test is of stopping
     words = ["train", "--workdir", str(work), "--run", "long", "--config", str(config), "--method", "cam"]
     process, log = _start(words, tmp_path, own_api=True)
     metrics = work / "models" / "long" / "metrics.json"
