@@ -88,10 +88,11 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
     window = (slice(0, heatmap.shape[0]), slice(0, heatmap.shape[1]))
     parts = []
     for threshold in thresholds:
-        window = mask_window(heatmap, window, threshold)
-        if window is None:
+        found = mask_window(heatmap, window, threshold)
+        if found is None:
             break
-        labels, count = label_components(heatmap[window] >= threshold)
+        window, mask = found
+        labels, count = label_components(mask)
         origin = (window[0].start, window[1].start)
         spans = [tuple(slice(o + d.start, o + d.stop) for o, d in zip(origin, span)) for span in ndimage.find_objects(labels)]
         local = (argmax[0] - origin[0], argmax[1] - origin[1])
@@ -106,15 +107,16 @@ def check_increasing(thresholds: tuple[float, ...]) -> None:
         raise ValueError(f"thresholds must be increasing: {thresholds}")
 
 
-def mask_window(heatmap: np.ndarray, window: tuple[slice, slice], threshold: float) -> tuple[slice, slice] | None:
+def mask_window(heatmap: np.ndarray, window: tuple[slice, slice], threshold: float) -> tuple[tuple[slice, slice], np.ndarray] | None:
     """The box (row and column slices of ``heatmap``) of its pixels ``>= threshold``, all of which
-    lie in ``window``; None when there are none."""
+    lie in ``window``, and that mask within it; None when there are none."""
     mask = heatmap[window] >= threshold
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if len(rows) == 0:
         return None
-    return (slice(window[0].start + rows[0], window[0].start + rows[-1] + 1),
-            slice(window[1].start + cols[0], window[1].start + cols[-1] + 1))
+    box = (slice(window[0].start + rows[0], window[0].start + rows[-1] + 1),
+           slice(window[1].start + cols[0], window[1].start + cols[-1] + 1))
+    return box, mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, centres: bool = True,
@@ -164,6 +166,9 @@ def _rows(heatmap: np.ndarray, integral: np.ndarray, labels: np.ndarray, spans: 
     area = (x1 - x0) * (y1 - y0)
     sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     count = len(spans)
+    if peak is not None and not (centres or inside):  # nothing here needs the component's pixels
+        return [boxes, np.full(count, threshold), peak, sums / area, area / (size or heatmap.size), np.full((count, 2), np.nan),
+                np.full(count, np.nan), holds_max]
     within = labels > 0
     owner, values = labels[within], heatmap[within]
     if peak is None:
