@@ -3,7 +3,8 @@
 The unit of reading is one Parquet row group (``ShardSettings.row_group_size`` images).
 :func:`batch_stream` gives a data-loader worker its part of the row groups, shuffled per
 epoch from ``(seed, epoch)`` and mixed across a few row groups, so any worker count and any
-resumed epoch reproduces the same order. Raw shards decode without a copy per image.
+resumed epoch reproduces the same order. Raw shards decode with one copy per row group (out of
+Arrow's read-only buffer); inference batches are views of it, a shuffle's are copies.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _images(column: pa.ChunkedArray, size: int, encoding: str) -> np.ndarray:
         offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
         if np.all(np.diff(offsets) == size * size):
             data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-            return data.reshape(len(array), size, size)
+            return data.reshape(len(array), size, size).copy()  # one copy, out of Arrow's read-only buffer
     return np.stack([decode_image(value.as_py(), size, encoding) for value in array])
 
 
@@ -122,6 +123,9 @@ def read_row_group(group: RowGroup) -> ShardBatch:
 
 
 def concat(batches: Sequence[ShardBatch]) -> ShardBatch:
+    """One batch of ``batches`` in order (the one itself, not a copy, when there is one)."""
+    if len(batches) == 1:
+        return batches[0]
     return ShardBatch(
         np.concatenate([b.images for b in batches]),
         np.concatenate([b.labels for b in batches]),
@@ -130,8 +134,11 @@ def concat(batches: Sequence[ShardBatch]) -> ShardBatch:
 
 
 def take(batch: ShardBatch, rows: np.ndarray | slice) -> ShardBatch:
-    index = np.arange(len(batch))[rows]
-    return ShardBatch(batch.images[index], batch.labels[index], {k: [v[i] for i in index] for k, v in batch.meta.items()})
+    """The batch's ``rows``: a view of its arrays for a slice (inference reads a row group's
+    images once, with no copy per batch), a copy for an index array (a shuffle)."""
+    if isinstance(rows, slice):
+        return ShardBatch(batch.images[rows], batch.labels[rows], {k: v[rows] for k, v in batch.meta.items()})
+    return ShardBatch(batch.images[rows], batch.labels[rows], {k: [v[i] for i in rows] for k, v in batch.meta.items()})
 
 
 def batch_stream(
