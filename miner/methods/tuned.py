@@ -143,8 +143,10 @@ class TunedLocalizer:
         return self.box_maps(self.batch_maps(models, images, select), letterboxes)
 
     def batch_maps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select) -> BatchMaps:
-        """The forward half: every provider's pass over shard images uint8 (N, S, S); the chosen
-        variants' maps come back to the CPU (on a GPU, once its passes are done)."""
+        """The forward half: every provider's pass over shard images uint8 (N, S, S), and each
+        wanted pair's map of its choice's variant upsampled to the network input where the maps
+        were made (on a GPU, there, as evaluate upsamples the pairs it scores), then brought to
+        the CPU: all the device's work for the batch, so that the CPU half is boxing only."""
         maps: dict[str, torch.Tensor] = {}
         scores: dict[str, np.ndarray] = {}  # variant -> the image probabilities (N, C) of its provider
         used = {c.variant for c in [self.default, *self.choices.values()]}
@@ -156,30 +158,32 @@ class TunedLocalizer:
             probability = torch.sigmoid(logits.float()).cpu().numpy()
             for key, value in provided.items():
                 if key in used and key not in maps:
-                    maps[key] = value.float().cpu()
+                    maps[key] = value
                 scores.setdefault(key, probability)
             if provider is self.providers[0]:
                 wanted = select(logits).cpu().numpy()
         probability = np.stack([scores[self.choices.get(c, self.default).variant][:, c] for c in range(len(FINDINGS))], axis=1)
-        return BatchMaps(maps, probability, wanted)
+        pairs = list(zip(*(index.tolist() for index in np.nonzero(wanted))))
+        size = self.config.input_size
+        heatmaps = [upsample(maps[self.choices.get(c, self.default).variant][i, c], size) for i, c in pairs]
+        return BatchMaps(dict(zip(pairs, (h.cpu().numpy() for h in heatmaps))), probability, wanted)
 
     def box_maps(self, batch: BatchMaps, letterboxes: Sequence[Letterbox]) -> BatchLocalization:
         """The CPU half: each wanted (image, finding) boxed by its finding's choice, on the
         network-input grid, in source pixels (``letterboxes``: one per image)."""
         size = self.config.input_size
         found: list[dict[int, Localization]] = [{} for _ in range(len(batch.wanted))]
-        for i, c in zip(*np.nonzero(batch.wanted)):
-            choice = self.choices.get(int(c), self.default)
-            heatmap = upsample(batch.maps[choice.variant][i, c], size).numpy()
-            found[i][int(c)] = choice.score(heatmap, float(batch.probability[i, c]), size, letterboxes[i])
+        for (i, c), heatmap in batch.heatmaps.items():
+            found[i][c] = self.choices.get(c, self.default).score(heatmap, float(batch.probability[i, c]), size, letterboxes[i])
         return BatchLocalization(batch.probability, batch.wanted, found, None)
 
 
 class BatchMaps(NamedTuple):
-    """A batch of N images between TunedLocalizer's halves: the chosen variants' maps
-    {variant: (N, C, h, w) float32, CPU, in [0, 1]}, probability (N, C) (each finding's from its
-    choice's provider) and wanted (N, C) bool."""
+    """A batch of N images between TunedLocalizer's halves: heatmaps {(image, finding) index:
+    (S, S) float32 in [0, 1] on the network-input grid, S = input_size} for each wanted pair, of
+    its finding's choice's variant, in row-major (image, finding) order; probability (N, C)
+    (each finding's from its choice's provider) and wanted (N, C) bool."""
 
-    maps: dict[str, torch.Tensor]
+    heatmaps: dict[tuple[int, int], np.ndarray]
     probability: np.ndarray
     wanted: np.ndarray
