@@ -25,7 +25,9 @@ Convention: boxes are xyxy in continuous pixels of the heatmap's grid, pixel (i,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -84,6 +86,7 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
     heatmap = check_heatmap(heatmap)
     check_increasing(thresholds)
     integral = integral_image(heatmap)
+    sums = partial(integral_sums, integral)
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     window = (slice(0, heatmap.shape[0]), slice(0, heatmap.shape[1]))
     parts = []
@@ -97,7 +100,7 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
         spans = [tuple(slice(o + d.start, o + d.stop) for o, d in zip(origin, span)) for span in ndimage.find_objects(labels)]
         local = (argmax[0] - origin[0], argmax[1] - origin[1])
         at_max = labels[local] if all(0 <= v < n for v, n in zip(local, labels.shape)) else 0
-        parts.append(_rows(heatmap[window], integral, labels, spans, threshold, centres, inside,
+        parts.append(_rows(heatmap[window], sums, labels, spans, threshold, centres, inside,
                            holds_max=np.arange(1, count + 1) == at_max, offset=origin, size=heatmap.size))
     return _table(parts)
 
@@ -124,14 +127,14 @@ def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRE
     """The rows of :func:`component_table` that hold the global maximum, equal to them value for
     value, and only those: what a ``peak`` rule keeps. The component holding the maximum at a
     threshold lies inside the one at the threshold below (increasing ``thresholds``), so each is
-    labelled only within the box of the one before, and the integral image is summed only as
-    far as the first box reaches (its entries depend on the pixels above and left of them)."""
+    labelled only within the box of the one before, and each box's sum is read from the rows
+    above its edges alone (:func:`box_sums`), not from an integral image of the whole map."""
     heatmap = check_heatmap(heatmap)
     check_increasing(thresholds)
     argmax = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     peak = np.full(1, heatmap[argmax], dtype=np.float64)  # the component holds the map's maximum
     window = (slice(0, heatmap.shape[0]), slice(0, heatmap.shape[1]))
-    integral = None
+    sums = partial(box_sums, heatmap)
     parts = []
     for threshold in thresholds:
         if heatmap[argmax] < threshold:
@@ -140,10 +143,8 @@ def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRE
         label = labels[argmax[0] - window[0].start, argmax[1] - window[1].start]
         span = ndimage.find_objects(labels, max_label=label)[label - 1]
         window = tuple(slice(w.start + s.start, w.start + s.stop) for w, s in zip(window, span))
-        if integral is None:
-            integral = integral_image(heatmap[: window[0].stop, : window[1].stop])
         own = (labels[span] == label).astype(np.int32)
-        parts.append(_rows(heatmap[window], integral, own, [window], threshold, centres, inside, holds_max=np.ones(1, dtype=bool),
+        parts.append(_rows(heatmap[window], sums, own, [window], threshold, centres, inside, holds_max=np.ones(1, dtype=bool),
                            offset=(window[0].start, window[1].start), size=heatmap.size, peak=peak))
     return _table(parts)
 
@@ -155,16 +156,44 @@ def integral_image(heatmap: np.ndarray) -> np.ndarray:
     return integral
 
 
-def _rows(heatmap: np.ndarray, integral: np.ndarray, labels: np.ndarray, spans: list, threshold: float, centres: bool,
+def integral_sums(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """(K,) float64: the sums of the boxes [y0:y1, x0:x1] (K each, int) from an integral_image."""
+    return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+
+
+def box_sums(heatmap: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """integral_sums(integral_image(heatmap), ...) to the bit, for a few boxes: only the integral
+    image's rows at the boxes' top and bottom edges, each from the heatmap rows above it (a
+    fraction of the work of the whole image at 512 px). Entry (y, x) of the integral image is
+    the heatmap's own dtype summed down each column (row by row, as ``cumsum(0)`` adds: numpy
+    reduces a non-innermost axis in order, but a single column pairwise, hence the cumsum
+    there), then along the row."""
+    width = int(x1.max()) if len(x1) else 0
+
+    def integral_row(y: int) -> np.ndarray:
+        row = np.zeros(width + 1)
+        if y and width:
+            above = heatmap[:y, :width]
+            columns = np.add.reduce(above, axis=0) if width > 1 else np.cumsum(above[:, 0])[-1:]
+            row[1:] = np.cumsum(columns)
+        return row
+
+    rows = {y: integral_row(y) for y in {*y0.tolist(), *y1.tolist()}}
+    return np.array([rows[b][c] - rows[a][c] - rows[b][d] + rows[a][d]
+                     for a, b, c, d in zip(y0.tolist(), y1.tolist(), x1.tolist(), x0.tolist())], dtype=np.float64)
+
+
+def _rows(heatmap: np.ndarray, box_sum: Callable[..., np.ndarray], labels: np.ndarray, spans: list, threshold: float, centres: bool,
           inside: bool, holds_max: np.ndarray, offset: tuple[int, int] = (0, 0), size: int | None = None,
           peak: np.ndarray | None = None) -> list[np.ndarray]:
     """The table's columns for components 1..K of ``labels`` (over ``heatmap``, the window of the
     full map at ``offset`` (row, col), whose ``size`` pixels it has), ``spans`` their slices in
-    full-map pixels; ``peak`` their maxima when known."""
+    full-map pixels; ``box_sum(x0, y0, x1, y1)`` the full map's sums over boxes; ``peak`` their
+    maxima when known."""
     boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in spans], dtype=np.float64)
     x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
     area = (x1 - x0) * (y1 - y0)
-    sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    sums = box_sum(x0, y0, x1, y1)
     count = len(spans)
     if peak is not None and not (centres or inside):  # nothing here needs the component's pixels
         return [boxes, np.full(count, threshold), peak, sums / area, area / (size or heatmap.size), np.full((count, 2), np.nan),

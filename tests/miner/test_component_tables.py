@@ -19,7 +19,17 @@ from scipy import ndimage
 
 from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS, label_components
 from cxr_miner.miner.localize import upsample
-from cxr_miner.miner.rules import BOX_RULES, SWEEP_THRESHOLDS, Candidates, ComponentTable, component_table, peak_table
+from cxr_miner.miner.rules import (
+    BOX_RULES,
+    SWEEP_THRESHOLDS,
+    Candidates,
+    ComponentTable,
+    box_sums,
+    component_table,
+    integral_image,
+    integral_sums,
+    peak_table,
+)
 
 
 @functools.cache
@@ -108,3 +118,19 @@ def test_every_rule_gives_the_references_boxes():
                 if name in ("centre", "inside") and not (rule.size == "prior" if name == "centre" else rule.rank_by == "patches"):
                     continue  # not computed for a rule that does not use it
                 assert np.array_equal(a, b, equal_nan=True), f"{rule.name} {name}: {a} != {b}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_box_sums_are_the_integral_images_to_the_bit(dtype):
+    """Boxes of every shape, one pixel wide and tall included, at the map's edges and anywhere."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        height, width = (int(v) for v in rng.integers(1, 300, 2))
+        heatmap = (rng.random((height, width)) ** rng.uniform(0.5, 4)).astype(dtype)
+        y0, y1 = np.sort(rng.integers(0, height + 1, (2, 3)), axis=0)
+        x0, x1 = np.sort(rng.integers(0, width + 1, (2, 3)), axis=0)
+        y1, x1 = np.maximum(y1, y0 + 1).clip(max=height), np.maximum(x1, x0 + 1).clip(max=width)
+        y0, x0 = np.minimum(y0, y1 - 1), np.minimum(x0, x1 - 1)
+        assert np.array_equal(box_sums(heatmap, x0, y0, x1, y1), integral_sums(integral_image(heatmap), x0, y0, x1, y1))
+        direct = [heatmap[a:b, c:d].astype(np.float64).sum() for a, b, c, d in zip(y0, y1, x0, x1)]
+        assert np.allclose(box_sums(heatmap, x0, y0, x1, y1), direct, atol=1e-6 * heatmap.size)  # float32 prefix sums' error
