@@ -29,7 +29,8 @@ KP_LAYERS = ("layer3", "layer4", "features", "logits")  # 3rd, 4th bottleneck, M
 
 
 class Mining(NamedTuple):
-    """heatmaps: normalised H_1..H_T; masks: M_1..M_T; logits (N, C) of step 1 (unerased)."""
+    """heatmaps: normalised H_1..H_T; masks: M_1..M_T (M_1..M_{T-1} when the last was not
+    wanted); logits (N, C) of step 1 (unerased)."""
 
     heatmaps: list[torch.Tensor]
     masks: list[torch.Tensor]
@@ -38,7 +39,8 @@ class Mining(NamedTuple):
 
 @torch.no_grad()
 def mine(
-    models: Sequence[CamClassifier], images: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    models: Sequence[CamClassifier], images: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    last_mask: bool = True,
 ) -> Mining:
     """Run AM steps 1..len(models): H_t = normalise(CAM of model t on X_t * M_{t-1}) (Eq. 7), M_t.
 
@@ -46,7 +48,9 @@ def mine(
     normalised to [0, 1] over its kept positions, erased positions 0 (see normalize_maps).
     ``select``, given the step-1 logits (N, C), names the (image, class) pairs (N, C) bool
     whose masks are updated; the erasure is class-wise (Eq. 1-2), so the other pairs' masks,
-    left at 1, change no selected heatmap. Default: every pair.
+    left at 1, change no selected heatmap. Default: every pair. Without ``last_mask``, M_T is
+    not made: Eq. 8 does not use it, only training's next step does (a labelling per pair on
+    the CPU, a third of inference's at T = 3).
     """
     if not models:
         raise ValueError("mine() needs at least the step-1 model")
@@ -62,7 +66,8 @@ def mine(
         previous = masks[-1] if masks else torch.ones(x.shape[0], model.config.num_classes, *x.shape[2:], device=x.device)
         heatmap = normalize_maps(model.cams(x.float(), previous), previous)
         heatmaps.append(heatmap)
-        masks.append(update_masks(heatmap, previous, wanted))
+        if last_mask or len(heatmaps) < len(models):
+            masks.append(update_masks(heatmap, previous, wanted))
     return Mining(heatmaps, masks, logits)
 
 

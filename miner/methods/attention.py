@@ -43,7 +43,7 @@ class AttentionMining(LocalizationMethod):
 
         With ``select``, only the selected pairs' masks are updated: erasure is class-wise
         (Eq. 1-2), so the selected maps are exactly those of a full run."""
-        mining = mine(models[: self.steps], images, select)
+        mining = mine(models[: self.steps], images, select, last_mask=False)
         return normalize_maps(final_heatmap(mining.heatmaps, mining.masks)), mining.logits
 
     def provides(self) -> tuple[str, ...]:
@@ -53,7 +53,7 @@ class AttentionMining(LocalizationMethod):
     def variant_maps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One mining pass over ``steps`` models gives every shorter one's heatmaps too: H_1
         (the CAM baseline's) and Eq. 8 over H_1..H_t for each t."""
-        mining = mine(models[: self.steps], images, select)
+        mining = mine(models[: self.steps], images, select, last_mask=False)
         maps = {"cam": normalize_maps(mining.heatmaps[0])}
         for t in range(2, self.steps + 1):
             maps[f"am-t{t}"] = normalize_maps(final_heatmap(mining.heatmaps[:t], mining.masks[: t - 1]))

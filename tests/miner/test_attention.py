@@ -76,6 +76,17 @@ def test_selected_pairs_get_the_same_final_heatmaps_as_a_full_mining():
     assert torch.all(some.masks[-1][~wanted] == 1)  # the others were never erased
 
 
+def test_mining_without_the_last_mask_gives_the_same_heatmaps_and_the_masks_before_it():
+    """Eq. 8 reads M_1..M_{T-1}: inference leaves M_T out and its maps do not change."""
+    models = [small_model(seed=0), small_model(seed=1), small_model(seed=2)]
+    images = torch.randn(2, 1, 128, 128)
+    full, inference = mine(models, images), mine(models, images, last_mask=False)
+    assert len(inference.masks) == 2 and all(torch.equal(a, b) for a, b in zip(inference.masks, full.masks))
+    assert all(torch.equal(a, b) for a, b in zip(inference.heatmaps, full.heatmaps))
+    assert torch.equal(final_heatmap(inference.heatmaps, inference.masks), final_heatmap(full.heatmaps, full.masks))
+    assert len(mine(models[:1], images, last_mask=False).masks) == 0  # the CAM baseline erases nothing
+
+
 def test_am_loss_vanilla_is_bce_over_erased_head_and_untouched_tail():
     model = small_model("baseline", seed=3)
     chain = [copy.deepcopy(model)]
