@@ -199,10 +199,10 @@ MethodOption = Annotated[str, typer.Option(help="Method to train for: am (attent
 HarvestMethodOption = Annotated[str, typer.Option(help="auto (per finding, the variant chosen on box-val by evaluate), am (Eq. 8 over all steps), cam (the CAM baseline) or mil (the MIL patch model trained on every box).")]
 AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")]
 MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")]
-WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core, or one per GPU).")]
+WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core; the detector check: one per GPU on CUDA).")]
 AddressOption = Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
 PrivateOption = Annotated[bool, typer.Option("--private", help="Make the release readable by its owner alone (files 0400, folders 0500) rather than by everyone (0444, 0555).")]
-GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, one worker each (default: all, when CUDA is present).")]
+GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, dealt to its workers (default: all, when CUDA is present).")]
 
 
 @app.command()

@@ -1,8 +1,8 @@
 """Flow ``harvest``: mined boxes for every image of the shards -> ``W/harvest/parts/<shard>.parquet``.
 
 One Dask task per shard. Each worker process loads the run's models once and keeps them
-(``_MODELS``); on CUDA, one worker per GPU, bf16. Every finding is boxed as the run's
-``tuning.json`` says (flow ``evaluate``, miner.methods.tuned): with ``method`` ``auto``, by the
+(``_MODELS``); on CUDA, one worker per core, the GPUs dealt among them, bf16. Every finding is
+boxed as the run's ``tuning.json`` says (flow ``evaluate``, miner.methods.tuned): with ``method`` ``auto``, by the
 variant chosen for it on box-val (the CAM baseline, AM at some t, or MIL); with ``am``, ``cam`` or
 ``mil``, by that method, with the box rule, confidence and operating point tuned for it. MIL boxes
 come from ``mil-all``, the patch model that learnt from every box (evaluate scored ``mil``, which
@@ -207,19 +207,29 @@ def harvest(
     return summary
 
 
+def local_layout(workers: int | None) -> tuple[int, int]:
+    """(worker processes, torch threads each) of a local harvest cluster: ``workers``, else one
+    per core, with or without GPUs. On CUDA the GPUs are dealt to the workers round-robin
+    (flows.dask.worker_device): a GPU makes heatmaps faster than one core decodes and boxes
+    them (BENCHMARKS.md, "The harvest's CPU side"), so every core feeds one, each worker with
+    its own copy of the models."""
+    count = workers or default_workers()
+    return count, max(1, default_workers() // count)
+
+
 @writes_into("workdir")
 def run_harvest(
     workdir: str, run: str, *, workers: int | None = None, dask_address: str | None = None, gpus: int | None = None, **options: Any
 ) -> dict[str, Any]:
-    """The flow on a Dask cluster: local processes by default (one per core on CPU, each with
-    one torch thread; one per GPU on CUDA, each holding a ``GPU`` resource), or an existing
-    scheduler (with ``gpus``, its workers must offer the ``GPU`` resource: tasks ask for one)."""
+    """The flow on a Dask cluster: local processes by default (:func:`local_layout`; on CUDA each
+    holds a ``GPU`` resource), or an existing scheduler (with ``gpus``, its workers must offer
+    the ``GPU`` resource: tasks ask for one)."""
     check_harvest_method(options.get("method", AUTO))  # before a cluster starts
     if gpus is None and not dask_address and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
     if not dask_address:
-        workers = workers or gpus or default_workers()
-        options.setdefault("threads", max(1, default_workers() // workers))
+        workers, threads = local_layout(workers)
+        options.setdefault("threads", threads)
     options["gpu_tasks"] = bool(gpus)
     runner = dask_task_runner(workers=None if dask_address else workers, address=dask_address,
                               resources={"GPU": 1} if gpus and not dask_address else None)
