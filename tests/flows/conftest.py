@@ -10,8 +10,9 @@ import pytest
 from tests.flows.helpers import SETTINGS, copy_workdir
 
 
-def _train_phantoms(base: Path) -> Path:
-    """320 phantoms of 256 px (20% with boxes), shards of 128 px, run ``t`` of preset cpu-small, under ``base``."""
+def _train_phantoms(base: Path, dask_address: str) -> Path:
+    """320 phantoms of 256 px (20% with boxes), shards of 128 px (preprocessed on the cluster at
+    ``dask_address``), run ``t`` of preset cpu-small, under ``base``."""
     from cxr_miner.flows.ingest import ingest
     from cxr_miner.flows.preprocess import run_preprocess
     from cxr_miner.flows.train import train
@@ -20,7 +21,7 @@ def _train_phantoms(base: Path) -> Path:
     root, work = base / "nih", base / "work"
     generate(root, n_images=320, size=256, seed=11, box_fraction=0.2, workers=2)
     ingest(root=str(root), workdir=str(work))
-    run_preprocess(str(work), workers=2, size=128, shard_size=64)
+    run_preprocess(str(work), dask_address=dask_address, size=128, shard_size=64)
     config = work / "settings.json"
     config.write_text(json.dumps(SETTINGS))
     train(workdir=str(work), preset="cpu-small", config_file=str(config), run="t")
@@ -28,12 +29,12 @@ def _train_phantoms(base: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory, prefect_server) -> Path:
+def trained_workdir(tmp_path_factory, prefect_server, dask_cluster) -> Path:
     """The trained phantoms of _train_phantoms, made once per test session.
 
     Tests that write into a workdir copy it (copy_workdir) rather than change this one.
     """
-    return _train_phantoms(tmp_path_factory.mktemp("trained"))
+    return _train_phantoms(tmp_path_factory.mktemp("trained"), dask_cluster)
 
 
 @pytest.fixture(scope="session")

@@ -20,17 +20,28 @@ pytestmark = pytest.mark.slow
 STOP_WITHIN_S = 10
 
 
-def _start(words: list[str], tmp_path: Path, own_api: bool = False) -> tuple[subprocess.Popen, Path]:
+@pytest.fixture(scope="module")
+def user_prefect_home(tmp_path_factory) -> Path:
+    """A PREFECT_HOME for the commands that start their own temporary server, shared by this
+    module's tests as a user's ~/.prefect is by their commands: only the first creates its
+    database (about 20 s here)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def own_api_env(home: Path) -> dict[str, str]:
+    """The environment of a user's command: no PREFECT_API_URL (it starts a temporary server), ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def _start(words: list[str], tmp_path: Path, own_api: Path | None = None) -> tuple[subprocess.Popen, Path]:
     """The real command line in a session of its own (so that what it leaves running can be found);
-    its stderr goes to a file. ``own_api``: without PREFECT_API_URL, so that it starts its own
-    temporary Prefect server, as a user's command does."""
+    its stderr goes to a file. ``own_api``: the PREFECT_HOME of a command without PREFECT_API_URL,
+    which starts its own temporary Prefect server, as a user's command does."""
     from prefect.settings import PREFECT_API_URL
 
     log = tmp_path / "stderr.txt"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    if own_api:
-        env = {k: v for k, v in env.items() if not k.startswith("PREFECT_API")}
-        env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = own_api_env(own_api) if own_api else {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     code = "from cxr_miner.flows.cli import main; main()"
     process = subprocess.Popen([sys.executable, "-c", code, *words], stderr=log.open("w"), stdout=subprocess.DEVNULL,
                                env=env, start_new_session=True)
@@ -91,7 +102,7 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir, tmp_path):
+def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir, tmp_path, user_prefect_home):
     """As ``timeout`` sends it: to the command, its loader workers and (unless it leaves the group)
     its temporary Prefect server at once. A server killed first made every report retry for minutes."""
     work = copy_workdir(trained_workdir, tmp_path / "w")
@@ -99,7 +110,7 @@ def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_res
     config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1, "input_size": 64,
                                   "model": {"trunk": "resnet10", "stages": 3}}))  # short epochs: the test is of stopping
     words = ["train", "--workdir", str(work), "--run", "long", "--config", str(config), "--method", "cam"]
-    process, log = _start(words, tmp_path, own_api=True)
+    process, log = _start(words, tmp_path, own_api=user_prefect_home)
     metrics = work / "models" / "long" / "metrics.json"
     while not metrics.exists():  # one epoch done: its checkpoint is written, then its metrics
         assert process.poll() is None, log.read_text()
@@ -115,7 +126,8 @@ def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_res
     assert _stop(again, signal.SIGTERM) < STOP_WITHIN_S and again.returncode == 143
 
 
-def test_sigint_stops_a_dask_preprocess_and_the_rerun_on_its_own_api_accounts_for_every_image(trained_workdir, tmp_path):
+def test_sigint_stops_a_dask_preprocess_and_the_rerun_on_its_own_api_accounts_for_every_image(trained_workdir, tmp_path,
+                                                                                             user_prefect_home):
     work = copy_workdir(trained_workdir, tmp_path / "w")
     words = ["preprocess", "--workdir", str(work), "--size", "96", "--shard-size", "8", "--workers", "2", "--encoding", "png"]
     process, log = _start(words, tmp_path)
@@ -126,10 +138,8 @@ def test_sigint_stops_a_dask_preprocess_and_the_rerun_on_its_own_api_accounts_fo
 
     # The rerun as a user's command: without PREFECT_API_URL it starts one temporary API, and its Dask
     # workers use it (a worker with a server of its own would log its own start and stop).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     rerun = subprocess.run([sys.executable, "-c", "from cxr_miner.flows.cli import main; main()", *words],
-                           capture_output=True, text=True, env=env, timeout=600)
+                           capture_output=True, text=True, env=own_api_env(user_prefect_home), timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     output = rerun.stdout + rerun.stderr
     assert output.count("Starting temporary server") == output.count("Stopping temporary server") == 1, output[-3000:]
