@@ -11,7 +11,8 @@ nothing here, the point is time, memory and files.
 Then runs the real commands, each a process of its own against one Prefect API: ``ingest``,
 ``preprocess``, ``train`` (TINY: 1 epoch of step 1 and 1 AM step of a 3-stage ResNet-10 at 64 px), ``evaluate``,
 ``harvest --method auto``, ``release``, and a second ``run`` of the whole chain on the unchanged
-collection (it must redo nothing). Per stage: wall time, time per image, peak RSS of the command's
+collection (it must redo nothing); with ``--detector-check``, then ``detector-check`` of the
+release (TINY_DETECTOR: 1 epoch of a small Faster R-CNN at the shards' size, positives only). Per stage: wall time, time per image, peak RSS of the command's
 process tree (Dask workers and loader workers included, sampled every 0.2 s), files written and their
 size, and Prefect task runs. With ``--browser``, the release report's pages are timed in headless
 Chromium. Prints one table, the accounting (index rows = released images + quarantined +
@@ -43,6 +44,8 @@ NIH = Path(__file__).resolve().parents[2] / "shared" / "nih"
 NIH_SIDE = 1024  # NIH's PNGs, in whose pixels BBox_List_2017.csv is given
 # train: the pipeline, not accuracy: 1 epoch of step 1 and 1 AM step of a 3-stage ResNet-10 at 64 px
 TINY = {"epochs": 1, "am_steps": 2, "am_epochs": 1, "input_size": 64, "loader_workers": 0, "model": {"trunk": "resnet10", "stages": 3}}
+# detector-check: the pipeline again, 1 epoch (of the largest set; every set takes as many steps) of the tests' small detector
+TINY_DETECTOR = {"batch_size": 4, "rois_per_image": 16, "box_head": 256}
 RSS_LIMIT_MIB = 4096  # issue 22: every stage but train under 4 GiB
 LINEAR_LIMIT = 1.2  # issue 22: time per image at 112k within 1.2x of 10k's
 PAGE_LIMIT_S = 2.0
@@ -211,6 +214,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--browser", action="store_true", help="time the report's pages in headless Chromium")
+    parser.add_argument("--detector-check", action="store_true", help="then check the release with detectors (TINY_DETECTOR)")
     parser.add_argument("--against", type=int, default=None, help="compare time per image with bench/out/full-scale-M.json")
     args = parser.parse_args()
     if not (NIH / "Data_Entry_2017_v2020.csv.gz").exists():
@@ -237,6 +241,12 @@ def main() -> None:
         ("run again", ["run", str(root), "--workdir", w, "--out", str(releases), *train_words, "--size", str(args.size),
                        "--workers", str(args.workers)]),
     ]
+    if args.detector_check:
+        detector = base / "tiny-detector.json"
+        detector.write_text(json.dumps(TINY_DETECTOR))
+        stages.append(("detector check", ["detector-check", "--release", str(releases / "latest"), "--workdir", w, "--epochs", "1",
+                                          "--size", str(args.size), "--background-ratio", "0", "--config", str(detector),
+                                          "--workers", str(args.workers)]))
     result = {"machine": machine(), "collection": counts, "train_settings": TINY, "stages": []}
     with prefect_api():
         from prefect.settings import PREFECT_API_URL
@@ -246,8 +256,13 @@ def main() -> None:
             row = timed_command(name, words, (work, releases), n, api, log)
             result["stages"].append(row)
             print(json.dumps(row), flush=True)
-    first = sum(r["seconds"] for r in result["stages"] if r["stage"] != "run again")
-    result["rerun_share"] = round(result["stages"][-1]["seconds"] / first, 4)
+    seconds = {r["stage"]: r["seconds"] for r in result["stages"]}
+    result["rerun_share"] = round(seconds["run again"] / sum(seconds[name] for name, _ in stages[:6]), 4)
+    if args.detector_check:
+        check = json.loads((releases / "latest" / "detector-check.json").read_text())
+        kept = ("positive_images", "boxes", "epochs", "train_seconds")
+        result["detector_check_sets"] = {name: {k: v for k, v in s.items() if k in kept} for name, s in check["sets"].items()}
+        print(f"detector-check sets: {result['detector_check_sets']}")
     release = json.loads((releases / "latest" / "manifest.json").read_text())
     result["release_counts"] = release.get("counts")
     if args.browser:

@@ -8,7 +8,8 @@
   warm-up harvest run, before the clock starts. The flow is timed as it runs on a CPU (each
   batch boxed after its forward passes) and with ``overlap`` (boxed in a thread during the next
   batch's passes, the GPU default). The flow's default layout on a CPU (one
-  single-threaded worker per core) is timed too, as the speed users get.
+  single-threaded worker per core) is timed too, as the speed users get, against the bare loop
+  at the same layout (as many processes of one torch thread, each taking a shard at a time).
 - Memory: the peak resident memory of the whole process tree (this process, the Dask
   scheduler, nannies and workers, sampled every 50 ms) while harvesting N and 4N images.
 
@@ -64,18 +65,19 @@ def random_run(work: Path, preset_name: str, device: str) -> list:
     return [load_model(folder.step(s))[0] for s in range(1, config.am_steps + 1)]
 
 
-def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, device_name: str) -> float:
-    """Seconds for the step models' forward passes over every shard image, nothing else."""
+def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, device_name: str, shards: list[str] | None = None) -> float:
+    """Seconds for the step models' forward passes over every shard image (or those of the shard
+    files ``shards``), nothing else."""
     import torch
 
     from cxr_miner.miner.training import autocast, pick_device, prepare_images, preset
-    from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
-    from cxr_miner.storage.stages.index import SPLITS
+    from cxr_miner.storage.stages.batches import batch_stream, list_row_groups
+    from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 
     config = preset(preset_name).updated({"device": device_name})
     device = pick_device(config.device)
     models = [m.to(device) for m in models]
-    groups = split_row_groups(work, SPLITS)
+    groups = list_row_groups(shards if shards is not None else ShardReader(work / SHARD_DIR).paths)
     started = time.perf_counter()
     with torch.no_grad(), autocast(device, config.precision):
         for batch in batch_stream(groups, batch_size):
@@ -85,6 +87,44 @@ def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, devic
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+_BARE_MODELS: list = []  # in each process of bare_parallel: the bench run's step models
+
+
+def _load_bare_models(work: Path, preset_name: str) -> None:
+    import torch
+
+    from cxr_miner.flows.engine.checkpoints import load_model
+    from cxr_miner.miner.training import preset
+    from cxr_miner.storage.stages.runs import RunFolder
+
+    torch.set_num_threads(1)
+    folder = RunFolder.of(work, "bench")
+    _BARE_MODELS[:] = [load_model(folder.step(step))[0] for step in range(1, preset(preset_name).am_steps + 1)]
+
+
+def _bare_shard(work: Path, batch_size: int, preset_name: str, device_name: str, shard: str) -> float:
+    return bare_loop(work, _BARE_MODELS, batch_size, preset_name, device_name, [shard])
+
+
+def bare_parallel(work: Path, batch_size: int, preset_name: str, device_name: str, workers: int) -> float:
+    """Seconds of the bare loop at the flow's CPU layout: ``workers`` processes of one torch
+    thread, each with the models loaded once, taking a shard at a time as Dask gives the flow's
+    workers their tasks; timed from the first shard given out to the last done (the processes'
+    start and model loading before, as the flow's warm cluster has them before its clock)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
+
+    shards = [str(path) for path in ShardReader(work / SHARD_DIR).paths]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load_bare_models,
+                             initargs=(work, preset_name)) as pool:
+        list(pool.map(time.sleep, [3.0] * workers))  # every process started and its models loaded
+        started = time.perf_counter()
+        list(pool.map(_bare_shard, *zip(*[(work, batch_size, preset_name, device_name, shard) for shard in shards])))
+        return time.perf_counter() - started
 
 
 def timed_harvest(work: Path, address: str, batch_size: int, threads: int, overlap: bool | None = None) -> tuple[float, dict]:
@@ -142,6 +182,10 @@ def main() -> None:
                     timed_harvest(work, cluster.scheduler_address, args.batch_size, threads)
                     default_s, _ = timed_harvest(work, cluster.scheduler_address, args.batch_size, threads)
                     result[f"flow_{args.workers}_workers_images_per_s"] = round(images / default_s, 2)
+                    if args.device != "cuda":
+                        parallel_s = bare_parallel(work, args.batch_size, args.preset, args.device, args.workers)
+                        result[f"bare_{args.workers}_processes_images_per_s"] = round(images / parallel_s, 2)
+                        result["efficiency_default_layout"] = round(parallel_s / default_s, 3)
                     print(json.dumps(result, indent=2), flush=True)
                 with PeakMemory() as peak:
                     timed_harvest(work, cluster.scheduler_address, args.batch_size, threads)
