@@ -5,6 +5,7 @@ computation; each box calibrated and marked at its finding's operating point as 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,15 +18,15 @@ import torch
 from cxr_miner.flows.engine import mining
 from cxr_miner.flows.engine.checkpoints import load_model, load_models, read_config
 from cxr_miner.flows.engine.mining import labelled
-from cxr_miner.flows.evaluate import evaluate
 from cxr_miner.flows.faults import FAULT_ENV, plant_fault
 from cxr_miner.flows.harvest import harvest_localizer, run_harvest
 from cxr_miner.miner.metrics import LocalizationEvaluator
 from cxr_miner.miner.training import prepare_images
 from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
 from cxr_miner.storage.stages.box_splits import box_splits
-from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, parts_dir, read_part, write_part
+from cxr_miner.storage.stages.harvest import PART_SCHEMA, harvest_summary_file, part_key, parts_dir, read_part, write_part
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes
+from cxr_miner.storage.stages.lock import LOCK_FILE
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS
@@ -46,11 +47,13 @@ def harvest_on(dask_cluster):
 
 
 @pytest.fixture(scope="module")
-def harvested(trained_workdir, tmp_path_factory, harvest_on) -> tuple[Path, dict]:
-    """Evaluated (which writes tuning.json), then harvested with ``--method auto``."""
-    work = copy_workdir(trained_workdir, tmp_path_factory.mktemp("harvest") / "work")
-    evaluate(workdir=str(work), run="t")
-    return work, harvest_on(work)
+def harvested(released, tmp_path_factory) -> tuple[Path, dict]:
+    """The trained run evaluated (which writes tuning.json), then harvested with ``--method auto``
+    on the shared cluster, one torch thread per worker: the released fixture's workdir, whose
+    ``run`` did just that, copied (hard links: flows replace files, never write into them)."""
+    work = tmp_path_factory.mktemp("harvest") / "work"
+    shutil.copytree(released[0], work, ignore=shutil.ignore_patterns("logs", LOCK_FILE), copy_function=os.link)
+    return work, json.loads(harvest_summary_file(work).read_text())
 
 
 def tuning_of(work: Path) -> dict:
