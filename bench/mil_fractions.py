@@ -3,6 +3,11 @@ learns from (Li et al. 2018, Figure 5, with K-fold cross-validation), and CAM, A
 side on the same box-test images, with training and harvest images/s.
 
     python bench/mil_fractions.py [--images 320] [--fractions 0,0.2,0.4,0.8] [--folds 5] [--settings JSON]
+    python bench/mil_fractions.py --preset cpu-demo --settings '{}' --workdir W --from-run cpu-demo --fractions 0.4,0.8
+
+The second form is the comparison at the demo preset (issue 23): ``W`` a demo working folder
+whose run ``--from-run`` has AM trained (``make demo``'s, or bench/out/demo-seed0/work); the side
+by side run starts from copies of that run's steps 1..T and adds MIL, and no harvest is timed.
 
 A demo collection (``--images`` phantoms of 256 px, 20% of them boxed, shards of 128 px) is
 generated and preprocessed once under bench/out. For each box fraction F, a run trains one MIL
@@ -43,7 +48,7 @@ def workdir(images: int) -> Path:
     return work
 
 
-def fraction_rows(work: Path, config: Path, fractions: list[float], folds: int) -> dict[str, dict]:
+def fraction_rows(work: Path, config: Path, fractions: list[float], folds: int, preset: str = "cpu-small") -> dict[str, dict]:
     from cxr_miner.flows.evaluate import evaluate
     from cxr_miner.flows.train import train
 
@@ -51,7 +56,7 @@ def fraction_rows(work: Path, config: Path, fractions: list[float], folds: int) 
     for fraction in fractions:
         run = f"mil-f{fraction:g}-k{folds}"
         started = time.perf_counter()
-        train(workdir=str(work), preset="cpu-small", config_file=str(config), run=run, method="mil",
+        train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="mil",
               box_fraction=fraction, folds=folds, for_release=False)
         seconds = time.perf_counter() - started
         summary = evaluate(workdir=str(work), run=run)["folds"]
@@ -65,21 +70,29 @@ def fraction_rows(work: Path, config: Path, fractions: list[float], folds: int) 
     return rows
 
 
-def side_by_side(work: Path, config: Path) -> dict:
-    """AM and MIL in one run, on the same box-test images; images/s of training and harvest."""
+def side_by_side(work: Path, config: Path, preset: str = "cpu-small", from_run: str | None = None) -> dict:
+    """AM and MIL in one run, on the same box-test images; images/s of training and (without
+    ``from_run``) harvest. ``from_run``: start from copies of that run's AM steps (same settings)."""
+    import shutil
+
     from cxr_miner.flows.evaluate import evaluate
     from cxr_miner.flows.harvest import run_harvest
     from cxr_miner.flows.train import train
     from cxr_miner.storage.stages.runs import RunFolder
 
     run = "side-by-side"
-    train(workdir=str(work), preset="cpu-small", config_file=str(config), run=run, method="am")
-    train(workdir=str(work), preset="cpu-small", config_file=str(config), run=run, method="mil")
+    if from_run:
+        source, target = RunFolder.of(work, from_run).directory, RunFolder.of(work, run).directory
+        target.mkdir(parents=True, exist_ok=True)
+        for path in source.glob("step*.safetensors"):
+            shutil.copy2(path, target / path.name)
+    train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="am")
+    train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="mil", for_release=from_run is None)
     report = evaluate(workdir=str(work), run=run)
     metrics = RunFolder.of(work, run).metrics()
     speed = {name: mean(row["images_per_second"] for row in history) for name, history in metrics.items()}
     harvest = {}
-    for method in ("am", "mil"):
+    for method in ("am", "mil") if from_run is None else ():
         started = time.perf_counter()
         summary = run_harvest(str(work), run, workers=2, method=method)
         harvest[method] = summary["images"] / (time.perf_counter() - started)
@@ -100,17 +113,22 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--settings", default=json.dumps(SETTINGS))
     parser.add_argument("--skip-side-by-side", action="store_true")
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--workdir", type=Path, help="an existing demo working folder (default: phantoms made here)")
+    parser.add_argument("--from-run", help="with --workdir: the run whose AM steps the side by side run starts from")
     args = parser.parse_args()
 
     with prefect_api():
-        work = workdir(args.images)
+        work = args.workdir or workdir(args.images)
         config = work / "mil-bench.json"
         config.write_text(args.settings)
-        rows = fraction_rows(work, config, [float(f) for f in args.fractions.split(",")], args.folds)
-        sides = None if args.skip_side_by_side else side_by_side(work, config)
-    (OUT / "mil_fractions.json").write_text(json.dumps({"rows": rows, "side_by_side": sides, "settings": args.settings}, indent=2))
+        rows = fraction_rows(work, config, [float(f) for f in args.fractions.split(",")], args.folds, args.preset)
+        sides = None if args.skip_side_by_side else side_by_side(work, config, args.preset, args.from_run)
+    name = "mil_fractions.json" if args.preset == "cpu-small" else f"mil_fractions-{args.preset}.json"
+    (OUT / name).write_text(json.dumps({"rows": rows, "side_by_side": sides, "settings": args.settings, "preset": args.preset,
+                                        "workdir": str(work)}, indent=2))
 
-    print(f"\nMIL, {args.folds}-fold cross-validation on {args.images} phantoms ({machine()}); settings {args.settings}")
+    print(f"\nMIL, {args.folds}-fold cross-validation on {work} ({machine()}); preset {args.preset}, settings {args.settings}")
     print("mean over the 8 boxed findings of the mean Acc over the folds (mean sd over the folds in brackets)")
     print("| box fraction | " + " | ".join(f"T({m.upper()}) {t}" for m, t in POINTS) + " | training s |")
     print("|---" * (len(POINTS) + 2) + "|")

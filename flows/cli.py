@@ -384,7 +384,8 @@ def print_release(published: dict) -> None:
     found = published.get("manifest", {}).get("localisation") or {}
     if found.get("findings"):
         say(f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f} (all boxes), "
-            f"{found['mean_acc_rank1']:.2f} (rank 1 alone)",
+            f"{found['mean_acc_rank1']:.2f} (rank 1 alone, the most confident box; "
+            f"{found.get('mean_acc_rank1_rule', float('nan')):.2f} by the box rule's order)",
             f"over {len(found['findings'])} findings; lowest {found['min_acc']:.2f}")
         pooled = found.get("calibration") or {}
         if pooled.get("boxes"):

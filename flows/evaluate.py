@@ -31,6 +31,7 @@ from cxr_miner.flows.options import check_evaluate
 from cxr_miner.flows.progress import progress_bar
 from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.calibration import PRECISION_TARGET
+from cxr_miner.miner.forgetting import forgetting_report
 from cxr_miner.miner.methods import create_method, method_names
 from cxr_miner.miner.methods.mil import PatchMil
 from cxr_miner.miner.methods.tuned import providers_for
@@ -168,23 +169,27 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
             scores.update(evaluate_boxes(provider, models, groups, truth, halves, batch_size, advance, box_sizes))
     scores = {m.key: scores[m.key] for m in methods}  # in registry order: the CAM baseline first
     by_half = {half: half_report({key: s[half] for key, s in scores.items() if half in s}) for half in BOX_SPLITS}
-    # ties go to the run's last variant (what `harvest --method am` ships), then backwards to the CAM baseline
+    # in registry order: the CAM baseline (the default) first, and the simpler variant on ties
     outcomes = {half: {key: s[half].outcomes for key, s in scores.items() if half in s and s[half].heatmaps.pairs} for half in BOX_SPLITS}
-    variants = [m.key for m in reversed(methods) if m.key in outcomes[BOX_VAL] or m.key in outcomes[BOX_TEST]]
-    tuning = tune(outcomes[BOX_VAL], outcomes[BOX_TEST], variants, BOXED_FINDINGS, precision_target, box_sizes) if variants else None
+    variants = [m.key for m in methods if m.key in outcomes[BOX_VAL] or m.key in outcomes[BOX_TEST]]
+    tuning = tune(outcomes[BOX_VAL], outcomes[BOX_TEST], variants, BOXED_FINDINGS, precision_target, box_sizes,
+                  {m.key: m.paper_rule.name for m in methods}) if variants else None
     if tuning:
         for half in by_half.values():
             add_released(half, tuning)
     cross_validation = evaluate_folds(work, folder, folds, truth, patients, batch_size, device) if folds else None
     aucs = validation_aucs(folder, [name for m in [*methods, *folds] for name in m.checkpoints()])
+    forgetting = forgetting_report(aucs)
+    for line in forgetting["warnings"]:
+        logger.warning("attention mining forgot: %s", line)
     markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), *([folds_markdown(cross_validation)] if folds else []),
                              *([evaluation_markdown(by_half[BOX_TEST], BOX_TEST), box_rules_markdown(by_half)] if methods else []),
-                             auc_markdown(aucs)])
+                             auc_markdown(aucs, forgetting)])
     used = {name for provider in providers for name in provider.checkpoints()}
     report = {"run": run, "steps": [t for t in range(1, config.am_steps + 1) if f"step{t}" in used],
               "split": BOX_TEST, "box_val_fraction": box_val_fraction, **by_half[BOX_TEST], "box_val": by_half[BOX_VAL],
               "released": released_figures(chosen_entries(tuning)) if tuning else None, "folds": cross_validation,
-              "validation_auc": aucs, "inputs": inputs}
+              "validation_auc": aucs, "forgetting": forgetting, "inputs": inputs}
     write_evaluation(folder, report, markdown, {**tuning, "run": run, "box_val_fraction": box_val_fraction} if tuning else None)
     create_markdown_artifact(markdown, key=artifact_key(run, "localization"),
                              description=f"Acc-AFP per finding, CAM baseline vs attention mining, run {run}")

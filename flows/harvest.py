@@ -50,6 +50,7 @@ from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.evaluation import read_tuning
 from cxr_miner.storage.stages.harvest import (
+    PART_SCHEMA,
     harvest_summary,
     harvest_summary_file,
     part_key,
@@ -179,7 +180,8 @@ def harvest(
         raise FileNotFoundError(f"{work / SHARD_DIR}: no shards of splits {', '.join(splits)} (run preprocess first)")
     base_key = {"model_id": model_id, "checkpoints": digests, "method": method, "mode": mode,
                 "min_score": min_score if all_findings else None, "input_size": localizer.config.input_size,
-                "choices": localizer.key(), "tuning": tuning_identity(folder.tuning_json)}
+                "choices": localizer.key(), "tuning": tuning_identity(folder.tuning_json),
+                "columns": PART_SCHEMA.names}  # a part of an older layout is made again
     settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
                 "threads": threads, "choices": localizer.key(), "model_id": model_id, "overlap": overlap}
     parts_dir(work).mkdir(parents=True, exist_ok=True)

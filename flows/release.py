@@ -106,6 +106,16 @@ def operating_points(tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
             for f, t in tuned.items()}
 
 
+def forgetting_fact(evaluation: dict[str, Any]) -> dict[str, str]:
+    """The report's line on attention mining's forgetting (miner.forgetting), for a run with AM steps."""
+    forgetting = evaluation.get("forgetting") or {}
+    if not forgetting.get("steps"):
+        return {}
+    warnings = forgetting["warnings"]
+    return {"attention mining forgot": "; ".join(warnings) if warnings else
+            f"nothing: no AM step lowers a finding's validation AUC by more than {forgetting['tolerance']}"}
+
+
 @flow(name="release", log_prints=True)
 @writes_into("workdir", "out")
 def release(workdir: str, out: str, root: str | None = None, private: bool = False) -> dict[str, Any]:
@@ -144,6 +154,8 @@ def release(workdir: str, out: str, root: str | None = None, private: bool = Fal
         facts = {"images harvested": summary["images"], "boxes": boxes, "mode": key["mode"], "quarantined images": quarantined,
                  "index rows": ingest_report.get("rows"), "created": created, "code version": code_version(),
                  "previous release": previous.name if previous else "none",
+                 "rank 1": "the most confident box of each image and finding (rule_rank: the box rule's own order)",
+                 **forgetting_fact(evaluation),
                  **({"MIL model": mil["note"]} if mil else {})}
         findings = finding_pages(staging / BOXES_FILE, images, source_root, read_gt_boxes(work / GT_BOXES_FILE), counts, accs,
                                  evaluation["evaluated"], changes, tuned)
@@ -155,6 +167,7 @@ def release(workdir: str, out: str, root: str | None = None, private: bool = Fal
             "index_sha256": ingest_report.get("index_sha256"), "model": provenance["model"], "harvest_key": key,
             "config": {"train": config.to_dict(), "harvest": {k: key[k] for k in ("method", "mode", "min_score", "choices")}},
             "operating_points": operating_points(tuned), "localisation": released_figures(tuned),
+            "forgetting": evaluation.get("forgetting"),
             "counts": {"findings": counts, **{variant.replace("-", "_"): {s: {**c[s], "boxes": c[s]["annotations"]} for s in SPLITS}
                                               for variant, c in coco.items()},
                        "images": summary["images"], "boxes": boxes, "quarantined": quarantined},

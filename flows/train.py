@@ -27,11 +27,13 @@ from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.options import check_folds, mil_options
 from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.attention import attention_mining_loss
+from cxr_miner.miner.forgetting import forgetting_report
 from cxr_miner.miner.methods import check_method, create_method
 from cxr_miner.miner.methods.mil import RELEASE_CHECKPOINT
 from cxr_miner.miner.mil import PatchLabels, init_patch_bias
 from cxr_miner.miner.training import (
     TrainConfig,
+    am_classification_loss,
     create_network,
     init_branch_bias,
     patch_loss,
@@ -41,6 +43,7 @@ from cxr_miner.miner.training import (
 )
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.batches import label_prevalence, split_row_groups
+from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.errors import InputError
 from cxr_miner.storage.vocab.findings import FINDINGS
@@ -83,13 +86,31 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
     train_groups = split_row_groups(workdir, ("train",)) + split_row_groups(workdir, boxed_from, only_boxed=True)
     val_groups = split_row_groups(workdir, ("val",))
 
+    cls_loss = am_classification_loss(config)
+
     def loss_fn(model, images, labels):
-        loss = attention_mining_loss(model, chain, images, labels, config.kp, config.kp_lambda, config.erased_fraction)
+        loss = attention_mining_loss(model, chain, images, labels, config.kp, config.kp_lambda, config.erased_fraction, cls_loss)
         return loss.total, {"cls": float(loss.cls), "kp": float(loss.kp)}
 
-    return fit(folder, f"step{step}", model, loss_fn, train_groups, val_groups, config, device,
-               Schedule(config.am_epochs, config.am_lr, config.seed + step), keep_best=False, logger=get_run_logger(),
-               record={"step": step})
+    result = fit(folder, f"step{step}", model, loss_fn, train_groups, val_groups, config, device,
+                 Schedule(config.am_epochs, config.am_lr, config.seed + step), keep_best=False, logger=get_run_logger(),
+                 record={"step": step})
+    record_forgetting(folder, f"step{step}", get_run_logger())
+    return result
+
+
+def record_forgetting(folder: RunFolder, name: str, logger: Any) -> list[str]:
+    """AM step ``name``'s validation AUC per finding against the kept step 1's (miner.forgetting),
+    into its last epoch's row of metrics.json (``auc_against_step1``, ``forgotten``); a warning per
+    forgotten finding. Returns the warnings."""
+    history = folder.metrics()[name]
+    report = forgetting_report({"step1": read_checkpoint_record(folder.step(1))["metrics"]["auc"], name: history[-1]["auc"]})
+    step = report["steps"][name]
+    history[-1] = {**history[-1], "auc_against_step1": step["changes"], "forgotten": step["forgotten"]}
+    folder.record_metrics(name, history)
+    for line in report["warnings"]:
+        logger.warning("attention mining forgot: %s", line)
+    return report["warnings"]
 
 
 @task(cache_policy=NO_CACHE)

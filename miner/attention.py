@@ -135,6 +135,7 @@ def attention_mining_loss(
     kp: str = "kp",
     kp_lambda: float = KP_LAMBDA,
     fraction: float = ERASED_FRACTION,
+    cls_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss,
 ) -> AMLoss:
     """Eq. 6: L = L_cls + lambda * L_KP for one batch of AM step t = len(chain) + 1.
 
@@ -142,7 +143,9 @@ def attention_mining_loss(
     M_{t-1} computed by the frozen ``chain`` (models of steps 1..t-1). The other N - n are
     classified from unerased X; with ``kp="kp"`` they also go through N_A = chain[-1] and
     L_KP (Eq. 4-5) pulls N_B's GAP features of KP_LAYERS towards N_A's.
-    images (N, 1, S, S) normalised; labels (N, C) in {0, 1}.
+    images (N, 1, S, S) normalised; labels (N, C) in {0, 1}. ``cls_loss``: L_cls, Eq. 3's BCE
+    by default, or the loss step 1 learnt by (a step that changes the objective moves the
+    classifier off what step 1 learnt).
     """
     n = erased_count(images.shape[0], kp, fraction)
     masks = mine(chain, images[:n]).masks[-1]
@@ -150,7 +153,7 @@ def attention_mining_loss(
     logits = model.erased_logits(updated.features[:n], masks)
     if n < images.shape[0]:
         logits = torch.cat([logits, updated.logits[n:]])
-    cls = classification_loss(logits, labels)
+    cls = cls_loss(logits, labels)
     if kp == "kp" and n < images.shape[0]:
         with torch.no_grad():
             frozen = chain[-1].forward_features(images[n:])

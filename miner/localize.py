@@ -21,13 +21,15 @@ from cxr_miner.storage.vocab.letterbox import Letterbox
 class Localization(NamedTuple):
     """Boxes (K, 4) xyxy in source pixels and their scores (K,), rank 1 first (K <= 3); tuned
     boxes (miner.methods.tuned) also carry the variant that made them, their confidence (K,)
-    (NaN where none was calibrated) and whether each is at its finding's operating point (K,)."""
+    (NaN where none was calibrated), whether each is at its finding's operating point (K,), and
+    each box's rank in its rule's own order (K,) (None: the order given is the rule's)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     variant: str | None = None
     confidence: np.ndarray | None = None
     at_operating_point: np.ndarray | None = None
+    rule_rank: np.ndarray | None = None
 
 
 def upsample(heatmaps: torch.Tensor, size: int, span: int | None = None) -> torch.Tensor:

@@ -52,6 +52,7 @@ class TrainConfig:
     erased_fraction: float = ERASED_FRACTION
     am_include_boxed: bool = True  # section 3: the boxed images join AM training, labels only
     step1_loss: str = "bce"  # bce (Eq. 3) | w-cel (Wang et al. 2017's weighted cross entropy, for rare findings)
+    am_cls_loss: str = "bce"  # L_cls of the AM steps' Eq. 6: step1 (the loss step 1 learnt by) | bce (Eq. 3 always)
     # The MIL patch model (Li et al. 2018, method ``mil``): its trunk is model.trunk/stages/weights.
     mil_grid: int = 16  # P of section 3.1 (the paper picks it from {12, 16, 20})
     mil_head_channels: int = 512  # c* of section 3.1
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
         if self.step1_loss not in ("bce", "w-cel"):
             raise ValueError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
+        if self.am_cls_loss not in ("step1", "bce"):
+            raise ValueError(f"am_cls_loss must be step1 or bce, got {self.am_cls_loss!r}")
         for name in ("optimizer", "mil_optimizer"):
             if getattr(self, name) not in OPTIMIZERS:
                 raise ValueError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")
@@ -272,6 +275,12 @@ def weighted_plain_loss(model: CamClassifier, images: torch.Tensor, labels: torc
 
 def step1_loss(config: TrainConfig) -> LossFn:
     return STEP1_LOSSES[config.step1_loss]
+
+
+def am_classification_loss(config: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """L_cls of an AM step (logits, labels -> loss): the loss step 1 learnt by, unless ``am_cls_loss`` is bce."""
+    kind = config.step1_loss if config.am_cls_loss == "step1" else "bce"
+    return {"bce": classification_loss, "w-cel": weighted_classification_loss}[kind]
 
 
 STEP1_LOSSES: dict[str, LossFn] = {"bce": plain_loss, "w-cel": weighted_plain_loss}

@@ -1,11 +1,21 @@
-"""What a release uses per finding, chosen on box-val and reported on box-test (issue 11).
+"""What a release uses per finding, chosen on box-val and reported on box-test (issues 11, 23).
 
-For each finding and each method variant a run has (``cam``, ``am-t2`` .. ``am-tT``): the box
-rule (miner.rules) with the best box-val score, a confidence calibration fitted on that rule's
-box-val boxes (miner.calibration) and its operating point; then the variant with the best
-box-val score. The score is Acc at T(IoU) = 0.3 with all boxes plus Acc of rank 1 alone, so
-that a rule whose rank 1 is right wins over one that is right only somewhere in its three
-boxes; ties go to the earlier candidate (the run's own method and the paper's rule first).
+For each finding, each method variant a run has (``cam``, ``am-t2`` .. ``am-tT``, ``mil``) and
+each box rule (miner.rules): a confidence calibration fitted on that rule's box-val boxes
+(miner.calibration). A candidate's score on box-val is Acc at T(IoU) = 0.3 with all boxes plus
+Acc of rank 1 alone, rank 1 being the most confident box (as a release ranks them), so that a
+rule whose first box is right wins over one that is right only somewhere in its three.
+
+The choice keeps the defaults unless beaten beyond box-val's noise (miner.bootstrap.Contest, a
+one-sided paired bootstrap over box-val's images): per variant, its own paper's rule unless
+another rule beats it; then the CAM baseline's candidate unless another variant's beats it. A
+half of a few dozen images cannot flip the choice by a pair or two, and a release is not below
+its own baseline by chance. ``choice`` records the rule, the margin and how often the same choice
+is made on resamples of box-val (``stability``); ``baseline`` the CAM baseline with the paper's
+rule on box-test, and the released minus the baseline with its bootstrap interval there.
+
+The chosen candidate's operating point is the lowest confidence whose box-val precision reaches
+the target in all but LEVEL of box-val's resamples (miner.calibration.robust_operating_point).
 Every figure that describes the choice is box-test's, where nothing was chosen.
 
 ``outcomes`` maps variant key -> rule name -> finding -> BoxOutcomes, one per half.
@@ -19,45 +29,65 @@ from typing import Any
 
 import numpy as np
 
+from cxr_miner.miner.bootstrap import LEVEL, RESAMPLES, Contest, interval, resample_draws, resampled_means
 from cxr_miner.miner.calibration import (
     HIT_IOU,
     PRECISION_TARGET,
     BoxOutcomes,
     Calibration,
     fit_calibration,
-    operating_point,
     pool_reliability,
     pr_curve,
+    precision_interval,
     precision_recall,
     reliability,
+    robust_operating_point,
 )
 from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, rule_by_name
 
 Outcomes = Mapping[str, Mapping[str, Mapping[str, BoxOutcomes]]]
+BASELINE = "cam"  # the CAM baseline: the default variant where a run has it
+RANK_ORDER = "confidence"  # how a release ranks a pair's boxes (miner.calibration.confidence_order)
 
 
-def choice_score(outcomes: BoxOutcomes | None) -> float:
-    """Acc (all boxes) + Acc (rank 1) at T(IoU) = 0.3; -inf without a pair to judge by."""
-    if outcomes is None or not outcomes.pairs:
-        return -math.inf
-    return outcomes.acc() + outcomes.acc(rank1_only=True)
+def pair_scores(outcomes: BoxOutcomes | None, calibration: Calibration | None) -> np.ndarray:
+    """(pairs,) per box-val pair: a hit among all its boxes, plus a hit at rank 1 by confidence."""
+    if outcomes is None:
+        return np.zeros(0)
+    return outcomes.any_hits().astype(float) + outcomes.rank1_hits(calibration).astype(float)
 
 
-def best_rule(by_rule: Mapping[str, Mapping[str, BoxOutcomes]], finding: str) -> str:
-    """The rule name (BOX_RULES order breaks ties) with the best box-val score for ``finding``."""
-    scores = [choice_score(by_rule.get(rule.name, {}).get(finding)) for rule in BOX_RULES]
-    return BOX_RULES[int(np.argmax(scores))].name if max(scores) > -math.inf else PAPER_RULE.name
+def fitted(val: Mapping[str, Mapping[str, BoxOutcomes]], rule: str, finding: str) -> tuple[Calibration, str, BoxOutcomes]:
+    """The calibration of one variant's ``rule`` for ``finding``, what it was fitted on, and those
+    boxes: its box-val boxes, or with none of the finding in box-val, the boxes of every finding."""
+    mine = val.get(rule, {}).get(finding)
+    if mine is None or not len(mine.arrays()[1]):
+        pooled = list(val.get(rule, {}).values())
+        mine = BoxOutcomes([s for o in pooled for s in o.signals], [h for o in pooled for h in o.hit], sum(o.pairs for o in pooled))
+        fitted_on = "all findings (none of this finding in box-val)"
+    else:
+        fitted_on = finding
+    signals, hit, _ = mine.arrays()
+    return fit_calibration(signals, hit), fitted_on, mine
 
 
 def figures(outcomes: BoxOutcomes | None, calibration: Calibration, at: float | None, curves: bool) -> dict[str, Any]:
-    """Acc, Acc of rank 1, and precision and recall at the operating point ``at`` of one half; with
+    """One half's figures: Acc, Acc of rank 1 by confidence (``acc_rank1``, a release's order) and
+    by the rule's order (``acc_rank1_rule``), and at the operating point ``at`` the boxes,
+    precision (with its bootstrap interval), recall and false positives per image; with
     ``curves``, its reliability diagram (ECE) and precision-recall curve too."""
     outcomes = outcomes or BoxOutcomes()
     signals, hit, pair = outcomes.arrays()
     confidence = calibration.predict(signals)
-    at_point = precision_recall(confidence, hit, pair, outcomes.pairs, at) if at is not None else \
-        {"boxes": 0, "precision": math.nan, "recall": 0.0 if outcomes.pairs else math.nan}
-    row = {"pairs": outcomes.pairs, "boxes": int(len(hit)), "acc": outcomes.acc(), "acc_rank1": outcomes.acc(rank1_only=True),
+    if at is None:
+        at_point = {"boxes": 0, "precision": math.nan, "recall": 0.0 if outcomes.pairs else math.nan,
+                    "afp": 0.0 if outcomes.pairs else math.nan, "precision_interval": [math.nan, math.nan]}
+    else:
+        at_point = {**precision_recall(confidence, hit, pair, outcomes.pairs, at),
+                    "precision_interval": list(precision_interval(confidence, hit, pair, outcomes.pairs, at))}
+    mean = lambda v: float(v.mean()) if outcomes.pairs else math.nan  # noqa: E731
+    row = {"pairs": outcomes.pairs, "boxes": int(len(hit)), "acc": outcomes.acc(),
+           "acc_rank1": mean(outcomes.rank1_hits(calibration)), "acc_rank1_rule": outcomes.acc(rank1_only=True),
            "at_operating_point": at_point}
     if curves:
         row["reliability"] = reliability(confidence, hit)
@@ -80,63 +110,125 @@ def box_size_priors(truth: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]
     return {f: tuple(float(v) for v in np.median(np.array(sizes), axis=0)) for f, sizes in sorted(fractions.items())}
 
 
-def tune_variant(val: Outcomes, test: Outcomes, variant: str, finding: str, target: float,
-                 box_size: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Rule, calibration and operating point of one variant for one finding, with their figures
-    (``box_size``: the finding's box-size prior, recorded with a ``prior`` rule).
-
-    A finding without box-val boxes gets the paper's rule and a calibration fitted on the boxes
-    of every finding (its ``fitted_on`` says so)."""
-    rule = best_rule(val.get(variant, {}), finding)
-    mine = val.get(variant, {}).get(rule, {}).get(finding)
-    signals, hit, _ = mine.arrays() if mine is not None else (None, np.zeros(0, dtype=bool), None)
-    if len(hit):
-        fitted_on = finding
-    else:
-        pooled = [o.arrays() for o in val.get(variant, {}).get(rule, {}).values()]
-        signals = np.concatenate([p[0] for p in pooled]) if pooled else np.zeros((0, 5))
-        hit = np.concatenate([p[1] for p in pooled]) if pooled else np.zeros(0, dtype=bool)
-        fitted_on = "all findings (none of this finding in box-val)"
-    calibration = fit_calibration(signals, hit)
-    at = operating_point(calibration.predict(signals), hit, target)
+def candidate(val: Outcomes, test: Outcomes, variant: str, rule: str, finding: str, target: float,
+              box_size: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One variant's ``rule`` for one finding: its calibration and operating point on box-val, with
+    the figures of both halves (``box_size``: the finding's box-size prior, kept with a ``prior`` rule)."""
+    calibration, fitted_on, basis = fitted(val.get(variant, {}), rule, finding)
+    signals, hit, pair = basis.arrays()
+    at = robust_operating_point(calibration.predict(signals), hit, pair, basis.pairs, target)
     return {
         "rule": rule, "box_size": list(box_size) if box_size and rule_by_name(rule).size == "prior" else None,
         "calibration": calibration.to_dict(), "fitted_on": fitted_on, "operating_point": at,
-        "box_val": figures(mine, calibration, at, curves=False),
+        "box_val": figures(val.get(variant, {}).get(rule, {}).get(finding), calibration, at, curves=False),
         "box_test": figures(test.get(variant, {}).get(rule, {}).get(finding), calibration, at, curves=True),
     }
 
 
+def rules_of(val: Outcomes, variant: str, finding: str, default: str) -> list[str]:
+    """The rules a variant's finding may be boxed by, its ``default`` first, then BOX_RULES' order."""
+    scored = [r.name for r in BOX_RULES if val.get(variant, {}).get(r.name, {}).get(finding) is not None]
+    return [default, *(r for r in scored if r != default)]
+
+
+def choose(val: Outcomes, variants: Sequence[str], finding: str, paper_rules: Mapping[str, str],
+           draws: np.ndarray) -> tuple[dict[str, str], str, Contest]:
+    """The choice on box-val (module doc): each variant's rule, the chosen variant, and the contest
+    (every (variant, rule) scored per box-val pair on the same resamples) it was decided by."""
+    per_pair = {}
+    for variant in variants:
+        for rule in rules_of(val, variant, finding, paper_rules.get(variant, PAPER_RULE.name)):
+            outcomes = val.get(variant, {}).get(rule, {}).get(finding)
+            per_pair[variant, rule] = pair_scores(outcomes, fitted(val.get(variant, {}), rule, finding)[0] if outcomes else None)
+    contest = Contest(per_pair, draws)
+    rules, variant = decide(contest, val, variants, finding, paper_rules)
+    return rules, variant, contest
+
+
+def decide(contest: Contest, val: Outcomes, variants: Sequence[str], finding: str, paper_rules: Mapping[str, str],
+           draw: int | None = None) -> tuple[dict[str, str], str]:
+    """The two-stage choice on box-val, or on one of its resamples (``draw``)."""
+    score, rules = contest.scores(draw), {}
+    for variant in variants:
+        default, *others = rules_of(val, variant, finding, paper_rules.get(variant, PAPER_RULE.name))
+        rules[variant] = contest.winner((variant, default), [(variant, r) for r in others], score)[1]
+    baseline = BASELINE if BASELINE in variants else variants[0]
+    others = [(v, rules[v]) for v in variants if v != baseline]
+    return rules, contest.winner((baseline, rules[baseline]), others, score)[0]
+
+
+def stability(contest: Contest, val: Outcomes, variants: Sequence[str], finding: str, paper_rules: Mapping[str, str],
+              chosen: tuple[str, str]) -> float:
+    """Share of box-val's resamples on which the same rule (with the margins of the whole half)
+    chooses the same variant and rule."""
+    if not contest.pairs:
+        return math.nan
+    same = 0
+    for draw in range(RESAMPLES):
+        rules, variant = decide(contest, val, variants, finding, paper_rules, draw)
+        same += (variant, rules[variant]) == chosen
+    return same / RESAMPLES
+
+
+def against_baseline(test: Outcomes, released: tuple[str, str], baseline: tuple[str, str], finding: str) -> dict[str, Any]:
+    """On box-test: Acc (all boxes) of the released (variant, rule) minus the baseline's, with the
+    bootstrap interval of that difference over box-test's pairs."""
+    mine, theirs = (test.get(v, {}).get(r, {}).get(finding) for v, r in (released, baseline))
+    if mine is None or theirs is None or not mine.pairs or mine.pairs != theirs.pairs:
+        return {"difference": math.nan, "interval": [math.nan, math.nan]}
+    difference = mine.any_hits().astype(float) - theirs.any_hits().astype(float)
+    return {"difference": float(difference.mean()), "interval": list(interval(resampled_means(difference, resample_draws(mine.pairs))))}
+
+
 def tune(val: Outcomes, test: Outcomes, variants: Sequence[str], findings: Sequence[str],
-         target: float = PRECISION_TARGET, box_sizes: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
-    """The choices of every finding (module doc); ``variants`` in preference order for ties;
-    ``box_sizes`` (box_size_priors of box-val) for the ``prior`` rules."""
-    box_sizes = box_sizes or {}
+         target: float = PRECISION_TARGET, box_sizes: Mapping[str, tuple[float, float]] | None = None,
+         paper_rules: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The choices of every finding (module doc). ``variants``: the run's (the CAM baseline, when
+    present, is the default); ``box_sizes`` (box_size_priors of box-val) for the ``prior`` rules;
+    ``paper_rules``: variant -> its paper's rule (default: Cai et al.'s)."""
+    box_sizes, paper_rules = box_sizes or {}, paper_rules or {}
     if not variants:
         raise ValueError("nothing to tune: no method variant")
+    baseline_variant = BASELINE if BASELINE in variants else variants[0]
+    baseline = (baseline_variant, paper_rules.get(baseline_variant, PAPER_RULE.name))
     chosen: dict[str, Any] = {}
     for finding in findings:
-        candidates = {v: tune_variant(val, test, v, finding, target, box_sizes.get(finding)) for v in variants}
-        scores = [choice_score(val.get(v, {}).get(candidates[v]["rule"], {}).get(finding)) for v in variants]
-        chosen[finding] = {"method": variants[int(np.argmax(scores))], "candidates": candidates}
+        pairs = max((by_finding[finding].pairs for by_rule in val.values() for by_finding in by_rule.values()
+                     if finding in by_finding), default=0)
+        rules, variant, contest = choose(val, variants, finding, paper_rules, resample_draws(pairs))
+        released = (variant, rules[variant])
+        base = candidate(val, test, *baseline, finding, target, box_sizes.get(finding))
+        chosen[finding] = {
+            "method": variant,
+            "candidates": {v: candidate(val, test, v, rules[v], finding, target, box_sizes.get(finding)) for v in variants},
+            "choice": {"default": list(baseline), "box_val_pairs": pairs, "resamples": RESAMPLES, "level": LEVEL,
+                       "score": contest.point.get(released, math.nan), "default_score": contest.point.get(baseline, math.nan),
+                       "stability": stability(contest, val, variants, finding, paper_rules, released)},
+            "baseline": {"method": baseline[0], "rule": baseline[1],
+                         "box_test": {k: base["box_test"][k] for k in ("pairs", "acc", "acc_rank1", "acc_rank1_rule")},
+                         "released_minus_baseline": against_baseline(test, released, baseline, finding)},
+        }
     return {"hit_iou": HIT_IOU, "precision_target": target, "chosen_on": "box-val", "reported_on": "box-test",
-            "variants": list(variants), "findings": chosen}
+            "rank_order": RANK_ORDER, "variants": list(variants), "findings": chosen}
 
 
 def released_figures(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Box-test Acc at T(IoU) = 0.3 of the boxes released per finding (``entries``: finding -> its
-    tuned candidate, as in tuning.json), all boxes and rank 1, and the means over the findings
+    tuned candidate, as in tuning.json), all boxes and rank 1 (by confidence, as released, and by
+    the rule's order), and the means over the findings
     with box-test pairs (the demo's target, issue 11); ``calibration``: the ECE of all those
     findings' box-test boxes pooled (a finding's own halves are often too small to show it)."""
     rows = {}
     for finding, entry in entries.items():
         test = entry["box_test"]
         if test["pairs"]:
-            rows[finding] = {"acc": test["acc"], "acc_rank1": test["acc_rank1"], "pairs": test["pairs"]}
-    mean = {k: float(np.mean([r[k] for r in rows.values()])) if rows else math.nan for k in ("acc", "acc_rank1")}
+            rows[finding] = {"acc": test["acc"], "acc_rank1": test["acc_rank1"], "acc_rank1_rule": test["acc_rank1_rule"],
+                             "pairs": test["pairs"]}
+    mean = {k: float(np.mean([r[k] for r in rows.values()])) if rows else math.nan for k in ("acc", "acc_rank1", "acc_rank1_rule")}
     pooled = pool_reliability(entries[f]["box_test"]["reliability"] for f in rows)
     return {"split": "box-test", "hit_iou": HIT_IOU, "findings": rows, "mean_acc": mean["acc"],
-            "mean_acc_rank1": mean["acc_rank1"], "min_acc": min((r["acc"] for r in rows.values()), default=math.nan),
+            "mean_acc_rank1": mean["acc_rank1"], "mean_acc_rank1_rule": mean["acc_rank1_rule"], "rank_order": RANK_ORDER,
+            "min_acc": min((r["acc"] for r in rows.values()), default=math.nan),
             "calibration": {"boxes": pooled["boxes"], "ece": pooled["ece"]}}
 
 

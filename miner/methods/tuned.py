@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from cxr_miner.miner.calibration import Calibration, box_signals
+from cxr_miner.miner.calibration import Calibration, box_signals, confidence_order
 from cxr_miner.miner.localize import Localization, upsample
 from cxr_miner.miner.methods.registry import BatchLocalization, LocalizationMethod, Select, create_method, method_names
 from cxr_miner.miner.rules import PAPER_RULE, BoxRule, rule_by_name
@@ -57,7 +57,8 @@ class FindingChoice:
         return cls(data["variant"], rule_by_name(data["rule"]), calibration, data.get("operating_point"), box_size)
 
     def score(self, heatmap: np.ndarray, probability: float, input_size: int, letterbox: Letterbox) -> Localization:
-        """One heatmap (input grid, [0, 1]) -> its boxes in source pixels, scored and calibrated."""
+        """One heatmap (input grid, [0, 1]) -> its boxes in source pixels, scored, calibrated and
+        ranked by confidence (miner.calibration.confidence_order; ``rule_rank`` keeps the rule's)."""
         found, source = self.rule.in_source(self.rule.boxes(heatmap), input_size, letterbox, self.box_size)
         k = len(found.boxes)
         if self.calibration is None:
@@ -65,7 +66,8 @@ class FindingChoice:
         else:
             confidence = self.calibration.predict(box_signals(found.mean, found.peak, found.area, probability))
             at_point = confidence >= self.operating_point if self.operating_point is not None else np.zeros(k, dtype=bool)
-        return Localization(source, found.score, self.variant, confidence, at_point)
+        order = confidence_order(confidence)
+        return Localization(source[order], found.score[order], self.variant, confidence[order], at_point[order], order + 1)
 
 
 def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -> dict[str, FindingChoice]:

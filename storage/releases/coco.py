@@ -4,8 +4,9 @@ Images: every image of the split (ids from 1, in image_id order), ``file_name`` 
 the dataset root. Categories: the 14 findings, id = position in FINDINGS + 1, stable across
 releases. Annotations: one per box (ids from 1), ``bbox`` [x, y, w, h] in source pixels,
 ``segmentation`` the box as a polygon, ``iscrowd`` 0, and ``score`` (the box's calibrated
-confidence where it has one, else its ranking score), ``confidence``, ``rank`` and ``method`` as
-extra keys that pycocotools and torchvision ignore but ``COCO.loadRes`` accepts.
+confidence where it has one, else its ranking score), ``confidence``, ``rank`` (1: the pair's most
+confident box), ``rule_rank`` (its rank in the box rule's own order) and ``method`` as extra keys
+that pycocotools and torchvision ignore but ``COCO.loadRes`` accepts.
 
 Two variants per release (COCO_VARIANTS): ``coco/<split>.json`` holds the boxes at their
 finding's operating point (``at_operating_point``), ``coco-all/<split>.json`` every box.
@@ -35,7 +36,7 @@ def coco_image(image_id: int, record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def coco_annotation(annotation_id: int, image_id: int, box: Mapping[str, Any]) -> dict[str, Any]:
-    """One box row (x_min..y_max in source pixels, finding, score, confidence, rank, method) as a COCO annotation."""
+    """One box row (x_min..y_max in source pixels, finding, score, confidence, rank, rule_rank, method) as a COCO annotation."""
     x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
     w, h = x1 - x0, y1 - y0
     confidence = box.get("confidence")
@@ -44,7 +45,7 @@ def coco_annotation(annotation_id: int, image_id: int, box: Mapping[str, Any]) -
         "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0,
         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
         "score": float(box["score"] if confidence is None else confidence), "confidence": confidence,
-        "rank": int(box["rank"]), "method": box["method"],
+        "rank": int(box["rank"]), "rule_rank": int(box["rule_rank"]), "method": box["method"],
     }
 
 

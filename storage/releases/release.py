@@ -62,6 +62,7 @@ RELEASE_SCHEMA = pa.schema(
         ("confidence", pa.float32()),
         ("at_operating_point", pa.bool_()),
         ("rank", pa.int8()),
+        ("rule_rank", pa.int8()),
         ("method", pa.string()),
         ("model_id", pa.string()),
     ]
@@ -113,7 +114,7 @@ def release_rows(part: pa.Table, images: pa.Table) -> pa.Table:
     height = pc.cast(joined.column("height"), pa.float32())
     columns = {name: joined.column(name) for name in ("image_id", "patient_id", "split", "finding", "x_min", "y_min",
                                                       "x_max", "y_max", "score", "probability", "confidence",
-                                                      "at_operating_point", "rank", "method", "model_id")}
+                                                      "at_operating_point", "rank", "rule_rank", "method", "model_id")}
     for axis, size in (("x", width), ("y", height)):
         for end in ("min", "max"):
             columns[f"{axis}_{end}_norm"] = pc.divide(columns[f"{axis}_{end}"], size)

@@ -185,23 +185,52 @@ def confidence_section(data: FindingData) -> str:
                 "none is at an operating point (they are in coco-all/ only).</p>")
     val, test = t["box_val"], t["box_test"]
     point = (f"confidence &ge; {t['operating_point']:.3f}" if t["operating_point"] is not None else
-             "none: no confidence reached the precision target on box-val, so no box of this finding is in coco/")
-    rows = [["box-val (chosen on)", val["pairs"], f"{format_number(val['acc'])} / {format_number(val['acc_rank1'])}",
-             val["at_operating_point"]["boxes"], format_number(val["at_operating_point"]["precision"]),
-             format_number(val["at_operating_point"]["recall"]), ""],
-            ["box-test (reported)", test["pairs"], f"{format_number(test['acc'])} / {format_number(test['acc_rank1'])}",
-             test["at_operating_point"]["boxes"], format_number(test["at_operating_point"]["precision"]),
-             format_number(test["at_operating_point"]["recall"]), format_number(test["reliability"]["ece"])]]
+             "none: no confidence held the precision target on box-val's resamples, so no box of this finding is in coco/")
+
+    def half_row(name: str, half: Mapping[str, Any], ece: str) -> list[Any]:
+        at = half["at_operating_point"]
+        spread = interval_text(at.get("precision_interval"), " [{}, {}]")
+        return [name, half["pairs"], format_number(half["acc"]), format_number(half["acc_rank1"]),
+                format_number(half.get("acc_rank1_rule", math.nan)), at["boxes"], format_number(at["precision"]) + spread,
+                format_number(at["recall"]), format_number(at.get("afp", math.nan)), ece]
+
+    rows = [half_row("box-val (chosen on)", val, ""), half_row("box-test (reported)", test, format_number(test["reliability"]["ece"]))]
     return (f"<p>Boxed by <b>{html.escape(t['method'])}</b> with the box rule <b>{html.escape(rule_label(t))}</b>, both chosen on "
             f"box-val. Confidence: {html.escape(t['calibration']['kind'])} calibration on {t['calibration']['boxes']} box-val boxes "
-            f"({t['calibration']['hits']} hits; fitted on {html.escape(t['fitted_on'])}). Operating point: {point}; "
-            f"<b>{data.at_operating_point}</b> boxes of this release are at it.</p>"
-            + html_table(["half", "pairs", "Acc / rank 1 (IoU 0.3)", "boxes at op.", "precision there", "recall there", "ECE"], rows)
-            + "<p>The variants it was chosen from (each with its best box rule on box-val; Acc / rank-1 Acc at IoU 0.3):</p>"
+            f"({t['calibration']['hits']} hits; fitted on {html.escape(t['fitted_on'])}). Each image's boxes are ranked by "
+            f"this confidence: rank 1 is the box most likely right (the box rule's own order breaks ties and is kept as "
+            f"<code>rule_rank</code>). Operating point: {point}; <b>{data.at_operating_point}</b> boxes of this release are at it.</p>"
+            + html_table(["half", "pairs", "Acc (IoU 0.3)", "rank-1 Acc", "rank-1 Acc, rule's order", "boxes at op.",
+                          "precision there [90%]", "recall there", "false positives / image there", "ECE"], rows)
+            + baseline_paragraph(t)
+            + "<p>The variants it was chosen from (each with its box rule chosen on box-val; Acc / rank-1 Acc at IoU 0.3):</p>"
             + html_table(["variant", "box rule", "box-val", "box-test"], [
                 [html.escape(v), html.escape(rule_label(a)),
                  *(f"{format_number(a[h]['acc'])} / {format_number(a[h]['acc_rank1'])}" for h in ("box_val", "box_test"))]
                 for v, a in t.get("alternatives", {}).items()]))
+
+
+def interval_text(bounds: Sequence[float | None] | None, layout: str) -> str:
+    """``layout`` filled with a bootstrap interval's two ends, or "" where it is undefined (NaN,
+    or null as JSON keeps NaN)."""
+    low, high = bounds or (None, None)
+    return "" if low is None or math.isnan(low) else layout.format(format_number(low), format_number(high))
+
+
+def baseline_paragraph(t: Mapping[str, Any]) -> str:
+    """The CAM baseline with the paper's rule beside the released choice on box-test, and how
+    stable the choice is over box-val's resamples (empty for a tuning made before either was kept)."""
+    baseline, choice = t.get("baseline"), t.get("choice")
+    if not baseline or not choice:
+        return ""
+    against = baseline["released_minus_baseline"]
+    spread = interval_text(against["interval"], " (90% interval {} to {})")
+    return (f"<p>The baseline, {html.escape(baseline['method'])} with the paper's rule {html.escape(baseline['rule'])}, is kept "
+            f"unless another variant or rule beats it on box-val beyond the noise of a bootstrap over box-val's "
+            f"{choice['box_val_pairs']} images (one-sided, {choice['level']:.0%}); {format_number(choice['stability'])} of "
+            f"{choice['resamples']} resamples of box-val make the same choice. On box-test the baseline's Acc is "
+            f"{format_number(baseline['box_test']['acc'])} (rank 1: {format_number(baseline['box_test']['acc_rank1'])}); "
+            f"released minus baseline: {format_number(against['difference'])}{spread}.</p>")
 
 
 GALLERY_SIDE = 270  # px, the longer side of a gallery image
@@ -289,14 +318,15 @@ def finding_page(folder: Path, report: ReportData, data: FindingData) -> str:
 
 
 def headline_rows(report: ReportData, threshold: float = 0.3) -> list[dict[str, Any]]:
-    """Per finding: boxes, images, boxes at the operating point and their precision on box-test,
-    and Acc at ``threshold`` T(IoU) per method; the report's and the Prefect artifacts' headline table."""
+    """Per finding: boxes, images, boxes at the operating point and their precision and false
+    positives per image (of the finding's images) on box-test, and Acc at ``threshold`` T(IoU) per method; the report's and the Prefect artifacts' headline table."""
     rows = []
     for data in report.findings:
         at = data.tuned["box_test"]["at_operating_point"] if data.tuned else {}
         row: dict[str, Any] = {"finding": data.finding, "boxes": data.boxes_total, "images": data.images_covered,
                                "at operating point": data.at_operating_point,
                                "expected precision there": at.get("precision", math.nan),
+                               "false positives per image there": at.get("afp", math.nan),
                                "added": data.changes.get("added", 0), "removed": data.changes.get("removed", 0)}
         for method, table in data.acc.items():
             row[f"acc@{threshold} {method}"] = table.get(threshold, {}).get("acc", math.nan) if data.evaluated_images else math.nan

@@ -1,10 +1,11 @@
 """Harvest parts: the mined boxes of one shard, ``W/harvest/parts/<shard>.parquet``.
 
 One row per box. Coordinates are xyxy in source pixels (the image as ingested, before the
-letterbox), continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1). ``rank`` 1 is the box the
-finding's box rule ranks first (miner.rules; the paper's rule ranks by the mean heatmap inside);
-``score`` is that ranking signal, and ``probability`` the classifier's sigmoid output for the
-finding on the whole image; ``confidence`` the calibrated probability that the box is right
+letterbox), continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1). ``rank`` 1 is the pair's
+most confident box (ties, and a finding without confidence, in the rule's order); ``rule_rank``
+is the box's rank in its box rule's own order (miner.rules; the paper's rule ranks by the mean
+heatmap inside), and ``score`` that rule's ranking signal; ``probability`` the classifier's
+sigmoid output for the finding on the whole image; ``confidence`` the calibrated probability that the box is right
 (IoU >= 0.3 with a true lesion; null where the finding has no ground truth to calibrate on) and
 ``at_operating_point`` whether it reaches the finding's operating point (miner.calibration);
 ``method`` (the variant: ``cam``, ``am-t3``, ...) and ``model_id`` say what mined it.
@@ -42,6 +43,7 @@ PART_SCHEMA = pa.schema(
         ("image_id", pa.string()),
         ("finding", pa.string()),
         ("rank", pa.int8()),
+        ("rule_rank", pa.int8()),
         ("x_min", pa.float32()),
         ("y_min", pa.float32()),
         ("x_max", pa.float32()),
@@ -81,7 +83,8 @@ def part_rows(
 
     ``found[i]`` maps a finding index to a miner.localize.Localization: ``boxes`` (K, 4) xyxy in
     source pixels and ``scores`` (K,), rank 1 first, ``variant`` (None: ``method``), ``confidence``
-    (K,) (None or NaN: none) and ``at_operating_point`` (K,); ``probability`` (N, C) the classifier's sigmoid.
+    (K,) (None or NaN: none), ``at_operating_point`` (K,) and ``rule_rank`` (K,) (None: the
+    rank); ``probability`` (N, C) the classifier's sigmoid.
     """
     rows = []
     for i, image_id in enumerate(image_ids):
@@ -89,9 +92,10 @@ def part_rows(
             k = len(loc.boxes)
             confidence = np.full(k, np.nan) if loc.confidence is None else loc.confidence
             at_point = np.zeros(k, dtype=bool) if loc.at_operating_point is None else loc.at_operating_point
+            rule_rank = np.arange(1, k + 1) if loc.rule_rank is None else loc.rule_rank
             for rank, (box, score) in enumerate(zip(loc.boxes, loc.scores), start=1):
                 rows.append({
-                    "image_id": image_id, "finding": FINDINGS[c], "rank": rank,
+                    "image_id": image_id, "finding": FINDINGS[c], "rank": rank, "rule_rank": int(rule_rank[rank - 1]),
                     "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3],
                     "score": score, "probability": probability[i, c],
                     "confidence": None if math.isnan(confidence[rank - 1]) else float(confidence[rank - 1]),

@@ -20,6 +20,7 @@ from cxr_miner.flows.engine.checkpoints import load_model, load_models, read_con
 from cxr_miner.flows.engine.mining import labelled
 from cxr_miner.flows.faults import FAULT_ENV, plant_fault
 from cxr_miner.flows.harvest import harvest_localizer, run_harvest
+from cxr_miner.miner.calibration import hits
 from cxr_miner.miner.metrics import LocalizationEvaluator
 from cxr_miner.miner.training import prepare_images
 from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
@@ -89,10 +90,17 @@ def test_every_image_gets_boxes_for_each_finding_it_is_labelled_with(harvested):
         assert 0 <= row["y_min"] <= row["y_max"] <= image["source_height"]
         assert 0 < row["probability"] < 1 and row["model_id"] == summary["key"]["model_id"]
     assert {i: set(r["findings"]) for i, r in images.items() if r["findings"]} == found
-    by_pair = boxes.group_by(["image_id", "finding"]).aggregate([("rank", "list"), ("score", "list")])
-    for ranks, scores in zip(by_pair.column("rank_list").to_pylist(), by_pair.column("score_list").to_pylist()):
-        assert ranks == list(range(1, len(ranks) + 1)) and 1 <= len(ranks) <= 3
-        assert scores == sorted(scores, reverse=True)  # every rule ranks by its score
+    by_pair: dict[tuple[str, str], list[dict]] = {}
+    for row in boxes.to_pylist():
+        by_pair.setdefault((row["image_id"], row["finding"]), []).append(row)
+    for rows in by_pair.values():
+        rows.sort(key=lambda r: r["rank"])
+        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)) and 1 <= len(rows) <= 3
+        assert sorted(r["rule_rank"] for r in rows) == list(range(1, len(rows) + 1))
+        by_rule = sorted(rows, key=lambda r: r["rule_rank"])
+        assert [r["score"] for r in by_rule] == sorted((r["score"] for r in rows), reverse=True)  # every rule ranks by its score
+        if rows[0]["confidence"] is not None:  # rank 1 the most confident, ties in the rule's order
+            assert [(-r["confidence"], r["rule_rank"]) for r in rows] == sorted((-r["confidence"], r["rule_rank"]) for r in rows)
     assert summary["boxes_per_finding"] == {f: int(np.sum(np.array(boxes.column("finding").to_pylist()) == f)) for f in FINDINGS}
 
 
@@ -136,6 +144,17 @@ def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
             mine = sorted((r for r in boxes if r["image_id"] == image_id and r["finding"] == finding), key=lambda r: r["rank"])
             evaluator.accumulate(finding, np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]] for r in mine]).reshape(-1, 4), gt)
     ours = evaluator.compute()
+    tuning = tuning_of(work)
+    for finding, choice in tuning["findings"].items():  # rank 1 as released: the most confident box
+        rank1 = [r for r in boxes if r["finding"] == finding and r["rank"] == 1 and halves.get(r["image_id"]) == "box-test"
+                 and finding in truth[r["image_id"]]]
+        hit = [hits(np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]]]), np.array(truth[r["image_id"]][finding]))[0]
+               for r in rank1]
+        expected = choice["candidates"][choice["method"]]["box_test"]
+        pairs = sum(finding in truth[i] for i, h in halves.items() if h == "box-test")
+        assert pairs == expected["pairs"]
+        if pairs:
+            assert sum(hit) / pairs == pytest.approx(expected["acc_rank1"]), finding
     for finding in BOXED_FINDINGS:
         for threshold in (0.1, 0.3, 0.5):
             expected = report["results"]["released"][finding]["iou"][str(threshold)]

@@ -44,6 +44,14 @@ def test_run_folder_holds_every_step_and_its_metrics(trained):
     model, record = load_model(folder.step(3))
     assert record["step"] == 3 and record["config"]["kp"] == "kp"
     assert all(math.isfinite(row["loss_kp"]) for row in metrics["step2"] + metrics["step3"])
+    step1 = load_model(folder.step(1))[1]["metrics"]["auc"]  # the kept step 1, its best epoch
+    for name in ("step2", "step3"):  # each AM step against it, finding by finding
+        last = metrics[name][-1]
+        for finding, change in last["auc_against_step1"].items():
+            if step1[finding] is not None and last["auc"][finding] is not None:
+                assert change["change"] == pytest.approx(last["auc"][finding] - step1[finding])
+        assert sorted(last["forgotten"]) == sorted(f for f, c in last["auc_against_step1"].items()
+                                                   if c["change"] is not None and c["change"] < -0.02)
 
 
 def test_planted_findings_are_ranked_above_chance(trained):
@@ -185,4 +193,5 @@ def test_nothing_is_chosen_on_box_test(trained, evaluated, tmp_path):
             moved_entry = after["findings"][finding]["candidates"][variant]
             for key in ("rule", "box_size", "calibration", "operating_point", "fitted_on", "box_val"):
                 assert json.dumps(moved_entry[key], sort_keys=True) == json.dumps(entry[key], sort_keys=True), (finding, variant, key)
+        assert after["findings"][finding]["choice"] == choice["choice"]  # the stability over box-val's resamples too
     assert again["released"]["mean_acc"] == 0 < evaluated["released"]["mean_acc"]

@@ -101,6 +101,27 @@ def test_am_loss_vanilla_is_bce_over_erased_head_and_untouched_tail():
     assert loss.total.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits, labels).item(), rel=1e-5)
 
 
+def test_am_loss_takes_the_classification_loss_it_is_given():
+    """With W-CEL as L_cls (a run whose step 1 learnt by it), the erased head and untouched tail are
+    scored by W-CEL over the whole batch's labels."""
+    from cxr_miner.miner.attention import weighted_classification_loss
+    from cxr_miner.miner.training import am_classification_loss, preset
+
+    model = small_model("baseline", seed=3)
+    chain = [copy.deepcopy(model)]
+    images, labels = torch.randn(16, 1, 64, 64), (torch.rand(16, 14) > 0.7).float()
+    loss = attention_mining_loss(model, chain, images, labels, kp="vanilla", cls_loss=weighted_classification_loss)
+    with torch.no_grad():
+        masks = mine(chain, images[:2]).masks[-1]
+        features = model.forward_features(images)
+        logits = torch.cat([model.erased_logits(features.features[:2], masks), features.logits[2:]])
+    assert loss.total.item() == pytest.approx(weighted_classification_loss(logits, labels).item(), rel=1e-5)
+    demo = preset("cpu-demo")
+    assert am_classification_loss(demo.updated({"am_cls_loss": "step1"})) is weighted_classification_loss
+    assert am_classification_loss(demo.updated({"am_cls_loss": "bce"})) is not weighted_classification_loss
+    assert am_classification_loss(preset("paper").updated({"am_cls_loss": "step1"})) is not weighted_classification_loss
+
+
 def test_kp_term_is_zero_before_any_update_and_positive_after_one():
     model = small_model("msa", seed=4)
     chain = [copy.deepcopy(model)]

@@ -13,11 +13,14 @@ from cxr_miner.miner.calibration import (
     box_signals,
     fit_calibration,
     hits,
+    confidence_order,
     operating_point,
     pool_reliability,
+    precision_interval,
     pr_curve,
     precision_recall,
     reliability,
+    robust_operating_point,
 )
 
 
@@ -75,9 +78,50 @@ def test_operating_point_is_the_lowest_confidence_reaching_the_target():
     assert operating_point(np.zeros(0), np.zeros(0, dtype=bool)) is None
 
 
+def test_the_robust_operating_point_holds_the_target_on_resamples_of_the_pairs():
+    """40 pairs, one box each: the top 20 confidences hit 18 times, the next 20 hit 4 times. On the
+    whole half the lowest point reaching 0.5 takes all 40 boxes (22 hits: 0.55), whose precision
+    falls to 0.43 in the 5% of resamples; the robust point takes fewer boxes, its 5% quantile at 0.5 or above."""
+    confidence = np.linspace(0.99, 0.6, 40)
+    hit = np.array([True] * 18 + [False] * 2 + [True] * 4 + [False] * 16)
+    pair = np.arange(40)
+    loose = operating_point(confidence, hit, 0.5)
+    robust = robust_operating_point(confidence, hit, pair, 40, 0.5)
+    assert loose == confidence[-1] and precision_interval(confidence, hit, pair, 40, loose)[0] < 0.45
+    taken = int((confidence >= robust).sum())
+    assert 20 < taken < 40  # fewer boxes, but more than the top 20 (which hold 0.9)
+    low, high = precision_interval(confidence, hit, pair, 40, robust)
+    assert 0.5 <= low <= hit[:taken].mean() <= high
+    assert precision_interval(confidence, hit, pair, 40, confidence[taken])[0] < 0.5  # one box more falls below
+    assert robust_operating_point(confidence, np.zeros(40, dtype=bool), pair, 40, 0.5) is None
+    assert robust_operating_point(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=int), 0) is None
+
+
+def test_confidence_order_ranks_highest_first_and_keeps_the_rules_order_on_ties():
+    assert confidence_order(np.array([0.2, 0.7, 0.2, 0.9])).tolist() == [3, 1, 0, 2]
+    assert confidence_order(np.array([0.4, 0.4, 0.4])).tolist() == [0, 1, 2]  # a constant calibration: the rule's order
+    assert confidence_order(np.array([math.nan, math.nan])).tolist() == [0, 1]  # no confidence: the rule's order
+
+
+def test_rank_one_by_confidence_can_be_right_where_the_rules_rank_one_is_wrong():
+    """Two pairs, boxes in the rule's order: the rule's rank 1 misses in both; a calibration that
+    trusts larger boxes (log area, signal 2) puts the hit first in the first pair only."""
+    small, large = [0.9, 1.0, math.log(0.01), 1, 0.8], [0.6, 1.0, math.log(0.2), 2, 0.8]
+    outcomes = BoxOutcomes()
+    outcomes.add(np.array([small, large]), np.array([False, True]))
+    outcomes.add(np.array([small, [0.6, 1.0, math.log(0.005), 2, 0.8]]), np.array([False, True]))
+    by_area = Calibration("platt", 0.0, coef=(0.0, 0.0, 1.0, 0.0, 0.0))
+    assert outcomes.rank1_hits().tolist() == [False, False] and outcomes.acc(rank1_only=True) == 0.0
+    assert outcomes.rank1_hits(by_area).tolist() == [True, False]
+    assert outcomes.rank1_hits(Calibration("constant", 0.3)).tolist() == [False, False]  # ties: the rule's order
+    assert outcomes.any_hits().tolist() == [True, True]
+
+
 def test_precision_recall_counts_pairs_once():
     confidence, hit, pair = np.array([0.9, 0.8, 0.3]), np.array([1, 1, 0], dtype=bool), np.array([0, 0, 1])
-    assert precision_recall(confidence, hit, pair, pairs=4, at=0.5) == {"boxes": 2, "precision": 1.0, "recall": 0.25}
+    assert precision_recall(confidence, hit, pair, pairs=4, at=0.5) == {"boxes": 2, "precision": 1.0, "recall": 0.25, "afp": 0.0}
+    # at 0.3 the miss of pair 1 is taken too: 1 false positive over 4 pairs
+    assert precision_recall(confidence, hit, pair, pairs=4, at=0.3) == {"boxes": 3, "precision": 2 / 3, "recall": 0.25, "afp": 0.25}
     assert math.isnan(precision_recall(confidence, hit, pair, pairs=4, at=0.95)["precision"])
     curve = pr_curve(confidence, hit, pair, pairs=4)
     assert [(p["confidence"], p["boxes"]) for p in curve] == [(0.9, 1), (0.8, 2), (0.3, 3)]

@@ -49,3 +49,47 @@ def test_a_finding_choice_with_a_prior_rule_needs_and_keeps_its_box_size():
     assert FindingChoice.from_dict(choice.to_dict()) == choice
     with pytest.raises(ValueError, match="needs a box size"):
         FindingChoice("cam", rule_by_name("every-peak-prior"))
+
+
+def _hits(pattern: str) -> BoxOutcomes:
+    """One box per pair; ``pattern`` a string of 1 (hit) and 0 (miss), one per pair."""
+    return _outcomes([[c == "1"] for c in pattern])
+
+
+def test_the_baseline_is_kept_unless_beaten_beyond_box_vals_noise():
+    """20 box-val pairs. The CAM baseline's paper rule hits 10; another rule of it 12 (two pairs more:
+    within the noise); AM t = 2 by the paper's rule 18 (beyond it). Box-test: the released AM t = 2
+    hits 7 of 8 pairs, the baseline 3 of 8."""
+    base, near, far = "1" * 10 + "0" * 10, "1" * 12 + "0" * 8, "1" * 18 + "00"
+    val = {"cam": {PAPER_RULE.name: {"Mass": _hits(base)}, "every-mean": {"Mass": _hits(near)}},
+           "am-t2": {PAPER_RULE.name: {"Mass": _hits(far)}}}
+    test = {"cam": {PAPER_RULE.name: {"Mass": _hits("11100000")}}, "am-t2": {PAPER_RULE.name: {"Mass": _hits("11111110")}}}
+    only_cam = tune({"cam": val["cam"]}, test, ["cam"], ["Mass"])["findings"]["Mass"]
+    assert (only_cam["method"], only_cam["candidates"]["cam"]["rule"]) == ("cam", PAPER_RULE.name)
+    assert 0.5 < only_cam["choice"]["stability"] <= 1  # most resamples keep the baseline too
+
+    entry = tune(val, test, ["cam", "am-t2"], ["Mass"])["findings"]["Mass"]
+    assert (entry["method"], entry["candidates"]["am-t2"]["rule"]) == ("am-t2", PAPER_RULE.name)
+    assert entry["choice"]["default"] == ["cam", PAPER_RULE.name]
+    # scores: Acc + rank-1 Acc (one box a pair: twice the hit rate)
+    assert (entry["choice"]["score"], entry["choice"]["default_score"]) == (pytest.approx(1.8), pytest.approx(1.0))
+    assert entry["choice"]["stability"] > 0.8
+    against = entry["baseline"]["released_minus_baseline"]
+    assert entry["baseline"]["box_test"]["acc"] == 3 / 8 and against["difference"] == pytest.approx(0.5)
+    low, high = against["interval"]
+    assert 0 < low < 0.5 < high <= 1
+
+
+def test_a_contest_keeps_its_default_until_the_lead_clears_the_resampled_noise():
+    from cxr_miner.miner.bootstrap import Contest, resample_draws
+
+    draws = resample_draws(10)
+    scores = {"default": np.array([1.0] * 5 + [0.0] * 5), "level": np.array([1.0] * 5 + [0.0] * 5),
+              "one more": np.array([1.0] * 6 + [0.0] * 4), "all": np.ones(10), "short": np.ones(3)}
+    contest = Contest(scores, draws)
+    assert contest.winner("default", ["level", "one more", "short"]) == "default"
+    assert contest.winner("default", ["one more", "all"]) == "all"
+    # "one more" leads by pair 5 alone, which 0.9 ** 10 = 35% of the resamples leave out: the 5%
+    # quantile of its lead is 0, so its margin is its whole lead
+    assert contest.margin("one more", "default") == pytest.approx(contest.point["one more"] - contest.point["default"])
+    assert contest.margin("all", "default") < 0.5

@@ -31,8 +31,8 @@ IMAGES = pa.table({
 })
 
 
-def box(image_id, finding, rank, x0, y0, x1, y1, score=0.5, at_point=False):
-    return {"image_id": image_id, "finding": finding, "rank": rank, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1,
+def box(image_id, finding, rank, x0, y0, x1, y1, score=0.5, at_point=False, rule_rank=None):
+    return {"image_id": image_id, "finding": finding, "rank": rank, "rule_rank": rule_rank or rank, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1,
             "score": score, "probability": 0.9, "confidence": None, "at_operating_point": at_point, "method": "am", "model_id": "t@abc"}
 
 
@@ -48,6 +48,7 @@ def test_release_rows_join_the_image_and_normalise_by_its_size():
     assert [first[k] for k in ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")] == pytest.approx([0.25, 0.2, 0.75, 0.8])
     assert [second[k] for k in ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")] == pytest.approx([0.1, 0.1, 0.6, 0.5])
     assert (second["method"], second["model_id"], second["image_width"]) == ("am", "t@abc", 100)
+    assert (first["rank"], first["rule_rank"]) == (1, 1)
 
 
 def test_boxes_of_images_outside_the_index_are_refused():
@@ -56,10 +57,10 @@ def test_boxes_of_images_outside_the_index_are_refused():
 
 
 def test_coco_annotation_by_hand():
-    a = coco_annotation(7, 3, {**box("a.png", "Cardiomegaly", 2, 10, 20, 40, 60, 0.25), "method": "cam"})
+    a = coco_annotation(7, 3, {**box("a.png", "Cardiomegaly", 2, 10, 20, 40, 60, 0.25, rule_rank=1), "method": "cam"})
     assert a == {"id": 7, "image_id": 3, "category_id": 2, "bbox": [10.0, 20.0, 30.0, 40.0], "area": 1200.0,
                  "iscrowd": 0, "segmentation": [[10.0, 20.0, 40.0, 20.0, 40.0, 60.0, 10.0, 60.0]],
-                 "score": 0.25, "confidence": None, "rank": 2, "method": "cam"}
+                 "score": 0.25, "confidence": None, "rank": 2, "rule_rank": 1, "method": "cam"}
     # a calibrated box: its COCO score is its confidence (what detector evaluation ranks by)
     b = coco_annotation(1, 1, {**box("a.png", "Mass", 1, 0, 0, 1, 1, 0.25), "confidence": 0.6})
     assert (b["score"], b["confidence"]) == (0.6, 0.6)
