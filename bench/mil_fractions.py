@@ -84,7 +84,7 @@ def side_by_side(work: Path, config: Path, preset: str = "cpu-small", from_run: 
     if from_run:
         source, target = RunFolder.of(work, from_run).directory, RunFolder.of(work, run).directory
         target.mkdir(parents=True, exist_ok=True)
-        for path in source.glob("step*.safetensors"):
+        for path in [*source.glob("step*.safetensors"), source / "metrics.json"]:
             shutil.copy2(path, target / path.name)
     train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="am")
     train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="mil", for_release=from_run is None)
@@ -122,7 +122,7 @@ def main() -> None:
         work = args.workdir or workdir(args.images)
         config = work / "mil-bench.json"
         config.write_text(args.settings)
-        rows = fraction_rows(work, config, [float(f) for f in args.fractions.split(",")], args.folds, args.preset)
+        rows = fraction_rows(work, config, [float(f) for f in args.fractions.split(",") if f], args.folds, args.preset)
         sides = None if args.skip_side_by_side else side_by_side(work, config, args.preset, args.from_run)
     name = "mil_fractions.json" if args.preset == "cpu-small" else f"mil_fractions-{args.preset}.json"
     (OUT / name).write_text(json.dumps({"rows": rows, "side_by_side": sides, "settings": args.settings, "preset": args.preset,

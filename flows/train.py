@@ -89,7 +89,8 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
     cls_loss = am_classification_loss(config)
 
     def loss_fn(model, images, labels):
-        loss = attention_mining_loss(model, chain, images, labels, config.kp, config.kp_lambda, config.erased_fraction, cls_loss)
+        loss = attention_mining_loss(model, chain, images, labels, config.kp, config.kp_lambda, config.erased_fraction, cls_loss,
+                                     chain[0] if config.kp_reference == "step1" else chain[-1])
         return loss.total, {"cls": float(loss.cls), "kp": float(loss.kp)}
 
     result = fit(folder, f"step{step}", model, loss_fn, train_groups, val_groups, config, device,

@@ -4,8 +4,10 @@ Steps are numbered as in the paper. Step 1 is the CAM baseline: its model comput
 unerased features and M_1 erases H_1's peak component. Each later step t fine-tunes a model
 on X * M_{t-1} (initialised from step t-1's model) and computes H_t = CAM(X_t * M_{t-1}),
 then M_t. Training step t therefore needs the frozen models of steps 1..t-1 (the "chain")
-to compute M_{t-1}; the last of them is also N_A of Eq. 4, the network before this step's
-AM updates.
+to compute M_{t-1}. N_A of Eq. 4, "the original network before AM updates", is step 1's model
+by default (the run's ``kp_reference``): every step is held to what step 1 learnt, where holding
+step t to step t-1's lets the drift add up over the steps (issue 23: a finding's validation AUC
+fell 0.02 more by step 3); ``previous`` holds it to step t-1's.
 
 Images are normalised ``(N, 1, S, S)``; masks and heatmaps ``(N, C, h, w)`` on the model's
 feature grid.
@@ -136,6 +138,7 @@ def attention_mining_loss(
     kp_lambda: float = KP_LAMBDA,
     fraction: float = ERASED_FRACTION,
     cls_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss,
+    reference: CamClassifier | None = None,
 ) -> AMLoss:
     """Eq. 6: L = L_cls + lambda * L_KP for one batch of AM step t = len(chain) + 1.
 
@@ -145,7 +148,8 @@ def attention_mining_loss(
     L_KP (Eq. 4-5) pulls N_B's GAP features of KP_LAYERS towards N_A's.
     images (N, 1, S, S) normalised; labels (N, C) in {0, 1}. ``cls_loss``: L_cls, Eq. 3's BCE
     by default, or the loss step 1 learnt by (a step that changes the objective moves the
-    classifier off what step 1 learnt).
+    classifier off what step 1 learnt). ``reference``: N_A, by default ``chain[-1]`` (the model
+    before this step's updates); ``chain[0]`` holds every step to step 1's responses.
     """
     n = erased_count(images.shape[0], kp, fraction)
     masks = mine(chain, images[:n]).masks[-1]
@@ -156,7 +160,7 @@ def attention_mining_loss(
     cls = cls_loss(logits, labels)
     if kp == "kp" and n < images.shape[0]:
         with torch.no_grad():
-            frozen = chain[-1].forward_features(images[n:])
+            frozen = (reference or chain[-1]).forward_features(images[n:])
         preserve = kp_loss(frozen, select_rows(updated, slice(n, None)), model.kp_layers)
     else:
         preserve = torch.zeros((), device=cls.device)

@@ -52,7 +52,8 @@ class TrainConfig:
     erased_fraction: float = ERASED_FRACTION
     am_include_boxed: bool = True  # section 3: the boxed images join AM training, labels only
     step1_loss: str = "bce"  # bce (Eq. 3) | w-cel (Wang et al. 2017's weighted cross entropy, for rare findings)
-    am_cls_loss: str = "bce"  # L_cls of the AM steps' Eq. 6: step1 (the loss step 1 learnt by) | bce (Eq. 3 always)
+    kp_reference: str = "step1"  # N_A of Eq. 4: previous (step t-1's model) | step1 (the network before any AM update)
+    am_cls_loss: str = "step1"  # L_cls of the AM steps' Eq. 6: step1 (the loss step 1 learnt by) | bce (Eq. 3 always)
     # The MIL patch model (Li et al. 2018, method ``mil``): its trunk is model.trunk/stages/weights.
     mil_grid: int = 16  # P of section 3.1 (the paper picks it from {12, 16, 20})
     mil_head_channels: int = 512  # c* of section 3.1
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
         if self.step1_loss not in ("bce", "w-cel"):
             raise ValueError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
+        if self.kp_reference not in ("previous", "step1"):
+            raise ValueError(f"kp_reference must be previous or step1, got {self.kp_reference!r}")
         if self.am_cls_loss not in ("step1", "bce"):
             raise ValueError(f"am_cls_loss must be step1 or bce, got {self.am_cls_loss!r}")
         for name in ("optimizer", "mil_optimizer"):

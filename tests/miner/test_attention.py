@@ -122,6 +122,23 @@ def test_am_loss_takes_the_classification_loss_it_is_given():
     assert am_classification_loss(preset("paper").updated({"am_cls_loss": "step1"})) is not weighted_classification_loss
 
 
+def test_kp_holds_the_model_to_the_reference_it_is_given():
+    """Step 3 with KP against step 1's model (kp_reference step1) rather than step 2's: L_KP is Eq. 5
+    between the updated model and that reference on the untouched rows."""
+    from cxr_miner.miner.attention import kp_loss, select_rows
+
+    first, second = small_model("msa", seed=5), small_model("msa", seed=6)
+    model = copy.deepcopy(second)
+    images, labels = torch.randn(16, 1, 64, 64), (torch.rand(16, 14) > 0.7).float()
+    previous = attention_mining_loss(model, [first, second], images, labels, kp="kp")
+    anchored = attention_mining_loss(model, [first, second], images, labels, kp="kp", reference=first)
+    assert previous.kp.item() == pytest.approx(0.0, abs=1e-6)  # the model is still step 2's
+    with torch.no_grad():
+        expected = kp_loss(first.forward_features(images[2:]), select_rows(model.forward_features(images), slice(2, None)),
+                           model.kp_layers)
+    assert anchored.kp.item() == pytest.approx(expected.item(), rel=1e-5) and anchored.kp.item() > 1e-3
+
+
 def test_kp_term_is_zero_before_any_update_and_positive_after_one():
     model = small_model("msa", seed=4)
     chain = [copy.deepcopy(model)]
