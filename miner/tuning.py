@@ -131,41 +131,38 @@ def rules_of(val: Outcomes, variant: str, finding: str, default: str) -> list[st
     return [default, *(r for r in scored if r != default)]
 
 
-def choose(val: Outcomes, variants: Sequence[str], finding: str, paper_rules: Mapping[str, str],
+def choose(val: Outcomes, finding: str, candidates: Mapping[str, Sequence[str]],
            draws: np.ndarray) -> tuple[dict[str, str], str, Contest]:
-    """The choice on box-val (module doc): each variant's rule, the chosen variant, and the contest
-    (every (variant, rule) scored per box-val pair on the same resamples) it was decided by."""
+    """The choice on box-val (module doc) among ``candidates`` (variant -> its rules, default
+    first): each variant's rule, the chosen variant, and the contest (every (variant, rule) scored
+    per box-val pair on the same resamples) it was decided by."""
     per_pair = {}
-    for variant in variants:
-        for rule in rules_of(val, variant, finding, paper_rules.get(variant, PAPER_RULE.name)):
+    for variant, rules in candidates.items():
+        for rule in rules:
             outcomes = val.get(variant, {}).get(rule, {}).get(finding)
             per_pair[variant, rule] = pair_scores(outcomes, fitted(val.get(variant, {}), rule, finding)[0] if outcomes else None)
     contest = Contest(per_pair, draws)
-    rules, variant = decide(contest, val, variants, finding, paper_rules)
-    return rules, variant, contest
+    return (*decide(contest, candidates), contest)
 
 
-def decide(contest: Contest, val: Outcomes, variants: Sequence[str], finding: str, paper_rules: Mapping[str, str],
-           draw: int | None = None) -> tuple[dict[str, str], str]:
+def decide(contest: Contest, candidates: Mapping[str, Sequence[str]], draw: int | None = None) -> tuple[dict[str, str], str]:
     """The two-stage choice on box-val, or on one of its resamples (``draw``)."""
     score, rules = contest.scores(draw), {}
-    for variant in variants:
-        default, *others = rules_of(val, variant, finding, paper_rules.get(variant, PAPER_RULE.name))
+    for variant, (default, *others) in candidates.items():
         rules[variant] = contest.winner((variant, default), [(variant, r) for r in others], score)[1]
-    baseline = BASELINE if BASELINE in variants else variants[0]
-    others = [(v, rules[v]) for v in variants if v != baseline]
+    baseline = BASELINE if BASELINE in candidates else next(iter(candidates))
+    others = [(v, rules[v]) for v in candidates if v != baseline]
     return rules, contest.winner((baseline, rules[baseline]), others, score)[0]
 
 
-def stability(contest: Contest, val: Outcomes, variants: Sequence[str], finding: str, paper_rules: Mapping[str, str],
-              chosen: tuple[str, str]) -> float:
+def stability(contest: Contest, candidates: Mapping[str, Sequence[str]], chosen: tuple[str, str]) -> float:
     """Share of box-val's resamples on which the same rule (with the margins of the whole half)
     chooses the same variant and rule."""
     if not contest.pairs:
         return math.nan
     same = 0
     for draw in range(RESAMPLES):
-        rules, variant = decide(contest, val, variants, finding, paper_rules, draw)
+        rules, variant = decide(contest, candidates, draw)
         same += (variant, rules[variant]) == chosen
     return same / RESAMPLES
 
@@ -195,7 +192,8 @@ def tune(val: Outcomes, test: Outcomes, variants: Sequence[str], findings: Seque
     for finding in findings:
         pairs = max((by_finding[finding].pairs for by_rule in val.values() for by_finding in by_rule.values()
                      if finding in by_finding), default=0)
-        rules, variant, contest = choose(val, variants, finding, paper_rules, resample_draws(pairs))
+        rule_lists = {v: rules_of(val, v, finding, paper_rules.get(v, PAPER_RULE.name)) for v in variants}
+        rules, variant, contest = choose(val, finding, rule_lists, resample_draws(pairs))
         released = (variant, rules[variant])
         base = candidate(val, test, *baseline, finding, target, box_sizes.get(finding))
         chosen[finding] = {
@@ -203,7 +201,7 @@ def tune(val: Outcomes, test: Outcomes, variants: Sequence[str], findings: Seque
             "candidates": {v: candidate(val, test, v, rules[v], finding, target, box_sizes.get(finding)) for v in variants},
             "choice": {"default": list(baseline), "box_val_pairs": pairs, "resamples": RESAMPLES, "level": LEVEL,
                        "score": contest.point.get(released, math.nan), "default_score": contest.point.get(baseline, math.nan),
-                       "stability": stability(contest, val, variants, finding, paper_rules, released)},
+                       "stability": stability(contest, rule_lists, released)},
             "baseline": {"method": baseline[0], "rule": baseline[1],
                          "box_test": {k: base["box_test"][k] for k in ("pairs", "acc", "acc_rank1", "acc_rank1_rule")},
                          "released_minus_baseline": against_baseline(test, released, baseline, finding)},
