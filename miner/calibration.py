@@ -54,13 +54,10 @@ def hits(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return best_overlap(boxes, truth, "iou") >= HIT_IOU
 
 
-def confidence_order(confidence: np.ndarray | None) -> np.ndarray:
-    """(K,) int: the order of K boxes (given in their rule's order) by confidence, highest first,
-    ties (and NaN, no confidence) kept in the rule's order."""
-    if confidence is None:
-        return np.zeros(0, dtype=int)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    return np.argsort(-np.nan_to_num(confidence, nan=-np.inf), kind="stable")
+def confidence_order(confidence: np.ndarray) -> np.ndarray:
+    """(K,) int: the order of K boxes (given in their rule's order) by confidence (K,), highest
+    first, ties (and NaN, no confidence) kept in the rule's order."""
+    return np.argsort(-np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=-np.inf), kind="stable")
 
 
 @dataclass
@@ -204,11 +201,11 @@ def resampled_precision(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarra
     each resample of the pairs (``draws``, miner.bootstrap.resample_draws); NaN where none is taken."""
     pairs = draws.shape[1]
     taken = np.asarray(confidence)[:, None] >= np.asarray(levels)[None, :]  # (B, L)
-    boxes, hits = np.zeros((pairs, len(levels))), np.zeros((pairs, len(levels)))
-    np.add.at(boxes, np.asarray(pair), taken.astype(float))
-    np.add.at(hits, np.asarray(pair), (taken & np.asarray(hit, dtype=bool)[:, None]).astype(float))
+    boxes_per_pair, hits_per_pair = np.zeros((pairs, len(levels))), np.zeros((pairs, len(levels)))
+    np.add.at(boxes_per_pair, np.asarray(pair), taken.astype(float))
+    np.add.at(hits_per_pair, np.asarray(pair), (taken & np.asarray(hit, dtype=bool)[:, None]).astype(float))
     weights = draw_weights(draws, pairs)
-    taken_boxes, taken_hits = weights @ boxes, weights @ hits
+    taken_boxes, taken_hits = weights @ boxes_per_pair, weights @ hits_per_pair
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(taken_boxes > 0, taken_hits / taken_boxes, math.nan)
 
