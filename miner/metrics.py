@@ -48,7 +48,8 @@ def best_overlap(predicted, truth, metric: str) -> np.ndarray:
     if len(truth) == 0:
         return np.zeros(len(predicted))
     overlap = {"iou": box_iou, "ior": box_ior}[metric](predicted, truth)
-    return overlap.max(dim=1).values.numpy()
+    # numpy's max: torch's reduction over a few rows costs a thread pool's wake-up (1.5 ms on 2 busy cores)
+    return overlap.numpy().max(axis=1)
 
 
 class LocalizationEvaluator:
@@ -191,7 +192,7 @@ class MaxBoxAccumulator:
         if len(boxes) and len(truth):  # one IoU matrix for every threshold's boxes, then the best per threshold
             if to_truth_grid is not None:
                 boxes = to_truth_grid(boxes)
-            best_of_box = box_iou(torch.from_numpy(np.asarray(boxes, dtype=np.float64)), truth).max(dim=1).values.numpy()
+            best_of_box = box_iou(torch.from_numpy(np.asarray(boxes, dtype=np.float64)), truth).numpy().max(axis=1)
             counts = np.array([len(b) for b in per_threshold])
             best = np.full(len(counts), -np.inf)
             best[counts > 0] = np.maximum.reduceat(best_of_box, np.cumsum(counts)[counts > 0] - counts[counts > 0])
