@@ -90,11 +90,11 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
 
     def loss_fn(model, images, labels):
         loss = attention_mining_loss(model, chain, images, labels, config.kp, config.kp_lambda, config.erased_fraction, cls_loss,
-                                     chain[0] if config.kp_reference == "step1" else chain[-1])
+                                     chain[0] if config.kp_reference == "step1" else chain[-1], config.kp_norm)
         return loss.total, {"cls": float(loss.cls), "kp": float(loss.kp)}
 
     result = fit(folder, f"step{step}", model, loss_fn, train_groups, val_groups, config, device,
-                 Schedule(config.am_epochs, config.am_lr, config.seed + step), keep_best=False, logger=get_run_logger(),
+                 Schedule(config.am_epochs, config.am_lr, config.seed + step, warmup_steps=config.am_warmup_steps), keep_best=False, logger=get_run_logger(),
                  record={"step": step})
     record_forgetting(folder, f"step{step}", get_run_logger())
     return result

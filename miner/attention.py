@@ -7,7 +7,10 @@ then M_t. Training step t therefore needs the frozen models of steps 1..t-1 (the
 to compute M_{t-1}. N_A of Eq. 4, "the original network before AM updates", is step 1's model
 by default (the run's ``kp_reference``): every step is held to what step 1 learnt, where holding
 step t to step t-1's lets the drift add up over the steps (issue 23: a finding's validation AUC
-fell 0.02 more by step 3); ``previous`` holds it to step t-1's.
+fell 0.02 more by step 3); ``previous`` holds it to step t-1's. N_A normalises by the batch's
+statistics, as N_B does while it trains (``kp_norm`` batch), so that "initially, N_A and N_B are
+identical" (section 2.2): a frozen N_A with its running statistics (``running``) differs from N_B
+in training mode before any update, and L_KP's gradient then pulls N_B towards that gap.
 
 Images are normalised ``(N, 1, S, S)``; masks and heatmaps ``(N, C, h, w)`` on the model's
 feature grid.
@@ -15,7 +18,8 @@ feature grid.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -28,6 +32,7 @@ KP_MODES = ("none", "vanilla", "kp")
 ERASED_FRACTION = 0.125  # n / N of section 2.2
 KP_LAMBDA = 0.5  # lambda of Eq. 6
 KP_LAYERS = ("layer3", "layer4", "features", "logits")  # 3rd, 4th bottleneck, MSA, classification (section 3.2)
+KP_NORMS = ("batch", "running")
 
 
 class Mining(NamedTuple):
@@ -122,6 +127,36 @@ def weighted_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> 
     return F.binary_cross_entropy_with_logits(logits.float(), labels, weight=weights)
 
 
+@contextmanager
+def batch_statistics(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model``'s BatchNorm layers normalise by each batch's own statistics, as in training, and
+    keep their running statistics as they are (momentum 0); restored on exit."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in norms]
+    for norm in norms:
+        norm.train()
+        norm.momentum = 0.0
+    try:
+        yield model
+    finally:
+        for norm, (training, momentum) in zip(norms, saved):
+            norm.train(training)
+            norm.momentum = momentum
+
+
+def reference_features(reference: CamClassifier, images: torch.Tensor, rows: slice, norm: str) -> Features:
+    """N_A's features of ``images[rows]`` without gradients. ``norm`` batch: N_A sees the whole
+    batch, as N_B does, and normalises by its statistics; running: only the rows, by N_A's
+    running statistics (its mode as loaded)."""
+    if norm not in KP_NORMS:
+        raise ValueError(f"unknown kp_norm {norm!r}; known: {KP_NORMS}")
+    with torch.no_grad():
+        if norm == "running":
+            return reference.forward_features(images[rows])
+        with batch_statistics(reference):
+            return select_rows(reference.forward_features(images), rows)
+
+
 class AMLoss(NamedTuple):
     total: torch.Tensor
     cls: torch.Tensor
@@ -139,6 +174,7 @@ def attention_mining_loss(
     fraction: float = ERASED_FRACTION,
     cls_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss,
     reference: CamClassifier | None = None,
+    reference_norm: str = "batch",
 ) -> AMLoss:
     """Eq. 6: L = L_cls + lambda * L_KP for one batch of AM step t = len(chain) + 1.
 
@@ -150,6 +186,7 @@ def attention_mining_loss(
     by default, or the loss step 1 learnt by (a step that changes the objective moves the
     classifier off what step 1 learnt). ``reference``: N_A, by default ``chain[-1]`` (the model
     before this step's updates); ``chain[0]`` holds every step to step 1's responses.
+    ``reference_norm``: N_A's BatchNorm (reference_features).
     """
     n = erased_count(images.shape[0], kp, fraction)
     masks = mine(chain, images[:n]).masks[-1]
@@ -159,8 +196,7 @@ def attention_mining_loss(
         logits = torch.cat([logits, updated.logits[n:]])
     cls = cls_loss(logits, labels)
     if kp == "kp" and n < images.shape[0]:
-        with torch.no_grad():
-            frozen = (reference or chain[-1]).forward_features(images[n:])
+        frozen = reference_features(reference or chain[-1], images, slice(n, None), reference_norm)
         preserve = kp_loss(frozen, select_rows(updated, slice(n, None)), model.kp_layers)
     else:
         preserve = torch.zeros((), device=cls.device)

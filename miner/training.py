@@ -47,12 +47,16 @@ class TrainConfig:
     am_steps: int = 3  # T of section 3.2; step 1 is the trained classifier (the CAM baseline)
     am_epochs: int = 2  # fine-tuning epochs in each AM step t >= 2
     am_lr: float = 0.01
+    am_warmup_steps: int = 0  # an AM step's rate rises linearly over its first steps (its optimiser starts afresh)
     kp: str = "kp"  # none | vanilla | kp (section 2.2)
     kp_lambda: float = KP_LAMBDA
     erased_fraction: float = ERASED_FRACTION
     am_include_boxed: bool = True  # section 3: the boxed images join AM training, labels only
     step1_loss: str = "bce"  # bce (Eq. 3) | w-cel (Wang et al. 2017's weighted cross entropy, for rare findings)
     kp_reference: str = "step1"  # N_A of Eq. 4: previous (step t-1's model) | step1 (the network before any AM update)
+    # N_A's BatchNorm in Eq. 4: batch (the batch's statistics, as N_B's in training: the two start identical,
+    # as section 2.2 has them) | running (its running statistics: L_KP starts at the gap between the two modes)
+    kp_norm: str = "batch"
     am_cls_loss: str = "step1"  # L_cls of the AM steps' Eq. 6: step1 (the loss step 1 learnt by) | bce (Eq. 3 always)
     # The MIL patch model (Li et al. 2018, method ``mil``): its trunk is model.trunk/stages/weights.
     mil_grid: int = 16  # P of section 3.1 (the paper picks it from {12, 16, 20})
@@ -77,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
         if self.kp_reference not in ("previous", "step1"):
             raise ValueError(f"kp_reference must be previous or step1, got {self.kp_reference!r}")
+        if self.kp_norm not in ("batch", "running"):
+            raise ValueError(f"kp_norm must be batch or running, got {self.kp_norm!r}")
         if self.am_cls_loss not in ("step1", "bce"):
             raise ValueError(f"am_cls_loss must be step1 or bce, got {self.am_cls_loss!r}")
         for name in ("optimizer", "mil_optimizer"):

@@ -125,23 +125,24 @@ def test_am_loss_takes_the_classification_loss_it_is_given():
 def test_kp_holds_the_model_to_the_reference_it_is_given():
     """Step 3 with KP against step 1's model (kp_reference step1) rather than step 2's: L_KP is Eq. 5
     between the updated model and that reference on the untouched rows."""
-    from cxr_miner.miner.attention import kp_loss, select_rows
+    from cxr_miner.miner.attention import batch_statistics, kp_loss, select_rows
 
     first, second = small_model("msa", seed=5), small_model("msa", seed=6)
-    model = copy.deepcopy(second)
+    model = copy.deepcopy(second).train()  # N_B, training
     images, labels = torch.randn(16, 1, 64, 64), (torch.rand(16, 14) > 0.7).float()
     previous = attention_mining_loss(model, [first, second], images, labels, kp="kp")
     anchored = attention_mining_loss(model, [first, second], images, labels, kp="kp", reference=first)
     assert previous.kp.item() == pytest.approx(0.0, abs=1e-6)  # the model is still step 2's
-    with torch.no_grad():
-        expected = kp_loss(first.forward_features(images[2:]), select_rows(model.forward_features(images), slice(2, None)),
-                           model.kp_layers)
+    with torch.no_grad(), batch_statistics(first):
+        expected = kp_loss(select_rows(first.forward_features(images), slice(2, None)),
+                           select_rows(model.forward_features(images), slice(2, None)), model.kp_layers)
     assert anchored.kp.item() == pytest.approx(expected.item(), rel=1e-5) and anchored.kp.item() > 1e-3
 
 
 def test_kp_term_is_zero_before_any_update_and_positive_after_one():
     model = small_model("msa", seed=4)
     chain = [copy.deepcopy(model)]
+    model.train()  # N_B, training; N_A frozen as loaded
     images, labels = torch.randn(16, 1, 64, 64), (torch.rand(16, 14) > 0.7).float()
     before = attention_mining_loss(model, chain, images, labels, kp="kp")
     assert before.kp.item() == pytest.approx(0.0, abs=1e-6)
@@ -151,6 +152,28 @@ def test_kp_term_is_zero_before_any_update_and_positive_after_one():
     after = attention_mining_loss(model, chain, images, labels, kp="kp")
     assert after.kp.item() > 1e-4
     assert after.total.item() == pytest.approx(after.cls.item() + 0.5 * after.kp.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["batch", "running"])
+def test_n_a_and_n_b_start_identical_when_n_a_normalises_by_the_batch(norm):
+    """Section 2.2: "initially, N_A and N_B are identical". N_A is a loaded checkpoint (eval mode),
+    N_B the same weights in training mode, whose BatchNorm normalises by the batch's statistics.
+    N_A on the batch's statistics (kp_norm batch): L_KP is 0 before any update, and N_A's running
+    statistics are untouched; on its running ones, L_KP starts at the gap between the two modes."""
+    model = small_model("msa", seed=5)
+    with torch.no_grad():  # running statistics of other data than the batch's, as after step 1
+        model.train()(torch.randn(32, 1, 64, 64))
+    reference = copy.deepcopy(model).eval()
+    running = [b.clone() for name, b in reference.named_buffers() if "running" in name]
+    images, labels = torch.randn(16, 1, 64, 64) * 3 + 1, (torch.rand(16, 14) > 0.7).float()
+    start = attention_mining_loss(model.train(), [reference], images, labels, kp="kp", reference_norm=norm)
+    if norm == "batch":
+        assert start.kp.item() == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert start.kp.item() > 1e-2
+    after = [b for name, b in reference.named_buffers() if "running" in name]
+    assert all(torch.equal(a, b) for a, b in zip(running, after))
+    assert not any(m.training for m in reference.modules())  # its mode restored
 
 
 def test_weighted_cross_entropy_by_hand():
