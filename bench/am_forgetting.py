@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import OUT, machine, prefect_api
+from common import OUT, machine, prefect_api, undefined
 
 # "base" is the workdir's own run as it was trained. Before issue 23's fix N_A of Eq. 4 normalised
 # by its running statistics (kp_norm running); every variant but kp-batch names that, as it was tried.
@@ -33,6 +33,10 @@ VARIANTS: dict[str, dict] = {
     "kp-running": {"kp_norm": "running"},
     "kp-batch": {"kp_norm": "batch"},
 }
+
+
+def signed(value: float | None) -> str:
+    return "-" if undefined(value) else f"{value:+.3f}"
 
 
 def train_variant(workdir: Path, base: str, name: str) -> tuple[str, float]:
@@ -131,10 +135,11 @@ def main() -> None:
         first = next(iter(steps.values()))["changes"]
         for finding in first:
             intervals = result.get("intervals", {})
-            cells = ", ".join(f"{steps[s]['changes'][finding]['change']:+.3f}"
+            cells = ", ".join(signed(steps[s]['changes'][finding]['change'])
                               + (" [{:+.3f}, {:+.3f}]".format(*intervals[s][finding]) if intervals.get(s, {}).get(finding) else "")
                               for s in steps)
-            print(f"  {finding:20s} {first[finding]['step1']:.3f}: {cells}")
+            step1 = first[finding]["step1"]
+            print(f"  {finding:20s} {'-' if undefined(step1) else f'{step1:.3f}'}: {cells}")
 
 
 if __name__ == "__main__":
