@@ -73,6 +73,14 @@ def half_report(scores: dict[str, HalfScores]) -> dict[str, Any]:
 RELEASED = "released"
 
 
+def recorded_intervals(folder: RunFolder, aucs: dict[str, dict[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """AM step -> finding -> the interval of its AUC change that training recorded (metrics.json, the
+    step's last epoch: ``auc_change_interval``); steps trained before it was recorded have none."""
+    metrics = folder.metrics() if folder.metrics_file.exists() else {}
+    return {name: rows[-1]["auc_change_interval"] for name, rows in metrics.items()
+            if name in aucs and rows and rows[-1].get("auc_change_interval")}
+
+
 def validation_aucs(folder: RunFolder, checkpoints: list[str]) -> dict[str, dict[str, float]]:
     """checkpoint -> finding -> the validation ROC AUC of the model kept in it (its record's epoch)."""
     return {name: read_checkpoint_record(folder.checkpoint(name))["metrics"]["auc"] for name in dict.fromkeys(checkpoints)}
@@ -179,7 +187,7 @@ def evaluate(workdir: str, run: str, batch_size: int = 16, box_val_fraction: flo
             add_released(half, tuning)
     cross_validation = evaluate_folds(work, folder, folds, truth, patients, batch_size, device) if folds else None
     aucs = validation_aucs(folder, [name for m in [*methods, *folds] for name in m.checkpoints()])
-    forgetting = forgetting_report(aucs)
+    forgetting = forgetting_report(aucs, intervals=recorded_intervals(folder, aucs))
     for line in forgetting["warnings"]:
         logger.warning("attention mining forgot: %s", line)
     markdown = "\n\n".join([*([tuning_markdown(tuning)] if tuning else []), *([folds_markdown(cross_validation)] if folds else []),

@@ -23,11 +23,12 @@ from prefect.cache_policies import NO_CACHE
 from cxr_miner.flows.engine.boxes import mil_training_set
 from cxr_miner.flows.engine.checkpoints import load_model, read_config, trunk_weights
 from cxr_miner.flows.engine.fitting import Schedule, fit, step_done
+from cxr_miner.flows.engine.loader import shard_loader
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.options import check_folds, mil_options
 from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.attention import attention_mining_loss
-from cxr_miner.miner.forgetting import forgetting_report
+from cxr_miner.miner.forgetting import change_intervals, forgetting_report
 from cxr_miner.miner.methods import check_method, create_method
 from cxr_miner.miner.methods.mil import RELEASE_CHECKPOINT
 from cxr_miner.miner.mil import PatchLabels, init_patch_bias
@@ -38,6 +39,7 @@ from cxr_miner.miner.training import (
     init_branch_bias,
     patch_loss,
     pick_device,
+    predict,
     preset,
     step1_loss,
 )
@@ -96,18 +98,32 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
     result = fit(folder, f"step{step}", model, loss_fn, train_groups, val_groups, config, device,
                  Schedule(config.am_epochs, config.am_lr, config.seed + step, warmup_steps=config.am_warmup_steps), keep_best=False, logger=get_run_logger(),
                  record={"step": step})
-    record_forgetting(folder, f"step{step}", get_run_logger())
+    intervals = validation_change_intervals(chain[0], model, val_groups, config, device) if val_groups else {}
+    record_forgetting(folder, f"step{step}", get_run_logger(), intervals)
     return result
 
 
-def record_forgetting(folder: RunFolder, name: str, logger: Any) -> list[str]:
+def validation_change_intervals(step1: torch.nn.Module, model: torch.nn.Module, val_groups: list, config: TrainConfig,
+                                device: torch.device) -> dict[str, list[float]]:
+    """miner.forgetting.change_intervals of ``model``'s validation AUCs against step 1's model's,
+    both predicted on the val split."""
+    loader = shard_loader(val_groups, config.batch_size, shuffle=False, workers=config.loader_workers)
+    first, labels = predict(step1, loader, config, device)
+    now, _ = predict(model, loader, config, device)
+    return change_intervals(first.numpy(), now.numpy(), labels.numpy(), FINDINGS)
+
+
+def record_forgetting(folder: RunFolder, name: str, logger: Any, intervals: dict[str, list[float]] | None = None) -> list[str]:
     """AM step ``name``'s validation AUC per finding against the kept step 1's (miner.forgetting),
-    into its last epoch's row of metrics.json (``auc_against_step1``, ``forgotten``); a warning per
-    forgotten finding. Returns the warnings."""
+    into its last epoch's row of metrics.json (``auc_against_step1`` with each change's ``interval``
+    where ``intervals`` gives it, ``auc_change_interval``, ``forgotten``); a warning per forgotten
+    finding. Returns the warnings."""
     history = folder.metrics()[name]
-    report = forgetting_report({"step1": read_checkpoint_record(folder.step(1))["metrics"]["auc"], name: history[-1]["auc"]})
+    report = forgetting_report({"step1": read_checkpoint_record(folder.step(1))["metrics"]["auc"], name: history[-1]["auc"]},
+                               intervals={name: intervals or {}})
     step = report["steps"][name]
-    history[-1] = {**history[-1], "auc_against_step1": step["changes"], "forgotten": step["forgotten"]}
+    history[-1] = {**history[-1], "auc_against_step1": step["changes"], "forgotten": step["forgotten"],
+                   **({"auc_change_interval": intervals} if intervals else {})}
     folder.record_metrics(name, history)
     for line in report["warnings"]:
         logger.warning("attention mining forgot: %s", line)

@@ -52,6 +52,19 @@ def test_run_folder_holds_every_step_and_its_metrics(trained):
                 assert change["change"] == pytest.approx(last["auc"][finding] - step1[finding])
         assert sorted(last["forgotten"]) == sorted(f for f, c in last["auc_against_step1"].items()
                                                    if c["change"] is not None and c["change"] < -0.02)
+    # each change's interval: the kept step 1 and the step's model, predicted again on the val split
+    from cxr_miner.miner.forgetting import change_intervals
+
+    loader = shard_loader(split_row_groups(trained, ("val",)), 32, shuffle=False, workers=0)
+    first, labels = predict(load_model(folder.step(1))[0], loader, preset("cpu-small"), torch.device("cpu"))
+    for name in ("step2", "step3"):
+        now, _ = predict(load_model(folder.checkpoint(name))[0], loader, preset("cpu-small"), torch.device("cpu"))
+        expected = change_intervals(first.numpy(), now.numpy(), labels.numpy(), FINDINGS)
+        recorded = metrics[name][-1]["auc_change_interval"]
+        assert recorded == {f: [None if math.isnan(b) else b for b in bounds] for f, bounds in expected.items()}
+        defined = {f: b for f, b in recorded.items() if b[0] is not None}
+        assert defined and all(low <= high for low, high in defined.values())
+        assert all(metrics[name][-1]["auc_against_step1"][f]["interval"] == b for f, b in defined.items())
 
 
 def test_planted_findings_are_ranked_above_chance(trained):
@@ -81,6 +94,10 @@ def test_attention_mining_localises_at_least_as_well_as_cam(trained, evaluated):
 
     assert mean_acc("am-t3") >= mean_acc("cam"), report["markdown"]
     assert RunFolder.of(trained, "t").evaluation_md.read_text().count("| 0.1 |") == 8  # 3 methods and released, IoU and IoR tables
+    metrics = RunFolder.of(trained, "t").metrics()  # the intervals training recorded reach evaluate's forgetting report
+    for name in ("step2", "step3"):
+        changes = report["forgetting"]["steps"][name]["changes"]
+        assert {f: c.get("interval") for f, c in changes.items()} == metrics[name][-1]["auc_change_interval"]
 
 
 def test_max_box_acc_and_box_rules_of_evaluate_match_a_direct_computation(trained, evaluated):
