@@ -51,7 +51,9 @@ def main() -> None:
     with prefect_api():
         if not (work / "shards" / "manifest.json").exists():
             ingest(root=str(root), workdir=str(work))
-            run_preprocess(str(work), workers=2, size=128 if not args.input_size else max(128, args.input_size), shard_size=64)
+            run_preprocess(
+                str(work), workers=2, size=128 if not args.input_size else max(128, args.input_size), shard_size=64
+            )
         for name, settings in runs.items():
             config = work / f"{name}.json"
             config.write_text(json.dumps(settings))

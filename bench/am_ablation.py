@@ -63,9 +63,13 @@ def main() -> None:
             report = evaluate(workdir=str(args.workdir), run=run)
             keys = [k for k in report["results"] if k != "released"]
             results[f"{args.workdir}:{name}"] = {
-                "variant": name, "settings": VARIANTS.get(name, {}), "am_seconds": seconds,
+                "variant": name,
+                "settings": VARIANTS.get(name, {}),
+                "am_seconds": seconds,
                 "acc": {k: mean(report["results"][k][f]["iou"][0.3]["acc"] for f in BOXED) for k in keys},
-                "max_box_acc_v2": {k: mean(report["max_box_acc_v2"][k][f]["max_box_acc_v2"] for f in BOXED) for k in keys},
+                "max_box_acc_v2": {
+                    k: mean(report["max_box_acc_v2"][k][f]["max_box_acc_v2"] for f in BOXED) for k in keys
+                },
                 "released": report["released"]["mean_acc"] if report["released"] else math.nan,
             }
             results_file.write_text(json.dumps(results, indent=2))

@@ -61,11 +61,16 @@ def step_changes(workdir: Path, run: str) -> dict[str, dict]:
     from cxr_miner.storage.stages.runs import RunFolder
 
     metrics = RunFolder.of(workdir, run).metrics()
-    return {name: {"changes": rows[-1]["auc_against_step1"], "forgotten": rows[-1]["forgotten"]}
-            for name, rows in metrics.items() if name != "step1"}
+    return {
+        name: {"changes": rows[-1]["auc_against_step1"], "forgotten": rows[-1]["forgotten"]}
+        for name, rows in metrics.items()
+        if name != "step1"
+    }
 
 
-def change_intervals(workdir: Path, run: str, resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+def change_intervals(
+    workdir: Path, run: str, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, list[float]]]:
     """step<t> -> finding -> 90% interval of (step t's validation AUC - step 1's), paired over a
     bootstrap of the val images (the same resample scores both models)."""
     import numpy as np
@@ -85,7 +90,9 @@ def change_intervals(workdir: Path, run: str, resamples: int = 1000, seed: int =
     scores = {}
     for step in range(1, config.am_steps + 1):
         model, _ = load_model(folder.step(step), device)
-        predicted, labels = predict(model, shard_loader(val, config.batch_size, shuffle=False, workers=0), config, device)
+        predicted, labels = predict(
+            model, shard_loader(val, config.batch_size, shuffle=False, workers=0), config, device
+        )
         scores[step] = predicted.numpy()
     labels = labels.numpy()
     rng = np.random.default_rng(seed)
@@ -94,9 +101,13 @@ def change_intervals(workdir: Path, run: str, resamples: int = 1000, seed: int =
     for step in range(2, config.am_steps + 1):
         out[f"step{step}"] = {}
         for c, finding in enumerate(FINDINGS):
-            changes = [roc_auc(scores[step][d, c], labels[d, c]) - roc_auc(scores[1][d, c], labels[d, c]) for d in draws]
+            changes = [
+                roc_auc(scores[step][d, c], labels[d, c]) - roc_auc(scores[1][d, c], labels[d, c]) for d in draws
+            ]
             changes = [x for x in changes if not np.isnan(x)]
-            out[f"step{step}"][finding] = [float(np.percentile(changes, 5)), float(np.percentile(changes, 95))] if changes else []
+            out[f"step{step}"][finding] = (
+                [float(np.percentile(changes, 5)), float(np.percentile(changes, 95))] if changes else []
+            )
     return out
 
 
@@ -112,16 +123,25 @@ def main() -> None:
     with prefect_api():
         for name in ["base", *filter(None, args.only.split(","))]:
             run, seconds = (args.base, float("nan")) if name == "base" else train_variant(args.workdir, args.base, name)
-            results[f"{args.workdir}:{name}"] = {"variant": name, "settings": VARIANTS.get(name, {}), "am_seconds": seconds,
-                                                 "steps": step_changes(args.workdir, run),
-                                                 "intervals": change_intervals(args.workdir, run)}
+            results[f"{args.workdir}:{name}"] = {
+                "variant": name,
+                "settings": VARIANTS.get(name, {}),
+                "am_seconds": seconds,
+                "steps": step_changes(args.workdir, run),
+                "intervals": change_intervals(args.workdir, run),
+            }
             results_file.write_text(json.dumps(results, indent=2))
         for key, result in results.items():  # results of an older version of this script
             if key.startswith(f"{args.workdir}:") and "intervals" not in result:
                 name = result["variant"]
                 try:
-                    result["intervals"] = change_intervals(args.workdir, args.base if name == "base" else f"{args.base}-{name}")
-                except (FileNotFoundError, ValueError) as error:  # a run removed, or of settings this code no longer has
+                    result["intervals"] = change_intervals(
+                        args.workdir, args.base if name == "base" else f"{args.base}-{name}"
+                    )
+                except (
+                    FileNotFoundError,
+                    ValueError,
+                ) as error:  # a run removed, or of settings this code no longer has
                     print(f"{name}: no intervals ({error})")
                     continue
                 results_file.write_text(json.dumps(results, indent=2))
@@ -131,13 +151,17 @@ def main() -> None:
         if not key.startswith(f"{args.workdir}:"):
             continue
         steps = result["steps"]
-        print(f"\n{result['variant']} {result['settings']}: forgotten {({s: v['forgotten'] for s, v in steps.items()})}")
+        print(
+            f"\n{result['variant']} {result['settings']}: forgotten { ({s: v['forgotten'] for s, v in steps.items()}) }"
+        )
         first = next(iter(steps.values()))["changes"]
         for finding in first:
             intervals = result.get("intervals", {})
-            cells = ", ".join(signed(steps[s]['changes'][finding]['change'])
-                              + (" [{:+.3f}, {:+.3f}]".format(*intervals[s][finding]) if intervals.get(s, {}).get(finding) else "")
-                              for s in steps)
+            cells = ", ".join(
+                signed(steps[s]["changes"][finding]["change"])
+                + (" [{:+.3f}, {:+.3f}]".format(*intervals[s][finding]) if intervals.get(s, {}).get(finding) else "")
+                for s in steps
+            )
             step1 = first[finding]["step1"]
             print(f"  {finding:20s} {'-' if undefined(step1) else f'{step1:.3f}'}: {cells}")
 

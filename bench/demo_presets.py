@@ -29,8 +29,13 @@ VARIANTS = {
     "resnet18-stages3-128": {"model": {"stages": 3}},
     "resnet18-stages3-256-bf16-e6": {"model": {"stages": 3}, "input_size": 256, "epochs": 6, **BF16},
     "resnet10-stages3-256-bf16": {"model": {"stages": 3, "trunk": "resnet10"}, "input_size": 256, "epochs": 12, **BF16},
-    "resnet10-stages3-256-bf16-wcel": {"model": {"stages": 3, "trunk": "resnet10"}, "input_size": 256, "epochs": 12,
-                                       "step1_loss": "w-cel", **BF16},
+    "resnet10-stages3-256-bf16-wcel": {
+        "model": {"stages": 3, "trunk": "resnet10"},
+        "input_size": 256,
+        "epochs": 12,
+        "step1_loss": "w-cel",
+        **BF16,
+    },
 }
 
 
@@ -40,11 +45,19 @@ def row(name: str, report: dict, seconds: float) -> dict:
     acc = {k: mean(results[k][f]["iou"][0.3]["acc"] for f in BOXED) for k in ("cam", last) if k in results}
     released = report["released"] or {}
     heatmaps = {k: mean(v[f]["max_box_acc_v2"] for f in BOXED) for k, v in report["max_box_acc_v2"].items()}
-    return {"variant": name, "train_s": round(seconds), "released_acc": released.get("mean_acc", math.nan),
-            "released_acc_rank1": released.get("mean_acc_rank1", math.nan), "released_min_acc": released.get("min_acc", math.nan),
-            "per_finding": {f: r["acc"] for f, r in released.get("findings", {}).items()},
-            "cam_acc": acc.get("cam", math.nan), "am_acc": acc.get(last, math.nan), "am_key": last,
-            "max_box_acc_v2": heatmaps, "images": report["images"]}
+    return {
+        "variant": name,
+        "train_s": round(seconds),
+        "released_acc": released.get("mean_acc", math.nan),
+        "released_acc_rank1": released.get("mean_acc_rank1", math.nan),
+        "released_min_acc": released.get("min_acc", math.nan),
+        "per_finding": {f: r["acc"] for f, r in released.get("findings", {}).items()},
+        "cam_acc": acc.get("cam", math.nan),
+        "am_acc": acc.get(last, math.nan),
+        "am_key": last,
+        "max_box_acc_v2": heatmaps,
+        "images": report["images"],
+    }
 
 
 def main() -> None:
@@ -80,14 +93,20 @@ def main() -> None:
             results[f"{name}@{args.images}/{args.seed}"] = row(name, report, seconds)
             results_file.write_text(json.dumps(results, indent=2))
 
-    print(f"\nbox-test, T(IoU) = 0.3, mean over the 8 boxed findings ({machine()}, {args.images} images, seed {args.seed})")
-    print("| variant | train s | released Acc | rank 1 | lowest finding | CAM (paper rule) | AM (paper rule) | MaxBoxAccV2 (best) |")
+    print(
+        f"\nbox-test, T(IoU) = 0.3, mean over the 8 boxed findings ({machine()}, {args.images} images, seed {args.seed})"
+    )
+    print(
+        "| variant | train s | released Acc | rank 1 | lowest finding | CAM (paper rule) | AM (paper rule) | MaxBoxAccV2 (best) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         if key.endswith(f"@{args.images}/{args.seed}"):
             best = max(r["max_box_acc_v2"].values(), default=math.nan)
-            print(f"| {r['variant']} | {r['train_s']} | {r['released_acc']:.2f} | {r['released_acc_rank1']:.2f} | "
-                  f"{r['released_min_acc']:.2f} | {r['cam_acc']:.2f} | {r['am_acc']:.2f} ({r['am_key']}) | {best:.2f} |")
+            print(
+                f"| {r['variant']} | {r['train_s']} | {r['released_acc']:.2f} | {r['released_acc_rank1']:.2f} | "
+                f"{r['released_min_acc']:.2f} | {r['cam_acc']:.2f} | {r['am_acc']:.2f} ({r['am_key']}) | {best:.2f} |"
+            )
 
 
 if __name__ == "__main__":

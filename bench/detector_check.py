@@ -52,23 +52,37 @@ def main() -> None:
     with prefect_api():
         work, release = demo_release(args.images)
         started = time.perf_counter()
-        result = run_detector_check(str(release), str(work), workers=2, epochs=args.epochs, size=args.size,
-                                    background_ratio=args.background_ratio, settings=json.loads(args.settings))
+        result = run_detector_check(
+            str(release),
+            str(work),
+            workers=2,
+            epochs=args.epochs,
+            size=args.size,
+            background_ratio=args.background_ratio,
+            settings=json.loads(args.settings),
+        )
         seconds = time.perf_counter() - started
     check = result["check"]
     (OUT / "detector_check.json").write_text(json.dumps({"seconds": seconds, "check": check}, indent=2, default=str))
 
-    print(f"\ndetector check of the demo release {check['checked_release']} ({machine()}): {seconds:.0f} s wall, "
-          f"{args.epochs} epochs of the largest set at {args.size} px, settings {args.settings}, background ratio {args.background_ratio}")
+    print(
+        f"\ndetector check of the demo release {check['checked_release']} ({machine()}): {seconds:.0f} s wall, "
+        f"{args.epochs} epochs of the largest set at {args.size} px, settings {args.settings}, background ratio {args.background_ratio}"
+    )
     print(f"box-test: {check['test_images']} images, {check['test_boxes']} boxes")
     groups = [*check["findings"], "overall"]
     print("| AP@0.3 trained on | " + " | ".join(groups) + " | images (+ background) | epochs | training s |")
     print("|---" * (len(groups) + 4) + "|")
     for name, record in check["sets"].items():
-        cells = ["-" if undefined(check["figures"][name][g]["ap30"]) else f"{check['figures'][name][g]['ap30']:.2f}" for g in groups]
+        cells = [
+            "-" if undefined(check["figures"][name][g]["ap30"]) else f"{check['figures'][name][g]['ap30']:.2f}"
+            for g in groups
+        ]
         seconds_trained = record.get("train_seconds")
-        print(f"| {name} | " + " | ".join(cells) + f" | {record['positive_images']} (+ {record['background_images']}) | "
-              f"{record['epochs']} | {'-' if seconds_trained is None else f'{seconds_trained:.0f}'} |")
+        print(
+            f"| {name} | " + " | ".join(cells) + f" | {record['positive_images']} (+ {record['background_images']}) | "
+            f"{record['epochs']} | {'-' if seconds_trained is None else f'{seconds_trained:.0f}'} |"
+        )
     print("mined boxes against the prior:", json.dumps(check["verdicts"]))
 
 

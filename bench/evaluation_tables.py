@@ -30,9 +30,12 @@ def mean(values) -> float:
 def ranks_table(label: str, tuning: dict) -> list[str]:
     """Per finding: the released variant and rule, box-test Acc, rank 1 by confidence and by the
     rule's order, the CAM baseline's Acc, released minus baseline [90%], choice stability."""
-    lines = [f"\n{label}: released on box-test (rank 1 by confidence / by the rule's order)",
-             "| finding | variant, rule | pairs | Acc | rank 1, confidence | rank 1, rule's order | CAM baseline Acc "
-             "| released - baseline [90%] | same choice on box-val resamples |", "|---" * 9 + "|"]
+    lines = [
+        f"\n{label}: released on box-test (rank 1 by confidence / by the rule's order)",
+        "| finding | variant, rule | pairs | Acc | rank 1, confidence | rank 1, rule's order | CAM baseline Acc "
+        "| released - baseline [90%] | same choice on box-val resamples |",
+        "|---" * 9 + "|",
+    ]
     rows = []
     for finding in BOXED:
         entry = tuning["findings"][finding]
@@ -41,36 +44,55 @@ def ranks_table(label: str, tuning: dict) -> list[str]:
         against = base["released_minus_baseline"]
         low, high = against["interval"]
         rows.append(test)
-        lines.append(f"| {finding} | {entry['method']}, {entry['candidates'][entry['method']]['rule']} | {test['pairs']} | "
-                     f"{cell(test['acc'])} | {cell(test['acc_rank1'])} | {cell(test['acc_rank1_rule'])} | {cell(base['box_test']['acc'])} | "
-                     f"{cell(against['difference'])} [{cell(low)}, {cell(high)}] | {cell(entry['choice']['stability'])} |")
-    lines.append(f"| mean | | | {cell(mean(r['acc'] for r in rows))} | {cell(mean(r['acc_rank1'] for r in rows))} | "
-                 f"{cell(mean(r['acc_rank1_rule'] for r in rows))} | | | |")
+        lines.append(
+            f"| {finding} | {entry['method']}, {entry['candidates'][entry['method']]['rule']} | {test['pairs']} | "
+            f"{cell(test['acc'])} | {cell(test['acc_rank1'])} | {cell(test['acc_rank1_rule'])} | {cell(base['box_test']['acc'])} | "
+            f"{cell(against['difference'])} [{cell(low)}, {cell(high)}] | {cell(entry['choice']['stability'])} |"
+        )
+    lines.append(
+        f"| mean | | | {cell(mean(r['acc'] for r in rows))} | {cell(mean(r['acc_rank1'] for r in rows))} | "
+        f"{cell(mean(r['acc_rank1_rule'] for r in rows))} | | | |"
+    )
     return lines
 
 
 def points_table(label: str, tuning: dict) -> list[str]:
-    lines = [f"\n{label}: operating points (box-val: precision >= target on 95% of resamples), on box-test",
-             "| finding | box-val precision | box-test precision [90%] | recall | false positives / image | boxes |", "|---" * 6 + "|"]
+    lines = [
+        f"\n{label}: operating points (box-val: precision >= target on 95% of resamples), on box-test",
+        "| finding | box-val precision | box-test precision [90%] | recall | false positives / image | boxes |",
+        "|---" * 6 + "|",
+    ]
     for finding in BOXED:
         entry = tuning["findings"][finding]
         picked = entry["candidates"][entry["method"]]
         val, test = picked["box_val"]["at_operating_point"], picked["box_test"]["at_operating_point"]
         low, high = test.get("precision_interval") or (None, None)
-        lines.append(f"| {finding} | {cell(val['precision'])} | {cell(test['precision'])} [{cell(low)}, {cell(high)}] | "
-                     f"{cell(test['recall'])} | {cell(test.get('afp'))} | {test['boxes']} |")
+        lines.append(
+            f"| {finding} | {cell(val['precision'])} | {cell(test['precision'])} [{cell(low)}, {cell(high)}] | "
+            f"{cell(test['recall'])} | {cell(test.get('afp'))} | {test['boxes']} |"
+        )
     return lines
 
 
 def auc_table(label: str, evaluation: dict) -> list[str]:
     aucs = evaluation["validation_auc"]
     steps = sorted((s for s in aucs if s.startswith("step")), key=lambda s: int(s[4:]))
-    lines = [f"\n{label}: validation AUC per step (change from step 1)", "| finding | " + " | ".join(steps) + " |",
-             "|---" * (len(steps) + 1) + "|"]
+    lines = [
+        f"\n{label}: validation AUC per step (change from step 1)",
+        "| finding | " + " | ".join(steps) + " |",
+        "|---" * (len(steps) + 1) + "|",
+    ]
     for finding in aucs[steps[0]]:
         first = aucs["step1"][finding]
-        cells = [cell(aucs[s][finding], 3) + ("" if s == "step1" or aucs[s][finding] is None or first is None
-                                           else f" ({aucs[s][finding] - first:+.3f})") for s in steps]
+        cells = [
+            cell(aucs[s][finding], 3)
+            + (
+                ""
+                if s == "step1" or aucs[s][finding] is None or first is None
+                else f" ({aucs[s][finding] - first:+.3f})"
+            )
+            for s in steps
+        ]
         lines.append(f"| {finding} | " + " | ".join(cells) + " |")
     forgetting = evaluation.get("forgetting") or {}
     lines.append("forgotten (more than 0.02 below step 1): " + ("; ".join(forgetting.get("warnings", [])) or "none"))
@@ -80,8 +102,9 @@ def auc_table(label: str, evaluation: dict) -> list[str]:
 def localisation_line(label: str, evaluation: dict) -> str:
     results = evaluation["results"]
     accs = {k: mean(results[k][f]["iou"]["0.3"]["acc"] for f in BOXED) for k in results}
-    return f"{label}: box-test mean Acc at T(IoU) 0.3, each variant by the paper's rule: " + \
-        ", ".join(f"{k} {cell(v)}" for k, v in accs.items())
+    return f"{label}: box-test mean Acc at T(IoU) 0.3, each variant by the paper's rule: " + ", ".join(
+        f"{k} {cell(v)}" for k, v in accs.items()
+    )
 
 
 def main() -> None:
@@ -94,8 +117,16 @@ def main() -> None:
         evaluation = json.loads((folder / "evaluation.json").read_text())
         tuning = json.loads((folder / "tuning.json").read_text())
         label = f"{work} {run}"
-        print("\n".join([*ranks_table(label, tuning), *points_table(label, tuning), *auc_table(label, evaluation),
-                         localisation_line(label, evaluation)]))
+        print(
+            "\n".join(
+                [
+                    *ranks_table(label, tuning),
+                    *points_table(label, tuning),
+                    *auc_table(label, evaluation),
+                    localisation_line(label, evaluation),
+                ]
+            )
+        )
 
 
 if __name__ == "__main__":

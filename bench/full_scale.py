@@ -43,7 +43,14 @@ from common import OUT, PeakMemory, machine, prefect_api
 NIH = Path(__file__).resolve().parents[2] / "shared" / "nih"
 NIH_SIDE = 1024  # NIH's PNGs, in whose pixels BBox_List_2017.csv is given
 # train: the pipeline, not accuracy: 1 epoch of step 1 and 1 AM step of a 3-stage ResNet-10 at 64 px
-TINY = {"epochs": 1, "am_steps": 2, "am_epochs": 1, "input_size": 64, "loader_workers": 0, "model": {"trunk": "resnet10", "stages": 3}}
+TINY = {
+    "epochs": 1,
+    "am_steps": 2,
+    "am_epochs": 1,
+    "input_size": 64,
+    "loader_workers": 0,
+    "model": {"trunk": "resnet10", "stages": 3},
+}
 # detector-check: the pipeline again, 1 epoch (of the largest set; every set takes as many steps) of the tests' small detector
 TINY_DETECTOR = {"batch_size": 4, "rois_per_image": 16, "box_head": 256}
 RSS_LIMIT_MIB = 4096  # issue 22: every stage but train under 4 GiB
@@ -86,8 +93,12 @@ def build_collection(root: Path, n: int, size: int, seed: int, workers: int) -> 
         header, rows = next(reader), list(reader)
     rows = chosen_rows(rows, n, seed)
     root.mkdir(parents=True, exist_ok=True)
-    plans = [DemoImage(k, row[0], int(row[3]), int(row[2]), tuple(f for f in row[1].split("|") if f != NO_FINDING), size, size)
-             for k, row in enumerate(rows)]
+    plans = [
+        DemoImage(
+            k, row[0], int(row[3]), int(row[2]), tuple(f for f in row[1].split("|") if f != NO_FINDING), size, size
+        )
+        for k, row in enumerate(rows)
+    ]
     started = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_render, [(plan, seed, str(root)) for plan in plans], chunksize=64))
@@ -108,8 +119,14 @@ def build_collection(root: Path, n: int, size: int, seed: int, workers: int) -> 
     test = {p for p in {plan.patient_id for plan in plans} if np.random.default_rng([seed, p]).random() < 0.2}
     (root / TRAIN_VAL_LIST).write_text("".join(f"{p.image_id}\n" for p in plans if p.patient_id not in test))
     (root / TEST_LIST).write_text("".join(f"{p.image_id}\n" for p in plans if p.patient_id in test))
-    counts = {"images": len(plans), "patients": len({p.patient_id for p in plans}), "boxes": len(boxes),
-              "boxed_images": len({r[0] for r in boxes}), "size": size, "render_s": round(rendered_s, 1)}
+    counts = {
+        "images": len(plans),
+        "patients": len({p.patient_id for p in plans}),
+        "boxes": len(boxes),
+        "boxed_images": len({r[0] for r in boxes}),
+        "size": size,
+        "render_s": round(rendered_s, 1),
+    }
     done.write_text(json.dumps(counts, indent=2))
     return counts
 
@@ -149,9 +166,17 @@ def timed_command(name: str, words: list[str], folders: tuple[Path, ...], images
     after = tree_state(*folders)
     written = [p for p, v in after.items() if before.get(p) != v]
     largest = max(written, key=lambda p: after[p][0], default=None)
-    return {"stage": name, "images": images, "seconds": round(seconds, 1), "ms_per_image": round(1000 * seconds / images, 2),
-            "peak_rss_mib": round(peak.peak / 2**20), "files": len(written), "mib_written": round(sum(after[p][0] for p in written) / 2**20, 1),
-            "largest_file": largest and f"{Path(largest).name} ({after[largest][0] / 2**20:.1f} MiB)", "task_runs": task_runs(api) - tasks}
+    return {
+        "stage": name,
+        "images": images,
+        "seconds": round(seconds, 1),
+        "ms_per_image": round(1000 * seconds / images, 2),
+        "peak_rss_mib": round(peak.peak / 2**20),
+        "files": len(written),
+        "mib_written": round(sum(after[p][0] for p in written) / 2**20, 1),
+        "largest_file": largest and f"{Path(largest).name} ({after[largest][0] / 2**20:.1f} MiB)",
+        "task_runs": task_runs(api) - tasks,
+    }
 
 
 def page_load_seconds(report: Path, profile: Path) -> dict[str, float]:
@@ -168,7 +193,9 @@ def page_load_seconds(report: Path, profile: Path) -> dict[str, float]:
         seconds = {}
         for page in sorted(report.glob("*.html")):
             driver.get(page.as_uri())
-            timing = driver.execute_script("const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime")
+            timing = driver.execute_script(
+                "const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime"
+            )
             seconds[page.name] = round(timing / 1000, 3)
         return seconds
     finally:
@@ -176,7 +203,17 @@ def page_load_seconds(report: Path, profile: Path) -> dict[str, float]:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["stage", "images", "seconds", "ms_per_image", "peak_rss_mib", "files", "mib_written", "largest_file", "task_runs"]
+    columns = [
+        "stage",
+        "images",
+        "seconds",
+        "ms_per_image",
+        "peak_rss_mib",
+        "files",
+        "mib_written",
+        "largest_file",
+        "task_runs",
+    ]
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
     for row in rows:
@@ -187,23 +224,38 @@ def must_holds(result: dict, smaller: dict | None) -> dict[str, dict]:
     """The issue's must-holds, each with its figure: accounting, RSS, rerun share, page loads and
     (against a smaller run) time per image."""
     a = result["accounting"]
-    checks = {"every image accounted for": {
-        "holds": a["index_rows"] == a["released_images"] + a["quarantined"] + a["missing"],
-        "figure": f"{a['index_rows']} = {a['released_images']} released + {a['quarantined']} quarantined + {a['missing']} missing"}}
+    checks = {
+        "every image accounted for": {
+            "holds": a["index_rows"] == a["released_images"] + a["quarantined"] + a["missing"],
+            "figure": f"{a['index_rows']} = {a['released_images']} released + {a['quarantined']} quarantined + {a['missing']} missing",
+        }
+    }
     heavy = {r["stage"]: r["peak_rss_mib"] for r in result["stages"] if r["stage"] != "train"}
-    checks["peak RSS < 4 GiB but train"] = {"holds": max(heavy.values()) < RSS_LIMIT_MIB,
-                                           "figure": ", ".join(f"{k} {v} MiB" for k, v in heavy.items())}
-    checks["second run < 5% of the first"] = {"holds": result["rerun_share"] < RERUN_LIMIT, "figure": f"{result['rerun_share']:.2%}"}
+    checks["peak RSS < 4 GiB but train"] = {
+        "holds": max(heavy.values()) < RSS_LIMIT_MIB,
+        "figure": ", ".join(f"{k} {v} MiB" for k, v in heavy.items()),
+    }
+    checks["second run < 5% of the first"] = {
+        "holds": result["rerun_share"] < RERUN_LIMIT,
+        "figure": f"{result['rerun_share']:.2%}",
+    }
     if "page_load_s" in result:
         slowest = max(result["page_load_s"], key=result["page_load_s"].get)
-        checks["report pages load < 2 s"] = {"holds": result["page_load_s"][slowest] < PAGE_LIMIT_S,
-                                             "figure": f"slowest {slowest} {result['page_load_s'][slowest]} s"}
+        checks["report pages load < 2 s"] = {
+            "holds": result["page_load_s"][slowest] < PAGE_LIMIT_S,
+            "figure": f"slowest {slowest} {result['page_load_s'][slowest]} s",
+        }
     if smaller:
         before = {r["stage"]: r["ms_per_image"] for r in smaller["stages"]}
-        ratios = {r["stage"]: round(r["ms_per_image"] / before[r["stage"]], 2) for r in result["stages"]
-                  if r["stage"] in before and r["stage"] != "run again"}
+        ratios = {
+            r["stage"]: round(r["ms_per_image"] / before[r["stage"]], 2)
+            for r in result["stages"]
+            if r["stage"] in before and r["stage"] != "run again"
+        }
         checks[f"time per image within {LINEAR_LIMIT}x of {smaller['collection']['images']} images'"] = {
-            "holds": max(ratios.values()) <= LINEAR_LIMIT, "figure": ", ".join(f"{k} {v}x" for k, v in ratios.items())}
+            "holds": max(ratios.values()) <= LINEAR_LIMIT,
+            "figure": ", ".join(f"{k} {v}x" for k, v in ratios.items()),
+        }
     return checks
 
 
@@ -214,8 +266,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--browser", action="store_true", help="time the report's pages in headless Chromium")
-    parser.add_argument("--detector-check", action="store_true", help="then check the release with detectors (TINY_DETECTOR)")
-    parser.add_argument("--against", type=int, default=None, help="compare time per image with bench/out/full-scale-M.json")
+    parser.add_argument(
+        "--detector-check", action="store_true", help="then check the release with detectors (TINY_DETECTOR)"
+    )
+    parser.add_argument(
+        "--against", type=int, default=None, help="compare time per image with bench/out/full-scale-M.json"
+    )
     args = parser.parse_args()
     if not (NIH / "Data_Entry_2017_v2020.csv.gz").exists():
         raise SystemExit(f"{NIH}: the real NIH metadata is not there")
@@ -238,15 +294,48 @@ def main() -> None:
         ("evaluate", ["evaluate", "--workdir", w, "--run", "full"]),
         ("harvest", ["harvest", "--workdir", w, "--run", "full", "--method", "auto", "--workers", str(args.workers)]),
         ("release", ["release", "--workdir", w, "--out", str(releases)]),
-        ("run again", ["run", str(root), "--workdir", w, "--out", str(releases), *train_words, "--size", str(args.size),
-                       "--workers", str(args.workers)]),
+        (
+            "run again",
+            [
+                "run",
+                str(root),
+                "--workdir",
+                w,
+                "--out",
+                str(releases),
+                *train_words,
+                "--size",
+                str(args.size),
+                "--workers",
+                str(args.workers),
+            ],
+        ),
     ]
     if args.detector_check:
         detector = base / "tiny-detector.json"
         detector.write_text(json.dumps(TINY_DETECTOR))
-        stages.append(("detector check", ["detector-check", "--release", str(releases / "latest"), "--workdir", w, "--epochs", "1",
-                                          "--size", str(args.size), "--background-ratio", "0", "--config", str(detector),
-                                          "--workers", str(args.workers)]))
+        stages.append(
+            (
+                "detector check",
+                [
+                    "detector-check",
+                    "--release",
+                    str(releases / "latest"),
+                    "--workdir",
+                    w,
+                    "--epochs",
+                    "1",
+                    "--size",
+                    str(args.size),
+                    "--background-ratio",
+                    "0",
+                    "--config",
+                    str(detector),
+                    "--workers",
+                    str(args.workers),
+                ],
+            )
+        )
     result = {"machine": machine(), "collection": counts, "train_settings": TINY, "stages": []}
     with prefect_api():
         from prefect.settings import PREFECT_API_URL
@@ -261,7 +350,9 @@ def main() -> None:
     if args.detector_check:
         check = json.loads((releases / "latest" / "detector-check.json").read_text())
         kept = ("positive_images", "boxes", "epochs", "train_seconds")
-        result["detector_check_sets"] = {name: {k: v for k, v in s.items() if k in kept} for name, s in check["sets"].items()}
+        result["detector_check_sets"] = {
+            name: {k: v for k, v in s.items() if k in kept} for name, s in check["sets"].items()
+        }
         print(f"detector-check sets: {result['detector_check_sets']}")
     release = json.loads((releases / "latest" / "manifest.json").read_text())
     result["release_counts"] = release.get("counts")
@@ -269,8 +360,12 @@ def main() -> None:
         result["page_load_s"] = page_load_seconds(releases / "latest" / "report", base / "chromium-profile")
     shards = json.loads((work / "shards" / "manifest.json").read_text())["counts"]
     counts_out = result["release_counts"] or {}
-    result["accounting"] = {"index_rows": shards["index_rows"], "released_images": counts_out.get("images"),
-                            "quarantined": counts_out.get("quarantined"), "missing": shards["missing"]}
+    result["accounting"] = {
+        "index_rows": shards["index_rows"],
+        "released_images": counts_out.get("images"),
+        "quarantined": counts_out.get("quarantined"),
+        "missing": shards["missing"],
+    }
     print_table(result["stages"])
     print(f"second run / first: {result['rerun_share']:.2%}")
     print(f"accounting: {result['accounting']}")

@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--cores", type=int, default=16, help="cores of the GPU box the bound is for")
-    parser.add_argument("--shard-px", type=int, default=None, help="shard image side (default: 512 for paper, else 256)")
+    parser.add_argument(
+        "--shard-px", type=int, default=None, help="shard image side (default: 512 for paper, else 256)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -132,13 +134,21 @@ def main() -> None:
     def bound(per_pair: float) -> int:
         return round(args.cores / (decode + pairs * per_pair))
 
-    result = {"machine": machine(), "preset": args.preset, **{k: boxing[k] for k in ("map_side", "input_size")},
-              "boxing_ms_per_pair": {k: round(1000 * v, 3) for k, v in rules.items()},
-              "upsample_ms_per_pair": round(1000 * upsampling, 3), "decode_ms_per_image": round(1000 * decode, 3),
-              "pairs_per_image": round(pairs, 3),
-              "bound_images_per_s": {"GPU box, paper rule": bound(paper), "GPU box, slowest rule": bound(worst),
-                                     "CPU harvest (upsampling too), paper rule": bound(paper + upsampling)},
-              "cores": args.cores}
+    result = {
+        "machine": machine(),
+        "preset": args.preset,
+        **{k: boxing[k] for k in ("map_side", "input_size")},
+        "boxing_ms_per_pair": {k: round(1000 * v, 3) for k, v in rules.items()},
+        "upsample_ms_per_pair": round(1000 * upsampling, 3),
+        "decode_ms_per_image": round(1000 * decode, 3),
+        "pairs_per_image": round(pairs, 3),
+        "bound_images_per_s": {
+            "GPU box, paper rule": bound(paper),
+            "GPU box, slowest rule": bound(worst),
+            "CPU harvest (upsampling too), paper rule": bound(paper + upsampling),
+        },
+        "cores": args.cores,
+    }
     print(json.dumps(result, indent=2))
     (OUT / f"harvest_cpu-{args.preset}.json").write_text(json.dumps(result, indent=2))
 

@@ -65,7 +65,9 @@ def random_run(work: Path, preset_name: str, device: str) -> list:
     return [load_model(folder.step(s))[0] for s in range(1, config.am_steps + 1)]
 
 
-def bare_loop(work: Path, models: list, batch_size: int, preset_name: str, device_name: str, shards: list[str] | None = None) -> float:
+def bare_loop(
+    work: Path, models: list, batch_size: int, preset_name: str, device_name: str, shards: list[str] | None = None
+) -> float:
     """Seconds for the step models' forward passes over every shard image (or those of the shard
     files ``shards``), nothing else."""
     import torch
@@ -119,22 +121,29 @@ def bare_parallel(work: Path, batch_size: int, preset_name: str, device_name: st
     from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
 
     shards = [str(path) for path in ShardReader(work / SHARD_DIR).paths]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load_bare_models,
-                             initargs=(work, preset_name)) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_load_bare_models,
+        initargs=(work, preset_name),
+    ) as pool:
         list(pool.map(time.sleep, [3.0] * workers))  # every process started and its models loaded
         started = time.perf_counter()
         list(pool.map(_bare_shard, *zip(*[(work, batch_size, preset_name, device_name, shard) for shard in shards])))
         return time.perf_counter() - started
 
 
-def timed_harvest(work: Path, address: str, batch_size: int, threads: int, overlap: bool | None = None) -> tuple[float, dict]:
+def timed_harvest(
+    work: Path, address: str, batch_size: int, threads: int, overlap: bool | None = None
+) -> tuple[float, dict]:
     from cxr_miner.flows.dask import dask_task_runner
     from cxr_miner.flows.harvest import harvest
 
     shutil.rmtree(work / "harvest", ignore_errors=True)
     started = time.perf_counter()
     summary = harvest.with_options(task_runner=dask_task_runner(address=address))(
-        workdir=str(work), run="bench", batch_size=batch_size, threads=threads, overlap=overlap)
+        workdir=str(work), run="bench", batch_size=batch_size, threads=threads, overlap=overlap
+    )
     return time.perf_counter() - started, summary
 
 
@@ -142,7 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=128)
-    parser.add_argument("--size", type=int, default=None, help="shard image side, px (default: 512 for paper, else 256)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="shard image side, px (default: 512 for paper, else 256)"
+    )
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -165,17 +176,29 @@ def main() -> None:
             if scale == 1:
                 torch.set_num_threads(cores)
                 with LocalCluster(n_workers=1, threads_per_worker=1, processes=True) as cluster:
-                    timed_harvest(work, cluster.scheduler_address, args.batch_size, cores)  # warm-up: imports, model loads
+                    timed_harvest(
+                        work, cluster.scheduler_address, args.batch_size, cores
+                    )  # warm-up: imports, model loads
                     flow_s, summary = timed_harvest(work, cluster.scheduler_address, args.batch_size, cores)
-                    overlapped_s, _ = timed_harvest(work, cluster.scheduler_address, args.batch_size, cores, overlap=True)
+                    overlapped_s, _ = timed_harvest(
+                        work, cluster.scheduler_address, args.batch_size, cores, overlap=True
+                    )
                 bare_s = bare_loop(work, models, args.batch_size, args.preset, args.device)
                 images = summary["images"]
-                result.update({
-                    "images": images, "torch_threads": cores, "flow_images_per_s": round(images / flow_s, 2),
-                    "bare_forward_images_per_s": round(images / bare_s, 2), "efficiency": round(bare_s / flow_s, 3),
-                    "flow_overlapped_images_per_s": round(images / overlapped_s, 2), "efficiency_overlapped": round(bare_s / overlapped_s, 3),
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu",
-                })
+                result.update(
+                    {
+                        "images": images,
+                        "torch_threads": cores,
+                        "flow_images_per_s": round(images / flow_s, 2),
+                        "bare_forward_images_per_s": round(images / bare_s, 2),
+                        "efficiency": round(bare_s / flow_s, 3),
+                        "flow_overlapped_images_per_s": round(images / overlapped_s, 2),
+                        "efficiency_overlapped": round(bare_s / overlapped_s, 3),
+                        "device": torch.cuda.get_device_name()
+                        if torch.cuda.is_available() and args.device != "cpu"
+                        else "cpu",
+                    }
+                )
             with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as cluster:
                 threads = max(1, cores // args.workers)
                 if scale == 1:

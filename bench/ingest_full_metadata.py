@@ -46,10 +46,14 @@ def run() -> None:
     assert index.num_rows == 112_120 and report["gt_boxes"] == 984
 
     print(f"machine: {machine()}")
-    print(f"ingest --metadata-only of {index.num_rows} rows, {report['gt_boxes']} boxes: {seconds:.1f} s "
-          f"({index.num_rows / seconds:,.0f} rows/s), splits {report['splits']}")
-    print(f"peak RSS {peak:.0f} MiB (process before the run: {before:.0f} MiB); index.parquet "
-          f"{(work / 'index.parquet').stat().st_size / 2**20:.1f} MiB")
+    print(
+        f"ingest --metadata-only of {index.num_rows} rows, {report['gt_boxes']} boxes: {seconds:.1f} s "
+        f"({index.num_rows / seconds:,.0f} rows/s), splits {report['splits']}"
+    )
+    print(
+        f"peak RSS {peak:.0f} MiB (process before the run: {before:.0f} MiB); index.parquet "
+        f"{(work / 'index.parquet').stat().st_size / 2**20:.1f} MiB"
+    )
 
 
 def main() -> None:

@@ -48,7 +48,9 @@ def workdir(images: int) -> Path:
     return work
 
 
-def fraction_rows(work: Path, config: Path, fractions: list[float], folds: int, preset: str = "cpu-small") -> dict[str, dict]:
+def fraction_rows(
+    work: Path, config: Path, fractions: list[float], folds: int, preset: str = "cpu-small"
+) -> dict[str, dict]:
     from cxr_miner.flows.evaluate import evaluate
     from cxr_miner.flows.train import train
 
@@ -56,8 +58,16 @@ def fraction_rows(work: Path, config: Path, fractions: list[float], folds: int, 
     for fraction in fractions:
         run = f"mil-f{fraction:g}-k{folds}"
         started = time.perf_counter()
-        train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="mil",
-              box_fraction=fraction, folds=folds, for_release=False)
+        train(
+            workdir=str(work),
+            preset=preset,
+            config_file=str(config),
+            run=run,
+            method="mil",
+            box_fraction=fraction,
+            folds=folds,
+            for_release=False,
+        )
         seconds = time.perf_counter() - started
         summary = evaluate(workdir=str(work), run=run)["folds"]
         rows[f"{fraction:g}"] = {
@@ -87,7 +97,9 @@ def side_by_side(work: Path, config: Path, preset: str = "cpu-small", from_run: 
         for path in [*source.glob("step*.safetensors"), source / "metrics.json"]:
             shutil.copy2(path, target / path.name)
     train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="am")
-    train(workdir=str(work), preset=preset, config_file=str(config), run=run, method="mil", for_release=from_run is None)
+    train(
+        workdir=str(work), preset=preset, config_file=str(config), run=run, method="mil", for_release=from_run is None
+    )
     report = evaluate(workdir=str(work), run=run)
     metrics = RunFolder.of(work, run).metrics()
     speed = {name: mean(row["images_per_second"] for row in history) for name, history in metrics.items()}
@@ -101,8 +113,11 @@ def side_by_side(work: Path, config: Path, preset: str = "cpu-small", from_run: 
         "acc": {k: {f: report["results"][k][f]["iou"][0.3]["acc"] for f in BOXED} for k in [*keys, "released"]},
         "ior": {k: {f: report["results"][k][f]["ior"][0.1]["acc"] for f in BOXED} for k in keys},
         "pairs": {f: report["evaluated"][f] for f in BOXED},
-        "chosen": {f: e["method"] for f, e in json.loads(RunFolder.of(work, run).tuning_json.read_text())["findings"].items()},
-        "train_images_per_second": speed, "harvest_images_per_second": harvest,
+        "chosen": {
+            f: e["method"] for f, e in json.loads(RunFolder.of(work, run).tuning_json.read_text())["findings"].items()
+        },
+        "train_images_per_second": speed,
+        "harvest_images_per_second": harvest,
     }
 
 
@@ -125,10 +140,22 @@ def main() -> None:
         rows = fraction_rows(work, config, [float(f) for f in args.fractions.split(",") if f], args.folds, args.preset)
         sides = None if args.skip_side_by_side else side_by_side(work, config, args.preset, args.from_run)
     name = "mil_fractions.json" if args.preset == "cpu-small" else f"mil_fractions-{args.preset}.json"
-    (OUT / name).write_text(json.dumps({"rows": rows, "side_by_side": sides, "settings": args.settings, "preset": args.preset,
-                                        "workdir": str(work)}, indent=2))
+    (OUT / name).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "side_by_side": sides,
+                "settings": args.settings,
+                "preset": args.preset,
+                "workdir": str(work),
+            },
+            indent=2,
+        )
+    )
 
-    print(f"\nMIL, {args.folds}-fold cross-validation on {work} ({machine()}); preset {args.preset}, settings {args.settings}")
+    print(
+        f"\nMIL, {args.folds}-fold cross-validation on {work} ({machine()}); preset {args.preset}, settings {args.settings}"
+    )
     print("mean over the 8 boxed findings of the mean Acc over the folds (mean sd over the folds in brackets)")
     print("| box fraction | " + " | ".join(f"T({m.upper()}) {t}" for m, t in POINTS) + " | training s |")
     print("|---" * (len(POINTS) + 2) + "|")
@@ -139,18 +166,28 @@ def main() -> None:
     print("| box fraction | " + " | ".join(BOXED) + " |")
     print("|---" * (len(BOXED) + 1) + "|")
     for fraction, row in rows.items():
-        print(f"| {fraction} | " + " | ".join("-" if undefined(v) else f"{v:.2f}" for v in row["ior@0.1"].values()) + " |")
+        print(
+            f"| {fraction} | " + " | ".join("-" if undefined(v) else f"{v:.2f}" for v in row["ior@0.1"].values()) + " |"
+        )
     if sides:
-        print("\nSide by side on box-test (same images): Acc at T(IoU) = 0.3, each method by its own rule; released: "
-              "the variant and rule chosen per finding on box-val")
+        print(
+            "\nSide by side on box-test (same images): Acc at T(IoU) = 0.3, each method by its own rule; released: "
+            "the variant and rule chosen per finding on box-val"
+        )
         print("| method | " + " | ".join(BOXED) + " | mean |")
         print("|---" * (len(BOXED) + 2) + "|")
         for key, accs in sides["acc"].items():
-            print(f"| {key} | " + " | ".join("-" if undefined(v) else f"{v:.2f}" for v in accs.values()) + f" | {mean(accs.values()):.2f} |")
+            print(
+                f"| {key} | "
+                + " | ".join("-" if undefined(v) else f"{v:.2f}" for v in accs.values())
+                + f" | {mean(accs.values()):.2f} |"
+            )
         print("| pairs | " + " | ".join(str(sides["pairs"][f]) for f in BOXED) + " | |")
         print(f"chosen on box-val: {sides['chosen']}")
         print(f"training images/s: {json.dumps({k: round(v, 1) for k, v in sides['train_images_per_second'].items()})}")
-        print(f"harvest images/s (2 workers, whole collection): {json.dumps({k: round(v, 1) for k, v in sides['harvest_images_per_second'].items()})}")
+        print(
+            f"harvest images/s (2 workers, whole collection): {json.dumps({k: round(v, 1) for k, v in sides['harvest_images_per_second'].items()})}"
+        )
 
 
 if __name__ == "__main__":

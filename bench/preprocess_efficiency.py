@@ -65,14 +65,18 @@ def run() -> None:
 
     bare_first = bare_pool(paths, args.size, args.encoding, args.workers)  # also warms the page cache
     started = time.perf_counter()
-    manifest = run_preprocess(str(work), workers=args.workers, size=args.size, shard_size=args.shard_size, encoding=args.encoding)
+    manifest = run_preprocess(
+        str(work), workers=args.workers, size=args.size, shard_size=args.shard_size, encoding=args.encoding
+    )
     flow_seconds = time.perf_counter() - started
     bare_second = bare_pool(paths, args.size, args.encoding, args.workers)
     bare_seconds = (bare_first + bare_second) / 2
     assert manifest["counts"]["shard_rows"] == n
 
     print(f"machine: {machine()}")
-    print(f"{n} images of 1024 px -> {args.size} px, encoding {args.encoding}, {args.workers} processes, shards of {args.shard_size}")
+    print(
+        f"{n} images of 1024 px -> {args.size} px, encoding {args.encoding}, {args.workers} processes, shards of {args.shard_size}"
+    )
     print(f"bare process pool: {n / bare_seconds:7.1f} images/s  ({bare_first:.1f} s and {bare_second:.1f} s)")
     print(f"preprocess flow:   {n / flow_seconds:7.1f} images/s  ({flow_seconds:.1f} s, Dask cluster start included)")
     print(f"efficiency (flow / bare): {bare_seconds / flow_seconds:.2f}  (target >= 0.85)")

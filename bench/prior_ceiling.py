@@ -37,9 +37,13 @@ def main() -> None:
     halves = box_splits(patients, truth)
     side = {image: (PNG_SIDE, PNG_SIDE) for image in truth}
     priors = box_size_priors(truth, [i for i, h in halves.items() if h == BOX_VAL], side)
-    print(f"{'finding':14s} {'box-val boxes':>13s} {'median w x h (of the image)':>28s} {'box-test boxes':>14s} {'IoU >= 0.3 at the true centre':>30s}")
+    print(
+        f"{'finding':14s} {'box-val boxes':>13s} {'median w x h (of the image)':>28s} {'box-test boxes':>14s} {'IoU >= 0.3 at the true centre':>30s}"
+    )
     for finding, (w, h) in priors.items():
-        tests = [(b[2] - b[0], b[3] - b[1]) for i, f in truth.items() if halves[i] != BOX_VAL for b in f.get(finding, [])]
+        tests = [
+            (b[2] - b[0], b[3] - b[1]) for i, f in truth.items() if halves[i] != BOX_VAL for b in f.get(finding, [])
+        ]
         fitted = sum(len(f.get(finding, [])) for i, f in truth.items() if halves[i] == BOX_VAL)
         pw, ph = w * PNG_SIDE, h * PNG_SIDE
         reach = [min(pw, tw) * min(ph, th) / (pw * ph + tw * th - min(pw, tw) * min(ph, th)) >= 0.3 for tw, th in tests]

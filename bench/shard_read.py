@@ -30,15 +30,27 @@ def main() -> None:
     root = demo_collection(2000)
     names = sorted(root.glob("images_*/images/*.png"))[: args.images]
     rows = [
-        {"image_id": p.name, "patient_id": p.name[:8], "split": "train", "source_path": str(p.relative_to(root)),
-         "findings": [], "has_box": False, "view_position": "PA", "age": 50, "sex": "F"}
+        {
+            "image_id": p.name,
+            "patient_id": p.name[:8],
+            "split": "train",
+            "source_path": str(p.relative_to(root)),
+            "findings": [],
+            "has_box": False,
+            "view_position": "PA",
+            "age": 50,
+            "sex": "F",
+        }
         for p in names
     ]
     results = {}
     for encoding in ("raw", "png"):
         shard_dir = OUT / f"read-{encoding}"
         started = time.perf_counter()
-        built = [build_shard(spec, root, shard_dir, ShardSettings(size=args.size, encoding=encoding)) for spec in plan_shards(rows, 256)]
+        built = [
+            build_shard(spec, root, shard_dir, ShardSettings(size=args.size, encoding=encoding))
+            for spec in plan_shards(rows, 256)
+        ]
         write_seconds = time.perf_counter() - started
         size_bytes = sum(r.bytes for r in built)
         started = time.perf_counter()
@@ -59,8 +71,10 @@ def main() -> None:
     for encoding, (rate, per_image, write_rate) in results.items():
         print(f"{'shards, ' + encoding:26s}{rate:10.0f}{per_image / 1024:11.1f}{write_rate:16.0f}")
     print(f"{'source PNG + letterbox':26s}{source_rate:10.0f}{source_bytes / 1024:11.1f}")
-    print(f"raw shards read {results['raw'][0] / source_rate:.1f}x faster than decoding the sources, "
-          f"{results['raw'][0] / results['png'][0]:.1f}x faster than PNG shards")
+    print(
+        f"raw shards read {results['raw'][0] / source_rate:.1f}x faster than decoding the sources, "
+        f"{results['raw'][0] / results['png'][0]:.1f}x faster than PNG shards"
+    )
 
 
 if __name__ == "__main__":

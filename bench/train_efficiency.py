@@ -25,8 +25,20 @@ def build_shards(n_images: int, size: int):
     root = demo_collection(2000)
     shard_dir = OUT / f"train-shards-{n_images}-{size}"
     names = sorted(root.glob("images_*/images/*.png"))[:n_images]
-    rows = [{"image_id": p.name, "patient_id": p.name[:8], "split": "train", "source_path": str(p.relative_to(root)),
-             "findings": [], "has_box": False, "view_position": "PA", "age": 50, "sex": "F"} for p in names]
+    rows = [
+        {
+            "image_id": p.name,
+            "patient_id": p.name[:8],
+            "split": "train",
+            "source_path": str(p.relative_to(root)),
+            "findings": [],
+            "has_box": False,
+            "view_position": "PA",
+            "age": 50,
+            "sex": "F",
+        }
+        for p in names
+    ]
     settings = ShardSettings(size=size)
     paths = [build_shard(spec, root, shard_dir, settings).path for spec in plan_shards(rows, shard_size=256)]
     return list_row_groups(paths)
@@ -52,11 +64,17 @@ def main() -> None:
     device = pick_device(config.device)
     groups = build_shards(args.images, args.shard_size)
     torch.manual_seed(0)
-    model = create_model(config.model).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    model = create_model(config.model).to(
+        device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    )
     optimizer, scheduler = make_optimizer(model, config, config.lr, 100, 100)
-    loader = shard_loader(groups, config.batch_size, shuffle=True, workers=config.loader_workers, pin_memory=device.type == "cuda")
-    in_memory = [{"images": torch.from_numpy(b.images), "labels": torch.from_numpy(b.labels).float()}
-                 for b in batch_stream(groups, config.batch_size, shuffle=True, seed=0)]
+    loader = shard_loader(
+        groups, config.batch_size, shuffle=True, workers=config.loader_workers, pin_memory=device.type == "cuda"
+    )
+    in_memory = [
+        {"images": torch.from_numpy(b.images), "labels": torch.from_numpy(b.labels).float()}
+        for b in batch_stream(groups, config.batch_size, shuffle=True, seed=0)
+    ]
 
     def epoch(batches):
         stats = train_epoch(model, batches, plain_loss, optimizer, scheduler, config, device)
@@ -72,11 +90,17 @@ def main() -> None:
         b = epoch(in_memory)
         shards_s, memory_s, images = shards_s + a.seconds, memory_s + b.seconds, images + a.images
     result = {
-        "machine": machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "preset": args.preset, "model": config.model.to_dict(), "input_size": config.input_size,
-        "batch_size": config.batch_size, "loader_workers": config.loader_workers, "shard_size": args.shard_size,
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "preset": args.preset,
+        "model": config.model.to_dict(),
+        "input_size": config.input_size,
+        "batch_size": config.batch_size,
+        "loader_workers": config.loader_workers,
+        "shard_size": args.shard_size,
         "images_per_epoch": images // args.rounds,
-        "shards_images_per_s": round(images / shards_s, 2), "memory_images_per_s": round(images / memory_s, 2),
+        "shards_images_per_s": round(images / shards_s, 2),
+        "memory_images_per_s": round(images / memory_s, 2),
         "efficiency": round(memory_s / shards_s, 3),
     }
     print(json.dumps(result, indent=2))

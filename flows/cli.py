@@ -7,15 +7,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError, UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Harvest disease boxes from chest X-ray collections.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Harvest disease boxes from chest X-ray collections."
+)
 err = Console(stderr=True, soft_wrap=True)  # never break paths and messages
 
 
@@ -56,8 +58,15 @@ def demo_data(
 
     with progress_bar("drawing phantoms", images) as advance:
         summary = generate(
-            out, n_images=images, size=size, seed=seed, corrupt=corrupt, box_fraction=box_fraction,
-            non_square=non_square, workers=workers or default_workers(), progress=advance,
+            out,
+            n_images=images,
+            size=size,
+            seed=seed,
+            corrupt=corrupt,
+            box_fraction=box_fraction,
+            non_square=non_square,
+            workers=workers or default_workers(),
+            progress=advance,
         )
     say(
         f"wrote {summary['images']} images of {summary['patients']} patients to {out}",
@@ -71,12 +80,23 @@ def ingest(
     workdir: Annotated[Path, typer.Option(help="Working folder for the index and everything after it.")],
     metadata_only: Annotated[bool, typer.Option(help="Index the CSVs without looking at image files.")] = False,
     dicom: Annotated[bool, typer.Option(help="ROOT is a DICOM tree (headers only are read).")] = False,
-    labels: Annotated[Optional[Path], typer.Option(help="With --dicom: CSV of path or sop_instance_uid, findings.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Patients of train_val (or all, without lists) put in val.")] = 0.1,
+    labels: Annotated[
+        Path | None, typer.Option(help="With --dicom: CSV of path or sop_instance_uid, findings.")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Patients of train_val (or all, without lists) put in val.")
+    ] = 0.1,
     test_fraction: Annotated[float, typer.Option(help="Patients put in test when there are no official lists.")] = 0.2,
-    allow_shrink: Annotated[bool, typer.Option("--allow-shrink", help="Accept an index with many fewer images than the last one.")] = False,
-    max_shrink: Annotated[float, typer.Option(help="Refuse an index with more than this fraction fewer usable images than the last.")] = 0.1,
-    allow_outside_links: Annotated[bool, typer.Option("--allow-outside-links", help="Read files that symbolic links under ROOT point to outside it.")] = False,
+    allow_shrink: Annotated[
+        bool, typer.Option("--allow-shrink", help="Accept an index with many fewer images than the last one.")
+    ] = False,
+    max_shrink: Annotated[
+        float, typer.Option(help="Refuse an index with more than this fraction fewer usable images than the last.")
+    ] = 0.1,
+    allow_outside_links: Annotated[
+        bool,
+        typer.Option("--allow-outside-links", help="Read files that symbolic links under ROOT point to outside it."),
+    ] = False,
 ) -> None:
     """Index a collection: W/index.parquet, W/gt_boxes.parquet, W/ingest_report.json."""
     from cxr_miner.flows.options import check_ingest
@@ -86,9 +106,16 @@ def ingest(
 
     with prefect_runs():
         report = ingest_flow(
-            root=str(root), workdir=str(workdir), dicom=dicom, labels=str(labels) if labels else None,
-            metadata_only=metadata_only, val_fraction=val_fraction, test_fraction=test_fraction,
-            allow_shrink=allow_shrink, max_shrink=max_shrink, allow_outside_links=allow_outside_links,
+            root=str(root),
+            workdir=str(workdir),
+            dicom=dicom,
+            labels=str(labels) if labels else None,
+            metadata_only=metadata_only,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            allow_shrink=allow_shrink,
+            max_shrink=max_shrink,
+            allow_outside_links=allow_outside_links,
         )
     say(
         f"index: {workdir / 'index.parquet'}",
@@ -104,11 +131,15 @@ def preprocess(
     size: Annotated[int, typer.Option(help="Side of the square shard images, pixels.")] = 512,
     shard_size: Annotated[int, typer.Option(help="Images per shard (one Dask task each).")] = 256,
     encoding: Annotated[str, typer.Option(help="Image bytes in shards: raw (zstd) or png.")] = "raw",
-    workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core).")] = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")] = None,
-    max_pixels: Annotated[int, typer.Option(help="Quarantine source images with more pixels (decompression bombs).")] = 50_000_000,
-    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest.")] = None,
-    max_lost: Annotated[float, typer.Option(help="Fail (exit 2) when more than this fraction of the images is missing or quarantined.")] = 0.1,
+    workers: Annotated[int | None, typer.Option(help="Local Dask worker processes (default: one per core).")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")] = None,
+    max_pixels: Annotated[
+        int, typer.Option(help="Quarantine source images with more pixels (decompression bombs).")
+    ] = 50_000_000,
+    root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since ingest.")] = None,
+    max_lost: Annotated[
+        float, typer.Option(help="Fail (exit 2) when more than this fraction of the images is missing or quarantined.")
+    ] = 0.1,
 ) -> None:
     """Letterbox every indexed image into Parquet shards on a Dask cluster."""
     from cxr_miner.flows.options import check_cluster, check_preprocess
@@ -119,8 +150,15 @@ def preprocess(
 
     with prefect_runs():
         manifest = run_preprocess(
-            str(workdir), workers=workers, dask_address=dask_address, size=size, shard_size=shard_size,
-            encoding=encoding, max_pixels=max_pixels, root=str(root) if root else None, max_lost=max_lost,
+            str(workdir),
+            workers=workers,
+            dask_address=dask_address,
+            size=size,
+            shard_size=shard_size,
+            encoding=encoding,
+            max_pixels=max_pixels,
+            root=str(root) if root else None,
+            max_lost=max_lost,
         )
     counts = manifest["counts"]
     say(
@@ -133,28 +171,87 @@ def preprocess(
 @app.command()
 def train(
     workdir: Annotated[Path, typer.Option(help="Working folder holding shards/.")],
-    preset: Annotated[str, typer.Option(help="Settings preset: cpu-small (minutes on a CPU), cpu-demo (the demo's: localises phantoms on a CPU) or paper (Cai et al., GPU).")] = "cpu-small",
-    config: Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings, e.g. {\"epochs\": 5}.")] = None,
-    run: Annotated[Optional[str], typer.Option(help="Run name under W/models/ (default: the preset); rerun to resume.")] = None,
-    method: Annotated[str, typer.Option(help="Method to train for: am (step 1, then attention mining steps 2..T), cam (step 1 only) or mil (the patch model of Li et al. 2018, learning from boxes too).")] = "am",
-    box_fraction: Annotated[Optional[float], typer.Option(help="mil: learn from the boxes of this fraction of the boxed images' patients (default 1; the paper's 0 to 0.8).")] = None,
-    folds: Annotated[Optional[int], typer.Option(help="mil: K-fold cross-validation over the boxed images (K models, each scored on the fold it did not learn from).")] = None,
-    for_release: Annotated[bool, typer.Option(help="mil: also train mil-all, from every box, which harvest uses.")] = True,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "Settings preset: cpu-small (minutes on a CPU), cpu-demo (the demo's: localises phantoms on a CPU) "
+                "or paper (Cai et al., GPU)."
+            )
+        ),
+    ] = "cpu-small",
+    config: Annotated[
+        Path | None, typer.Option(help='JSON file overriding preset settings, e.g. {"epochs": 5}.')
+    ] = None,
+    run: Annotated[
+        str | None, typer.Option(help="Run name under W/models/ (default: the preset); rerun to resume.")
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(help="Localisation method to train for: its training plan (`cxr-miner methods` lists them)."),
+    ] = "am",
+    box_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help=(
+                "mil: learn from the boxes of this fraction of the boxed images' patients (default 1; the paper's "
+                "0 to 0.8)."
+            )
+        ),
+    ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            help=(
+                "mil: K-fold cross-validation over the boxed images (K models, each scored on the fold it did not "
+                "learn from)."
+            )
+        ),
+    ] = None,
+    for_release: Annotated[
+        bool, typer.Option(help="mil: also train mil-all, from every box, which harvest uses.")
+    ] = True,
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP; or the MIL patch model."""
-    from cxr_miner.flows.options import check_folds, mil_options
+    from cxr_miner.flows.options import box_options, check_folds
 
-    mil_options(box_fraction, folds, method)  # at once: train_config checks them again with the rest, after importing torch (seconds)
+    box_options(box_fraction, folds, method)  # at once; train_config checks them with the method's, after torch
     check_folds(workdir, folds or 0)
     from cxr_miner.flows.train import train as train_flow
     from cxr_miner.flows.train import train_config
 
     train_config(str(workdir), preset, str(config) if config else None, method, box_fraction, folds)
     with prefect_runs():
-        summary = train_flow(workdir=str(workdir), preset=preset, config_file=str(config) if config else None, run=run,
-                             method=method, box_fraction=box_fraction, folds=folds, for_release=for_release)
+        summary = train_flow(
+            workdir=str(workdir),
+            preset=preset,
+            config_file=str(config) if config else None,
+            run=run,
+            method=method,
+            box_fraction=box_fraction,
+            folds=folds,
+            for_release=for_release,
+        )
     say(f"models: {summary['directory']}", f"steps {summary['steps']}")
     print_auc_table(summary["auc"])
+
+
+@app.command()
+def methods() -> None:
+    """List the localisation methods of the registry: what each trains, and its box rule."""
+    from rich.table import Table
+
+    from cxr_miner.miner.methods import create_method, method_names
+    from cxr_miner.miner.training import TrainConfig
+
+    table = Table(title="localisation methods (--method)")
+    for column in ("method", "what it is", "trains (with the default am_steps)", "box rule"):
+        table.add_column(column)
+    for name in method_names():
+        method = create_method(name, TrainConfig())
+        plan = ", ".join(f"{s.checkpoint} ({s.trainer})" for s in method.training_plan())
+        table.add_row(name, method.description, plan, method.paper_rule.name)
+    Console().print(table)
 
 
 @app.command("mine-attention")
@@ -174,8 +271,21 @@ def mine_attention(
 def evaluate(
     workdir: Annotated[Path, typer.Option(help="Working folder holding models/ and gt_boxes.parquet.")],
     run: Annotated[str, typer.Option(help="Training run to evaluate (W/models/RUN).")],
-    box_val_fraction: Annotated[float, typer.Option(help="Patients of the boxed images kept in box-val for choosing; the rest (box-test) is reported.")] = 0.5,
-    precision_target: Annotated[float, typer.Option(help="Each finding's operating point: the lowest box confidence reaching this precision (IoU >= 0.3) on box-val.")] = 0.5,
+    box_val_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Patients of the boxed images kept in box-val for choosing; the rest (box-test) is reported."
+        ),
+    ] = 0.5,
+    precision_target: Annotated[
+        float,
+        typer.Option(
+            help=(
+                "Each finding's operating point: the lowest box confidence reaching this precision (IoU >= 0.3) on "
+                "box-val."
+            )
+        ),
+    ] = 0.5,
 ) -> None:
     """Acc/AFP and MaxBoxAccV2 per finding for every method (CAM baseline, attention mining) on box-test,
     and per finding the method, box rule, confidence and operating point chosen on box-val (tuning.json)."""
@@ -185,33 +295,77 @@ def evaluate(
     from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
     with prefect_runs():
-        report = evaluate_flow(workdir=str(workdir), run=run, box_val_fraction=box_val_fraction, precision_target=precision_target)
+        report = evaluate_flow(
+            workdir=str(workdir), run=run, box_val_fraction=box_val_fraction, precision_target=precision_target
+        )
     typer.echo(report["markdown"])
-    say(f"evaluation: {report['path']}", f"({report['split']}: {report['images']} boxed images; box-val: {report['box_val']['images']})")
+    say(
+        f"evaluation: {report['path']}",
+        f"({report['split']}: {report['images']} boxed images; box-val: {report['box_val']['images']})",
+    )
 
 
 PresetOption = Annotated[str, typer.Option(help="Training preset: cpu-small, cpu-demo or paper.")]
-ConfigOption = Annotated[Optional[Path], typer.Option(help="JSON file overriding preset settings.")]
-RunOption = Annotated[Optional[str], typer.Option(help="Training run name under W/models/ (default: the preset).")]
+ConfigOption = Annotated[Path | None, typer.Option(help="JSON file overriding preset settings.")]
+RunOption = Annotated[str | None, typer.Option(help="Training run name under W/models/ (default: the preset).")]
 SizeOption = Annotated[int, typer.Option(help="Side of the square shard images, pixels.")]
 ShardSizeOption = Annotated[int, typer.Option(help="Images per shard.")]
-MethodOption = Annotated[str, typer.Option(help="Method to train for: am (attention mining, Eq. 8 over all steps), cam (the CAM baseline) or mil (the MIL patch model, learning from boxes too); the harvest then boxes each finding with the variant chosen on box-val.")]
-HarvestMethodOption = Annotated[str, typer.Option(help="auto (per finding, the variant chosen on box-val by evaluate), am (Eq. 8 over all steps), cam (the CAM baseline) or mil (the MIL patch model trained on every box).")]
-AllFindingsOption = Annotated[bool, typer.Option("--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones.")]
+MethodOption = Annotated[
+    str,
+    typer.Option(
+        help=(
+            "Localisation method to train for (`cxr-miner methods` lists them); the harvest then boxes each "
+            "finding with the variant chosen on box-val."
+        )
+    ),
+]
+HarvestMethodOption = Annotated[
+    str,
+    typer.Option(
+        help=(
+            "auto (per finding, the variant chosen on box-val by evaluate) or one localisation method for every "
+            "finding (`cxr-miner methods` lists them)."
+        )
+    ),
+]
+AllFindingsOption = Annotated[
+    bool,
+    typer.Option(
+        "--all-findings", help="Discovery: box every finding scored >= --min-score, not only the labelled ones."
+    ),
+]
 MinScoreOption = Annotated[float, typer.Option(help="Discovery mode's classifier probability threshold.")]
-WorkersOption = Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core; the detector check: one per GPU on CUDA).")]
-AddressOption = Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
-PrivateOption = Annotated[bool, typer.Option("--private", help="Make the release readable by its owner alone (files 0400, folders 0500) rather than by everyone (0444, 0555).")]
-GpusOption = Annotated[Optional[int], typer.Option(help="GPUs for the harvest, dealt to its workers (default: all, when CUDA is present).")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(help="Local Dask worker processes (default: one per core; the detector check: one per GPU on CUDA)."),
+]
+AddressOption = Annotated[str | None, typer.Option(help="Existing Dask scheduler, e.g. tcp://host:8786.")]
+PrivateOption = Annotated[
+    bool,
+    typer.Option(
+        "--private",
+        help=(
+            "Make the release readable by its owner alone (files 0400, folders 0500) rather than by everyone "
+            "(0444, 0555)."
+        ),
+    ),
+]
+GpusOption = Annotated[
+    int | None, typer.Option(help="GPUs for the harvest, dealt to its workers (default: all, when CUDA is present).")
+]
 
 
 @app.command()
 def harvest(
     workdir: Annotated[Path, typer.Option(help="Working folder holding shards/ and models/.")],
     run: Annotated[str, typer.Option(help="Training run to mine with (W/models/RUN).")],
-    method: HarvestMethodOption = "auto", all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
+    method: HarvestMethodOption = "auto",
+    all_findings: AllFindingsOption = False,
+    min_score: MinScoreOption = 0.5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: WorkersOption = None, gpus: GpusOption = None, dask_address: AddressOption = None,
+    workers: WorkersOption = None,
+    gpus: GpusOption = None,
+    dask_address: AddressOption = None,
 ) -> None:
     """Mine boxes for every image of the shards, a Dask task per shard, into W/harvest/parts/, each with
     its calibrated confidence (run `evaluate` first: it tunes what the harvest applies)."""
@@ -224,8 +378,15 @@ def harvest(
     check_harvest_method(method)
     with prefect_runs():
         summary = run_harvest(
-            str(workdir), run, workers=workers, gpus=gpus, dask_address=dask_address,
-            method=method, all_findings=all_findings, min_score=min_score, batch_size=batch_size,
+            str(workdir),
+            run,
+            workers=workers,
+            gpus=gpus,
+            dask_address=dask_address,
+            method=method,
+            all_findings=all_findings,
+            min_score=min_score,
+            batch_size=batch_size,
         )
     say(
         f"harvest: {workdir / 'harvest'}",
@@ -238,7 +399,9 @@ def harvest(
 def release(
     workdir: Annotated[Path, typer.Option(help="Working folder with a complete harvest (W/harvest/harvest.json).")],
     out: Annotated[Path, typer.Option(help="Releases folder: RELEASES/<version>/ and RELEASES/latest.")],
-    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since ingest (for the report's gallery).")] = None,
+    root: Annotated[
+        Path | None, typer.Option(help="Dataset root, if it moved since ingest (for the report's gallery).")
+    ] = None,
     private: PrivateOption = False,
 ) -> None:
     """Package the harvest as a new immutable release: boxes.parquet, COCO, report, manifest
@@ -250,18 +413,78 @@ def release(
     print_release(published)
 
 
+@app.command()
+def review(
+    release: Annotated[Path, typer.Argument(help="Release folder to review (RELEASES/<version> or RELEASES/latest).")],
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder the release was made in; verdicts go to W/reviews.sqlite.")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8765,
+    reviewer: Annotated[str, typer.Option(help="Your name on every verdict (default: typed into the page).")] = "",
+    root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since ingest (the images).")] = None,
+) -> None:
+    """Serve the release's boxes for review in a browser: accept, reject, redraw or skip each box
+    of a finding's queue; verdicts are stored at once in W/reviews.sqlite (Ctrl-C stops)."""
+    from cxr_miner.flows.options import check_range
+    from cxr_miner.flows.review import review_app, serve_review
+
+    check_range("--port", port, 0, 65535)
+    app_ = review_app(release, workdir, reviewer, root)
+    serve_review(app_, host, port, lambda url: say(f"reviewing release {app_.version}:", f"{url} (Ctrl-C stops)"))
+
+
+reviews_app = typer.Typer(no_args_is_help=True, help="Reviewers' verdicts (W/reviews.sqlite).")
+app.add_typer(reviews_app, name="reviews")
+
+
+@reviews_app.command("export")
+def reviews_export(
+    workdir: Annotated[Path, typer.Option(help="Working folder with W/reviews.sqlite.")],
+    out: Annotated[Path | None, typer.Option(help="Folder to write to (default: W/reviews/).")] = None,
+) -> None:
+    """Write the verdicts as Parquet (reviews.parquet: every verdict, undone ones marked) and as COCO
+    (reviewed.json: the accepted and redrawn boxes as ground truth)."""
+    from cxr_miner.flows.review import export
+
+    target, counts = export(workdir, out)
+    say(f"{counts['verdicts']} verdicts:", str(target / "reviews.parquet"))
+    say(f"{counts['boxes']} reviewed boxes on {counts['images']} images (ground truth):", str(target / "reviewed.json"))
+
+
 @app.command("detector-check")
 def detector_check(
     release: Annotated[Path, typer.Option(help="Release folder to check (RELEASES/<version> or RELEASES/latest).")],
-    workdir: Annotated[Path, typer.Option(help="Working folder the release was made in (its shards, ground truth and run).")],
-    detector: Annotated[str, typer.Option(help="fasterrcnn-mobilenet (MobileNetV3-Large FPN, CPU-sized) or fasterrcnn-resnet50 (ResNet-50 FPN, GPU).")] = "fasterrcnn-mobilenet",
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs of each detector (default 12).")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Detector input side, pixels (default 256).")] = None,
-    weights: Annotated[str, typer.Option(help="Trunk weights: random, imagenet (downloads) or a local torchvision weights file.")] = "random",
-    background_ratio: Annotated[float, typer.Option(help="Background images (no checked finding) per positive image in each training set.")] = 1.0,
-    config: Annotated[Optional[Path], typer.Option(help="JSON object of more detector settings (batch_size, lr, rois_per_image, proposals, box_head, ...).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Releases folder for the checked copy (default: the checked release's).")] = None,
-    workers: WorkersOption = None, gpus: Annotated[Optional[int], typer.Option(help="GPUs, one detector worker each (default: all, when CUDA is present).")] = None,
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder the release was made in (its shards, ground truth and run).")
+    ],
+    detector: Annotated[
+        str,
+        typer.Option(
+            help="fasterrcnn-mobilenet (MobileNetV3-Large FPN, CPU-sized) or fasterrcnn-resnet50 (ResNet-50 FPN, GPU)."
+        ),
+    ] = "fasterrcnn-mobilenet",
+    epochs: Annotated[int | None, typer.Option(help="Training epochs of each detector (default 12).")] = None,
+    size: Annotated[int | None, typer.Option(help="Detector input side, pixels (default 256).")] = None,
+    weights: Annotated[
+        str, typer.Option(help="Trunk weights: random, imagenet (downloads) or a local torchvision weights file.")
+    ] = "random",
+    background_ratio: Annotated[
+        float, typer.Option(help="Background images (no checked finding) per positive image in each training set.")
+    ] = 1.0,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON object of more detector settings (batch_size, lr, rois_per_image, proposals, box_head, ...)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Releases folder for the checked copy (default: the checked release's).")
+    ] = None,
+    workers: WorkersOption = None,
+    gpus: Annotated[
+        int | None, typer.Option(help="GPUs, one detector worker each (default: all, when CUDA is present).")
+    ] = None,
     dask_address: AddressOption = None,
 ) -> None:
     """Train a torchvision detector on the release's boxes and, the same way, on box-val's ground truth and
@@ -275,14 +498,25 @@ def detector_check(
     if background_ratio < 0:
         raise InputError("--background-ratio", f"{background_ratio:g} is below 0")
     from cxr_miner.flows.detector_check import detector_config, run_detector_check
-    from cxr_miner.flows.train import read_overrides
+    from cxr_miner.storage.stages.runs import read_settings_file
 
-    settings = read_overrides(str(config)) if config else None
+    settings = read_settings_file(config) if config else None
     detector_config(detector, epochs, size, weights, settings or {})
     with prefect_runs():
-        checked = run_detector_check(str(release), str(workdir), str(out) if out else None, workers=workers, gpus=gpus,
-                                     dask_address=dask_address, detector=detector, epochs=epochs, size=size, weights=weights,
-                                     background_ratio=background_ratio, settings=settings)
+        checked = run_detector_check(
+            str(release),
+            str(workdir),
+            str(out) if out else None,
+            workers=workers,
+            gpus=gpus,
+            dask_address=dask_address,
+            detector=detector,
+            epochs=epochs,
+            size=size,
+            weights=weights,
+            background_ratio=background_ratio,
+            settings=settings,
+        )
     print_check(checked)
 
 
@@ -290,7 +524,10 @@ def print_check(checked: dict) -> None:
     from cxr_miner.storage.vocab.text import format_number
 
     check = checked["check"]
-    say(f"release {checked['version']}: {checked['path']}", f"(release {checked['checked_release']} with its detector check)")
+    say(
+        f"release {checked['version']}: {checked['path']}",
+        f"(release {checked['checked_release']} with its detector check)",
+    )
     say(f"report page: {Path(checked['path']) / 'report' / 'detector-check.html'}")
     overall = {name: check["figures"][name]["overall"]["ap30"] for name in check["sets"]}
     say("AP at IoU 0.3 on box-test, overall:", ", ".join(f"{name} {format_number(v)}" for name, v in overall.items()))
@@ -300,9 +537,19 @@ def print_check(checked: dict) -> None:
 
 
 def run_options(
-    preset: str, config: Optional[Path], run: Optional[str], size: int, shard_size: int, method: str,
-    all_findings: bool, min_score: float, workers: Optional[int], dask_address: Optional[str], gpus: Optional[int],
-    check_detector: bool = False, private: bool = False,
+    preset: str,
+    config: Path | None,
+    run: str | None,
+    size: int,
+    shard_size: int,
+    method: str,
+    all_findings: bool,
+    min_score: float,
+    workers: int | None,
+    dask_address: str | None,
+    gpus: int | None,
+    check_detector: bool = False,
+    private: bool = False,
 ) -> dict:
     """The ``run`` flow's parameters, each checked (InputError) before anything starts."""
     from cxr_miner.flows.options import check_cluster, check_harvest, check_shard_layout
@@ -314,13 +561,32 @@ def run_options(
 
     train_config("", preset, str(config) if config else None, method)
     return {
-        "preset": preset, "config_file": str(config) if config else None, "run": run, "size": size,
-        "shard_size": shard_size, "method": method, "all_findings": all_findings, "min_score": min_score,
-        "workers": workers, "dask_address": dask_address, "gpus": gpus, "detector_check": check_detector, "private": private,
+        "preset": preset,
+        "config_file": str(config) if config else None,
+        "run": run,
+        "size": size,
+        "shard_size": shard_size,
+        "method": method,
+        "all_findings": all_findings,
+        "min_score": min_score,
+        "workers": workers,
+        "dask_address": dask_address,
+        "gpus": gpus,
+        "detector_check": check_detector,
+        "private": private,
     }
 
 
-DetectorCheckOption = Annotated[bool, typer.Option("--detector-check", help="Last stage: the detector check of the new release (`cxr-miner detector-check`), published as a further version.")]
+DetectorCheckOption = Annotated[
+    bool,
+    typer.Option(
+        "--detector-check",
+        help=(
+            "Last stage: the detector check of the new release (`cxr-miner detector-check`), published as a "
+            "further version."
+        ),
+    ),
+]
 
 
 @app.command("run")
@@ -328,16 +594,37 @@ def run_all(
     root: Annotated[Path, typer.Argument(help="Dataset root (NIH layout).")],
     workdir: Annotated[Path, typer.Option(help="Working folder (reused: finished stages are skipped).")],
     out: Annotated[Path, typer.Option(help="Releases folder.")],
-    preset: PresetOption = "cpu-small", config: ConfigOption = None, run: RunOption = None,
-    size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
-    all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
-    workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
-    check_detector: DetectorCheckOption = False, private: PrivateOption = False,
+    preset: PresetOption = "cpu-small",
+    config: ConfigOption = None,
+    run: RunOption = None,
+    size: SizeOption = 512,
+    shard_size: ShardSizeOption = 256,
+    method: MethodOption = "am",
+    all_findings: AllFindingsOption = False,
+    min_score: MinScoreOption = 0.5,
+    workers: WorkersOption = None,
+    dask_address: AddressOption = None,
+    gpus: GpusOption = None,
+    check_detector: DetectorCheckOption = False,
+    private: PrivateOption = False,
 ) -> None:
     """The whole chain: ingest, preprocess, train, evaluate (tunes on box-val), harvest, release
     (and with --detector-check, the detector check of the release)."""
-    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
-                          check_detector, private)
+    options = run_options(
+        preset,
+        config,
+        run,
+        size,
+        shard_size,
+        method,
+        all_findings,
+        min_score,
+        workers,
+        dask_address,
+        gpus,
+        check_detector,
+        private,
+    )
     from cxr_miner.flows.pipeline import run as run_flow
 
     with prefect_runs():
@@ -352,13 +639,21 @@ def serve(
     root: Annotated[Path, typer.Argument(help="Dataset root (NIH layout).")],
     workdir: Annotated[Path, typer.Option(help="Working folder.")],
     out: Annotated[Path, typer.Option(help="Releases folder.")],
-    cron: Annotated[str, typer.Option(help="Schedule, e.g. \"0 3 * * 1\" (Mondays 03:00).")],
+    cron: Annotated[str, typer.Option(help='Schedule, e.g. "0 3 * * 1" (Mondays 03:00).')],
     name: Annotated[str, typer.Option(help="Deployment name.")] = "cxr-miner-release",
-    preset: PresetOption = "cpu-small", config: ConfigOption = None, run: RunOption = None,
-    size: SizeOption = 512, shard_size: ShardSizeOption = 256, method: MethodOption = "am",
-    all_findings: AllFindingsOption = False, min_score: MinScoreOption = 0.5,
-    workers: WorkersOption = None, dask_address: AddressOption = None, gpus: GpusOption = None,
-    check_detector: DetectorCheckOption = False, private: PrivateOption = False,
+    preset: PresetOption = "cpu-small",
+    config: ConfigOption = None,
+    run: RunOption = None,
+    size: SizeOption = 512,
+    shard_size: ShardSizeOption = 256,
+    method: MethodOption = "am",
+    all_findings: AllFindingsOption = False,
+    min_score: MinScoreOption = 0.5,
+    workers: WorkersOption = None,
+    dask_address: AddressOption = None,
+    gpus: GpusOption = None,
+    check_detector: DetectorCheckOption = False,
+    private: PrivateOption = False,
 ) -> None:
     """Serve the `run` flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)."""
     from prefect.settings import PREFECT_API_URL
@@ -366,12 +661,26 @@ def serve(
     from cxr_miner.flows.pipeline import serve as serve_flow
 
     if not PREFECT_API_URL.value():
-        raise InputError("PREFECT_API_URL", 
+        raise InputError(
+            "PREFECT_API_URL",
             "schedules need a Prefect server: start one with `prefect server start` and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+            "PREFECT_API_URL=http://127.0.0.1:4200/api",
         )
-    options = run_options(preset, config, run, size, shard_size, method, all_findings, min_score, workers, dask_address, gpus,
-                          check_detector, private)
+    options = run_options(
+        preset,
+        config,
+        run,
+        size,
+        shard_size,
+        method,
+        all_findings,
+        min_score,
+        workers,
+        dask_address,
+        gpus,
+        check_detector,
+        private,
+    )
     parameters = {"root": str(root.resolve()), "workdir": str(workdir.resolve()), "out": str(out.resolve()), **options}
     say(f"serving deployment run/{name}", f"on schedule {cron!r}; stop with Ctrl-C")
     with prefect_runs():
@@ -379,17 +688,25 @@ def serve(
 
 
 def print_release(published: dict) -> None:
+    from cxr_miner.storage.vocab.text import ci_text
+
     say(f"release {published['version']}: {published['path']}", f"({published['boxes']} boxes)")
     say(f"report: {published['report']}")
     found = published.get("manifest", {}).get("localisation") or {}
     if found.get("findings"):
-        say(f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f} (all boxes), "
-            f"{found['mean_acc_rank1']:.2f} (rank 1 alone, the most confident box; "
-            f"{found.get('mean_acc_rank1_rule', float('nan')):.2f} by the box rule's order)",
-            f"over {len(found['findings'])} findings; lowest {found['min_acc']:.2f}")
+        say(
+            f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f}{ci_text(found.get('mean_acc_ci'))} "
+            f"(all boxes), {found['mean_acc_rank1']:.2f}{ci_text(found.get('mean_acc_rank1_ci'))} (rank 1 alone, "
+            f"the most confident box; {found.get('mean_acc_rank1_rule', float('nan')):.2f} by the box rule's order)",
+            f"over {len(found.get('mean_over', found['findings']))} findings with NIH's boxes (95% CIs over "
+            f"box-test's images); lowest {found['min_acc']:.2f}",
+        )
         pooled = found.get("calibration") or {}
         if pooled.get("boxes"):
-            say(f"confidence on box-test: expected calibration error {pooled['ece']:.3f} over its {pooled['boxes']} boxes")
+            say(
+                f"confidence on box-test: expected calibration error {pooled['ece']:.3f}"
+                f"{ci_text(pooled.get('ece_ci'), 3)} over its {pooled['boxes']} boxes"
+            )
 
 
 def print_auc_table(rows: list[dict]) -> None:
@@ -406,15 +723,14 @@ def print_auc_table(rows: list[dict]) -> None:
     err.print(table)
 
 
-USER_ERRORS = (InputError, ValueError, OSError)  # bad input, a missing file, a refused folder
-
-
 def main() -> None:
     """Console entry point.
 
-    Bad input (a user error) ends with one line naming the file, line and value, exit 2. An
-    internal error ends with one line and exit 1; its traceback goes to a log file under the work
-    folder. SIGINT and SIGTERM stop the command cleanly with exit 130 and 143.
+    A user error (storage.vocab.errors.UserError: a bad file, option or setting, a stage not run
+    yet) ends with its one line, exit 2. An error of the machine (OSError: a disk full, a folder
+    not writable) ends with its line, exit 2, and its traceback in a log file the line names.
+    Anything else is a bug: one line, exit 1, the traceback in a log file under the work folder.
+    SIGINT and SIGTERM stop the command cleanly with exit 130 and 143.
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from cxr_miner.flows.logs import quiet_run_tracebacks
@@ -439,9 +755,15 @@ def failure_status(error: BaseException) -> int:
     if stop is not None:
         say("stopped:", f"{stop}; temporary files removed, a rerun resumes", style="yellow")
         return stop.exit_status
-    if isinstance(error, USER_ERRORS):
-        say("error:", str(error) + (f" (Prefect's log of it: {write_error_log(error, sys.argv)})" if held_errors() else ""),
-            style="red")
+    if isinstance(error, UserError):
+        say(
+            "error:",
+            str(error) + (f" (Prefect's log of it: {write_error_log(error, sys.argv)})" if held_errors() else ""),
+            style="red",
+        )
+        return 2
+    if isinstance(error, OSError):
+        say("error:", f"{error} (traceback in {write_error_log(error, sys.argv)})", style="red")
         return 2
     if not isinstance(error, Exception):
         raise error  # KeyboardInterrupt outside a stop, GeneratorExit: not ours to report

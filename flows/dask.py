@@ -6,14 +6,17 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dask
 import torch
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from cxr_miner.flows.options import check_cluster
 from cxr_miner.flows.workers import quiet_dask_shutdown
 from cxr_miner.miner.training import pick_device
+from cxr_miner.storage.vocab.errors import SettingError
 
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
 # mmap threshold at 128 KiB: every decoded image buffer is then mmap'ed, zero-filled and
@@ -31,7 +34,9 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def dask_task_runner(workers: int | None = None, address: str | None = None, resources: dict | None = None) -> DaskTaskRunner:
+def dask_task_runner(
+    workers: int | None = None, address: str | None = None, resources: dict | None = None
+) -> TaskRunner[Any]:  # a DaskTaskRunner; prefect's with_options takes TaskRunner[PrefectFuture[Any]]
     """A DaskTaskRunner on ``address`` (e.g. tcp://scheduler:8786), else a local process cluster.
 
     The local cluster has ``workers`` single-threaded worker processes (default: one per
@@ -45,7 +50,12 @@ def dask_task_runner(workers: int | None = None, address: str | None = None, res
     n = workers or default_workers()
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True, **({"resources": resources} if resources else {})},
+        cluster_kwargs={
+            "n_workers": n,
+            "threads_per_worker": 1,
+            "processes": True,
+            **({"resources": resources} if resources else {}),
+        },
     )
 
 
@@ -60,7 +70,7 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except (OSError, ValueError) as error:
-        raise ValueError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
+        raise SettingError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
 
 
 @contextmanager

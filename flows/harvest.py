@@ -20,7 +20,6 @@ worker is rerun by Dask, and the part it writes is the same.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +38,18 @@ from cxr_miner.flows.options import check_harvest
 from cxr_miner.flows.tasks import collect, failure_text
 from cxr_miner.miner.methods import (
     FindingChoice,
-    LocalizationMethod,
     TunedLocalizer,
     check_method,
     choices_from_tuning,
     create_method,
+    harvest_fallback,
 )
 from cxr_miner.miner.training import TrainConfig
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.evaluation import read_tuning
 from cxr_miner.storage.stages.harvest import (
-    PART_SCHEMA,
+    harvest_key,
     harvest_summary,
     harvest_summary_file,
     part_key,
@@ -64,6 +63,7 @@ from cxr_miner.storage.stages.index import GT_BOXES_FILE, SPLITS, read_gt_boxes
 from cxr_miner.storage.stages.provenance import model_identity
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
+from cxr_miner.storage.vocab.errors import MissingInput
 
 # Per worker process: (model id, device) -> models, loaded once and kept. The model id hashes
 # the checkpoint files, so a run retrained under the same name is loaded again.
@@ -86,12 +86,14 @@ def worker_models(run: str, names: tuple[str, ...], model_id: str, device: torch
 def harvest_shard(shard: str, run: str, target: str, key: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Harvest one shard into its part; returns its name, image and box counts."""
     torch.set_num_threads(settings.get("threads") or worker_threads())
-    method = TunedLocalizer.from_key(TrainConfig.from_dict(settings["config"]), settings["choices"])
+    method = TunedLocalizer.from_choices(TrainConfig.from_dict(settings["config"]), settings["choices"])
     device = worker_device(method.config.device)
     models = worker_models(run, method.checkpoints(), settings["model_id"], device)
-    select = scored_at_least(settings["min_score"]) if settings["mode"] == "discovery" else labelled
+    select_for = scored_at_least(settings["min_score"]) if settings["mode"] == "discovery" else labelled
     overlap = device.type == "cuda" if settings.get("overlap") is None else settings["overlap"]
-    rows, images = shard_rows(method, models, Path(shard), select, settings["batch_size"], settings["model_id"], overlap)
+    rows, images = shard_rows(
+        method, models, Path(shard), select_for, settings["batch_size"], settings["model_id"], overlap
+    )
     maybe_fail(Path(shard).stem, images)
     boxes = write_part(Path(target), rows, key, images)
     return {"shard": Path(shard).stem, "images": images, "boxes": boxes}
@@ -110,13 +112,19 @@ def harvest_localizer(folder: RunFolder, method: str) -> TunedLocalizer:
     check_harvest_method(method)
     config, tuning = read_config(folder), read_tuning(folder)
     if method == AUTO:
-        default = auto_default(folder, config)
-        return TunedLocalizer(config, choices_from_tuning(tuning, None), FindingChoice(default.key, default.paper_rule))
+        default = harvest_fallback(config, lambda names: not folder.missing(names))
+        return TunedLocalizer(
+            config, choices_from_tuning(tuning, None), FindingChoice(default.variant, default.paper_rule)
+        )
     chosen = create_method(method, config)
     if missing := folder.missing(chosen.release_checkpoints()):
-        raise FileNotFoundError(f"{folder.directory}: method {method!r} needs {', '.join(missing)} "
-                                f"(train the run with --method {method} first)")
-    return TunedLocalizer(config, choices_from_tuning(tuning, chosen.key), FindingChoice(chosen.key, chosen.paper_rule))
+        raise MissingInput(
+            f"{folder.directory}: method {method!r} needs {', '.join(missing)} "
+            f"(train the run with --method {method} first)"
+        )
+    return TunedLocalizer(
+        config, choices_from_tuning(tuning, chosen.variant), FindingChoice(chosen.variant, chosen.paper_rule)
+    )
 
 
 def why_untuned(work: Path, folder: RunFolder) -> str:
@@ -125,21 +133,12 @@ def why_untuned(work: Path, folder: RunFolder) -> str:
     if not boxed:
         return "no tuning: the collection has no image with a ground-truth box"
     if not folder.evaluation_json.exists():
-        return (f"no tuning: evaluate has not run, though {boxed} images have ground-truth boxes (run `cxr-miner evaluate "
-                f"--workdir {work} --run {folder.name}`, then harvest again: a release refuses a harvest made without "
-                "its run's tuning)")
+        return (
+            f"no tuning: evaluate has not run, though {boxed} images have ground-truth boxes (run `cxr-miner evaluate "
+            f"--workdir {work} --run {folder.name}`, then harvest again: a release refuses a harvest made without "
+            "its run's tuning)"
+        )
     return "no tuning: evaluate found no boxed image among the harvested ones"
-
-
-def auto_default(folder: RunFolder, config: TrainConfig) -> LocalizationMethod:
-    """The method ``auto`` boxes a finding without a tuned choice with: the run's AM over all its
-    steps, else the CAM baseline, else (a MIL-only run) the MIL model released from every box."""
-    am, mil = create_method("am", config), create_method("mil", config)
-    if config.am_steps > 1 and not folder.missing(am.checkpoints()):
-        return am
-    if folder.missing(("step1",)) and not folder.missing(mil.release_checkpoints()):
-        return mil
-    return create_method("cam", config)
 
 
 @flow(name="harvest", log_prints=True)
@@ -165,48 +164,81 @@ def harvest(
     logger = get_run_logger()
     check_harvest(min_score, batch_size)
     work, folder = Path(workdir), RunFolder.of(workdir, run)
-    localizer = harvest_localizer(folder, method)
-    if not localizer.choices:
-        logger.warning("%s: %s: every finding is boxed by %s with the paper's rule, and no box has a confidence",
-                       folder.directory, why_untuned(work, folder), localizer.default.variant)
-    if missing := folder.missing(localizer.checkpoints()):
-        raise FileNotFoundError(f"{folder.directory}: method {method!r} needs {', '.join(missing)} (train the run first)")
-    for name in localizer.checkpoints():  # a damaged one is the user's to mend: said once, before any worker starts
-        read_checkpoint_record(folder.checkpoint(name))
+    localizer = checked_localizer(work, folder, method)
     model_id, digests = model_identity(run, [folder.checkpoint(n) for n in localizer.checkpoints()])
     mode = "discovery" if all_findings else "mining"
     shards = [s for s in ShardReader(work / SHARD_DIR).shards if s["split"] in splits]
     if not shards:
-        raise FileNotFoundError(f"{work / SHARD_DIR}: no shards of splits {', '.join(splits)} (run preprocess first)")
-    base_key = {"model_id": model_id, "checkpoints": digests, "method": method, "mode": mode,
-                "min_score": min_score if all_findings else None, "input_size": localizer.config.input_size,
-                "choices": localizer.key(), "tuning": tuning_identity(folder.tuning_json),
-                "columns": PART_SCHEMA.names}  # a part of an older layout is made again
-    settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size,
-                "threads": threads, "choices": localizer.key(), "model_id": model_id, "overlap": overlap}
+        raise MissingInput(f"{work / SHARD_DIR}: no shards of splits {', '.join(splits)} (run preprocess first)")
+    identity: dict[str, Any] = {"model_id": model_id, "checkpoints": digests, "method": method, "mode": mode}
+    identity |= {"min_score": min_score if all_findings else None, "input_size": localizer.config.input_size}
+    base_key = harvest_key(identity, localizer.choices_record(), tuning_identity(folder.tuning_json))
+    settings = {"config": localizer.config.to_dict(), "mode": mode, "min_score": min_score, "batch_size": batch_size}
+    settings |= {"threads": threads, "choices": localizer.choices_record(), "model_id": model_id, "overlap": overlap}
     parts_dir(work).mkdir(parents=True, exist_ok=True)
     harvest_summary_file(work).unlink(missing_ok=True)  # the summary marks a complete harvest
-
-    base_key = json.loads(json.dumps(base_key))  # as a part's metadata reads back (lists, not tuples)
     keys = {s["name"]: {**base_key, "shard": s["sha256"]} for s in shards}
     todo = [s for s in shards if part_key(part_path(work, s["file"])) != keys[s["name"]]]
-    rows = {s["name"]: s["rows"] for s in shards}
-    logger.info("harvest %s (%s, %s): %d shards to do, %d already done", model_id, method, mode, len(todo), len(shards) - len(todo))
-    with dask.annotate(**({"resources": {"GPU": 1}} if gpu_tasks else {})):
-        futures = [harvest_shard.submit(str(work / SHARD_DIR / s["file"]), str(folder.directory),
-                                        str(part_path(work, s["file"])), keys[s["name"]], settings) for s in todo]
-    names = [s["name"] for s in todo]
-    results, failures = collect(f"harvest {model_id}", futures, names, rows, already_done=sum(rows.values()) - sum(rows[n] for n in names))
-    failures |= {n: f"harvested {r['images']} images of {rows[n]}" for n, r in results.items() if r["images"] != rows[n]}
-    if failures:
-        raise HarvestIncomplete(f"{failure_text(failures, len(shards))}; the other parts are kept: rerun to resume")
-
+    done = len(shards) - len(todo)
+    logger.info("harvest %s (%s, %s): %d shards to do, %d already done", model_id, method, mode, len(todo), done)
+    harvest_parts(work, folder, shards, todo, keys, settings, gpu_tasks)
     removed = remove_stale_parts(parts_dir(work), [s["name"] for s in shards])
     summary = harvest_summary(work, shards, base_key, run, built=len(todo), removed=removed)
     write_json(harvest_summary_file(work), summary)
-    logger.info("%d images, %d boxes (%d shards built, %d kept) -> %s",
-                summary["images"], summary["boxes"], len(todo), len(shards) - len(todo), parts_dir(work))
+    images, boxes = summary["images"], summary["boxes"]
+    logger.info("%d images, %d boxes (%d shards built, %d kept) -> %s", images, boxes, len(todo), done, parts_dir(work))
     return summary
+
+
+def checked_localizer(work: Path, folder: RunFolder, method: str) -> TunedLocalizer:
+    """harvest_localizer, its checkpoints all there and readable (a damaged one is the user's to
+    mend: said once, before any worker starts); an untuned run is warned of."""
+    localizer = harvest_localizer(folder, method)
+    if not localizer.choices:
+        get_run_logger().warning(
+            "%s: %s: every finding is boxed by %s with the paper's rule, and no box has a confidence",
+            folder.directory,
+            why_untuned(work, folder),
+            localizer.default.variant,
+        )
+    if missing := folder.missing(localizer.checkpoints()):
+        raise MissingInput(f"{folder.directory}: method {method!r} needs {', '.join(missing)} (train the run first)")
+    for name in localizer.checkpoints():
+        read_checkpoint_record(folder.checkpoint(name))
+    return localizer
+
+
+def harvest_parts(
+    work: Path,
+    folder: RunFolder,
+    shards: list[dict[str, Any]],
+    todo: list[dict[str, Any]],
+    keys: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    gpu_tasks: bool,
+) -> None:
+    """One harvest_shard task per shard of ``todo`` (each asking for a GPU with ``gpu_tasks``);
+    HarvestIncomplete naming the failed ones (or one that boxed fewer images than its shard holds)."""
+    rows = {s["name"]: s["rows"] for s in shards}
+    with dask.annotate(**({"resources": {"GPU": 1}} if gpu_tasks else {})):
+        futures = [
+            harvest_shard.submit(
+                str(work / SHARD_DIR / s["file"]),
+                str(folder.directory),
+                str(part_path(work, s["file"])),
+                keys[s["name"]],
+                settings,
+            )
+            for s in todo
+        ]
+    names = [s["name"] for s in todo]
+    done = sum(rows.values()) - sum(rows[n] for n in names)
+    results, failures = collect(f"harvest {settings['model_id']}", futures, names, rows, already_done=done)
+    failures |= {
+        n: f"harvested {r['images']} images of {rows[n]}" for n, r in results.items() if r["images"] != rows[n]
+    }
+    if failures:
+        raise HarvestIncomplete(f"{failure_text(failures, len(shards))}; the other parts are kept: rerun to resume")
 
 
 def local_layout(workers: int | None) -> tuple[int, int]:
@@ -221,7 +253,13 @@ def local_layout(workers: int | None) -> tuple[int, int]:
 
 @writes_into("workdir")
 def run_harvest(
-    workdir: str, run: str, *, workers: int | None = None, dask_address: str | None = None, gpus: int | None = None, **options: Any
+    workdir: str,
+    run: str,
+    *,
+    workers: int | None = None,
+    dask_address: str | None = None,
+    gpus: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """The flow on a Dask cluster: local processes by default (:func:`local_layout`; on CUDA each
     holds a ``GPU`` resource), or an existing scheduler (with ``gpus``, its workers must offer
@@ -233,7 +271,10 @@ def run_harvest(
         workers, threads = local_layout(workers)
         options.setdefault("threads", threads)
     options["gpu_tasks"] = bool(gpus)
-    runner = dask_task_runner(workers=None if dask_address else workers, address=dask_address,
-                              resources={"GPU": 1} if gpus and not dask_address else None)
+    runner = dask_task_runner(
+        workers=None if dask_address else workers,
+        address=dask_address,
+        resources={"GPU": 1} if gpus and not dask_address else None,
+    )
     with prefect_api(), local_worker_config():
         return harvest.with_options(task_runner=runner)(workdir=workdir, run=run, **options)

@@ -15,14 +15,17 @@ from cxr_miner.flows.progress import progress_bar
 from cxr_miner.storage.inputs.pseudonym import load_or_create_key
 from cxr_miner.storage.inputs.sources import SourceScan, scan_dicom, scan_nih
 from cxr_miner.storage.stages.index import INDEX_FILE, MAX_SHRINK, write_index
+from cxr_miner.storage.vocab.errors import MissingInput, SettingError
 
 __all__ = ["ingest"]
 
 
-def scan(root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool, allow_outside_links: bool) -> SourceScan:
+def scan(
+    root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool, allow_outside_links: bool
+) -> SourceScan:
     if dicom:
         if labels is None:
-            raise ValueError("--dicom needs --labels CSV (columns: path or sop_instance_uid, findings)")
+            raise SettingError("--dicom needs --labels CSV (columns: path or sop_instance_uid, findings)")
         key = load_or_create_key(workdir / "secrets" / "pseudonym.key")
         with progress_bar("reading DICOM headers", None) as advance:
             return scan_dicom(root, labels, key, progress=advance, allow_outside_links=allow_outside_links)
@@ -34,14 +37,29 @@ def scan(root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_o
 # where Prefect would walk every one of them.
 @task(cache_policy=NO_CACHE)
 def index_collection(
-    root: Path, workdir: Path, dicom: bool, labels: Path | None, metadata_only: bool, val_fraction: float, test_fraction: float,
-    max_shrink: float | None, allow_outside_links: bool,
+    root: Path,
+    workdir: Path,
+    dicom: bool,
+    labels: Path | None,
+    metadata_only: bool,
+    val_fraction: float,
+    test_fraction: float,
+    max_shrink: float | None,
+    allow_outside_links: bool,
 ) -> dict[str, Any]:
     """Scan the source, assign splits, write index, ground-truth boxes and the report."""
     found = scan(root, workdir, dicom, labels, metadata_only, allow_outside_links)
-    return write_index(found, root, workdir, val_fraction=val_fraction, test_fraction=test_fraction,
-                       source="dicom" if dicom else "nih", max_shrink=max_shrink, allow_outside_links=allow_outside_links,
-                       before_report=lambda: maybe_fail("ingest"))
+    return write_index(
+        found,
+        root,
+        workdir,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        source="dicom" if dicom else "nih",
+        max_shrink=max_shrink,
+        allow_outside_links=allow_outside_links,
+        before_report=lambda: maybe_fail("ingest"),
+    )
 
 
 @flow(name="ingest", log_prints=True)
@@ -67,12 +85,26 @@ def ingest(
     check_ingest(val_fraction, test_fraction, max_shrink)
     root_path, work = Path(root), Path(workdir)
     if not root_path.is_dir():
-        raise FileNotFoundError(f"{root_path}: dataset root is not a folder")
-    report = index_collection(root_path, work, dicom, Path(labels) if labels else None, metadata_only, val_fraction, test_fraction,
-                              None if allow_shrink else max_shrink, allow_outside_links)
+        raise MissingInput(f"{root_path}: dataset root is not a folder")
+    report = index_collection(
+        root_path,
+        work,
+        dicom,
+        Path(labels) if labels else None,
+        metadata_only,
+        val_fraction,
+        test_fraction,
+        None if allow_shrink else max_shrink,
+        allow_outside_links,
+    )
     logger = get_run_logger()
     logger.info(
         "indexed %d images (%d missing, %d unlisted files, %d skipped, %d ground-truth boxes) into %s",
-        report["rows"], len(report["missing"]), len(report["unlisted"]), len(report["skipped"]), report["gt_boxes"], work / INDEX_FILE,
+        report["rows"],
+        len(report["missing"]),
+        len(report["unlisted"]),
+        len(report["skipped"]),
+        report["gt_boxes"],
+        work / INDEX_FILE,
     )
     return report

@@ -96,9 +96,15 @@ def write_error_log(error: BaseException, argv: Sequence[str]) -> Path:
     traceback to a new file; return its path."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     held = "".join(f"{line}\n" for line in held_errors())
-    text = (f"command: {' '.join(argv)}\ntime: {stamp}Z\n\n" + (f"Prefect's error lines:\n{held}\n" if held else "")
-            + "".join(traceback.format_exception(error)))
-    for folder in (log_folder(argv), Path(tempfile.gettempdir()) / "cxr-miner-logs"):  # the work folder may be read-only
+    text = (
+        f"command: {' '.join(argv)}\ntime: {stamp}Z\n\n"
+        + (f"Prefect's error lines:\n{held}\n" if held else "")
+        + "".join(traceback.format_exception(error))
+    )
+    for folder in (
+        log_folder(argv),
+        Path(tempfile.gettempdir()) / "cxr-miner-logs",
+    ):  # the work folder may be read-only
         path = folder / f"error-{stamp}-{os.getpid()}.log"
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, read_gt_boxes, read_index
+from cxr_miner.storage.releases.reviews import read_ground_truth
+from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, read_index
 from cxr_miner.storage.stages.shards import ENCODINGS
 from cxr_miner.storage.vocab.errors import InputError
 
@@ -18,7 +19,9 @@ from cxr_miner.storage.vocab.errors import InputError
 MIN_PATIENTS_PER_FOLD = 5
 
 
-def check_range(option: str, value: float, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> None:
+def check_range(
+    option: str, value: float, low: float, high: float, *, open_low: bool = False, open_high: bool = False
+) -> None:
     """InputError unless ``low <= value <= high`` (``<`` at an open end)."""
     above = value > low if open_low else value >= low
     below = value < high if open_high else value <= high
@@ -34,7 +37,10 @@ def check_at_least(option: str, value: int | None, low: int) -> None:
 
 def check_cluster(workers: int | None, dask_address: str | None, gpus: int | None = None) -> None:
     if workers is not None and dask_address:
-        raise InputError("--workers/--dask-address", "give either --workers (a local cluster) or --dask-address (an existing one), not both")
+        raise InputError(
+            "--workers/--dask-address",
+            "give either --workers (a local cluster) or --dask-address (an existing one), not both",
+        )
     check_at_least("--workers", workers, 1)
     check_at_least("--gpus", gpus, 1)
 
@@ -68,11 +74,19 @@ def check_harvest(min_score: float, batch_size: int | None = None) -> None:
     check_at_least("--batch-size", batch_size, 1)
 
 
-def mil_options(box_fraction: float | None, folds: int | None, method: str) -> dict[str, Any]:
-    """``--box-fraction`` and ``--folds`` as config overrides; they only mean something for ``mil``."""
+def box_options(
+    box_fraction: float | None, folds: int | None, method: str, box_learners: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """``--box-fraction`` and ``--folds`` as config overrides, their ranges checked; they only mean
+    something for a method that learns from boxes (``box_learners``: the registry's names of
+    those; None: not known yet, as on the command line before the registry is imported)."""
     overrides = {k: v for k, v in (("box_fraction", box_fraction), ("box_folds", folds)) if v is not None}
-    if overrides and method != "mil":
-        raise InputError("--box-fraction/--folds", f"they train the MIL model from boxes: use them with --method mil, not {method!r}")
+    if overrides and box_learners is not None and method not in box_learners:
+        do = ", ".join(f"--method {name}" for name in box_learners) or "none is registered"
+        raise InputError(
+            "--box-fraction/--folds",
+            f"they choose the boxes a model learns from: method {method!r} learns from none (those that do: {do})",
+        )
     if box_fraction is not None:
         check_range("--box-fraction", box_fraction, 0, 1)
     if folds is not None and folds < 2:
@@ -84,7 +98,7 @@ def boxed_patients(workdir: Path) -> int | None:
     """How many patients have an image with a ground-truth box (None before ingest)."""
     if not (workdir / GT_BOXES_FILE).exists() or not (workdir / INDEX_FILE).exists():
         return None
-    boxed = set(read_gt_boxes(workdir / GT_BOXES_FILE))
+    boxed = set(read_ground_truth(workdir)[0])  # NIH's boxes and the reviewers'
     index = read_index(workdir / INDEX_FILE).select(["image_id", "patient_id"]).to_pydict()
     return len({patient or image for image, patient in zip(index["image_id"], index["patient_id"]) if image in boxed})
 
@@ -97,9 +111,14 @@ def check_folds(workdir: Path, folds: int) -> str | None:
     if patients is None:
         return None
     if folds > patients:
-        raise InputError("--folds", f"{folds} folds, but {workdir / GT_BOXES_FILE} has boxes of {patients} patients: "
-                         f"each fold needs at least one patient to hold out (use at most {patients})")
+        raise InputError(
+            "--folds",
+            f"{folds} folds, but {workdir / GT_BOXES_FILE} has boxes of {patients} patients: "
+            f"each fold needs at least one patient to hold out (use at most {patients})",
+        )
     if patients / folds < MIN_PATIENTS_PER_FOLD:
-        return (f"--folds {folds}: {patients} boxed patients give each fold about {patients / folds:.1f} to hold out "
-                f"(fewer than {MIN_PATIENTS_PER_FOLD}): its figures will rest on very few images")
+        return (
+            f"--folds {folds}: {patients} boxed patients give each fold about {patients / folds:.1f} to hold out "
+            f"(fewer than {MIN_PATIENTS_PER_FOLD}): its figures will rest on very few images"
+        )
     return None

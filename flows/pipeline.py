@@ -56,17 +56,25 @@ def run(
         logger.info("evaluate: run %s was evaluated with these checkpoints, boxes and shards; kept", trained["run"])
     else:
         evaluate(workdir=workdir, run=trained["run"])
-    run_harvest(workdir, trained["run"], workers=workers, dask_address=dask_address, gpus=gpus,
-                method=AUTO, all_findings=all_findings, min_score=min_score)
+    run_harvest(
+        workdir,
+        trained["run"],
+        workers=workers,
+        dask_address=dask_address,
+        gpus=gpus,
+        method=AUTO,
+        all_findings=all_findings,
+        min_score=min_score,
+    )
     published = release(workdir=workdir, out=out, root=root, private=private)
     logger.info("release %s -> %s", published["version"], published["path"])
     if detector_check:
-        published["detector_check"] = run_detector_check(published["path"], workdir, out, workers=workers,
-                                                         dask_address=dask_address, gpus=gpus)
+        published["detector_check"] = run_detector_check(
+            published["path"], workdir, out, workers=workers, dask_address=dask_address, gpus=gpus
+        )
     return published
 
 
 def serve(cron: str, name: str = "cxr-miner-release", **parameters: Any) -> None:
     """Serve ``run`` as a deployment with a cron schedule until stopped (needs a Prefect server)."""
     run.serve(name=name, cron=cron, parameters=parameters, pause_on_shutdown=False)
-

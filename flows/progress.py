@@ -28,6 +28,9 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
         task = progress.add_task(description, total=total, status="")
 
         def advance(n: int = 1, status: str | None = None) -> None:
-            progress.update(task, advance=n, **({"status": status} if status is not None else {}))
+            if status is None:
+                progress.update(task, advance=n)
+            else:
+                progress.update(task, advance=n, status=status)
 
         yield advance

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 GRACE_S = 8.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -40,14 +40,16 @@ def kill_children() -> None:
     import psutil
 
     for child in psutil.Process().children(recursive=True):
-        try:
+        with suppress(psutil.Error):
             child.kill()
-        except psutil.Error:
-            pass
 
 
 def _watchdog(status: int, grace_s: float) -> None:
-    timer = threading.Timer(grace_s, lambda: (kill_children(), os._exit(status)))
+    def kill_and_exit() -> None:
+        kill_children()
+        os._exit(status)
+
+    timer = threading.Timer(grace_s, kill_and_exit)
     timer.daemon = True
     timer.start()
 

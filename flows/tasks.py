@@ -12,7 +12,11 @@ from cxr_miner.flows.progress import progress_bar
 
 
 def collect(
-    description: str, futures: Sequence[PrefectFuture], names: Sequence[str], images: Mapping[str, int], already_done: int = 0
+    description: str,
+    futures: Sequence[PrefectFuture],
+    names: Sequence[str],
+    images: Mapping[str, int],
+    already_done: int = 0,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Each task's result by name, and the failures by name (``Type: message``), in completion
     order. The progress bar counts images: ``images[name]`` as each task ends, of the total
@@ -22,7 +26,7 @@ def collect(
     failures: dict[str, str] = {}
     with progress_bar(description, already_done + sum(images[n] for n in names)) as advance:
         advance(already_done)
-        for future in as_completed(futures):
+        for future in as_completed(list(futures)):
             name = by_id[id(future)]
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):

@@ -46,7 +46,9 @@ class Mining(NamedTuple):
 
 @torch.no_grad()
 def mine(
-    models: Sequence[CamClassifier], images: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    models: Sequence[CamClassifier],
+    images: torch.Tensor,
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None,
     last_mask: bool = True,
 ) -> Mining:
     """Run AM steps 1..len(models): H_t = normalise(CAM of model t on X_t * M_{t-1}) (Eq. 7), M_t.
@@ -70,11 +72,14 @@ def mine(
             logits = features.logits
             wanted = select(logits) if select is not None else None
         x = features.features
-        previous = masks[-1] if masks else torch.ones(x.shape[0], model.config.num_classes, *x.shape[2:], device=x.device)
+        previous = (
+            masks[-1] if masks else torch.ones(x.shape[0], model.config.num_classes, *x.shape[2:], device=x.device)
+        )
         heatmap = normalize_maps(model.cams(x.float(), previous), previous)
         heatmaps.append(heatmap)
         if last_mask or len(heatmaps) < len(models):
             masks.append(update_masks(heatmap, previous, wanted))
+    assert logits is not None  # set by the first model; there is at least one
     return Mining(heatmaps, masks, logits)
 
 

@@ -71,7 +71,9 @@ def box_mean(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return float(heatmap[y0:y1, x0:x1].mean())
 
 
-def heatmap_boxes(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
+def heatmap_boxes(
+    heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``len(thresholds)`` boxes from one heatmap, ranked by mean heatmap inside (descending).
 
     At each threshold the component holding the global maximum gives one box; thresholds that
@@ -126,7 +128,7 @@ def peak_component_masks(heatmaps: torch.Tensor, threshold: float, check_every: 
 
 def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W) bool -> xyxy boxes (N, 4) float32 (max exclusive) and whether each mask is non-empty (N,)."""
-    n, h, w = masks.shape
+    _n, h, w = masks.shape
     rows, cols = masks.any(dim=2), masks.any(dim=1)
 
     def span(present: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +143,7 @@ def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def box_means(heatmaps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Mean of each (N, H, W) map inside its xyxy integer box (N, 4) -> (N,); 0 for empty boxes."""
-    n, h, w = heatmaps.shape
+    _n, h, w = heatmaps.shape
     ys = torch.arange(h, device=heatmaps.device)[None, :, None]
     xs = torch.arange(w, device=heatmaps.device)[None, None, :]
     x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_miner.miner.bootstrap import LEVEL, draw_weights, interval, resample_draws
+from cxr_miner.miner.bootstrap import LEVEL, confidence_interval, draw_weights, resample_draws
 from cxr_miner.miner.metrics import best_overlap
 
 HIT_IOU = 0.3
@@ -42,11 +42,16 @@ RELIABILITY_BINS = 10
 def box_signals(mean: np.ndarray, peak: np.ndarray, area: np.ndarray, probability: float | np.ndarray) -> np.ndarray:
     """The BOX_SIGNALS of K boxes ranked 1..K: (K,) each (area: share of the heatmap) -> (K, 5)."""
     k = len(mean)
-    return np.stack([
-        np.asarray(mean, dtype=np.float64), np.asarray(peak, dtype=np.float64),
-        np.log(np.clip(np.asarray(area, dtype=np.float64), 1e-6, None)), np.arange(1, k + 1, dtype=np.float64),
-        np.broadcast_to(np.asarray(probability, dtype=np.float64), (k,)),
-    ], axis=1).reshape(k, len(BOX_SIGNALS))
+    return np.stack(
+        [
+            np.asarray(mean, dtype=np.float64),
+            np.asarray(peak, dtype=np.float64),
+            np.log(np.clip(np.asarray(area, dtype=np.float64), 1e-6, None)),
+            np.arange(1, k + 1, dtype=np.float64),
+            np.broadcast_to(np.asarray(probability, dtype=np.float64), (k,)),
+        ],
+        axis=1,
+    ).reshape(k, len(BOX_SIGNALS))
 
 
 def hits(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -91,10 +96,12 @@ class BoxOutcomes:
     def rank1_hits(self, calibration: Calibration | None = None) -> np.ndarray:
         """(pairs,) bool: whether each pair's rank 1 is a hit, rank 1 by ``calibration``'s confidence
         (confidence_order), or the rule's own without one."""
+
         def first(signals: np.ndarray, hit: np.ndarray) -> bool:
             if not len(hit):
                 return False
             return bool(hit[0] if calibration is None else hit[confidence_order(calibration.predict(signals))[0]])
+
         return np.array([first(s, h) for s, h in zip(self.signals, self.hit)], dtype=bool)
 
     def any_hits(self) -> np.ndarray:
@@ -122,13 +129,17 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-shaped (lists, not tuples), so that it equals itself read back."""
-        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, "signals": list(BOX_SIGNALS)}
+        return {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()},
+            "signals": list(BOX_SIGNALS),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         if data.get("signals", list(BOX_SIGNALS)) != list(BOX_SIGNALS):
             raise ValueError(f"calibration of signals {data.get('signals')}, this code uses {list(BOX_SIGNALS)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "signals"})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "signals"}
+        return cls(**fields)
 
 
 def fit_calibration(signals: np.ndarray, hit: np.ndarray) -> Calibration:
@@ -145,8 +156,15 @@ def fit_calibration(signals: np.ndarray, hit: np.ndarray) -> Calibration:
     center, scale = signals.mean(axis=0), signals.std(axis=0)
     scale = np.where(scale > 1e-9, scale, 1.0)
     model = LogisticRegression(C=1.0).fit((signals - center) / scale, hit)
-    return Calibration("platt", float(model.intercept_[0]), tuple(center.tolist()), tuple(scale.tolist()),
-                       tuple(model.coef_[0].tolist()), boxes=n, hits=positives)
+    return Calibration(
+        "platt",
+        float(model.intercept_[0]),
+        tuple(center.tolist()),
+        tuple(scale.tolist()),
+        tuple(model.coef_[0].tolist()),
+        boxes=n,
+        hits=positives,
+    )
 
 
 def reliability(confidence: np.ndarray, hit: np.ndarray, bins: int = RELIABILITY_BINS) -> dict[str, Any]:
@@ -161,9 +179,11 @@ def reliability(confidence: np.ndarray, hit: np.ndarray, bins: int = RELIABILITY
         if not inside.any():
             continue
         mean, rate = float(confidence[inside].mean()), float(hit[inside].mean())
-        rows.append({"low": b / bins, "high": (b + 1) / bins, "boxes": int(inside.sum()), "confidence": mean, "hit_rate": rate})
+        rows.append(
+            {"low": b / bins, "high": (b + 1) / bins, "boxes": int(inside.sum()), "confidence": mean, "hit_rate": rate}
+        )
         ece += inside.sum() / len(hit) * abs(mean - rate)
-    return {"bins": rows, "ece": float(ece) if len(hit) else math.nan, "boxes": int(len(hit))}
+    return {"bins": rows, "ece": float(ece) if len(hit) else math.nan, "boxes": len(hit)}
 
 
 def pool_reliability(diagrams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -173,16 +193,46 @@ def pool_reliability(diagrams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for diagram in diagrams:
         for row in diagram["bins"]:
             n, confidence, hits = pooled.setdefault((row["low"], row["high"]), [0, 0.0, 0.0])
-            pooled[(row["low"], row["high"])] = [n + row["boxes"], confidence + row["boxes"] * row["confidence"],
-                                                 hits + row["boxes"] * row["hit_rate"]]
-    rows = [{"low": low, "high": high, "boxes": int(n), "confidence": c / n, "hit_rate": h / n}
-            for (low, high), (n, c, h) in sorted(pooled.items())]
+            pooled[(row["low"], row["high"])] = [
+                n + row["boxes"],
+                confidence + row["boxes"] * row["confidence"],
+                hits + row["boxes"] * row["hit_rate"],
+            ]
+    rows = [
+        {"low": low, "high": high, "boxes": int(n), "confidence": c / n, "hit_rate": h / n}
+        for (low, high), (n, c, h) in sorted(pooled.items())
+    ]
     boxes = sum(r["boxes"] for r in rows)
     ece = sum(r["boxes"] * abs(r["confidence"] - r["hit_rate"]) for r in rows) / boxes if boxes else math.nan
     return {"bins": rows, "ece": float(ece), "boxes": boxes}
 
 
-def precision_recall(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float) -> dict[str, float]:
+def weighted_ece(
+    confidence: np.ndarray, hit: np.ndarray, weights: np.ndarray, bins: int = RELIABILITY_BINS
+) -> np.ndarray:
+    """(R,): reliability's ECE of B boxes under each of R weightings ``weights`` (R, B) (a box
+    counted as often as a resample draws its pair): sum over bins of |sum of confidences - sum of
+    hits| / boxes, which is reliability's sum of boxes / B x |mean confidence - hit rate|; NaN
+    where no box is weighted."""
+    confidence, hit = np.asarray(confidence, dtype=np.float64), np.asarray(hit, dtype=np.float64)
+    which = np.eye(bins)[np.minimum((confidence * bins).astype(int), bins - 1)]  # (B, bins)
+    gap = np.abs((weights * confidence) @ which - (weights * hit) @ which).sum(axis=1)
+    total = weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, gap / total, math.nan)
+
+
+def ece_ci(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int) -> list[float]:
+    """The 95% CI (miner.bootstrap.confidence_interval) of the ECE over resamples of the ``pairs``."""
+    if not pairs or not len(hit):
+        return [math.nan, math.nan]
+    weights = draw_weights(resample_draws(pairs), pairs)[:, np.asarray(pair)]
+    return list(confidence_interval(weighted_ece(confidence, hit, weights)))
+
+
+def precision_recall(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float
+) -> dict[str, float]:
     """Precision (hits / boxes), recall (pairs with a hit / ``pairs``) and false positives per
     pair (``afp``: misses / ``pairs``, the AFP per image of the finding's images) of the boxes with
     confidence >= ``at``; NaN precision when no box is taken."""
@@ -190,13 +240,17 @@ def precision_recall(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, 
     hit = np.asarray(hit, dtype=bool)
     boxes = int(taken.sum())
     hit_pairs = len(set(np.asarray(pair)[taken & hit].tolist()))
-    return {"boxes": boxes, "precision": float(hit[taken].mean()) if boxes else math.nan,
-            "recall": hit_pairs / pairs if pairs else math.nan,
-            "afp": float((taken & ~hit).sum()) / pairs if pairs else math.nan}
+    return {
+        "boxes": boxes,
+        "precision": float(hit[taken].mean()) if boxes else math.nan,
+        "recall": hit_pairs / pairs if pairs else math.nan,
+        "afp": float((taken & ~hit).sum()) / pairs if pairs else math.nan,
+    }
 
 
-def resampled_precision(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, draws: np.ndarray,
-                        levels: np.ndarray) -> np.ndarray:
+def resampled_precision(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, draws: np.ndarray, levels: np.ndarray
+) -> np.ndarray:
     """(resamples, L): the precision of the boxes with confidence >= each of ``levels`` (L,) on
     each resample of the pairs (``draws``, miner.bootstrap.resample_draws); NaN where none is taken."""
     pairs = draws.shape[1]
@@ -210,14 +264,26 @@ def resampled_precision(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarra
         return np.where(taken_boxes > 0, taken_hits / taken_boxes, math.nan)
 
 
-def precision_interval(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float) -> tuple[float, float]:
-    """The bootstrap interval (miner.bootstrap.interval) of the precision at ``at`` over resamples of the pairs."""
+def precision_interval(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float
+) -> tuple[float, float]:
+    """The 95% CI (miner.bootstrap.confidence_interval) of the precision at ``at`` over resamples of the pairs."""
     if not pairs or not len(hit):
         return math.nan, math.nan
-    return interval(resampled_precision(confidence, hit, pair, resample_draws(pairs), np.array([at]))[:, 0])
+    return confidence_interval(resampled_precision(confidence, hit, pair, resample_draws(pairs), np.array([at]))[:, 0])
 
 
-def pr_curve(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, points: int = 50) -> list[dict[str, float]]:
+def recalled_pairs(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float) -> np.ndarray:
+    """(pairs,) bool: whether each pair has a hit among its boxes with confidence >= ``at``
+    (recall is their mean, precision_recall's)."""
+    recalled = np.zeros(pairs, dtype=bool)
+    recalled[np.asarray(pair)[(np.asarray(confidence) >= at) & np.asarray(hit, dtype=bool)]] = True
+    return recalled
+
+
+def pr_curve(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, points: int = 50
+) -> list[dict[str, float]]:
     """Precision and recall at (at most ``points``) confidences taken from the boxes' own, highest first."""
     levels = np.unique(confidence)[::-1]
     if len(levels) > points:
@@ -225,8 +291,9 @@ def pr_curve(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: i
     return [{"confidence": float(c), **precision_recall(confidence, hit, pair, pairs, float(c))} for c in levels]
 
 
-def robust_operating_point(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int,
-                           target: float = PRECISION_TARGET) -> float | None:
+def robust_operating_point(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, target: float = PRECISION_TARGET
+) -> float | None:
     """The lowest confidence c (among the boxes') such that the boxes with confidence >= c have
     precision >= ``target`` in all but LEVEL of the bootstrap resamples of the ``pairs`` (the
     LEVEL quantile at or above it; a resample that takes no box fails); None when none does."""

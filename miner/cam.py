@@ -24,7 +24,9 @@ def _check_masks(features: torch.Tensor, weights: torch.Tensor, masks: torch.Ten
         raise ValueError(f"masks must be {(n, weights.shape[0], h, w)}, got {tuple(masks.shape)}")
 
 
-def class_activation_maps(features: torch.Tensor, weights: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+def class_activation_maps(
+    features: torch.Tensor, weights: torch.Tensor, masks: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 7: H^c = (X * M^c) w^c, the inner product over channels. -> (N, C, h, w).
 
     Without masks this is the CAM of Zhou et al. (M^c all ones, M_0 of section 3.2).
@@ -34,13 +36,17 @@ def class_activation_maps(features: torch.Tensor, weights: torch.Tensor, masks: 
     return cams if masks is None else cams * masks.to(cams.dtype)
 
 
-def erased_logits(features: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor) -> torch.Tensor:
+def erased_logits(
+    features: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, masks: torch.Tensor
+) -> torch.Tensor:
     """Eq. 1-2: branch c scores its own erased map, (w^c)^T g(X * M^c) (+ b_c). -> (N, C).
 
     g is global average pooling over all h * w positions, erased ones included (they are 0).
     """
     _check_masks(features, weights, masks)
-    pooled = torch.einsum("ndhw,nchw->ncd", features, masks.to(features.dtype)) / (features.shape[2] * features.shape[3])
+    pooled = torch.einsum("ndhw,nchw->ncd", features, masks.to(features.dtype)) / (
+        features.shape[2] * features.shape[3]
+    )
     logits = (pooled * weights.to(pooled.dtype)).sum(dim=2)  # X-hat^c of Eq. 1, pooled, through w^c
     return logits if bias is None else logits + bias.to(logits.dtype)
 

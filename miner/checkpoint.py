@@ -21,7 +21,9 @@ def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
 
 def load_model_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Strict load of ``model.*`` arrays; ValueError naming the mismatch."""
-    state = {k.removeprefix("model."): torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("model.")}
+    state = {
+        k.removeprefix("model."): torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("model.")
+    }
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -51,7 +53,9 @@ def training_state(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[di
     return arrays, record
 
 
-def restore_training_state(optimizer: torch.optim.Optimizer, scheduler: Any, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+def restore_training_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any, arrays: dict[str, np.ndarray], record: dict[str, Any]
+) -> None:
     """Inverse of training_state (tensors go to the device of the optimiser's parameters)."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in arrays.items():

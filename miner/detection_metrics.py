@@ -31,16 +31,25 @@ MAX_DETECTIONS = [1, 3, 100]
 METRICS = ("ap30", "ap50", "ap", "recall1_30", "recall3_30", "recall1_50", "recall3_50")
 
 
-def coco_ground_truth(truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]],
-                      sizes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, Any], dict[str, int]]:
+def coco_ground_truth(
+    truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]], sizes: Mapping[str, tuple[int, int]]
+) -> tuple[dict[str, Any], dict[str, int]]:
     """image id -> [(finding, xyxy)] and image id -> (width, height) -> (a COCO dataset dict, image id -> COCO id).
     Every image of ``truth`` is listed, boxed or not; category ids are FINDINGS positions + 1."""
     ids = {image: k for k, image in enumerate(sorted(truth), start=1)}
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for image, boxes in sorted(truth.items()):
         for finding, (x0, y0, x1, y1) in boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": ids[image], "category_id": FINDINGS.index(finding) + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": ids[image],
+                    "category_id": FINDINGS.index(finding) + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
     images = [{"id": ids[i], "width": sizes[i][0], "height": sizes[i][1], "file_name": i} for i in sorted(truth)]
     categories = [{"id": k + 1, "name": f} for k, f in enumerate(FINDINGS)]
     return {"images": images, "annotations": annotations, "categories": categories}, ids
@@ -48,12 +57,24 @@ def coco_ground_truth(truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]]
 
 def coco_results(found: Sequence[Mapping[str, Any]], ids: Mapping[str, int]) -> list[dict[str, Any]]:
     """Detections {"image", "finding", "bbox" xywh, "score"} -> COCO results of the images in ``ids``."""
-    return [{"image_id": ids[d["image"]], "category_id": FINDINGS.index(d["finding"]) + 1, "bbox": list(d["bbox"]),
-             "score": float(d["score"])} for d in found if d["image"] in ids]
+    return [
+        {
+            "image_id": ids[d["image"]],
+            "category_id": FINDINGS.index(d["finding"]) + 1,
+            "bbox": list(d["bbox"]),
+            "score": float(d["score"]),
+        }
+        for d in found
+        if d["image"] in ids
+    ]
 
 
-def detection_figures(truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]], sizes: Mapping[str, tuple[int, int]],
-                      found: Sequence[Mapping[str, Any]], findings: Sequence[str]) -> dict[str, dict[str, float]]:
+def detection_figures(
+    truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]],
+    sizes: Mapping[str, tuple[int, int]],
+    found: Sequence[Mapping[str, Any]],
+    findings: Sequence[str],
+) -> dict[str, dict[str, float]]:
     """{finding: {metric: value}, "overall": {...}} for ``findings`` (module doc)."""
     dataset, ids = coco_ground_truth(truth, sizes)
     categories = [FINDINGS.index(f) + 1 for f in findings]
@@ -61,7 +82,9 @@ def detection_figures(truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]]
     results = coco_results(found, ids)
     if not results:
         zero = {m: 0.0 for m in METRICS}
-        per = {f: dict(zero) if FINDINGS.index(f) + 1 in has_truth else dict.fromkeys(METRICS, math.nan) for f in findings}
+        per = {
+            f: dict(zero) if FINDINGS.index(f) + 1 in has_truth else dict.fromkeys(METRICS, math.nan) for f in findings
+        }
         return {**per, "overall": _overall(per)}
     with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its progress
         gt = COCO()
@@ -76,7 +99,10 @@ def detection_figures(truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]]
     precision = evaluation.eval["precision"]  # (T, R, K, A, M): -1 where a category has no ground truth
     recall = evaluation.eval["recall"]  # (T, K, A, M)
     position = {c: k for k, c in enumerate(evaluation.params.catIds)}  # COCOeval sorts the category ids
-    per = {f: _figures(precision[:, :, position[c], 0, :], recall[:, position[c], 0, :]) for f, c in zip(findings, categories)}
+    per = {
+        f: _figures(precision[:, :, position[c], 0, :], recall[:, position[c], 0, :])
+        for f, c in zip(findings, categories)
+    }
     return {**per, "overall": _overall(per)}
 
 
@@ -90,8 +116,11 @@ def _figures(precision: np.ndarray, recall: np.ndarray) -> dict[str, float]:
     if (recall < 0).all():
         return dict.fromkeys(METRICS, math.nan)
     at = {0.3: 0, 0.5: 1}
-    figures = {"ap30": float(precision[0, :, -1].mean()), "ap50": float(precision[1, :, -1].mean()),
-               "ap": float(precision[1:, :, -1].mean())}
+    figures = {
+        "ap30": float(precision[0, :, -1].mean()),
+        "ap50": float(precision[1, :, -1].mean()),
+        "ap": float(precision[1:, :, -1].mean()),
+    }
     for threshold, t in at.items():
         for m, dets in ((0, 1), (1, 3)):
             figures[f"recall{dets}_{round(threshold * 100)}"] = float(recall[t, m])

@@ -23,11 +23,12 @@ from torch import nn
 from torchvision import models as tv
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import misc as misc_ops
 
 from cxr_miner.miner.models import adapt_stem
+from cxr_miner.storage.vocab.errors import SettingError
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 NUM_CLASSES = len(FINDINGS) + 1  # background + the findings, labels = COCO category ids
@@ -39,28 +40,34 @@ class DetectorSpec:
     """How to build one registered detector: its FPN backbone (torchvision builder and the
     classifier it wraps), its anchors at 800 px, and where the stem convolution sits."""
 
-    backbone: Callable[..., nn.Module]
+    backbone: Callable[..., BackboneWithFPN]
     classifier: str  # torchvision classification model whose weights the trunk takes
-    imagenet: object  # its ImageNet weights enum
+    imagenet: tv.WeightsEnum  # its ImageNet weights
     anchor_sizes: tuple[tuple[int, ...], ...]
-    stem: Callable[[nn.Module], tuple[nn.Module, str]]  # body -> (parent module, attribute) of the first conv
+    stem: Callable[[nn.ModuleDict], tuple[nn.Module, str]]  # body -> (parent module, attribute) of the first conv
     stages: int  # trainable stages of the whole trunk (torchvision's maximum trainable_layers)
 
 
 DETECTORS: dict[str, DetectorSpec] = {
     "fasterrcnn-mobilenet": DetectorSpec(
         backbone=lambda weights, norm, trainable: mobilenet_backbone(
-            backbone_name="mobilenet_v3_large", weights=weights, fpn=True, norm_layer=norm, trainable_layers=trainable),
-        classifier="mobilenet_v3_large", imagenet=tv.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+            backbone_name="mobilenet_v3_large", weights=weights, fpn=True, norm_layer=norm, trainable_layers=trainable
+        ),
+        classifier="mobilenet_v3_large",
+        imagenet=tv.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
         anchor_sizes=((32, 64, 128, 256, 512),) * 3,  # torchvision's fasterrcnn_mobilenet_v3_large_fpn
-        stem=lambda body: (body["0"], "0"), stages=6,
+        stem=lambda body: (body["0"], "0"),
+        stages=6,
     ),
     "fasterrcnn-resnet50": DetectorSpec(
         backbone=lambda weights, norm, trainable: resnet_fpn_backbone(
-            backbone_name="resnet50", weights=weights, norm_layer=norm, trainable_layers=trainable),
-        classifier="resnet50", imagenet=tv.ResNet50_Weights.IMAGENET1K_V2,
+            backbone_name="resnet50", weights=weights, norm_layer=norm, trainable_layers=trainable
+        ),
+        classifier="resnet50",
+        imagenet=tv.ResNet50_Weights.IMAGENET1K_V2,
         anchor_sizes=((32,), (64,), (128,), (256,), (512,)),  # torchvision's fasterrcnn_resnet50_fpn
-        stem=lambda body: (body, "conv1"), stages=5,
+        stem=lambda body: (body, "conv1"),
+        stages=5,
     ),
 }
 
@@ -86,9 +93,9 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         if self.name not in DETECTORS:
-            raise ValueError(f"unknown detector {self.name!r}; known: {sorted(DETECTORS)}")
+            raise SettingError(f"unknown detector {self.name!r}; known: {sorted(DETECTORS)}")
         if self.size < 32 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"need size >= 32, epochs >= 1 and batch size >= 1: {self}")
+            raise SettingError(f"need size >= 32, epochs >= 1 and batch size >= 1: {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +110,7 @@ def create_detector(config: DetectorConfig, trunk_weights: dict[str, torch.Tenso
     spec = DETECTORS[config.name]
     pretrained = config.weights != "random"
     if trunk_weights is not None and not pretrained:
-        raise ValueError("trunk weights given for a detector configured with weights random")
+        raise SettingError("trunk weights given for a detector configured with weights random")
     norm = misc_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     backbone = spec.backbone(None, norm, 3 if pretrained else spec.stages)
     if trunk_weights is not None:
@@ -111,16 +118,28 @@ def create_detector(config: DetectorConfig, trunk_weights: dict[str, torch.Tenso
     parent, attribute = spec.stem(backbone.body)
     setattr(parent, attribute, adapt_stem(getattr(parent, attribute)))
     scale = config.size / ANCHOR_IMAGE_SIZE
-    anchors = AnchorGenerator(tuple(tuple(max(4, round(s * scale)) for s in level) for level in spec.anchor_sizes),
-                              ((0.5, 1.0, 2.0),) * len(spec.anchor_sizes))
+    anchors = AnchorGenerator(
+        tuple(tuple(max(4, round(s * scale)) for s in level) for level in spec.anchor_sizes),
+        ((0.5, 1.0, 2.0),) * len(spec.anchor_sizes),
+    )
     resolution = 7  # torchvision's RoI pooling output, 7 x 7
     head = TwoMLPHead(backbone.out_channels * resolution**2, config.box_head)
     return FasterRCNN(
-        backbone, None, box_head=head, box_predictor=FastRCNNPredictor(config.box_head, NUM_CLASSES), min_size=config.size, max_size=config.size, image_mean=[0.0], image_std=[1.0],
-        rpn_anchor_generator=anchors, box_score_thresh=config.score_threshold,
+        backbone,
+        None,
+        box_head=head,
+        box_predictor=FastRCNNPredictor(config.box_head, NUM_CLASSES),
+        min_size=config.size,
+        max_size=config.size,
+        image_mean=[0.0],
+        image_std=[1.0],
+        rpn_anchor_generator=anchors,
+        box_score_thresh=config.score_threshold,
         box_detections_per_img=config.detections_per_image,
-        rpn_pre_nms_top_n_train=2 * config.proposals, rpn_post_nms_top_n_train=config.proposals,
-        rpn_pre_nms_top_n_test=2 * config.proposals, rpn_post_nms_top_n_test=config.proposals,
+        rpn_pre_nms_top_n_train=2 * config.proposals,
+        rpn_post_nms_top_n_train=config.proposals,
+        rpn_pre_nms_top_n_test=2 * config.proposals,
+        rpn_post_nms_top_n_test=config.proposals,
         box_batch_size_per_image=config.rois_per_image,
     )
 
@@ -137,12 +156,16 @@ def load_body_weights(body: nn.Module, state_dict: dict[str, torch.Tensor], clas
     expected = {k for k in body.state_dict() if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"weights do not fit a torchvision {classifier}: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise SettingError(
+            f"weights do not fit a torchvision {classifier}: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
     try:
         body.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"weights do not fit a torchvision {classifier}: {str(error).splitlines()[1].strip()}") from error
+        raise SettingError(
+            f"weights do not fit a torchvision {classifier}: {str(error).splitlines()[1].strip()}"
+        ) from error
 
 
 def imagenet_state(config: DetectorConfig) -> dict[str, torch.Tensor]:
@@ -151,7 +174,9 @@ def imagenet_state(config: DetectorConfig) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=False)
     except OSError as error:  # URLError is an OSError
-        raise ValueError(f"cannot download {weights} ({error}); download it elsewhere and pass the file as --weights PATH") from error
+        raise SettingError(
+            f"cannot download {weights} ({error}); download it elsewhere and pass the file as --weights PATH"
+        ) from error
 
 
 def unpad_targets(boxes: torch.Tensor, labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -174,8 +199,9 @@ def pad_targets(per_image: list[list[tuple[int, list[float]]]]) -> tuple[torch.T
     return boxes, labels
 
 
-def detection_loss(model: FasterRCNN, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
-                   box_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def detection_loss(
+    model: FasterRCNN, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Faster R-CNN's training loss (the sum of its RPN and box-head losses) on normalised images
     (B, 1, S, S) and padded targets; ``labels`` (the image-level ones) are not used. A loss_fn of
     miner.training.train_epoch."""

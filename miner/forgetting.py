@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from scipy.stats import rankdata
 
 from cxr_miner.miner.bootstrap import interval, resample_draws
@@ -30,10 +29,18 @@ def _value(auc: float | None) -> float:
     return math.nan if auc is None else float(auc)
 
 
-def auc_against_step1(step1: Mapping[str, float | None], step: Mapping[str, float | None]) -> dict[str, dict[str, float]]:
+def auc_against_step1(
+    step1: Mapping[str, float | None], step: Mapping[str, float | None]
+) -> dict[str, dict[str, float]]:
     """finding -> {step1, now, change}: change = now - step1 (NaN where either is undefined)."""
-    return {f: {"step1": _value(step1.get(f)), "now": _value(step.get(f)), "change": _value(step.get(f)) - _value(step1.get(f))}
-            for f in step1}
+    return {
+        f: {
+            "step1": _value(step1.get(f)),
+            "now": _value(step.get(f)),
+            "change": _value(step.get(f)) - _value(step1.get(f)),
+        }
+        for f in step1
+    }
 
 
 def forgotten(changes: Mapping[str, Mapping[str, float]], tolerance: float = FORGETTING_TOLERANCE) -> list[str]:
@@ -41,17 +48,28 @@ def forgotten(changes: Mapping[str, Mapping[str, float]], tolerance: float = FOR
     return [f for f, c in changes.items() if not math.isnan(c["change"]) and c["change"] < -tolerance]
 
 
-def change_intervals(step1_scores: np.ndarray, step_scores: np.ndarray, labels: np.ndarray, findings: Sequence[str],
-                     draws: np.ndarray | None = None) -> dict[str, list[float]]:
+def change_intervals(
+    step1_scores: np.ndarray,
+    step_scores: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    draws: np.ndarray | None = None,
+) -> dict[str, list[float]]:
     """finding -> [low, high]: the 90% interval (miner.bootstrap's LEVEL) of step t's validation
     AUC minus step 1's, both computed on each resample of the val images. Scores (N, C) of the two
     models on the same N images, labels (N, C) bool, C = len(findings); ``draws`` (resamples, N)
     default resample_draws(N). NaN bounds where no resample has both classes."""
     labels = np.asarray(labels, dtype=bool)
     draws = resample_draws(len(labels)) if draws is None else draws
-    return {finding: list(interval(resampled_aucs(step_scores[:, c], labels[:, c], draws)
-                                   - resampled_aucs(step1_scores[:, c], labels[:, c], draws)))
-            for c, finding in enumerate(findings)}
+    return {
+        finding: list(
+            interval(
+                resampled_aucs(step_scores[:, c], labels[:, c], draws)
+                - resampled_aucs(step1_scores[:, c], labels[:, c], draws)
+            )
+        )
+        for c, finding in enumerate(findings)
+    }
 
 
 def resampled_aucs(scores: np.ndarray, labels: np.ndarray, draws: np.ndarray) -> np.ndarray:
@@ -66,21 +84,28 @@ def resampled_aucs(scores: np.ndarray, labels: np.ndarray, draws: np.ndarray) ->
     return np.where((positives > 0) & (negatives > 0), aucs, np.nan)
 
 
-def forgetting_report(aucs: Mapping[str, Mapping[str, float | None]], tolerance: float = FORGETTING_TOLERANCE,
-                      intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> dict[str, Any]:
+def forgetting_report(
+    aucs: Mapping[str, Mapping[str, float | None]],
+    tolerance: float = FORGETTING_TOLERANCE,
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+) -> dict[str, Any]:
     """Over a run's kept models (checkpoint name -> finding -> AUC, ``step1`` among them): per AM
     step ``step<t>``, t >= 2, its changes against step 1 and the findings forgotten there, and
     ``warnings``, one line per forgotten finding and step (forgetting_line). ``intervals``: step ->
     finding -> change_intervals' [low, high], kept in each change as ``interval`` where given."""
-    steps = {}
+    steps: dict[str, dict[str, Any]] = {}
     if "step1" in aucs:
         for name in sorted((n for n in aucs if n.startswith("step") and n != "step1"), key=lambda n: int(n[4:])):
-            changes = auc_against_step1(aucs["step1"], aucs[name])
+            changes: dict[str, dict[str, Any]] = dict(auc_against_step1(aucs["step1"], aucs[name]))
             for finding, bounds in ((intervals or {}).get(name) or {}).items():
                 if finding in changes:
                     changes[finding]["interval"] = list(bounds)
             steps[name] = {"changes": changes, "forgotten": forgotten(changes, tolerance)}
-    warnings = [forgetting_line(name, f, step["changes"][f], tolerance) for name, step in steps.items() for f in step["forgotten"]]
+    warnings = [
+        forgetting_line(name, f, step["changes"][f], tolerance)
+        for name, step in steps.items()
+        for f in step["forgotten"]
+    ]
     return {"tolerance": tolerance, "steps": steps, "warnings": warnings}
 
 
@@ -92,5 +117,7 @@ def forgetting_line(step: str, finding: str, change: Mapping[str, Any], toleranc
     known = not any(math.isnan(_value(b)) for b in bounds)
     spread = f", 90% interval [{bounds[0]:+.3f}, {bounds[1]:+.3f}]" if known else ""
     noise = "; the interval holds 0: within the val split's noise" if known and bounds[0] <= 0 <= bounds[1] else ""
-    return (f"{step}: {finding} validation AUC {change['step1']:.3f} -> {change['now']:.3f} "
-            f"({change['change']:+.3f}{spread}, more than {tolerance} below step 1{noise})")
+    return (
+        f"{step}: {finding} validation AUC {change['step1']:.3f} -> {change['now']:.3f} "
+        f"({change['change']:+.3f}{spread}, more than {tolerance} below step 1{noise})"
+    )

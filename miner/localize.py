@@ -54,7 +54,10 @@ def covers_source(boxes: np.ndarray) -> np.ndarray:
 
 
 def localize(
-    heatmaps: torch.Tensor, wanted: np.ndarray, input_size: int, letterboxes: Sequence[Letterbox],
+    heatmaps: torch.Tensor,
+    wanted: np.ndarray,
+    input_size: int,
+    letterboxes: Sequence[Letterbox],
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
 ) -> list[dict[int, Localization]]:
     """Boxes for the (image, class) pairs marked in ``wanted`` (N, C) bool.
@@ -70,7 +73,7 @@ def localize(
     index = torch.as_tensor(rows, device=heatmaps.device), torch.as_tensor(classes, device=heatmaps.device)
     found = heatmap_boxes_batched(upsample(heatmaps[index], input_size), thresholds)
     boxes, scores, valid = (t.cpu().numpy() for t in found)
-    for k, (i, c) in enumerate(zip(rows, classes)):
+    for k, (i, c) in enumerate(zip(rows.tolist(), classes.tolist())):
         source = boxes_in_source(boxes[k][valid[k]], input_size, letterboxes[i])
         keep = covers_source(source)
         out[i][int(c)] = Localization(source[keep], scores[k][valid[k]][keep].astype(np.float64))

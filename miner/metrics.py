@@ -18,6 +18,7 @@ import torch
 from scipy.stats import rankdata
 from torchvision.ops import box_area, box_iou
 
+from cxr_miner.miner.bootstrap import mean_ci
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 T_IOU = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -75,7 +76,8 @@ class LocalizationEvaluator:
         return len(self.overlaps[finding]["iou"]) if finding in self.overlaps else 0
 
     def compute(self) -> dict[str, dict]:
-        """{finding: {"images": n, "iou": {T: {"acc", "afp"}}, "ior": {...}}}; NaN where n = 0."""
+        """{finding: {"images": n, "iou": {T: {"acc", "acc_ci", "afp"}}, "ior": {...}}}; NaN where n = 0;
+        ``acc_ci``: Acc's 95% CI over seeded resamples of the images (miner.bootstrap.mean_ci)."""
         table = {}
         for finding in FINDINGS:
             n = self.images(finding)
@@ -84,13 +86,19 @@ class LocalizationEvaluator:
                 per_image = self.overlaps[finding][metric] if n else []
                 row[metric] = {}
                 for t in thresholds:
-                    hit_images = sum(bool((o > t).any()) for o in per_image)
+                    hit = np.array([bool((o > t).any()) for o in per_image], dtype=np.float64)
                     false_positives = sum(int((o <= t).sum()) for o in per_image)
-                    row[metric][t] = {"acc": hit_images / n if n else math.nan, "afp": false_positives / n if n else math.nan}
+                    row[metric][t] = {
+                        "acc": float(hit.mean()) if n else math.nan,
+                        "acc_ci": mean_ci(hit),
+                        "afp": false_positives / n if n else math.nan,
+                    }
             table[finding] = row
         return table
 
-    def select_until_afp(self, finding: str, threshold: float, afp_bound: float, metric: str = "iou") -> dict[str, float]:
+    def select_until_afp(
+        self, finding: str, threshold: float, afp_bound: float, metric: str = "iou"
+    ) -> dict[str, float]:
         """Section 3.2: all images' rank-1 boxes, then rank-2, then rank-3, taken in that order
         while AFP stays within ``afp_bound``; Acc and AFP of the boxes taken."""
         per_image = self.overlaps[finding][metric] if finding in self.overlaps else []
@@ -174,7 +182,9 @@ class MaxBoxAccumulator:
     is found per delta, as the metric's definition says (an upper bound for a fixed rule).
     """
 
-    def __init__(self, thresholds: Sequence[float] = MAXBOXACC_THRESHOLDS, ious: Sequence[float] = MAXBOXACC_IOUS) -> None:
+    def __init__(
+        self, thresholds: Sequence[float] = MAXBOXACC_THRESHOLDS, ious: Sequence[float] = MAXBOXACC_IOUS
+    ) -> None:
         self.thresholds, self.ious = tuple(thresholds), tuple(ious)
         self.hits: dict[str, np.ndarray] = {}  # finding -> (thresholds, ious) hit counts
         self.pairs: dict[str, int] = defaultdict(int)
@@ -210,7 +220,19 @@ class MaxBoxAccumulator:
                 continue
             accuracy = self.hits[finding] / n  # (thresholds, ious)
             best = accuracy.argmax(axis=0)
-            per_iou = {delta: {"box_acc": float(accuracy[best[j], j]), "threshold": self.thresholds[best[j]]}
-                       for j, delta in enumerate(self.ious)}
-            out[finding] = {"max_box_acc_v2": float(np.mean([v["box_acc"] for v in per_iou.values()])), "per_iou": per_iou, "pairs": n}
+            per_iou = {
+                delta: {"box_acc": float(accuracy[best[j], j]), "threshold": self.thresholds[best[j]]}
+                for j, delta in enumerate(self.ious)
+            }
+            out[finding] = {
+                "max_box_acc_v2": float(np.mean([v["box_acc"] for v in per_iou.values()])),
+                "per_iou": per_iou,
+                "pairs": n,
+            }
         return out
+
+
+def mean_auc(aucs: dict[str, float]) -> float:
+    """Mean over the findings whose AUC is defined (NaN when none is)."""
+    finite = [v for v in aucs.values() if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan

@@ -53,7 +53,10 @@ class PatchHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, channels: int = 512) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
         self.classify = nn.Conv2d(channels, num_classes, kernel_size=1)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
@@ -68,8 +71,15 @@ class PatchModel(nn.Module):
     pre-activation ResNet-50 v2; torchvision's ResNets stand in (``trunk``), with a grayscale stem
     as the other models have."""
 
-    def __init__(self, trunk: str = "resnet50", num_classes: int = 14, grid: int = 16, stages: int = 4,
-                 head_channels: int = 512, trunk_weights: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        trunk: str = "resnet50",
+        num_classes: int = 14,
+        grid: int = 16,
+        stages: int = 4,
+        head_channels: int = 512,
+        trunk_weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.trunk = Trunk(trunk, trunk_weights, stages)
         self.grid = grid
@@ -94,8 +104,10 @@ def init_patch_bias(model: PatchModel, prevalence: torch.Tensor) -> None:
     (1 - (1 - q)^(P^2) = prevalence), so that early epochs do not spend themselves on the imbalance."""
     p = prevalence.double().clamp(1e-4, 1 - 1e-4)
     q = -torch.expm1(torch.log1p(-p) / model.grid**2)
+    bias = model.head.classify.bias
+    assert bias is not None  # PatchHead's classifier is made with a bias
     with torch.no_grad():
-        model.head.classify.bias.copy_(torch.log(q / (1 - q)).float())
+        bias.copy_(torch.log(q / (1 - q)).float())
 
 
 def box_patches(boxes: np.ndarray, grid: int, input_size: int) -> np.ndarray:
@@ -107,14 +119,18 @@ def box_patches(boxes: np.ndarray, grid: int, input_size: int) -> np.ndarray:
     for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         if x1 <= x0 or y1 <= y0:
             continue
-        c0, r0 = int(math.floor(x0 / side)), int(math.floor(y0 / side))
-        c1, r1 = int(math.ceil(x1 / side)), int(math.ceil(y1 / side))
-        mask[max(r0, 0):min(r1, grid), max(c0, 0):min(c1, grid)] = True
+        c0, r0 = math.floor(x0 / side), math.floor(y0 / side)
+        c1, r1 = math.ceil(x1 / side), math.ceil(y1 / side)
+        mask[max(r0, 0) : min(r1, grid), max(c0, 0) : min(c1, grid)] = True
     return mask
 
 
-def patch_targets(boxes: Sequence[Mapping[str, Sequence[Sequence[float]]]], letterboxes: Sequence[Letterbox],
-                  input_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+def patch_targets(
+    boxes: Sequence[Mapping[str, Sequence[Sequence[float]]]],
+    letterboxes: Sequence[Letterbox],
+    input_size: int,
+    grid: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 1's patch labels of a batch: ``boxes[i]`` maps a finding to image i's boxes (xyxy,
     source pixels; empty: no box), mapped through its letterbox onto the input grid. Returns
     positive (N, K, P, P) bool, the patches of finding k's boxes, and boxed (N, K) bool, eta_i for
@@ -123,9 +139,9 @@ def patch_targets(boxes: Sequence[Mapping[str, Sequence[Sequence[float]]]], lett
     for i, (by_finding, letterbox) in enumerate(zip(boxes, letterboxes, strict=True)):
         for finding, source in by_finding.items():
             if len(source):
-                on_input = letterbox.boxes_to_shard(np.asarray(source, dtype=np.float64)) * (input_size / letterbox.size)
+                on_input = letterbox.boxes_to_input(np.asarray(source, dtype=np.float64), input_size)
                 positive[i, FINDINGS.index(finding)] = box_patches(on_input, grid, input_size)
-    return positive, positive.any(axis=(2, 3))
+    return positive, np.asarray(positive.any(axis=(2, 3)))
 
 
 class PatchLabels:
@@ -133,11 +149,15 @@ class PatchLabels:
     (N, K, P, P) bool, "boxed": (N, K) bool} (patch_targets) from ``boxes``, image id -> finding ->
     xyxy source boxes of the images whose boxes the model may learn from. Picklable (loader workers)."""
 
-    def __init__(self, boxes: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], input_size: int, grid: int) -> None:
+    def __init__(
+        self, boxes: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], input_size: int, grid: int
+    ) -> None:
         self.boxes, self.input_size, self.grid = dict(boxes), input_size, grid
 
     def __call__(self, image_ids: Sequence[str], letterboxes: Sequence[Letterbox]) -> dict[str, torch.Tensor]:
-        positive, boxed = patch_targets([self.boxes.get(i, {}) for i in image_ids], letterboxes, self.input_size, self.grid)
+        positive, boxed = patch_targets(
+            [self.boxes.get(i, {}) for i in image_ids], letterboxes, self.input_size, self.grid
+        )
         return {"positive": torch.from_numpy(positive), "boxed": torch.from_numpy(boxed)}
 
 
@@ -176,8 +196,14 @@ def _rescale(probability: torch.Tensor) -> torch.Tensor:
     return RESCALE_LOW + (1 - RESCALE_LOW) * probability
 
 
-def mil_loss(logits: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, boxed: torch.Tensor,
-             lambda_bbox: float = LAMBDA_BBOX, rescaled: bool = False) -> torch.Tensor:
+def mil_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    positive: torch.Tensor,
+    boxed: torch.Tensor,
+    lambda_bbox: float = LAMBDA_BBOX,
+    rescaled: bool = False,
+) -> torch.Tensor:
     """Eq. 4 summed over findings (L = sum_k L_k), averaged over the batch.
 
     logits (N, K, P, P); labels (N, K) {0, 1}; positive (N, K, P, P) bool, the patches of
@@ -199,8 +225,9 @@ def mil_loss(logits: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor,
     return per_pair.sum(dim=1).mean()
 
 
-def region_boxes(probabilities: np.ndarray, input_size: int, threshold: float = PATCH_THRESHOLD,
-                 limit: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def region_boxes(
+    probabilities: np.ndarray, input_size: int, threshold: float = PATCH_THRESHOLD, limit: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """Section 3.3: the patches above ``threshold`` of one finding's (P, P) probabilities form
     its region; each 8-connected part of it gives the box of its patches, on the input grid
     (xyxy, continuous pixels), scored by its patches' mean probability. Up to ``limit`` boxes,

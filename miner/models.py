@@ -23,6 +23,7 @@ from torchvision import models as tv
 
 from cxr_miner.miner.cam import class_activation_maps, erased_logits
 from cxr_miner.miner.registration import RegisteredUpsample
+from cxr_miner.storage.vocab.errors import SettingError
 
 
 def resnet10(weights: None = None) -> tv.ResNet:
@@ -31,7 +32,7 @@ def resnet10(weights: None = None) -> tv.ResNet:
     return tv.ResNet(tv.resnet.BasicBlock, [1, 1, 1, 1])
 
 
-TRUNKS: dict[str, tuple[Callable[..., tv.ResNet], object]] = {
+TRUNKS: dict[str, tuple[Callable[..., tv.ResNet], tv.WeightsEnum | None]] = {
     "resnet10": (resnet10, None),
     "resnet18": (tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (tv.resnet34, tv.ResNet34_Weights.IMAGENET1K_V1),
@@ -53,7 +54,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.stages not in (3, 4):
-            raise ValueError(f"model stages must be 3 or 4 (ResNet stages kept), got {self.stages}")
+            raise SettingError(f"model stages must be 3 or 4 (ResNet stages kept), got {self.stages}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,10 +89,12 @@ def adapt_stem(conv: nn.Conv2d) -> nn.Conv2d:
     For an image replicated into three channels this gives the RGB stem's response, so
     ImageNet weights carry over to grayscale input without tripling the first layer's work.
     """
-    gray = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    # torch annotates a Conv2d's kernel_size, stride and padding as tuple[int, ...], takes tuple[int, int]
+    geometry = conv.kernel_size, conv.stride, conv.padding
+    gray = nn.Conv2d(1, conv.out_channels, *geometry, bias=conv.bias is not None)  # type: ignore[arg-type]
     with torch.no_grad():
         gray.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-        if conv.bias is not None:
+        if conv.bias is not None and gray.bias is not None:
             gray.bias.copy_(conv.bias)
     return gray
 
@@ -103,7 +106,7 @@ class Trunk(nn.Module):
     def __init__(self, name: str, state_dict: dict[str, torch.Tensor] | None = None, stages: int = 4) -> None:
         super().__init__()
         if name not in TRUNKS:
-            raise ValueError(f"unknown trunk {name!r}; known: {sorted(TRUNKS)}")
+            raise SettingError(f"unknown trunk {name!r}; known: {sorted(TRUNKS)}")
         resnet = TRUNKS[name][0](weights=None)
         if state_dict is not None:
             load_trunk_weights(resnet, state_dict, name)
@@ -111,8 +114,10 @@ class Trunk(nn.Module):
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
         self.layer4 = resnet.layer4 if stages == 4 else None
-        outputs = [[m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
-                   for layer in (resnet.layer2, resnet.layer3, resnet.layer4)]
+        outputs = [
+            [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+            for layer in (resnet.layer2, resnet.layer3, resnet.layer4)
+        ]
         self.channels = (outputs[stages - 3], outputs[stages - 2])  # (D3, D4)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +128,16 @@ class Trunk(nn.Module):
 
 def load_trunk_weights(resnet: tv.ResNet, state_dict: dict[str, torch.Tensor], name: str) -> None:
     """Load a torchvision ResNet state dict (RGB stem; ``fc.*`` ignored); ValueError on mismatch."""
-    state = {k.removeprefix("module."): v for k, v in state_dict.items() if not k.removeprefix("module.").startswith("fc.")}
+    state = {
+        k.removeprefix("module."): v for k, v in state_dict.items() if not k.removeprefix("module.").startswith("fc.")
+    }
     try:
         missing, unexpected = resnet.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"weights do not fit a torchvision {name}: {str(error).splitlines()[1].strip()}") from error
+        raise SettingError(f"weights do not fit a torchvision {name}: {str(error).splitlines()[1].strip()}") from error
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(
+        raise SettingError(
             f"weights do not fit a torchvision {name}: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
@@ -155,7 +162,7 @@ class MultiScaleAggregation(nn.Module):
         elif upsample == "deconv":
             self.upsample = nn.ConvTranspose2d(c_last, c_last, kernel_size=3, stride=2, padding=1, output_padding=1)
         else:
-            raise ValueError(f"unknown MSA upsampling {upsample!r}; known: bilinear, deconv")
+            raise SettingError(f"unknown MSA upsampling {upsample!r}; known: bilinear, deconv")
         self.channels = c_last + c_prev
 
     def forward(self, layer3: torch.Tensor, layer4: torch.Tensor) -> torch.Tensor:
@@ -175,8 +182,12 @@ class CamClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.trunk = Trunk(config.trunk, trunk_weights, config.stages)
-        self.msa = None if config.name == "baseline" else MultiScaleAggregation(
-            self.trunk.channels, config.msa_channels, "bilinear" if config.name == "msa" else "deconv"
+        self.msa = (
+            None
+            if config.name == "baseline"
+            else MultiScaleAggregation(
+                self.trunk.channels, config.msa_channels, "bilinear" if config.name == "msa" else "deconv"
+            )
         )
         channels = self.trunk.channels[1] if self.msa is None else self.msa.channels
         self.branches = nn.Linear(channels, config.num_classes)
@@ -218,7 +229,7 @@ MODELS = ("baseline", "msa", "msa-deconv")
 def create_model(config: ModelConfig, trunk_weights: dict[str, torch.Tensor] | None = None) -> CamClassifier:
     """Build a registered model; ``trunk_weights`` a torchvision ResNet state dict or None (random)."""
     if config.name not in MODELS:
-        raise ValueError(f"unknown model {config.name!r}; known: {list(MODELS)}")
+        raise SettingError(f"unknown model {config.name!r}; known: {list(MODELS)}")
     return CamClassifier(config, trunk_weights)
 
 
@@ -228,13 +239,13 @@ def imagenet_weights(trunk: str) -> dict[str, torch.Tensor]:
     Without network, pass a local weights file instead (TrainConfig.weights: a file path).
     """
     if trunk not in TRUNKS:
-        raise ValueError(f"unknown trunk {trunk!r}; known: {sorted(TRUNKS)}")
+        raise SettingError(f"unknown trunk {trunk!r}; known: {sorted(TRUNKS)}")
     weights = TRUNKS[trunk][1]
     if weights is None:
-        raise ValueError(f"trunk {trunk!r} has no ImageNet weights; use weights random or a local file")
+        raise SettingError(f"trunk {trunk!r} has no ImageNet weights; use weights random or a local file")
     try:
         return weights.get_state_dict(progress=False)
     except OSError as error:  # URLError is an OSError
-        raise ValueError(
+        raise SettingError(
             f"cannot download {weights} ({error}); download it elsewhere and pass the file as --weights PATH"
         ) from error

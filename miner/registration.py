@@ -20,8 +20,9 @@ from functools import lru_cache
 import torch
 
 
-def interpolation_weights(cells: int, out: int, span: int, device: torch.device | None = None,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def interpolation_weights(
+    cells: int, out: int, span: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(out, cells): row x holds the linear-interpolation weights of output pixel x (sum 1)."""
     return _weights(cells, out, span).to(device=device, dtype=dtype)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -77,8 +78,9 @@ class ComponentTable(NamedTuple):
     holds_max: np.ndarray
 
 
-def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, centres: bool = True,
-                    inside: bool = True) -> ComponentTable:
+def component_table(
+    heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, centres: bool = True, inside: bool = True
+) -> ComponentTable:
     """The components of ``heatmap`` (H, W) at each threshold; the work every rule shares. Without
     ``centres`` or ``inside`` those columns are NaN (work a harvest's rule does not need). Each
     threshold is labelled only within the box of the pixels at or above the one below it (the
@@ -97,11 +99,25 @@ def component_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = SWEEP_T
         window, mask = found
         labels, count = label_components(mask)
         origin = (window[0].start, window[1].start)
-        spans = [tuple(slice(o + d.start, o + d.stop) for o, d in zip(origin, span)) for span in ndimage.find_objects(labels)]
+        spans = [
+            tuple(slice(o + d.start, o + d.stop) for o, d in zip(origin, span)) for span in ndimage.find_objects(labels)
+        ]
         local = (argmax[0] - origin[0], argmax[1] - origin[1])
         at_max = labels[local] if all(0 <= v < n for v, n in zip(local, labels.shape)) else 0
-        parts.append(_rows(heatmap[window], sums, labels, spans, threshold, centres, inside,
-                           holds_max=np.arange(1, count + 1) == at_max, offset=origin, size=heatmap.size))
+        parts.append(
+            _rows(
+                heatmap[window],
+                sums,
+                labels,
+                spans,
+                threshold,
+                centres,
+                inside,
+                holds_max=np.arange(1, count + 1) == at_max,
+                offset=origin,
+                size=heatmap.size,
+            )
+        )
     return _table(parts)
 
 
@@ -110,20 +126,25 @@ def check_increasing(thresholds: tuple[float, ...]) -> None:
         raise ValueError(f"thresholds must be increasing: {thresholds}")
 
 
-def mask_window(heatmap: np.ndarray, window: tuple[slice, slice], threshold: float) -> tuple[tuple[slice, slice], np.ndarray] | None:
+def mask_window(
+    heatmap: np.ndarray, window: tuple[slice, slice], threshold: float
+) -> tuple[tuple[slice, slice], np.ndarray] | None:
     """The box (row and column slices of ``heatmap``) of its pixels ``>= threshold``, all of which
     lie in ``window``, and that mask within it; None when there are none."""
     mask = heatmap[window] >= threshold
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if len(rows) == 0:
         return None
-    box = (slice(window[0].start + rows[0], window[0].start + rows[-1] + 1),
-           slice(window[1].start + cols[0], window[1].start + cols[-1] + 1))
-    return box, mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    box = (
+        slice(window[0].start + rows[0], window[0].start + rows[-1] + 1),
+        slice(window[1].start + cols[0], window[1].start + cols[-1] + 1),
+    )
+    return box, mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, centres: bool = True,
-               inside: bool = True) -> ComponentTable:
+def peak_table(
+    heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, centres: bool = True, inside: bool = True
+) -> ComponentTable:
     """The rows of :func:`component_table` that hold the global maximum, equal to them value for
     value, and only those: what a ``peak`` rule keeps. The component holding the maximum at a
     threshold lies inside the one at the threshold below (increasing ``thresholds``), so each is
@@ -142,10 +163,24 @@ def peak_table(heatmap: np.ndarray, thresholds: tuple[float, ...] = DEFAULT_THRE
         labels, _ = label_components(heatmap[window] >= threshold)
         label = labels[argmax[0] - window[0].start, argmax[1] - window[1].start]
         span = ndimage.find_objects(labels, max_label=label)[label - 1]
-        window = tuple(slice(w.start + s.start, w.start + s.stop) for w, s in zip(window, span))
+        rows, cols = (slice(w.start + s.start, w.start + s.stop) for w, s in zip(window, span))
+        window = rows, cols
         own = (labels[span] == label).astype(np.int32)
-        parts.append(_rows(heatmap[window], sums, own, [window], threshold, centres, inside, holds_max=np.ones(1, dtype=bool),
-                           offset=(window[0].start, window[1].start), size=heatmap.size, peak=peak))
+        parts.append(
+            _rows(
+                heatmap[window],
+                sums,
+                own,
+                [window],
+                threshold,
+                centres,
+                inside,
+                holds_max=np.ones(1, dtype=bool),
+                offset=(window[0].start, window[1].start),
+                size=heatmap.size,
+                peak=peak,
+            )
+        )
     return _table(parts)
 
 
@@ -179,13 +214,28 @@ def box_sums(heatmap: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray
         return row
 
     rows = {y: integral_row(y) for y in {*y0.tolist(), *y1.tolist()}}
-    return np.array([rows[b][c] - rows[a][c] - rows[b][d] + rows[a][d]
-                     for a, b, c, d in zip(y0.tolist(), y1.tolist(), x1.tolist(), x0.tolist())], dtype=np.float64)
+    return np.array(
+        [
+            rows[b][c] - rows[a][c] - rows[b][d] + rows[a][d]
+            for a, b, c, d in zip(y0.tolist(), y1.tolist(), x1.tolist(), x0.tolist())
+        ],
+        dtype=np.float64,
+    )
 
 
-def _rows(heatmap: np.ndarray, box_sum: Callable[..., np.ndarray], labels: np.ndarray, spans: list, threshold: float, centres: bool,
-          inside: bool, holds_max: np.ndarray, offset: tuple[int, int] = (0, 0), size: int | None = None,
-          peak: np.ndarray | None = None) -> list[np.ndarray]:
+def _rows(
+    heatmap: np.ndarray,
+    box_sum: Callable[..., np.ndarray],
+    labels: np.ndarray,
+    spans: list,
+    threshold: float,
+    centres: bool,
+    inside: bool,
+    holds_max: np.ndarray,
+    offset: tuple[int, int] = (0, 0),
+    size: int | None = None,
+    peak: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """The table's columns for components 1..K of ``labels`` (over ``heatmap``, the window of the
     full map at ``offset`` (row, col), whose ``size`` pixels it has), ``spans`` their slices in
     full-map pixels; ``box_sum(x0, y0, x1, y1)`` the full map's sums over boxes; ``peak`` their
@@ -196,8 +246,16 @@ def _rows(heatmap: np.ndarray, box_sum: Callable[..., np.ndarray], labels: np.nd
     sums = box_sum(x0, y0, x1, y1)
     count = len(spans)
     if peak is not None and not (centres or inside):  # nothing here needs the component's pixels
-        return [boxes, np.full(count, threshold), peak, sums / area, area / (size or heatmap.size), np.full((count, 2), np.nan),
-                np.full(count, np.nan), holds_max]
+        return [
+            boxes,
+            np.full(count, threshold),
+            peak,
+            sums / area,
+            area / (size or heatmap.size),
+            np.full((count, 2), np.nan),
+            np.full(count, np.nan),
+            holds_max,
+        ]
     within = labels > 0
     owner, values = labels[within], heatmap[within]
     if peak is None:
@@ -207,16 +265,34 @@ def _rows(heatmap: np.ndarray, box_sum: Callable[..., np.ndarray], labels: np.nd
         weight = np.bincount(owner, weights=values, minlength=count + 1)[1:]
     if centres:
         rows, cols = (grid + start for grid, start in zip(np.nonzero(within), offset))
-        centre = np.stack([np.bincount(owner, weights=values * grid.astype(float), minlength=count + 1)[1:] / weight
-                           for grid in (cols, rows)], axis=1) + 0.5
+        centre = (
+            np.stack(
+                [
+                    np.bincount(owner, weights=values * grid.astype(float), minlength=count + 1)[1:] / weight
+                    for grid in (cols, rows)
+                ],
+                axis=1,
+            )
+            + 0.5
+        )
     else:
         centre = np.full((count, 2), np.nan)
     means = weight / np.bincount(owner, minlength=count + 1)[1:] if inside else np.full(count, np.nan)
-    return [boxes, np.full(count, threshold), peak, sums / area, area / (size or heatmap.size), centre, means, holds_max]
+    return [
+        boxes,
+        np.full(count, threshold),
+        peak,
+        sums / area,
+        area / (size or heatmap.size),
+        centre,
+        means,
+        holds_max,
+    ]
 
 
-def component_maxima(heatmap: np.ndarray, labels: np.ndarray, spans: list, offset: tuple[int, int], owner: np.ndarray,
-                     values: np.ndarray) -> np.ndarray:
+def component_maxima(
+    heatmap: np.ndarray, labels: np.ndarray, spans: list, offset: tuple[int, int], owner: np.ndarray, values: np.ndarray
+) -> np.ndarray:
     """(K,) float64: each component's maximum; a few components each within its own box, many at
     once over their pixels ``values`` (of component ``owner``)."""
     if len(spans) <= FEW_COMPONENTS:
@@ -227,14 +303,17 @@ def component_maxima(heatmap: np.ndarray, labels: np.ndarray, spans: list, offse
     return peak[1:]
 
 
-
 def _table(parts: list[list[np.ndarray]]) -> ComponentTable:
     if not parts:
         empty = np.zeros(0)
-        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2)), empty),
-                              np.zeros(0, dtype=bool))
+        return ComponentTable(
+            Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2)), empty),
+            np.zeros(0, dtype=bool),
+        )
     boxes, threshold, peak, mean, area, centre, inside, holds_max = (np.concatenate(c) for c in zip(*parts))
-    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre, inside), holds_max)
+    return ComponentTable(
+        Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre, inside), holds_max
+    )
 
 
 @dataclass(frozen=True)
@@ -257,16 +336,33 @@ class BoxRule:
             raise ValueError(f"box rule ranking must be one of {RANKINGS}, got {self.rank_by!r}")
         if self.size not in SIZES:
             raise ValueError(f"box rule size must be one of {SIZES}, got {self.size!r}")
-        if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds) or list(self.thresholds) != sorted(set(self.thresholds)):
+        if (
+            not self.thresholds
+            or not all(0 < t <= 1 for t in self.thresholds)
+            or list(self.thresholds) != sorted(set(self.thresholds))
+        ):
             raise ValueError(f"box rule thresholds must be increasing, in (0, 1]: {self.thresholds}")
 
     @property
     def name(self) -> str:
-        """e.g. ``peak-mean`` (the paper's rule), ``every-mass``, ``every-peak-from-0.5``, ``every-peak-prior``,
-        ``region-patches`` (MIL's)."""
-        default = {"peak": DEFAULT_THRESHOLDS, "every": SWEEP_THRESHOLDS, "region": (REGION_THRESHOLD,)}[self.components]
-        suffix = "" if self.thresholds == default else f"-from-{self.thresholds[0]:g}"
-        return f"{self.components}-{self.rank_by}{suffix}" + ("-prior" if self.size == "prior" else "")
+        """Everything that changes the rule's boxes, e.g. ``peak-mean`` (the paper's rule),
+        ``every-mass``, ``every-peak-from-0.5`` (the default sweep from 0.5 up), ``every-peak-prior``,
+        ``region-patches`` (MIL's); a setting away from its default adds ``-at-0.3-0.6`` (other
+        thresholds), ``-nms-0.3`` or ``-top-5``. Two rules with one name give the same boxes."""
+        default = {"peak": DEFAULT_THRESHOLDS, "every": SWEEP_THRESHOLDS, "region": (REGION_THRESHOLD,)}[
+            self.components
+        ]
+        if self.thresholds == default:
+            sweep = ""
+        elif self.thresholds == tuple(t for t in default if t >= self.thresholds[0]):
+            sweep = f"-from-{self.thresholds[0]:g}"
+        else:
+            sweep = "-at-" + "-".join(f"{t:g}" for t in self.thresholds)
+        fields = {f.name: f.default for f in dataclass_fields(BoxRule)}
+        nms_iou = "" if self.nms_iou == fields["nms_iou"] else f"-nms-{self.nms_iou:g}"
+        limit = "" if self.limit == fields["limit"] else f"-top-{self.limit}"
+        prior = "-prior" if self.size == "prior" else ""
+        return f"{self.components}-{self.rank_by}{sweep}{prior}{nms_iou}{limit}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "thresholds": list(self.thresholds)}
@@ -282,8 +378,12 @@ class BoxRule:
         if self.components == "peak":
             keep &= table.holds_max
         rows = rows.take(np.nonzero(keep)[0])
-        score = {"mean": rows.mean, "peak": rows.peak + 1e-6 * rows.mean, "mass": rows.peak * rows.area,
-                 "patches": rows.inside}[self.rank_by]
+        score = {
+            "mean": rows.mean,
+            "peak": rows.peak + 1e-6 * rows.mean,
+            "mass": rows.peak * rows.area,
+            "patches": rows.inside,
+        }[self.rank_by]
         rows = rows._replace(score=score)
         if self.components == "region":  # the parts at one threshold are disjoint
             order = np.argsort(-score, kind="stable")
@@ -300,10 +400,13 @@ class BoxRule:
         """Ranked boxes of one heatmap (H, W) in [0, 1], rank 1 first, on the heatmap's grid
         (for a ``prior`` rule: its components' boxes; in_source gives the sized ones)."""
         table = peak_table if self.components == "peak" else component_table
-        return self.apply(table(heatmap, self.thresholds, centres=self.size == "prior", inside=self.rank_by == "patches"))
+        return self.apply(
+            table(heatmap, self.thresholds, centres=self.size == "prior", inside=self.rank_by == "patches")
+        )
 
-    def in_source(self, found: Candidates, input_size: int, letterbox: Letterbox,
-                  box_size: tuple[float, float] | None = None) -> tuple[Candidates, np.ndarray]:
+    def in_source(
+        self, found: Candidates, input_size: int, letterbox: Letterbox, box_size: tuple[float, float] | None = None
+    ) -> tuple[Candidates, np.ndarray]:
         """``found`` (this rule's candidates on the input grid) as boxes (K', 4) in source pixels,
         with the candidates kept: components' boxes through the letterbox, or for a ``prior``
         rule boxes of ``box_size`` (width and height as fractions of the source image) centred on
@@ -330,7 +433,11 @@ REGION_RULE = BoxRule("region", (REGION_THRESHOLD,), "patches")  # the MIL model
 BOX_RULES = (
     PAPER_RULE,
     BoxRule("peak", rank_by="mass"),
-    *(BoxRule("every", sweep, ranking) for sweep in (SWEEP_THRESHOLDS, SWEEP_THRESHOLDS[3:]) for ranking in ("mean", "peak", "mass")),
+    *(
+        BoxRule("every", sweep, ranking)
+        for sweep in (SWEEP_THRESHOLDS, SWEEP_THRESHOLDS[3:])
+        for ranking in ("mean", "peak", "mass")
+    ),
     BoxRule("peak", size="prior"),
     # the peak's nested components share their peak: by mass the largest comes first, whose centroid
     # weighs the most pixels (by mean the smallest, on the argmax's cell: issue 23's rank-1 misses)
@@ -338,7 +445,19 @@ BOX_RULES = (
     BoxRule("every", SWEEP_THRESHOLDS, "peak", size="prior"),
     REGION_RULE,
 )
-RULES_BY_NAME = {rule.name: rule for rule in BOX_RULES}
+
+
+def rules_by_name(rules: tuple[BoxRule, ...]) -> dict[str, BoxRule]:
+    """name -> rule; ValueError when two rules share a name (as register_method refuses a second method)."""
+    named: dict[str, BoxRule] = {}
+    for rule in rules:
+        if rule.name in named:
+            raise ValueError(f"box rule {rule.name!r} is listed twice ({named[rule.name]} and {rule})")
+        named[rule.name] = rule
+    return named
+
+
+RULES_BY_NAME = rules_by_name(BOX_RULES)
 
 
 def rule_by_name(name: str) -> BoxRule:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,16 @@ from cxr_miner.miner.attention import (
     ERASED_FRACTION,
     KP_LAMBDA,
     KP_MODES,
+    attention_mining_loss,
     classification_loss,
     weighted_classification_loss,
 )
 from cxr_miner.miner.mil import PatchModel, mil_loss
 from cxr_miner.miner.models import CamClassifier, ModelConfig, create_model, normalize_input
+from cxr_miner.storage.vocab.errors import SettingError
+
+Network = CamClassifier | PatchModel  # images (N, 1, S, S) normalised -> logits (N, C)
+NetworkT = TypeVar("NetworkT", CamClassifier, PatchModel)
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 
@@ -76,28 +81,30 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.kp not in KP_MODES:
-            raise ValueError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
+            raise SettingError(f"kp must be one of {KP_MODES}, got {self.kp!r}")
         if self.step1_loss not in ("bce", "w-cel"):
-            raise ValueError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
+            raise SettingError(f"step1_loss must be bce or w-cel, got {self.step1_loss!r}")
         if self.kp_reference not in ("previous", "step1"):
-            raise ValueError(f"kp_reference must be previous or step1, got {self.kp_reference!r}")
+            raise SettingError(f"kp_reference must be previous or step1, got {self.kp_reference!r}")
         if self.kp_norm not in ("batch", "running"):
-            raise ValueError(f"kp_norm must be batch or running, got {self.kp_norm!r}")
+            raise SettingError(f"kp_norm must be batch or running, got {self.kp_norm!r}")
         if self.am_cls_loss not in ("step1", "bce"):
-            raise ValueError(f"am_cls_loss must be step1 or bce, got {self.am_cls_loss!r}")
+            raise SettingError(f"am_cls_loss must be step1 or bce, got {self.am_cls_loss!r}")
         for name in ("optimizer", "mil_optimizer"):
             if getattr(self, name) not in OPTIMIZERS:
-                raise ValueError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")
+                raise SettingError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")
         if self.mil_products not in ("log", "rescaled"):
-            raise ValueError(f"mil_products must be log or rescaled, got {self.mil_products!r}")
+            raise SettingError(f"mil_products must be log or rescaled, got {self.mil_products!r}")
         if not 0 <= self.box_fraction <= 1 or self.box_folds == 1 or self.box_folds < 0:
-            raise ValueError(f"need box_fraction in [0, 1] and box_folds 0 or >= 2: {self.box_fraction}, {self.box_folds}")
+            raise SettingError(
+                f"need box_fraction in [0, 1] and box_folds 0 or >= 2: {self.box_fraction}, {self.box_folds}"
+            )
         if self.mil_grid < 1 or self.mil_epochs < 1:
-            raise ValueError(f"need mil_grid and mil_epochs >= 1: {self.mil_grid}, {self.mil_epochs}")
+            raise SettingError(f"need mil_grid and mil_epochs >= 1: {self.mil_grid}, {self.mil_epochs}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise SettingError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.am_steps < 1 or self.epochs < 1 or self.batch_size < 1 or self.input_size < 32:
-            raise ValueError(f"need am_steps, epochs, batch_size >= 1 and input_size >= 32: {self}")
+            raise SettingError(f"need am_steps, epochs, batch_size >= 1 and input_size >= 32: {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,7 +119,10 @@ class TrainConfig:
     def updated(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with ``overrides`` (same shape as to_dict, ``model`` may be partial)."""
         merged = self.to_dict()
-        merged["model"] = {**merged["model"], **checked_settings(overrides.get("model", {}), self.model, "model settings")}
+        merged["model"] = {
+            **merged["model"],
+            **checked_settings(overrides.get("model", {}), self.model, "model settings"),
+        }
         merged.update({k: v for k, v in overrides.items() if k != "model"})
         return TrainConfig.from_dict(merged)
 
@@ -121,10 +131,10 @@ def checked_settings(data: Any, defaults: Any, what: str) -> dict[str, Any]:
     """``data`` checked against the fields of the dataclass instance ``defaults``: known names only,
     each value of its default's type (an int is a float too; a list of ints is a tuple of ints)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{what} must be a JSON object of name: value, got {type(data).__name__} {data!r}")
+        raise SettingError(f"{what} must be a JSON object of name: value, got {type(data).__name__} {data!r}")
     known = list(defaults.__dataclass_fields__)
     if unknown := sorted(set(data) - set(known)):
-        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+        raise SettingError(f"unknown {what} {unknown}; known: {sorted(known)}")
     checked = {}
     for name, value in data.items():
         default = getattr(defaults, name)
@@ -134,7 +144,7 @@ def checked_settings(data: Any, defaults: Any, what: str) -> dict[str, Any]:
         if isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
         if not _same_kind(value, default):
-            raise ValueError(f"{what}: {name} must be {_kind(default)}, got {type(value).__name__} {value!r}")
+            raise SettingError(f"{what}: {name} must be {_kind(default)}, got {type(value).__name__} {value!r}")
         checked[name] = value
     return checked
 
@@ -145,14 +155,20 @@ def _same_kind(value: Any, default: Any) -> bool:
     if isinstance(default, float):
         return isinstance(value, (int, float))
     if isinstance(default, tuple):
-        return isinstance(value, tuple) and len(value) == len(default) and all(_same_kind(v, d) for v, d in zip(value, default))
+        return (
+            isinstance(value, tuple)
+            and len(value) == len(default)
+            and all(_same_kind(v, d) for v, d in zip(value, default))
+        )
     return isinstance(value, type(default))
 
 
 def _kind(default: Any) -> str:
     if isinstance(default, tuple):
         return f"a list of {len(default)} {_kind(default[0])}s"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(type(default), type(default).__name__)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        type(default), type(default).__name__
+    )
 
 
 PRESETS = {
@@ -162,26 +178,54 @@ PRESETS = {
     "paper": TrainConfig(model=ModelConfig(name="msa", trunk="resnet50"), weights="imagenet", loader_workers=8),
     # Minutes on 2 CPU cores on demo data: a small trunk from scratch at 128 px.
     "cpu-small": TrainConfig(
-        model=ModelConfig(name="msa", trunk="resnet18"), input_size=128, batch_size=32, epochs=12,
-        optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=2, am_lr=5e-4, loader_workers=1,
-        mil_grid=8, mil_head_channels=128, mil_epochs=12, mil_optimizer="adamw", mil_lr=2e-3, mil_lr_decay_epochs=0,
+        model=ModelConfig(name="msa", trunk="resnet18"),
+        input_size=128,
+        batch_size=32,
+        epochs=12,
+        optimizer="adamw",
+        lr=2e-3,
+        weight_decay=1e-4,
+        am_epochs=2,
+        am_lr=5e-4,
+        loader_workers=1,
+        mil_grid=8,
+        mil_head_channels=128,
+        mil_epochs=12,
+        mil_optimizer="adamw",
+        mil_lr=2e-3,
+        mil_lr_decay_epochs=0,
     ),
     # `make demo`: localises the phantoms' findings on 2 CPU cores in minutes (issue 11, BENCHMARKS.md
     # "Demo preset"): at 128 px a ResNet-18's receptive field spans the whole image and its CAMs
     # cannot point at a small finding; 256 px, a 3-stage ResNet-10 (X at stride 8, half the
     # receptive field) and bf16 autocast (native on CPUs with AVX512-BF16) keep it in budget.
     "cpu-demo": TrainConfig(
-        model=ModelConfig(name="msa", trunk="resnet10", stages=3), input_size=256, batch_size=32, epochs=10,
-        optimizer="adamw", lr=2e-3, weight_decay=1e-4, am_epochs=1, am_lr=5e-4, loader_workers=1, precision="bf16",
-        step1_loss="w-cel",  # each finding is on ~6% of images: BCE leaves Nodule unlearned in 12 epochs (AUC 0.56 vs 0.93)
-        mil_grid=16, mil_head_channels=128, mil_epochs=10, mil_optimizer="adamw", mil_lr=2e-3, mil_lr_decay_epochs=0,
+        model=ModelConfig(name="msa", trunk="resnet10", stages=3),
+        input_size=256,
+        batch_size=32,
+        epochs=10,
+        optimizer="adamw",
+        lr=2e-3,
+        weight_decay=1e-4,
+        am_epochs=1,
+        am_lr=5e-4,
+        loader_workers=1,
+        precision="bf16",
+        # each finding is on ~6% of images: BCE leaves Nodule unlearned in 12 epochs (AUC 0.56 vs 0.93)
+        step1_loss="w-cel",
+        mil_grid=16,
+        mil_head_channels=128,
+        mil_epochs=10,
+        mil_optimizer="adamw",
+        mil_lr=2e-3,
+        mil_lr_decay_epochs=0,
     ),
 }
 
 
 def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        raise SettingError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -191,7 +235,7 @@ def pick_device(setting: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {setting!r} asked for, but CUDA is not available")
+        raise SettingError(f"device {setting!r} asked for, but CUDA is not available")
     return device
 
 
@@ -209,8 +253,22 @@ def prepare_images(images: torch.Tensor, input_size: int, device: torch.device) 
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, epochs: int, steps_per_epoch: int,
-                   kind: str | None = None, decay_epochs: int = 0, warmup_steps: int = 0):
+def to_device(model: NetworkT, device: torch.device) -> NetworkT:
+    """``model`` on ``device``, channels-last on a GPU (as prepare_images gives its images)."""
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return model.to(device, memory_format=layout)  # type: ignore[call-overload]  # torch's overloads omit it
+
+
+def make_optimizer(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    kind: str | None = None,
+    decay_epochs: int = 0,
+    warmup_steps: int = 0,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """(optimizer, scheduler): ``kind`` (default config.optimizer: SGD, AdamW, or Adam with L2 in
     the loss) over trainable parameters; cosine decay per step, or with ``decay_epochs`` x0.1
     every that many epochs (Li et al. 2018, section 4). ``warmup_steps``: the cosine schedule's
@@ -218,6 +276,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, epoch
     reference: a detector trained from scratch diverges without)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kind = kind or config.optimizer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     if kind == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     elif kind == "adam":
@@ -239,7 +299,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, epoch
     return optimizer, scheduler
 
 
-def set_trunk_trainable(model: CamClassifier, trainable: bool) -> None:
+def set_trunk_trainable(model: Network, trainable: bool) -> None:
     for p in model.trunk.parameters():
         p.requires_grad_(trainable)
 
@@ -255,12 +315,24 @@ def init_branch_bias(model: CamClassifier, prevalence: torch.Tensor) -> None:
 NETWORKS = ("classifier", "patch")  # the CAM classifier (steps of cam/am) and the MIL patch model
 
 
-def create_network(config: TrainConfig, network: str = "classifier",
-                   trunk_weights: dict[str, torch.Tensor] | None = None) -> CamClassifier | PatchModel:
+def create_patch_model(config: TrainConfig, trunk_weights: dict[str, torch.Tensor] | None = None) -> PatchModel:
+    """The run's MIL patch model: the classifier's trunk, mil_* settings."""
+    return PatchModel(
+        config.model.trunk,
+        config.model.num_classes,
+        config.mil_grid,
+        config.model.stages,
+        config.mil_head_channels,
+        trunk_weights,
+    )
+
+
+def create_network(
+    config: TrainConfig, network: str = "classifier", trunk_weights: dict[str, torch.Tensor] | None = None
+) -> Network:
     """The run's ``classifier`` (config.model) or its MIL ``patch`` model (same trunk, mil_* settings)."""
     if network == "patch":
-        return PatchModel(config.model.trunk, config.model.num_classes, config.mil_grid, config.model.stages,
-                          config.mil_head_channels, trunk_weights)
+        return create_patch_model(config, trunk_weights)
     if network != "classifier":
         raise ValueError(f"unknown network {network!r}; known: {NETWORKS}")
     return create_model(config.model, trunk_weights)
@@ -270,13 +342,17 @@ def create_network(config: TrainConfig, network: str = "classifier",
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
-def plain_loss(model: CamClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def plain_loss(
+    model: CamClassifier, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 2-3 with M all ones: BCE of the unerased logits."""
     loss = classification_loss(model(images), labels)
     return loss, {"cls": float(loss.detach())}
 
 
-def weighted_plain_loss(model: CamClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def weighted_plain_loss(
+    model: CamClassifier, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Step 1 with W-CEL (Wang et al. 2017, Eq. 1) in place of Eq. 3's BCE."""
     loss = weighted_classification_loss(model(images), labels)
     return loss, {"cls": float(loss.detach())}
@@ -295,12 +371,49 @@ def am_classification_loss(config: TrainConfig) -> Callable[[torch.Tensor, torch
 STEP1_LOSSES: dict[str, LossFn] = {"bce": plain_loss, "w-cel": weighted_plain_loss}
 
 
+def am_step_loss(config: TrainConfig, chain: Sequence[CamClassifier]) -> LossFn:
+    """An AM step's loss (miner.attention.attention_mining_loss: L_cls on the erased images, Eq.
+    1-3, plus lambda L_KP, Eq. 4-6) for the model after ``chain`` (steps 1..t-1, frozen); KP's
+    reference network N_A is step 1's or step t-1's (``kp_reference``)."""
+    cls_loss = am_classification_loss(config)
+    reference = chain[0] if config.kp_reference == "step1" else chain[-1]
+
+    def loss_fn(
+        model: CamClassifier, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = attention_mining_loss(
+            model,
+            chain,
+            images,
+            labels,
+            config.kp,
+            config.kp_lambda,
+            config.erased_fraction,
+            cls_loss,
+            reference,
+            config.kp_norm,
+        )
+        return loss.total, {"cls": float(loss.cls), "kp": float(loss.kp)}
+
+    return loss_fn
+
+
 def patch_loss(config: TrainConfig) -> LossFn:
     """Eq. 4 on the patch model's logits, with the batch's patch labels (miner.mil.patch_targets)."""
-    def loss_fn(model: PatchModel, images: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, boxed: torch.Tensor):
-        loss = mil_loss(model.patches(images).float(), labels, positive, boxed, config.mil_lambda_bbox,
-                        rescaled=config.mil_products == "rescaled")
+
+    def loss_fn(
+        model: PatchModel, images: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, boxed: torch.Tensor
+    ):
+        loss = mil_loss(
+            model.patches(images).float(),
+            labels,
+            positive,
+            boxed,
+            config.mil_lambda_bbox,
+            rescaled=config.mil_products == "rescaled",
+        )
         return loss, {"mil": float(loss.detach()), "boxed_pairs": float(boxed.sum()) / max(len(labels), 1)}
+
     return loss_fn
 
 
@@ -316,7 +429,7 @@ class EpochStats(NamedTuple):
 
 
 def train_epoch(
-    model: CamClassifier,
+    model: Network,
     batches: Iterable[dict[str, torch.Tensor]],
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
@@ -337,7 +450,9 @@ def train_epoch(
         with autocast(device, config.precision):
             loss, parts = loss_fn(model, images, labels, **targets)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)}; lower the learning rate (now {scheduler.get_last_lr()})")
+            raise FloatingPointError(
+                f"loss became {float(loss)}; lower the learning rate (now {scheduler.get_last_lr()})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -355,7 +470,7 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: CamClassifier, batches: Iterable[dict[str, torch.Tensor]], config: TrainConfig, device: torch.device
+    model: Network, batches: Iterable[dict[str, torch.Tensor]], config: TrainConfig, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores (N, C) float32 and labels (N, C) bool on the CPU, in batch order."""
     model.eval()
@@ -366,7 +481,6 @@ def predict(
         scores.append(torch.sigmoid(logits.float()).cpu())
         labels.append(batch["labels"].bool())
     if not scores:
-        return torch.zeros(0, model.config.num_classes), torch.zeros(0, model.config.num_classes, dtype=torch.bool)
+        classes = config.model.num_classes  # a PatchModel has no config of its own
+        return torch.zeros(0, classes), torch.zeros(0, classes, dtype=torch.bool)
     return torch.cat(scores), torch.cat(labels)
-
-

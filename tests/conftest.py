@@ -26,4 +26,3 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-

@@ -32,18 +32,30 @@ IDENTIFIERS = {
 def _rle(stored: np.ndarray, bits: int) -> bytes:
     from pydicom.pixels.encoders.base import RLELosslessEncoder
 
-    return RLELosslessEncoder.encode(stored.astype(np.uint16), rows=stored.shape[0], columns=stored.shape[1], samples_per_pixel=1,
-                                     bits_allocated=16, bits_stored=bits, pixel_representation=0,
-                                     photometric_interpretation="MONOCHROME2", number_of_frames=1)
+    return RLELosslessEncoder.encode(
+        stored.astype(np.uint16),
+        rows=stored.shape[0],
+        columns=stored.shape[1],
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=bits,
+        pixel_representation=0,
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+    )
 
 
 # Encoders of single-frame unsigned grayscale pixels: imagecodecs (libjpeg-turbo, CharLS, OpenJPEG)
 # and pydicom's own RLE; the project reads them through pydicom's pylibjpeg plugins.
 ENCODERS = {
     RLELossless: _rle,
-    JPEGLosslessSV1: lambda stored, bits: imagecodecs.jpeg8_encode(stored.astype(np.uint16), lossless=True, predictor=1, bitspersample=bits),
+    JPEGLosslessSV1: lambda stored, bits: imagecodecs.jpeg8_encode(
+        stored.astype(np.uint16), lossless=True, predictor=1, bitspersample=bits
+    ),
     JPEGLSLossless: lambda stored, bits: imagecodecs.jpegls_encode(stored.astype(np.uint16), level=0),
-    JPEG2000Lossless: lambda stored, bits: imagecodecs.jpeg2k_encode(stored.astype(np.uint16), level=0, codecformat="J2K", reversible=True, bitspersample=bits),
+    JPEG2000Lossless: lambda stored, bits: imagecodecs.jpeg2k_encode(
+        stored.astype(np.uint16), level=0, codecformat="J2K", reversible=True, bitspersample=bits
+    ),
     JPEGBaseline8Bit: lambda stored, bits: imagecodecs.jpeg8_encode(stored.astype(np.uint8), level=95),
 }
 

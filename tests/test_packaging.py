@@ -4,6 +4,9 @@ folder, and an unrelated top-level ``storage``/``flows``/``miner`` on the path b
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +34,10 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy(REPO / name, source / name)
     for room in ROOMS:
         shutil.copytree(REPO / room, source / room, ignore=shutil.ignore_patterns("__pycache__"))
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)], cwd=out)
+    built = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
+        cwd=out,
+    )
     assert built.returncode == 0, built.stderr
     (path,) = out.glob("cxr_miner-*.whl")
     return path
@@ -41,8 +47,12 @@ def test_the_wheel_holds_every_package_under_cxr_miner_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"cxr_miner", next(t for t in tops if t.endswith(".dist-info"))}
-    expected = sorted(f"cxr_miner/{p.relative_to(REPO).as_posix()}" for room in ROOMS for p in (REPO / room).rglob("*.py")
-                      if "__pycache__" not in p.parts)
+    expected = sorted(
+        f"cxr_miner/{p.relative_to(REPO).as_posix()}"
+        for room in ROOMS
+        for p in (REPO / room).rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
     assert sorted(n for n in names if n.endswith(".py")) == expected  # every module of every sub-package
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "cxr-miner = cxr_miner.flows.cli:main" in entry_points
@@ -52,11 +62,16 @@ def test_a_fresh_venv_imports_cxr_miner_storage_and_no_bare_storage(wheel, tmp_p
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    installed = run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
+    installed = run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        cwd=tmp_path,
+    )
     assert installed.returncode == 0, installed.stderr
-    probe = ("import importlib.util as u, cxr_miner.storage, cxr_miner.flows, cxr_miner.miner\n"
-             "print(cxr_miner.storage.__file__)\n"
-             "print([u.find_spec(n) is None for n in ('storage', 'flows', 'miner')])")
+    probe = (
+        "import importlib.util as u, cxr_miner.storage, cxr_miner.flows, cxr_miner.miner\n"
+        "print(cxr_miner.storage.__file__)\n"
+        "print([u.find_spec(n) is None for n in ('storage', 'flows', 'miner')])"
+    )
     out = run([str(python), "-c", probe], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     location, missing = out.stdout.splitlines()
@@ -93,3 +108,19 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     cli = run([str(CONSOLE), "demo-data", "--help"], cwd=tmp_path, PYTHONPATH=str(impostors))
     assert cli.returncode == 0 and "--images" in cli.stdout, cli.stderr
+
+
+def test_the_editable_install_is_a_link_tree_that_static_tools_read():
+    """`make`'s install is setuptools' strict editable mode: cxr_miner/ as a tree of links under
+    build/ (found through a plain path in a .pth file, as mypy, pyright and editors read it), with
+    each package's py.typed; the default mode's import hook is invisible to them."""
+    direct = json.loads(importlib.metadata.distribution("cxr-miner").read_text("direct_url.json") or "{}")
+    if not direct.get("dir_info", {}).get("editable"):
+        pytest.skip("cxr-miner is not installed editable here")
+    spec = importlib.util.find_spec("cxr_miner.miner.boxes")
+    assert spec is not None and spec.origin is not None
+    origin = Path(spec.origin)
+    assert origin.is_symlink() and origin.resolve() == REPO / "miner" / "boxes.py"
+    assert REPO / "build" in origin.parents
+    for room in ROOMS:
+        assert (origin.parents[1] / room / "py.typed").exists(), room

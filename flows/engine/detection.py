@@ -2,8 +2,8 @@
 
 Images come from the shards (the letterboxed square, resized on the device to the detector's size
 by miner.training.prepare_images); boxes go in through the same letterbox: source pixels ->
-shard pixels (Letterbox.boxes_to_shard) -> input pixels (x size / shard size), and detections
-come back the same way, clipped to the source image.
+input pixels (Letterbox.boxes_to_input), and detections come back the same way, clipped to the
+source image (Letterbox.input_boxes_to_source).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cxr_miner.flows.engine.checkpoints import trunk_weights
@@ -39,12 +38,24 @@ DETECTOR = "detector"  # the checkpoint name in a training set's folder
 WARMUP_STEPS = 500  # linear warm-up of the learning rate: the first epoch, at most this many steps
 
 
-def training_config(config: DetectorConfig, device: str = "auto", precision: str = "auto", seed: int = 0) -> TrainConfig:
+def training_config(
+    config: DetectorConfig, device: str = "auto", precision: str = "auto", seed: int = 0
+) -> TrainConfig:
     """The TrainConfig fields the epoch loop reads (input size, batch, SGD with momentum), for a detector.
     Data-loader workers are 0: the check's Dask workers are daemon processes and may not have children."""
-    return TrainConfig(input_size=config.size, batch_size=config.batch_size, epochs=config.epochs, optimizer="sgd",
-                       lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, loader_workers=0,
-                       device=device, precision=precision, seed=seed)
+    return TrainConfig(
+        input_size=config.size,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        optimizer="sgd",
+        lr=config.lr,
+        momentum=0.9,
+        weight_decay=config.weight_decay,
+        loader_workers=0,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
 
 
 class DetectionTargets:
@@ -61,8 +72,8 @@ class DetectionTargets:
         entries = []
         for image, letterbox in zip(image_ids, letterboxes):
             found = self.boxes.get(image, [])
-            shard = letterbox.boxes_to_shard(np.array([box for _, box in found])) * (self.size / letterbox.size)
-            entries.append([(FINDINGS.index(f) + 1, [float(v) for v in shard[k]]) for k, (f, _) in enumerate(found)])
+            on_input = letterbox.boxes_to_input([box for _, box in found], self.size).tolist()
+            entries.append([(FINDINGS.index(f) + 1, on_input[k]) for k, (f, _) in enumerate(found)])
         boxes, labels = pad_targets(entries)
         return {"boxes": boxes, "box_labels": labels}
 
@@ -76,8 +87,16 @@ def detector_weights(config: DetectorConfig) -> dict[str, torch.Tensor] | None:
     return trunk_weights(config.weights, config.name)
 
 
-def train_detector(folder: RunFolder, config: DetectorConfig, groups: list[RowGroup], boxes: Mapping[str, list], device: torch.device,
-                   logger: logging.Logger | logging.LoggerAdapter, record: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+def train_detector(
+    folder: RunFolder,
+    config: DetectorConfig,
+    groups: list[RowGroup],
+    boxes: Mapping[str, list],
+    device: torch.device,
+    logger: logging.Logger | logging.LoggerAdapter,
+    record: dict[str, Any],
+    seed: int = 0,
+) -> dict[str, Any]:
     """Train (or resume, or skip when done) the detector of ``folder`` on ``groups``' images with ``boxes``."""
     train = training_config(config, str(device), seed=seed)
     if step_done(folder, DETECTOR, config.epochs):
@@ -86,9 +105,21 @@ def train_detector(folder: RunFolder, config: DetectorConfig, groups: list[RowGr
     model = create_detector(config, detector_weights(config)).to(device)
     steps = math.ceil(sum(g.rows for g in groups) / config.batch_size)
     schedule = Schedule(config.epochs, config.lr, seed + 7, warmup_steps=min(WARMUP_STEPS, steps))
-    return fit(folder, DETECTOR, model, detection_loss, groups, [], train, device, schedule,
-               keep_best=False, logger=logger, record={"network": DETECTOR, "detector": config.to_dict(), **record},
-               targets=DetectionTargets(boxes, config.size))
+    return fit(
+        folder,
+        DETECTOR,
+        model,
+        detection_loss,
+        groups,
+        [],
+        train,
+        device,
+        schedule,
+        keep_best=False,
+        logger=logger,
+        record={"network": DETECTOR, "detector": config.to_dict(), **record},
+        targets=DetectionTargets(boxes, config.size),
+    )
 
 
 def load_detector(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, DetectorConfig]:
@@ -100,8 +131,13 @@ def load_detector(path: Path, device: torch.device | str = "cpu") -> tuple[torch
     return model.to(device).eval(), config
 
 
-def detections(model: torch.nn.Module, config: DetectorConfig, groups: list[RowGroup], device: torch.device | str,
-               precision: str = "auto") -> list[dict[str, Any]]:
+def detections(
+    model: torch.nn.Module,
+    config: DetectorConfig,
+    groups: list[RowGroup],
+    device: torch.device | str,
+    precision: str = "auto",
+) -> list[dict[str, Any]]:
     """Every detection on ``groups``' images as COCO results in source pixels: {"image": image id,
     "finding", "bbox": [x, y, w, h], "score"}, by image, highest score first."""
     device = torch.device(device)
@@ -115,12 +151,19 @@ def detections(model: torch.nn.Module, config: DetectorConfig, groups: list[RowG
     return found
 
 
-def detections_of(image: str, letterbox: Letterbox, output: Mapping[str, torch.Tensor], size: int) -> list[dict[str, Any]]:
+def detections_of(
+    image: str, letterbox: Letterbox, output: Mapping[str, torch.Tensor], size: int
+) -> list[dict[str, Any]]:
     """One image's detector output (input pixels) -> COCO results in source pixels, clipped to the
     image; a box that lies wholly in the letterbox's padding (no area left) is dropped."""
-    boxes = letterbox.boxes_to_source(output["boxes"].numpy() * (letterbox.size / size))
-    boxes = np.clip(boxes, 0, [letterbox.source_width, letterbox.source_height] * 2)
-    return [{"image": image, "finding": FINDINGS[int(label) - 1], "score": float(score),
-             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
-            for (x0, y0, x1, y1), label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist())
-            if x1 > x0 and y1 > y0]
+    boxes = letterbox.input_boxes_to_source(output["boxes"].numpy(), size)
+    return [
+        {
+            "image": image,
+            "finding": FINDINGS[int(label) - 1],
+            "score": float(score),
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        }
+        for (x0, y0, x1, y1), label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist())
+        if x1 > x0 and y1 > y0
+    ]

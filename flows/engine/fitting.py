@@ -19,21 +19,24 @@ from cxr_miner.flows.engine.checkpoints import resume_into, save_checkpoint
 from cxr_miner.flows.engine.loader import Targets, shard_loader
 from cxr_miner.flows.faults import maybe_fail
 from cxr_miner.flows.progress import progress_bar
-from cxr_miner.miner.metrics import AUCAccumulator
-from cxr_miner.miner.training import TrainConfig, make_optimizer, predict, set_trunk_trainable, train_epoch
+from cxr_miner.miner.metrics import AUCAccumulator, mean_auc
+from cxr_miner.miner.training import (
+    EpochStats,
+    LossFn,
+    Network,
+    TrainConfig,
+    make_optimizer,
+    predict,
+    set_trunk_trainable,
+    train_epoch,
+)
 from cxr_miner.storage.stages.batches import RowGroup
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 
-def mean_auc(aucs: dict[str, float]) -> float:
-    """Mean over the findings whose AUC is defined (NaN when none is)."""
-    finite = [v for v in aucs.values() if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def validation_aucs(model: torch.nn.Module, loader, config: TrainConfig, device: torch.device) -> dict[str, float]:
+def validation_aucs(model: Network, loader, config: TrainConfig, device: torch.device) -> dict[str, float]:
     aucs = AUCAccumulator()
     aucs.accumulate(*(t.numpy() for t in predict(model, loader, config, device)))
     return aucs.compute()
@@ -61,9 +64,19 @@ class Schedule:
 
 
 def fit(
-    run: RunFolder, name: str, model: torch.nn.Module, loss_fn, train_groups: list[RowGroup], val_groups: list[RowGroup],
-    config: TrainConfig, device: torch.device, schedule: Schedule, keep_best: bool, logger: logging.LoggerAdapter | logging.Logger,
-    record: dict[str, Any] | None = None, targets: Targets | None = None,
+    run: RunFolder,
+    name: str,
+    model: Network,
+    loss_fn: LossFn,
+    train_groups: list[RowGroup],
+    val_groups: list[RowGroup],
+    config: TrainConfig,
+    device: torch.device,
+    schedule: Schedule,
+    keep_best: bool,
+    logger: logging.LoggerAdapter | logging.Logger,
+    record: dict[str, Any] | None = None,
+    targets: Targets | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` as the run's checkpoint ``name`` (see module doc); returns the step's history.
 
@@ -75,34 +88,35 @@ def fit(
     last = run.checkpoint(name, last=True)
     pending = run.checkpoint(name).with_suffix(".pending")
     steps_per_epoch = max(1, math.ceil(sum(g.rows for g in train_groups) / config.batch_size))
-    optimizer, scheduler = make_optimizer(model, config, schedule.lr, epochs, steps_per_epoch, schedule.optimizer, schedule.decay_epochs,
-                                          schedule.warmup_steps)
+    optimizer, scheduler = make_optimizer(
+        model,
+        config,
+        schedule.lr,
+        epochs,
+        steps_per_epoch,
+        schedule.optimizer,
+        schedule.decay_epochs,
+        schedule.warmup_steps,
+    )
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": -math.inf}
     if last.exists():
         state = resume_into(last, model, optimizer, scheduler)["state"]
         logger.info("%s: resuming after epoch %d from %s", name, state["epoch"], last)
-    train_loader = shard_loader(train_groups, config.batch_size, shuffle=True, workers=config.loader_workers,
-                                seed=schedule.seed, start_epoch=state["epoch"], pin_memory=device.type == "cuda", targets=targets)
+    train_loader = training_loader(train_groups, config, schedule.seed, state["epoch"], device, targets)
     val_loader = shard_loader(val_groups, config.batch_size, shuffle=False, workers=config.loader_workers)
-    images = sum(g.rows for g in train_groups)
+    epoch_of = EpochRunner(name, model, train_loader, loss_fn, optimizer, scheduler, config, device, epochs)
     for epoch in range(state["epoch"], epochs):
         if schedule.freeze_epochs:
             set_trunk_trainable(model, epoch >= schedule.freeze_epochs)
-        with progress_bar(f"{name} epoch {epoch + 1}/{epochs}", images) as advance:
-            batches = itertools.count(1)
-
-            def on_batch(n: int, loss: float) -> None:
-                advance(n, status=f"loss {loss:.4f}")
-                maybe_fail(f"train-{name}-epoch{epoch + 1}-batch{next(batches)}")
-
-            stats = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, config, device, on_batch=on_batch)
+        stats = epoch_of(epoch, sum(g.rows for g in train_groups))
         aucs = validation_aucs(model, val_loader, config, device) if val_groups else {f: math.nan for f in FINDINGS}
-        row = {"epoch": epoch + 1, "loss": stats.loss, **{f"loss_{k}": v for k, v in stats.parts.items()},
-               "images_per_second": stats.images_per_second, "seconds": stats.seconds, "mean_auc": mean_auc(aucs), "auc": aucs}
+        row = epoch_row(epoch, stats, aucs)
         state["history"].append(row)
         state["epoch"] = epoch + 1
-        logger.info("%s epoch %d: loss %.4f, %.1f images/s, validation mean AUC %.3f",
-                    name, epoch + 1, stats.loss, stats.images_per_second, row["mean_auc"])
+        logger.info(
+            "%s epoch %d: loss %.4f, %.1f images/s, validation mean AUC %.3f",
+            *(name, epoch + 1, stats.loss, stats.images_per_second, row["mean_auc"]),
+        )
         saved = {"config": config.to_dict(), **(record or {}), "metrics": row}
         score = row["mean_auc"] if not math.isnan(row["mean_auc"]) else -stats.loss
         if not keep_best or score > state["best"]:
@@ -113,3 +127,73 @@ def fit(
     if pending.exists():
         pending.replace(run.checkpoint(name))
     return {"step": name, "epochs": state["epoch"], "history": state["history"]}
+
+
+def training_loader(
+    groups: list[RowGroup],
+    config: TrainConfig,
+    seed: int,
+    start_epoch: int,
+    device: torch.device,
+    targets: Targets | None,
+) -> Any:
+    """The shuffled loader of the training row groups, in the order of an unbroken run from ``start_epoch`` on."""
+    return shard_loader(
+        groups,
+        config.batch_size,
+        shuffle=True,
+        workers=config.loader_workers,
+        seed=seed,
+        start_epoch=start_epoch,
+        pin_memory=device.type == "cuda",
+        targets=targets,
+    )
+
+
+@dataclass
+class EpochRunner:
+    """One training epoch of checkpoint ``name``'s model, with a progress bar and the fault points
+    ``train-<name>-epoch<e>-batch<b>`` (flows.faults)."""
+
+    name: str
+    model: Network
+    loader: Any
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config: TrainConfig
+    device: torch.device
+    epochs: int
+
+    def __call__(self, epoch: int, images: int) -> EpochStats:
+        with progress_bar(f"{self.name} epoch {epoch + 1}/{self.epochs}", images) as advance:
+            batches = itertools.count(1)
+
+            def on_batch(n: int, loss: float) -> None:
+                advance(n, status=f"loss {loss:.4f}")
+                maybe_fail(f"train-{self.name}-epoch{epoch + 1}-batch{next(batches)}")
+
+            return train_epoch(
+                self.model,
+                self.loader,
+                self.loss_fn,
+                self.optimizer,
+                self.scheduler,
+                self.config,
+                self.device,
+                on_batch,
+            )
+
+
+def epoch_row(epoch: int, stats: EpochStats, aucs: dict[str, float]) -> dict[str, Any]:
+    """metrics.json's row of epoch ``epoch`` (0-based): the loss and its parts, the speed, the
+    validation AUCs and their mean over the findings where defined."""
+    return {
+        "epoch": epoch + 1,
+        "loss": stats.loss,
+        **{f"loss_{k}": v for k, v in stats.parts.items()},
+        "images_per_second": stats.images_per_second,
+        "seconds": stats.seconds,
+        "mean_auc": mean_auc(aucs),
+        "auc": aucs,
+    }

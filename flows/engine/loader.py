@@ -25,8 +25,15 @@ class ShardBatches(IterableDataset):
     shuffle of epoch e is the same whether a run went straight through or resumed at e.
     """
 
-    def __init__(self, groups: Sequence[RowGroup], batch_size: int, shuffle: bool, seed: int = 0, start_epoch: int = 0,
-                 targets: Targets | None = None) -> None:
+    def __init__(
+        self,
+        groups: Sequence[RowGroup],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        start_epoch: int = 0,
+        targets: Targets | None = None,
+    ) -> None:
         self.groups, self.batch_size, self.shuffle, self.seed = list(groups), batch_size, shuffle, seed
         self.epoch, self.targets = start_epoch, targets
 
@@ -42,8 +49,15 @@ class ShardBatches(IterableDataset):
 
 
 def shard_loader(
-    groups: Sequence[RowGroup], batch_size: int, *, shuffle: bool, workers: int, seed: int = 0, start_epoch: int = 0,
-    pin_memory: bool = False, targets: Targets | None = None,
+    groups: Sequence[RowGroup],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    workers: int,
+    seed: int = 0,
+    start_epoch: int = 0,
+    pin_memory: bool = False,
+    targets: Targets | None = None,
 ) -> DataLoader:
     """A DataLoader of whole batches (batching happens in the dataset, by row group).
 
@@ -56,9 +70,14 @@ def shard_loader(
     dataset = ShardBatches(groups, batch_size, shuffle, seed, start_epoch, targets)
     workers = min(workers, len(groups))
     return DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None, persistent_workers=bool(workers),
-        multiprocessing_context="spawn" if workers else None, worker_init_fn=leave_process_group if workers else None,
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=bool(workers),
+        multiprocessing_context="spawn" if workers else None,
+        worker_init_fn=leave_process_group if workers else None,
     )
 
 

@@ -8,46 +8,47 @@ drift apart. Boxes are xyxy in source pixels (see miner.localize).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 
-from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
-from cxr_miner.miner.localize import boxes_in_source, upsample
+from cxr_miner.miner.evaluation import MAXBOXACC_GRID, HalfScores, Pair, score_pair
+from cxr_miner.miner.localize import upsample
 from cxr_miner.miner.methods import BatchLocalization, LocalizationMethod, TunedLocalizer
-from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
-from cxr_miner.miner.rules import BOX_RULES, RULES_BY_NAME, SWEEP_THRESHOLDS, Candidates, component_table
+from cxr_miner.miner.methods.registry import Select
 from cxr_miner.storage.stages.batches import RowGroup, ShardBatch, batch_stream, list_row_groups
 from cxr_miner.storage.stages.harvest import part_rows
-from cxr_miner.storage.vocab.findings import FINDINGS
+from cxr_miner.storage.vocab.findings import FINDINGS, truth_pairs
 
-# Given a batch, the method's pair selection: step-1 logits (N, C) -> (N, C) bool.
-Selector = Callable[[ShardBatch], Callable[[torch.Tensor], torch.Tensor]]
+# How a harvest picks the pairs to box: a batch -> its Select (step-1 logits (N, C) -> (N, C) bool).
+SelectFor = Callable[[ShardBatch], Select]
 
 
-def fixed_pairs(pairs: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+def fixed_pairs(pairs: torch.Tensor) -> Select:
     """The pairs (N, C) bool given up front, whatever the classifier says."""
-    wanted = torch.from_numpy(pairs)
-    return lambda logits: wanted.to(logits.device)
+    return lambda logits: pairs.to(logits.device)
 
 
-def labelled(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
+def labelled(batch: ShardBatch) -> Select:
     """Mining mode: every finding an image is labelled with."""
-    return fixed_pairs(batch.labels)
+    return fixed_pairs(torch.from_numpy(batch.labels))
 
 
-def scored_at_least(min_score: float) -> Selector:
+def scored_at_least(min_score: float) -> SelectFor:
     """Discovery mode: every finding the classifier scores at ``min_score`` or above."""
     return lambda batch: lambda logits: torch.sigmoid(logits.float()) >= min_score
 
 
 def shard_rows(
-    method: TunedLocalizer, models: Sequence[torch.nn.Module], shard: Path, select: Selector, batch_size: int, model_id: str,
+    method: TunedLocalizer,
+    models: Sequence[torch.nn.Module],
+    shard: Path,
+    select_for: SelectFor,
+    batch_size: int,
+    model_id: str,
     overlap: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
     """The harvest part rows (PART_SCHEMA) of every image of one shard, and how many images it has.
@@ -66,12 +67,15 @@ def shard_rows(
     batches = batch_stream(list_row_groups([shard]), batch_size)
     if not overlap:
         for batch in batches:
-            add(batch, method.localize_batch(models, torch.from_numpy(batch.images), batch.letterboxes(), select(batch)))
+            add(
+                batch,
+                method.localize_batch(models, torch.from_numpy(batch.images), batch.letterboxes(), select_for(batch)),
+            )
         return rows, images
     with ThreadPoolExecutor(1, thread_name_prefix="boxing") as boxing:
         pending: tuple[ShardBatch, Future] | None = None
         for batch in batches:
-            maps = method.batch_maps(models, torch.from_numpy(batch.images), select(batch))
+            maps = method.batch_maps(models, torch.from_numpy(batch.images), select_for(batch))
             if pending:
                 add(pending[0], pending[1].result())
             pending = batch, boxing.submit(method.box_maps, maps, batch.letterboxes())
@@ -80,34 +84,15 @@ def shard_rows(
     return rows, images
 
 
-MAXBOXACC_GRID = 224  # heatmaps are scored for MaxBoxAccV2 at most at this side (wsolevaluation's 224)
-
-
-class HalfScores(NamedTuple):
-    """A method's scores on one half of the boxed images (box-val or box-test)."""
-
-    boxes: LocalizationEvaluator  # Acc/AFP of the boxes the method's own box rule gives
-    heatmaps: MaxBoxAccumulator  # MaxBoxAccV2 of its heatmaps, apart from any box rule
-    images: set[str]  # the half's boxed images that were scored
-    rules: dict[str, LocalizationEvaluator]  # Acc/AFP of each candidate box rule (miner.rules.BOX_RULES), by name
-    outcomes: dict[str, dict[str, BoxOutcomes]]  # rule name -> finding -> its boxes' signals and hits
-
-    @classmethod
-    def empty(cls) -> HalfScores:
-        return cls(LocalizationEvaluator(), MaxBoxAccumulator(), set(), {r.name: LocalizationEvaluator() for r in BOX_RULES},
-                   {r.name: defaultdict(BoxOutcomes) for r in BOX_RULES})
-
-
-def candidates_by_rule(heatmap: np.ndarray) -> dict[str, Candidates]:
-    """Every candidate rule's boxes of one heatmap (input grid), from one shared component table."""
-    table = component_table(heatmap, SWEEP_THRESHOLDS)
-    return {rule.name: rule.apply(table) for rule in BOX_RULES}
-
-
 def evaluate_boxes(
-    provider: LocalizationMethod, models: Sequence[torch.nn.Module], groups: Sequence[RowGroup],
-    truth: dict[str, dict[str, list[list[float]]]], halves: Mapping[str, str], batch_size: int,
-    advance: Callable[[int], None] = lambda n: None, box_sizes: Mapping[str, tuple[float, float]] | None = None,
+    provider: LocalizationMethod,
+    models: Sequence[torch.nn.Module],
+    groups: Sequence[RowGroup],
+    truth: dict[str, dict[str, list[list[float]]]],
+    halves: Mapping[str, str],
+    batch_size: int,
+    advance: Callable[[int], None] = lambda n: None,
+    box_sizes: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, dict[str, HalfScores]]:
     """Scores of every variant ``provider`` gives in one pass (``provides()``: the CAM baseline and
     AM at each t, from one AM pass) on the boxed images of ``groups``, per variant key and half
@@ -117,8 +102,9 @@ def evaluate_boxes(
     ``box_sizes`` (finding -> box-size prior from box-val) sizes the ``prior`` rules' boxes; a
     finding without one is not boxed by them."""
     box_sizes = box_sizes or {}
-    def with_truth(batch: ShardBatch) -> Callable[[torch.Tensor], torch.Tensor]:
-        return fixed_pairs(np.array([[f in truth.get(i, {}) for f in FINDINGS] for i in batch.meta["image_id"]], dtype=bool))
+
+    def with_truth(batch: ShardBatch) -> Select:
+        return fixed_pairs(torch.from_numpy(truth_pairs(batch.meta["image_id"], truth)))
 
     scores = {key: {half: HalfScores.empty() for half in sorted(set(halves.values()))} for key in provider.provides()}
     input_size = provider.config.input_size
@@ -131,20 +117,9 @@ def evaluate_boxes(
             for finding, gt in truth.get(image_id, {}).items():
                 c = FINDINGS.index(finding)
                 for key, variant_maps in maps.items():
-                    half = scores[key][halves[image_id]]
-                    half.images.add(image_id)
                     full = upsample(variant_maps[i, c], input_size).cpu().numpy()
-                    heatmap = full if grid == input_size else upsample(variant_maps[i, c], grid, input_size).cpu().numpy()
-                    half.heatmaps.accumulate(finding, heatmap, gt,
-                                             lambda b, lb=letterboxes[i]: boxes_in_source(b * (input_size / grid), input_size, lb))
-                    for rule, candidates in candidates_by_rule(full).items():
-                        if RULES_BY_NAME[rule].size == "prior" and finding not in box_sizes:
-                            continue
-                        candidates, boxes = RULES_BY_NAME[rule].in_source(candidates, input_size, letterboxes[i], box_sizes.get(finding))
-                        half.rules[rule].accumulate(finding, boxes, gt)
-                        if rule == provider.paper_rule.name:
-                            half.boxes.accumulate(finding, boxes, gt)
-                        signals = box_signals(candidates.mean, candidates.peak, candidates.area, probability[i, c])
-                        half.outcomes[rule][finding].add(signals, hits(boxes, np.asarray(gt)))
+                    small = full if grid == input_size else upsample(variant_maps[i, c], grid, input_size).cpu().numpy()
+                    pair = Pair(image_id, finding, full, small, letterboxes[i], float(probability[i, c]), gt)
+                    score_pair(scores[key][halves[image_id]], pair, provider.paper_rule, box_sizes)
         advance(len(batch))
     return scores

@@ -19,8 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from cxr_miner.miner.localize import Localization
-from cxr_miner.miner.methods.registry import BatchLocalization, LocalizationMethod, Select, register_method
-from cxr_miner.miner.mil import image_logits
+from cxr_miner.miner.methods.registry import (
+    BatchLocalization,
+    LocalizationMethod,
+    Select,
+    TrainingStep,
+    register_method,
+)
+from cxr_miner.miner.mil import PatchModel, image_logits
 from cxr_miner.miner.rules import REGION_RULE
 from cxr_miner.miner.training import TrainConfig, autocast, prepare_images
 from cxr_miner.storage.vocab.letterbox import Letterbox
@@ -37,7 +43,11 @@ def fold_checkpoint(fold: int) -> str:
 
 def checkpoint_fold(name: str) -> int | None:
     """``mil-fold3`` -> 3; any other name -> None."""
-    return int(name.removeprefix(FOLD_PREFIX)) if name.startswith(FOLD_PREFIX) and name[len(FOLD_PREFIX):].isdigit() else None
+    return (
+        int(name.removeprefix(FOLD_PREFIX))
+        if name.startswith(FOLD_PREFIX) and name[len(FOLD_PREFIX) :].isdigit()
+        else None
+    )
 
 
 def patch_maps(probabilities: torch.Tensor, input_size: int) -> torch.Tensor:
@@ -47,11 +57,13 @@ def patch_maps(probabilities: torch.Tensor, input_size: int) -> torch.Tensor:
 
 
 @register_method
-class PatchMil(LocalizationMethod):
+class PatchMil(LocalizationMethod[PatchModel]):
     name = "mil"
     description = "the MIL patch model (Li et al. 2018): Eq. 2's image score, the parts of the patch region >= 0.5"
     paper_rule = REGION_RULE
     network = "patch"
+    learns_from_boxes = True
+    fallback_order = 2
 
     def __init__(self, config: TrainConfig, fold: int | None = None) -> None:
         super().__init__(config)
@@ -75,26 +87,35 @@ class PatchMil(LocalizationMethod):
     def release_checkpoints(self) -> tuple[str, ...]:
         return (RELEASE_CHECKPOINT,)
 
-    def variants(self) -> list[LocalizationMethod]:
+    def training_plan(self, for_release: bool = True) -> tuple[TrainingStep, ...]:
+        """The model evaluate scores (``mil``, or one per fold) and, ``for_release``, ``mil-all``."""
+        names = (*self.checkpoints(), *((RELEASE_CHECKPOINT,) if for_release else ()))
+        return tuple(TrainingStep("patch", name) for name in names)
+
+    def variants(self) -> list[LocalizationMethod[PatchModel]]:
         """Itself; none for a K-fold run, whose folds evaluate scores one by one (``fold``)."""
         return [] if self.config.box_folds and self.fold is None else [self]
 
-    def heatmaps(self, models: Sequence[torch.nn.Module], images: torch.Tensor, select: Select | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def heatmaps(
+        self, models: Sequence[PatchModel], images: torch.Tensor, select: Select | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch probabilities drawn on the input (patch_maps): (N, K, S, S) in [0, 1]; Eq. 2's logits (N, K)."""
         patch_logits = models[0].patches(images).float()
         return patch_maps(torch.sigmoid(patch_logits), images.shape[-1]), image_logits(patch_logits)
 
     def localize_batch(
-        self, models: Sequence[torch.nn.Module], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
+        self, models: Sequence[PatchModel], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
     ) -> BatchLocalization:
         """Shard images uint8 (N, S, S) -> the region rule's boxes per wanted pair, in source pixels."""
         device = next(models[0].parameters()).device
         x = prepare_images(images, self.config.input_size, device)
-        with torch.no_grad(), autocast(device, self.config.precision):
+        with self.inference(), autocast(device, self.config.precision):
             maps, logits = self.heatmaps(models, x, select)
         wanted = select(logits).cpu().numpy()
         found: list[dict[int, Localization]] = [{} for _ in range(len(wanted))]
         for i, c in zip(*wanted.nonzero()):
-            candidates, source = REGION_RULE.in_source(REGION_RULE.boxes(maps[i, c].cpu().numpy()), self.config.input_size, letterboxes[i])
+            candidates, source = REGION_RULE.in_source(
+                REGION_RULE.boxes(maps[i, c].cpu().numpy()), self.config.input_size, letterboxes[i]
+            )
             found[i][int(c)] = Localization(source, candidates.score)
         return BatchLocalization(torch.sigmoid(logits.float()).cpu().numpy(), wanted, found, maps)

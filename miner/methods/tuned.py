@@ -4,10 +4,11 @@ Each finding has a :class:`FindingChoice`: the method variant whose heatmap it u
 ``am-t2``, ...), the box rule (miner.rules), the confidence calibration and the operating point.
 One pass of the cheapest registered variant that provides every chosen variant's heatmap
 (``LocalizationMethod.provides``: AM over t steps gives the CAM baseline's and every shorter
-AM's too), and one of the MIL model when a finding chose it, makes the maps; each wanted (image, finding) is then boxed by its own choice, on the
-network-input grid, exactly as evaluate boxed box-val and box-test. A finding without a choice
-(no ground-truth box anywhere: NIH's six unboxed findings) gets ``default``: the harvested
-method with its paper's rule and no confidence (NaN, never at an operating point).
+AM's too), and one of the MIL model when a finding chose it, makes the maps; each wanted (image,
+finding) is then boxed by its own choice, on the network-input grid, exactly as evaluate boxed
+box-val and box-test. A finding without a choice (no ground-truth box anywhere: NIH's six
+unboxed findings) gets ``default``: the harvested method with its paper's rule and no confidence
+(NaN, never at an operating point).
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ class FindingChoice:
             raise ValueError(f"box rule {self.rule.name} needs a box size")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"variant": self.variant, "rule": self.rule.name,
-                "calibration": self.calibration.to_dict() if self.calibration else None, "operating_point": self.operating_point,
-                "box_size": list(self.box_size) if self.box_size else None}
+        return {
+            "variant": self.variant,
+            "rule": self.rule.name,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "operating_point": self.operating_point,
+            "box_size": list(self.box_size) if self.box_size else None,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FindingChoice:
@@ -65,9 +70,13 @@ class FindingChoice:
             confidence, at_point = np.full(k, math.nan), np.zeros(k, dtype=bool)
         else:
             confidence = self.calibration.predict(box_signals(found.mean, found.peak, found.area, probability))
-            at_point = confidence >= self.operating_point if self.operating_point is not None else np.zeros(k, dtype=bool)
+            at_point = (
+                confidence >= self.operating_point if self.operating_point is not None else np.zeros(k, dtype=bool)
+            )
         order = confidence_order(confidence)
-        return Localization(source[order], found.score[order], self.variant, confidence[order], at_point[order], order + 1)
+        return Localization(
+            source[order], found.score[order], self.variant, confidence[order], at_point[order], order + 1
+        )
 
 
 def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -> dict[str, FindingChoice]:
@@ -77,11 +86,19 @@ def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -
     for finding, entry in (tuning or {}).get("findings", {}).items():
         key = entry["method"] if variant is None else variant
         if key not in entry["candidates"]:
-            raise ValueError(f"the tuning has no {key!r} for {finding}; it has {sorted(entry['candidates'])} (evaluate the run again)")
+            raise ValueError(
+                f"the tuning has no {key!r} for {finding}; it has {sorted(entry['candidates'])} (evaluate the run "
+                "again)"
+            )
         picked = entry["candidates"][key]
         box_size = tuple(picked["box_size"]) if picked.get("box_size") else None
-        choices[finding] = FindingChoice(key, rule_by_name(picked["rule"]), Calibration.from_dict(picked["calibration"]),
-                                         picked["operating_point"], box_size)
+        choices[finding] = FindingChoice(
+            key,
+            rule_by_name(picked["rule"]),
+            Calibration.from_dict(picked["calibration"]),
+            picked["operating_point"],
+            box_size,
+        )
     return choices
 
 
@@ -89,7 +106,9 @@ def provider_for(variants: set[str], config: TrainConfig) -> LocalizationMethod:
     """The registered variant with the fewest checkpoints whose one pass gives all ``variants``' maps."""
     providers = providers_for(variants, config)
     if len(providers) > 1:
-        raise ValueError(f"no one method gives the heatmaps of {sorted(variants)}: it takes {[p.key for p in providers]}")
+        raise ValueError(
+            f"no one method gives the heatmaps of {sorted(variants)}: it takes {[p.variant for p in providers]}"
+        )
     return providers[0]
 
 
@@ -102,7 +121,10 @@ def providers_for(variants: set[str], config: TrainConfig) -> list[LocalizationM
     while remaining:
         best = max(candidates, key=lambda m: (len(remaining & set(m.provides())), -len(m.checkpoints())), default=None)
         if best is None or not remaining & set(best.provides()):
-            raise ValueError(f"no method of this run gives the heatmaps of {sorted(remaining)}; it has {[m.key for m in candidates]}")
+            raise ValueError(
+                f"no method of this run gives the heatmaps of {sorted(remaining)}; "
+                f"it has {[m.variant for m in candidates]}"
+            )
         chosen.append(best)
         remaining -= set(best.provides())
     return chosen
@@ -124,18 +146,22 @@ class TunedLocalizer:
         self.providers = sorted(providers, key=lambda p: default.variant not in p.provides())
 
     @classmethod
-    def from_key(cls, config: TrainConfig, key: Mapping[str, Any]) -> TunedLocalizer:
-        """The localiser whose ``key()`` is ``key`` (how harvest's workers rebuild it)."""
-        default = FindingChoice.from_dict(key["default"])
-        return cls(config, {f: FindingChoice.from_dict(c) for f, c in key.items() if f != "default"}, default)
+    def from_choices(cls, config: TrainConfig, record: Mapping[str, Any]) -> TunedLocalizer:
+        """The localiser whose ``choices_record()`` is ``record`` (how harvest's workers rebuild it)."""
+        default = FindingChoice.from_dict(record["default"])
+        return cls(config, {f: FindingChoice.from_dict(c) for f, c in record.items() if f != "default"}, default)
 
     def checkpoints(self) -> tuple[str, ...]:
         """The providers' release checkpoints, in order (``models`` of localize_batch)."""
         return tuple(name for provider in self.providers for name in provider.release_checkpoints())
 
-    def key(self) -> dict[str, Any]:
-        """What the boxes depend on besides the models (for the harvest key)."""
-        return {"default": self.default.to_dict(), **{FINDINGS[c]: choice.to_dict() for c, choice in sorted(self.choices.items())}}
+    def choices_record(self) -> dict[str, Any]:
+        """Each finding's choice as JSON: what the boxes depend on besides the models (the
+        harvest key's ``choices``)."""
+        return {
+            "default": self.default.to_dict(),
+            **{FINDINGS[c]: choice.to_dict() for c, choice in sorted(self.choices.items())},
+        }
 
     def localize_batch(
         self, models: Sequence[torch.nn.Module], images: torch.Tensor, letterboxes: Sequence[Letterbox], select: Select
@@ -155,7 +181,7 @@ class TunedLocalizer:
         start = 0
         for provider in self.providers:
             count = len(provider.release_checkpoints())
-            provided, logits = provider.batch_variant_maps(models[start:start + count], images, select)
+            provided, logits = provider.batch_variant_maps(models[start : start + count], images, select)
             start += count
             probability = torch.sigmoid(logits.float()).cpu().numpy()
             for key, value in provided.items():
@@ -164,7 +190,9 @@ class TunedLocalizer:
                 scores.setdefault(key, probability)
             if provider is self.providers[0]:
                 wanted = select(logits).cpu().numpy()
-        probability = np.stack([scores[self.choices.get(c, self.default).variant][:, c] for c in range(len(FINDINGS))], axis=1)
+        probability = np.stack(
+            [scores[self.choices.get(c, self.default).variant][:, c] for c in range(len(FINDINGS))], axis=1
+        )
         pairs = list(zip(*(index.tolist() for index in np.nonzero(wanted))))
         size = self.config.input_size
         heatmaps = [upsample(maps[self.choices.get(c, self.default).variant][i, c], size) for i, c in pairs]
@@ -176,7 +204,9 @@ class TunedLocalizer:
         size = self.config.input_size
         found: list[dict[int, Localization]] = [{} for _ in range(len(batch.wanted))]
         for (i, c), heatmap in batch.heatmaps.items():
-            found[i][c] = self.choices.get(c, self.default).score(heatmap, float(batch.probability[i, c]), size, letterboxes[i])
+            found[i][c] = self.choices.get(c, self.default).score(
+                heatmap, float(batch.probability[i, c]), size, letterboxes[i]
+            )
         return BatchLocalization(batch.probability, batch.wanted, found, None)
 
 

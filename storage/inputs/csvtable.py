@@ -65,7 +65,11 @@ def not_utf8(path: Path) -> InputError:
                 raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 byte = raw[error.start]
-                return InputError(path, f"byte 0x{byte:02x} at column {error.start + 1} is not UTF-8 (save the file as UTF-8)", line=line)
+                return InputError(
+                    path,
+                    f"byte 0x{byte:02x} at column {error.start + 1} is not UTF-8 (save the file as UTF-8)",
+                    line=line,
+                )
     return InputError(path, "not UTF-8 (save the file as UTF-8)")
 
 
@@ -98,7 +102,5 @@ def _read_rows(
                 continue
             extra = [f for f in fields[n_named:] if f.strip()]
             if extra or len(fields) < n_named:
-                raise InputError(
-                    path, f"expected {n_named} fields, got {len(fields)}: {','.join(fields)!r}", line=line
-                )
+                raise InputError(path, f"expected {n_named} fields, got {len(fields)}: {','.join(fields)!r}", line=line)
             yield line, {name: [f.strip() for f in fields[s]] for name, s in slices.items()}

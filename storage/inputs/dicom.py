@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -115,7 +116,7 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     raise ValueError(f"unsupported VOI LUT Function {function!r}")
 
 
-def _first(value: object) -> float:
+def _first(value: Any) -> float:
     """Window Center/Width may be multi-valued: the first is the default view."""
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         return float(value[0])
@@ -160,7 +161,9 @@ def read_dicom_pixels(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
         try:
             decoder = get_decoder(syntax)
         except NotImplementedError:
-            raise ImageReadError(path, f"no decoder for transfer syntax {syntax.name} ({syntax}) exists in pydicom") from None
+            raise ImageReadError(
+                path, f"no decoder for transfer syntax {syntax.name} ({syntax}) exists in pydicom"
+            ) from None
         if not decoder.is_available:
             raise ImageReadError(
                 path,

@@ -14,8 +14,13 @@ from pathlib import Path
 
 from cxr_miner.storage.vocab.errors import InputError
 
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
 
 
 def not_regular(path: Path) -> str | None:
@@ -53,12 +58,17 @@ def check_inside_root(root: Path, path: Path, folders: dict[Path, Path] | None =
     """Raise InputError for a path that leads out of ``root`` through a symbolic link (``folders``:
     see :func:`resolves_outside`)."""
     if (target := resolves_outside(root, path, folders)) is not None:
-        raise InputError(path, f"is a link to {target}, outside the dataset root {root}; "
-                               "pass --allow-outside-links to read files there")
+        raise InputError(
+            path,
+            f"is a link to {target}, outside the dataset root {root}; pass --allow-outside-links to read files there",
+        )
 
 
 def walk_files(
-    root: Path, suffixes: set[str] | None = None, *, on_skip: Callable[[Path, str], None] | None = None,
+    root: Path,
+    suffixes: set[str] | None = None,
+    *,
+    on_skip: Callable[[Path, str], None] | None = None,
     allow_outside_links: bool = False,
 ) -> Iterator[Path]:
     """Every regular file below ``root`` (sorted; hidden entries skipped), optionally by suffix.

@@ -52,7 +52,9 @@ def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """Any supported file (PNG, JPEG, DICOM) -> uint8 (height, width)."""
     path = Path(path)
     if (reason := not_regular(path)) is not None:
-        raise ImageReadError(path, "file not found" if reason.startswith("missing") else f"{reason}, not a regular file: not opened")
+        raise ImageReadError(
+            path, "file not found" if reason.startswith("missing") else f"{reason}, not a regular file: not opened"
+        )
     if is_dicom(path):
         from cxr_miner.storage.inputs.dicom import read_dicom_pixels
 
@@ -63,7 +65,9 @@ def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 def check_pixel_count(path: Path, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageReadError(
-            path, f"image of {width}x{height} = {width * height} px exceeds the {max_pixels} px limit (decompression bomb guard)"
+            path,
+            f"image of {width}x{height} = {width * height} px exceeds the {max_pixels} px limit (decompression bomb "
+            "guard)",
         )
 
 
@@ -163,7 +167,9 @@ def check_jpeg_data_complete(path: Path) -> None:
         simplejpeg.decode_jpeg(path.read_bytes(), colorspace="GRAY", strict=True, min_height=1, min_width=1)
     except ValueError as error:
         if any(short in str(error).lower() for short in _JPEG_SHORT):
-            raise ImageReadError(path, f"JPEG data ends early ({error}); the missing blocks would decode grey") from None
+            raise ImageReadError(
+                path, f"JPEG data ends early ({error}); the missing blocks would decode grey"
+            ) from None
 
 
 def to_gray8(image: Image.Image) -> np.ndarray:

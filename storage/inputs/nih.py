@@ -66,24 +66,26 @@ def check_image_name(path: Path, line: int, name: str) -> str:
     """An image id must be a plain relative file name: no folders, no '..'."""
     pure = PurePosixPath(name.replace("\\", "/"))
     if not name or pure.is_absolute() or ".." in pure.parts or len(pure.parts) != 1:
-        raise InputError(path, f"image name {name!r} is not a plain file name (it would escape the image folder)", line=line)
+        raise InputError(
+            path, f"image name {name!r} is not a plain file name (it would escape the image folder)", line=line
+        )
     if not name.isprintable():
         raise InputError(path, f"image name {name!r} holds a control character (a NUL byte or the like)", line=line)
     return name
 
 
-def _int(path: Path, line: int, column: str, text: str, *, optional: bool = False) -> int | None:
-    if optional and not text:
-        return None
+def _int(path: Path, line: int, column: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise InputError(path, f"column {column!r}: {text!r} is not an integer", line=line) from None
 
 
-def _float(path: Path, line: int, column: str, text: str, *, optional: bool = False) -> float | None:
-    if optional and not text:
-        return None
+def _optional_int(path: Path, line: int, column: str, text: str) -> int | None:
+    return _int(path, line, column, text) if text else None
+
+
+def _float(path: Path, line: int, column: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -91,6 +93,10 @@ def _float(path: Path, line: int, column: str, text: str, *, optional: bool = Fa
     if not math.isfinite(value):
         raise InputError(path, f"column {column!r}: {text!r} is not a finite number", line=line)
     return value
+
+
+def _optional_float(path: Path, line: int, column: str, text: str) -> float | None:
+    return _float(path, line, column, text) if text else None
 
 
 def _age(path: Path, line: int, text: str) -> int | None:
@@ -129,10 +135,10 @@ def read_data_entry(path: Path) -> list[EntryRow]:
                 age=_age(path, line, cells["Patient Age"][0]),
                 sex=sex,
                 view_position=cells["View Position"][0] or None,
-                original_width=_int(path, line, "OriginalImage[Width", size[0], optional=True),
-                original_height=_int(path, line, "Height]", size[1], optional=True),
-                pixel_spacing_x=_float(path, line, "OriginalImagePixelSpacing[x", spacing[0], optional=True),
-                pixel_spacing_y=_float(path, line, "y]", spacing[1], optional=True),
+                original_width=_optional_int(path, line, "OriginalImage[Width", size[0]),
+                original_height=_optional_int(path, line, "Height]", size[1]),
+                pixel_spacing_x=_optional_float(path, line, "OriginalImagePixelSpacing[x", spacing[0]),
+                pixel_spacing_y=_optional_float(path, line, "y]", spacing[1]),
             )
         )
     return rows
@@ -161,7 +167,7 @@ def read_image_list(path: Path) -> list[str]:
         text = path.read_text()
     except UnicodeDecodeError:
         raise not_utf8(path) from None
-    for line, text in enumerate(text.splitlines(), start=1):
-        if text.strip():
-            names.append(check_image_name(path, line, text.strip()))
+    for line, row in enumerate(text.splitlines(), start=1):
+        if row.strip():
+            names.append(check_image_name(path, line, row.strip()))
     return names

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_miner.storage.inputs.csvtable import read_rows
-from cxr_miner.storage.inputs.dicom import read_header
+from cxr_miner.storage.inputs.dicom import DicomHeader, read_header
 from cxr_miner.storage.inputs.files import walk_files
 from cxr_miner.storage.inputs.images import RASTER_SUFFIXES, ImageReadError, read_size
 from cxr_miner.storage.inputs.nih import (
@@ -20,6 +20,7 @@ from cxr_miner.storage.inputs.nih import (
     DATA_ENTRY,
     TEST_LIST,
     TRAIN_VAL_LIST,
+    EntryRow,
     GroundTruthBox,
     read_bbox_list,
     read_data_entry,
@@ -48,7 +49,9 @@ class SourceScan:
 
     def skip(self, path: Path, reason: str) -> None:
         """Record a file left out, with the reason (the ingest report lists them)."""
-        self.skipped.append({"source_path": relative_to_root(self.root, path) if self.root else str(path), "reason": reason})
+        self.skipped.append(
+            {"source_path": relative_to_root(self.root, path) if self.root else str(path), "reason": reason}
+        )
 
 
 def relative_to_root(root: Path, path: Path) -> str:
@@ -57,7 +60,12 @@ def relative_to_root(root: Path, path: Path) -> str:
 
 def find_metadata(root: Path, name: str) -> Path | None:
     """``name`` or ``name.gz`` at the root or one folder down."""
-    for candidate in [root / name, root / f"{name}.gz", *sorted(root.glob(f"*/{name}")), *sorted(root.glob(f"*/{name}.gz"))]:
+    for candidate in [
+        root / name,
+        root / f"{name}.gz",
+        *sorted(root.glob(f"*/{name}")),
+        *sorted(root.glob(f"*/{name}.gz")),
+    ]:
         if candidate.is_file():
             return candidate
     return None
@@ -76,64 +84,85 @@ def scan_nih(
     scan = SourceScan(records=[], metadata_files={"data_entry": str(entry_path)}, root=root)
     entries = read_data_entry(entry_path)
 
+    files = image_files(root, scan, allow_outside_links)
+    for entry in entries:
+        found = files.pop(entry.image_id, None)
+        if metadata_only:
+            source_path, present, size = (relative_to_root(root, found) if found else None), None, None
+        elif found is None:
+            source_path, present, size = None, False, None
+            scan.missing.append({"image_id": entry.image_id, "reason": "listed in the metadata, no file found"})
+        else:
+            source_path, present, size = relative_to_root(root, found), True, read_size(found)
+        scan.records.append(entry_record(entry, source_path, present, size))
+        if progress:
+            progress(1)
+    scan.unlisted = sorted(relative_to_root(root, p) for p in files.values())
+    add_nih_boxes(scan, root, {entry.image_id for entry in entries})
+    add_official_split(scan, root)
+    return scan
+
+
+def image_files(root: Path, scan: SourceScan, allow_outside_links: bool) -> dict[str, Path]:
+    """file name -> path of every raster image below ``root`` (what walk_files skips is recorded in
+    ``scan``); InputError for a name found twice."""
     files: dict[str, Path] = {}
     for path in walk_files(root, RASTER_SUFFIXES, on_skip=scan.skip, allow_outside_links=allow_outside_links):
         if path.name in files:
             raise InputError(path, f"image name {path.name!r} also at {files[path.name]}; image ids must be unique")
         files[path.name] = path
+    return files
 
-    for entry in entries:
-        path = files.pop(entry.image_id, None)
-        if metadata_only:
-            source_path, present, size = (relative_to_root(root, path) if path else None), None, None
-        elif path is None:
-            source_path, present, size = None, False, None
-            scan.missing.append({"image_id": entry.image_id, "reason": "listed in the metadata, no file found"})
-        else:
-            source_path, present, size = relative_to_root(root, path), True, read_size(path)
-        scan.records.append(
-            {
-                "image_id": entry.image_id,
-                "patient_id": entry.patient_id,
-                "source_path": source_path,
-                "source_format": "png" if entry.image_id.lower().endswith(".png") else "jpeg",
-                "findings": entry.findings,
-                "view_position": entry.view_position,
-                "age": entry.age,
-                "sex": entry.sex,
-                "width": size[0] if size else None,
-                "height": size[1] if size else None,
-                "original_width": entry.original_width,
-                "original_height": entry.original_height,
-                "pixel_spacing_x": entry.pixel_spacing_x,
-                "pixel_spacing_y": entry.pixel_spacing_y,
-                "follow_up": entry.follow_up,
-                "file_present": present,
-            }
-        )
-        if progress:
-            progress(1)
-    scan.unlisted = sorted(relative_to_root(root, p) for p in files.values())
 
+def entry_record(
+    entry: EntryRow, source_path: str | None, present: bool | None, size: tuple[int, int] | None
+) -> dict[str, Any]:
+    """The index record of a Data_Entry row and what was found of its file."""
+    return {
+        "image_id": entry.image_id,
+        "patient_id": entry.patient_id,
+        "source_path": source_path,
+        "source_format": "png" if entry.image_id.lower().endswith(".png") else "jpeg",
+        "findings": entry.findings,
+        "view_position": entry.view_position,
+        "age": entry.age,
+        "sex": entry.sex,
+        "width": size[0] if size else None,
+        "height": size[1] if size else None,
+        "original_width": entry.original_width,
+        "original_height": entry.original_height,
+        "pixel_spacing_x": entry.pixel_spacing_x,
+        "pixel_spacing_y": entry.pixel_spacing_y,
+        "follow_up": entry.follow_up,
+        "file_present": present,
+    }
+
+
+def add_nih_boxes(scan: SourceScan, root: Path, known: set[str]) -> None:
+    """BBox_List_2017.csv's boxes, where there is one: of indexed images, else unmatched."""
     bbox_path = find_metadata(root, BBOX_LIST)
-    if bbox_path is not None:
-        scan.metadata_files["bbox_list"] = str(bbox_path)
-        known = {entry.image_id for entry in entries}
-        for box in read_bbox_list(bbox_path):
-            if box.image_id in known:
-                scan.boxes.append(box)
-            else:
-                scan.unmatched_boxes.append({**vars(box), "reason": "image not in the Data_Entry CSV"})
+    if bbox_path is None:
+        return
+    scan.metadata_files["bbox_list"] = str(bbox_path)
+    for box in read_bbox_list(bbox_path):
+        if box.image_id in known:
+            scan.boxes.append(box)
+        else:
+            scan.unmatched_boxes.append({**vars(box), "reason": "image not in the Data_Entry CSV"})
 
+
+def add_official_split(scan: SourceScan, root: Path) -> None:
+    """train_val_list.txt and test_list.txt, where both are: each listed image's official split;
+    InputError for an image in both."""
     train_val, test = find_metadata(root, TRAIN_VAL_LIST), find_metadata(root, TEST_LIST)
-    if train_val is not None and test is not None:
-        scan.metadata_files.update(train_val_list=str(train_val), test_list=str(test))
-        scan.official_split = {name: "train_val" for name in read_image_list(train_val)}
-        for name in read_image_list(test):
-            if scan.official_split.get(name) == "train_val":
-                raise InputError(test, f"image {name!r} is in both {TRAIN_VAL_LIST} and {TEST_LIST}")
-            scan.official_split[name] = "test"
-    return scan
+    if train_val is None or test is None:
+        return
+    scan.metadata_files.update(train_val_list=str(train_val), test_list=str(test))
+    scan.official_split = {name: "train_val" for name in read_image_list(train_val)}
+    for name in read_image_list(test):
+        if scan.official_split.get(name) == "train_val":
+            raise InputError(test, f"image {name!r} is in both {TRAIN_VAL_LIST} and {TEST_LIST}")
+        scan.official_split[name] = "test"
 
 
 def read_dicom_labels(path: Path, root: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -201,37 +230,49 @@ def scan_dicom(
         if image_id in seen:
             raise InputError(path, f"duplicate SOPInstanceUID (also in {seen[image_id]})")
         seen[image_id] = rel
-        scan.records.append(
-            {
-                "image_id": image_id,
-                "patient_id": pseudonym(key, header.patient_id, prefix="P") if header.patient_id else None,
-                "source_path": rel,
-                "source_format": "dicom",
-                "findings": findings,
-                "view_position": header.view_position,
-                "age": header.age,
-                "sex": header.sex,
-                "width": header.columns,
-                "height": header.rows,
-                "original_width": header.columns,
-                "original_height": header.rows,
-                "pixel_spacing_x": None,
-                "pixel_spacing_y": None,
-                "follow_up": None,
-                "file_present": True,
-            }
-        )
+        scan.records.append(dicom_record(image_id, key, header, rel, findings))
         if progress:
             progress(1)
+    add_missing_dicoms(scan, key, by_path, by_uid)
+    return scan
+
+
+def dicom_record(image_id: str, key: bytes, header: DicomHeader, rel: str, findings: list[str]) -> dict[str, Any]:
+    """The index record of a labelled DICOM file, its patient pseudonymised with ``key``."""
+    return {
+        "image_id": image_id,
+        "patient_id": pseudonym(key, header.patient_id, prefix="P") if header.patient_id else None,
+        "source_path": rel,
+        "source_format": "dicom",
+        "findings": findings,
+        "view_position": header.view_position,
+        "age": header.age,
+        "sex": header.sex,
+        "width": header.columns,
+        "height": header.rows,
+        "original_width": header.columns,
+        "original_height": header.rows,
+        "pixel_spacing_x": None,
+        "pixel_spacing_y": None,
+        "follow_up": None,
+        "file_present": True,
+    }
+
+
+def add_missing_dicoms(
+    scan: SourceScan, key: bytes, by_path: dict[str, list[str]], by_uid: dict[str, list[str]]
+) -> None:
+    """A record and a missing entry for each labels row no DICOM file answered (by path or by UID)."""
     for rel, findings in sorted(by_path.items()):
         image_id = pseudonym(key, f"path:{rel}", prefix="I")
         scan.records.append(_missing_dicom_record(image_id, rel, findings))
-        scan.missing.append({"image_id": image_id, "source_path": rel, "reason": "listed in the labels CSV, no DICOM file found"})
+        scan.missing.append(
+            {"image_id": image_id, "source_path": rel, "reason": "listed in the labels CSV, no DICOM file found"}
+        )
     for uid, findings in sorted(by_uid.items()):
         image_id = pseudonym(key, uid, prefix="I")
         scan.records.append(_missing_dicom_record(image_id, None, findings))
         scan.missing.append({"image_id": image_id, "reason": "SOPInstanceUID in the labels CSV, no DICOM file found"})
-    return scan
 
 
 def _missing_dicom_record(image_id: str, rel: str | None, findings: list[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from cxr_miner.storage.inputs.nih import BBOX_LIST, DATA_ENTRY, TEST_LIST, TRAIN_VAL_LIST
 from cxr_miner.storage.stages.atomic import atomic_path, write_json
+from cxr_miner.storage.vocab.errors import SettingError
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS, NO_FINDING
 
 DATA_ENTRY_HEADER = (
@@ -64,9 +65,11 @@ def plan_images(n_images: int, size: int, seed: int, non_square: float) -> list[
                 findings = tuple(f for i, f in enumerate(FINDINGS) if i in chosen)
             width = height = size
             if rng.random() < non_square:
-                short = int(round(size * rng.uniform(0.75, 0.95)))
+                short = round(size * rng.uniform(0.75, 0.95))
                 width, height = (size, short) if rng.random() < 0.5 else (short, size)
-            plans.append(DemoImage(len(plans), f"{patient:08d}_{follow_up:03d}.png", patient, follow_up, findings, width, height))
+            plans.append(
+                DemoImage(len(plans), f"{patient:08d}_{follow_up:03d}.png", patient, follow_up, findings, width, height)
+            )
     return plans
 
 
@@ -119,8 +122,7 @@ class Anatomy:
         shift_u, shift_v = rng.uniform(-0.02, 0.02, size=2)
         spread = rng.uniform(0.95, 1.05)
         lungs = [
-            (0.5 + side * 0.17 * spread + shift_u, 0.45 + shift_v, 0.125 * spread, 0.27 * spread)
-            for side in (-1, 1)
+            (0.5 + side * 0.17 * spread + shift_u, 0.45 + shift_v, 0.125 * spread, 0.27 * spread) for side in (-1, 1)
         ]
         if emphysema:
             lungs = [(cu, cv, ru * 1.08, rv * 1.06) for cu, cv, ru, rv in lungs]
@@ -145,7 +147,9 @@ class Anatomy:
 Drawer = Callable[[Canvas, np.random.Generator, Anatomy], tuple[float, float, float, float]]
 
 
-def _in_lung(rng: np.random.Generator, anatomy: Anatomy, v_range: tuple[float, float] = (-0.6, 0.6)) -> tuple[int, float, float]:
+def _in_lung(
+    rng: np.random.Generator, anatomy: Anatomy, v_range: tuple[float, float] = (-0.6, 0.6)
+) -> tuple[int, float, float]:
     side = int(rng.integers(2))
     cu, cv, ru, rv = anatomy.lungs[side]
     return side, cu + rng.uniform(-0.5, 0.5) * ru, cv + rng.uniform(*v_range) * rv
@@ -220,7 +224,7 @@ def _consolidation(c: Canvas, rng, a: Anatomy):
 
 def _edema(c: Canvas, rng, a: Anatomy):
     boxes = []
-    for cu, cv, ru, rv in a.lungs:
+    for cu, cv, _ru, _rv in a.lungs:
         hilum_u = cu + (0.5 - cu) * 0.45
         c.pixels += 35 * c.gaussian(hilum_u, cv + 0.05, 0.05)
         boxes.append(c.box(hilum_u, cv + 0.05, 0.1, 0.1))
@@ -256,7 +260,7 @@ def _pleural_thickening(c: Canvas, rng, a: Anatomy):
 
 
 def _hernia(c: Canvas, rng, a: Anatomy):
-    cu, cv, ru, rv = a.heart
+    cu, cv, _ru, rv = a.heart
     u, v, r = cu - 0.02, cv + rv * 0.9, 0.045
     c.pixels += 50 * c.ellipse(u, v, r, r) * (c.y / c.height > v)
     c.pixels -= 40 * c.ellipse(u, v, r, r) * (c.y / c.height <= v)  # air-fluid level
@@ -288,6 +292,11 @@ DRAWERS: dict[str, Drawer] = {
 RENDER_SIDE = 320  # phantoms are smooth: drawn at this longer side, then upsampled
 
 
+def _rounded(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (round(float(v), 3) for v in box)
+    return x0, y0, x1, y1
+
+
 def render(plan: DemoImage, seed: int) -> tuple[np.ndarray, dict[str, tuple[float, float, float, float]]]:
     """One phantom: uint8 (height, width) and the xyxy box (source pixels) of each drawn finding."""
     rng = np.random.default_rng([seed, 1, plan.index])
@@ -301,7 +310,7 @@ def render(plan: DemoImage, seed: int) -> tuple[np.ndarray, dict[str, tuple[floa
     pixels = np.asarray(smooth, dtype=np.float32) + noise.astype(np.float32)
     pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     scaled = {k: (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for k, b in boxes.items()}
-    return pixels, {k: tuple(round(float(x), 3) for x in b) for k, b in scaled.items()}
+    return pixels, {k: _rounded(b) for k, b in scaled.items()}
 
 
 def image_path(out: Path, plan: DemoImage) -> Path:
@@ -343,55 +352,27 @@ def generate(
 ) -> dict:
     """Write the phantom collection to ``out``; returns the summary also saved as demo_manifest.json."""
     if n_images < 1 or size < 64:
-        raise ValueError(f"need at least 1 image of at least 64 px, got {n_images} of {size}")
+        raise SettingError(f"need at least 1 image of at least 64 px, got {n_images} of {size}")
     if not 0 <= corrupt <= n_images:
-        raise ValueError(f"--corrupt {corrupt} must be between 0 and the number of images {n_images}")
+        raise SettingError(f"--corrupt {corrupt} must be between 0 and the number of images {n_images}")
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_images(n_images, size, seed, non_square)
-    jobs = [(plan, seed, str(out)) for plan in plans]
-    truth: list[dict[str, tuple[float, float, float, float]]] = []
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for boxes in pool.map(_write_one, jobs, chunksize=8):
-                truth.append(boxes)
-                if progress:
-                    progress(1)
-    else:
-        for job in jobs:
-            truth.append(_write_one(job))
-            if progress:
-                progress(1)
-
+    truth = _write_images([(plan, seed, str(out)) for plan in plans], workers, progress)
     rng = np.random.default_rng([seed, 2])
     boxable = [p for p in plans if any(f in BOXED_FINDINGS for f in p.findings)]
     n_boxed = min(len(boxable), max(1, math.ceil(box_fraction * n_images))) if box_fraction > 0 else 0
     boxed = {boxable[i].index for i in rng.choice(len(boxable), size=n_boxed, replace=False)} if n_boxed else set()
     candidates = [p for p in plans if p.index not in boxed]
-    corrupted = [candidates[i] for i in sorted(rng.choice(len(candidates), size=min(corrupt, len(candidates)), replace=False))]
+    corrupted = [
+        candidates[i] for i in sorted(rng.choice(len(candidates), size=min(corrupt, len(candidates)), replace=False))
+    ]
     for k, plan in enumerate(corrupted):
         _corrupt(image_path(out, plan), CORRUPTIONS[k % len(CORRUPTIONS)])
 
     _write_data_entry(out / DATA_ENTRY, plans, rng)
-    with open(out / BBOX_LIST, "w", newline="") as handle:
-        handle.write(BBOX_HEADER + "\n")
-        writer = csv.writer(handle, lineterminator="\n")
-        for plan in plans:
-            if plan.index in boxed:
-                for finding, (x0, y0, x1, y1) in truth[plan.index].items():
-                    if finding in BOXED_FINDINGS:
-                        label = "Infiltrate" if finding == "Infiltration" else finding
-                        writer.writerow([plan.image_id, label, x0, y0, x1 - x0, y1 - y0])
-    with open(out / "demo_truth.csv", "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["image_id", "finding", "x_min", "y_min", "x_max", "y_max"])
-        for plan in plans:
-            for finding, box in truth[plan.index].items():
-                writer.writerow([plan.image_id, finding, *box])
-
-    patients = sorted({p.patient_id for p in plans})
-    test_patients = {pid for pid in patients if rng.random() < 0.2}
-    (out / TRAIN_VAL_LIST).write_text("".join(f"{p.image_id}\n" for p in plans if p.patient_id not in test_patients))
-    (out / TEST_LIST).write_text("".join(f"{p.image_id}\n" for p in plans if p.patient_id in test_patients))
+    _write_bbox_list(out / BBOX_LIST, [p for p in plans if p.index in boxed], truth)
+    _write_truth(out / "demo_truth.csv", plans, truth)
+    patients = _write_split_lists(out, plans, rng)
     summary = {
         "images": n_images,
         "size": size,
@@ -406,6 +387,59 @@ def generate(
     return summary
 
 
+Truth = list[dict[str, tuple[float, float, float, float]]]  # per image index: finding -> its drawn box
+
+
+def _write_images(
+    jobs: list[tuple[DemoImage, int, str]], workers: int, progress: Callable[[int], None] | None
+) -> Truth:
+    """Every phantom's PNG, in ``workers`` processes; each image's drawn boxes, in plan order."""
+    truth: Truth = []
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for boxes in pool.map(_write_one, jobs, chunksize=8):
+                truth.append(boxes)
+                if progress:
+                    progress(1)
+    else:
+        for job in jobs:
+            truth.append(_write_one(job))
+            if progress:
+                progress(1)
+    return truth
+
+
+def _write_bbox_list(path: Path, boxed: list[DemoImage], truth: Truth) -> None:
+    """BBox_List_2017.csv of the ``boxed`` images' boxed findings, in NIH's x, y, w, h and names."""
+    with open(path, "w", newline="") as handle:
+        handle.write(BBOX_HEADER + "\n")
+        writer = csv.writer(handle, lineterminator="\n")
+        for plan in boxed:
+            for finding, (x0, y0, x1, y1) in truth[plan.index].items():
+                if finding in BOXED_FINDINGS:
+                    label = "Infiltrate" if finding == "Infiltration" else finding
+                    writer.writerow([plan.image_id, label, x0, y0, x1 - x0, y1 - y0])
+
+
+def _write_truth(path: Path, plans: list[DemoImage], truth: Truth) -> None:
+    """demo_truth.csv: every drawn box of every image, xyxy in source pixels."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image_id", "finding", "x_min", "y_min", "x_max", "y_max"])
+        for plan in plans:
+            for finding, box in truth[plan.index].items():
+                writer.writerow([plan.image_id, finding, *box])
+
+
+def _write_split_lists(out: Path, plans: list[DemoImage], rng: np.random.Generator) -> list[int]:
+    """train_val_list.txt and test_list.txt (about a fifth of the patients in test); the patients."""
+    patients = sorted({p.patient_id for p in plans})
+    test_patients = {pid for pid in patients if rng.random() < 0.2}
+    (out / TRAIN_VAL_LIST).write_text("".join(f"{p.image_id}\n" for p in plans if p.patient_id not in test_patients))
+    (out / TEST_LIST).write_text("".join(f"{p.image_id}\n" for p in plans if p.patient_id in test_patients))
+    return patients
+
+
 def _write_data_entry(path: Path, plans: list[DemoImage], rng: np.random.Generator) -> None:
     with open(path, "w", newline="") as handle:
         handle.write(DATA_ENTRY_HEADER + "\n")
@@ -417,4 +451,17 @@ def _write_data_entry(path: Path, plans: list[DemoImage], rng: np.random.Generat
             spacing = [0.143, 0.139, 0.168][int(rng.integers(3))]
             labels = "|".join(plan.findings) or NO_FINDING
             view = "AP" if rng.random() < 0.4 else "PA"
-            writer.writerow([plan.image_id, labels, plan.follow_up, plan.patient_id, age0 + plan.follow_up // 3, sex, view, *original, spacing, spacing])
+            writer.writerow(
+                [
+                    plan.image_id,
+                    labels,
+                    plan.follow_up,
+                    plan.patient_id,
+                    age0 + plan.follow_up // 3,
+                    sex,
+                    view,
+                    *original,
+                    spacing,
+                    spacing,
+                ]
+            )

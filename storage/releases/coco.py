@@ -4,7 +4,8 @@ Images: every image of the split (ids from 1, in image_id order), ``file_name`` 
 the dataset root. Categories: the 14 findings, id = position in FINDINGS + 1, stable across
 releases. Annotations: one per box (ids from 1), ``bbox`` [x, y, w, h] in source pixels,
 ``segmentation`` the box as a polygon, ``iscrowd`` 0, and ``score`` (the box's calibrated
-confidence where it has one, else its ranking score), ``confidence``, ``rank`` (1: the pair's most
+confidence where it has one, else its ranking score), ``box_id`` (boxes.parquet's, stable across
+releases), ``confidence``, ``rank`` (1: the pair's most
 confident box), ``rule_rank`` (its rank in the box rule's own order) and ``method`` as extra keys
 that pycocotools and torchvision ignore but ``COCO.loadRes`` accepts.
 
@@ -31,26 +32,43 @@ CATEGORY_ID = {name: i + 1 for i, name in enumerate(FINDINGS)}
 
 
 def coco_image(image_id: int, record: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": image_id, "file_name": record["source_path"], "width": int(record["width"]),
-            "height": int(record["height"]), "image_name": record["image_id"]}
+    return {
+        "id": image_id,
+        "file_name": record["source_path"],
+        "width": int(record["width"]),
+        "height": int(record["height"]),
+        "image_name": record["image_id"],
+    }
 
 
 def coco_annotation(annotation_id: int, image_id: int, box: Mapping[str, Any]) -> dict[str, Any]:
-    """One box row (x_min..y_max in source pixels, finding, score, confidence, rank, rule_rank, method) as a COCO annotation."""
+    """One box row (x_min..y_max in source pixels, finding, score, confidence, rank, rule_rank,
+    method) as a COCO annotation."""
     x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
     w, h = x1 - x0, y1 - y0
     confidence = box.get("confidence")
     return {
-        "id": annotation_id, "image_id": image_id, "category_id": CATEGORY_ID[box["finding"]],
-        "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0,
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": CATEGORY_ID[box["finding"]],
+        "bbox": [x0, y0, w, h],
+        "area": w * h,
+        "iscrowd": 0,
         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
-        "score": float(box["score"] if confidence is None else confidence), "confidence": confidence,
-        "rank": int(box["rank"]), "rule_rank": int(box["rule_rank"]), "method": box["method"],
+        "score": float(box["score"] if confidence is None else confidence),
+        "confidence": confidence,
+        "rank": int(box["rank"]),
+        "rule_rank": int(box["rule_rank"]),
+        "method": box["method"],
+        **({"box_id": box["box_id"]} if "box_id" in box else {}),
     }
 
 
 def write_coco(
-    path: Path, images: Sequence[Mapping[str, Any]], boxes: Iterable[Iterable[Mapping[str, Any]]], info: Mapping[str, Any]
+    path: Path,
+    images: Sequence[Mapping[str, Any]],
+    boxes: Iterable[Iterable[Mapping[str, Any]]],
+    info: Mapping[str, Any],
 ) -> dict[str, int]:
     """Write one split's COCO file atomically; ``boxes`` yields chunks of box rows (any order).
 
@@ -68,7 +86,10 @@ def write_coco(
                 if box["image_id"] not in ids:
                     raise ValueError(f"{path.name}: box of image {box['image_id']!r}, which is not in this split")
                 annotations += 1
-                out.write((", " if annotations > 1 else "") + json.dumps(coco_annotation(annotations, ids[box["image_id"]], box)))
+                out.write(
+                    (", " if annotations > 1 else "")
+                    + json.dumps(coco_annotation(annotations, ids[box["image_id"]], box))
+                )
         out.write("]}\n")
     return {"images": len(ids), "annotations": annotations}
 
@@ -96,6 +117,7 @@ def write_coco_splits(
                         keep = pc.and_(keep, pc.fill_null(table.column("at_operating_point"), False))
                     yield table.filter(keep).to_pylist()
 
-            counts[variant][split] = write_coco(folder / variant / f"{split}.json", records, chunks(),
-                                                {**info, "split": split, "boxes": description})
+            counts[variant][split] = write_coco(
+                folder / variant / f"{split}.json", records, chunks(), {**info, "split": split, "boxes": description}
+            )
     return counts

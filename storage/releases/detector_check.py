@@ -11,7 +11,6 @@ checked release's, so their provenance still names it.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import shutil
@@ -23,11 +22,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from cxr_miner.storage.releases.detector_sets import TRAINING_SETS  # noqa: E402
-from cxr_miner.storage.releases.release import (  # noqa: E402
+from cxr_miner.storage.releases.detector_sets import TRAINING_SETS, CheckPlan
+from cxr_miner.storage.releases.release import (
     MANIFEST_FILE,
     discard_staging,
     file_digests,
@@ -37,15 +36,21 @@ from cxr_miner.storage.releases.release import (  # noqa: E402
     read_manifest,
     staging_dir,
 )
-from cxr_miner.storage.releases.report import figure_file, html_page, html_table  # noqa: E402
-from cxr_miner.storage.stages.atomic import write_json  # noqa: E402
-from cxr_miner.storage.stages.provenance import file_sha256  # noqa: E402
-from cxr_miner.storage.vocab.text import format_number, markdown_table  # noqa: E402
+from cxr_miner.storage.releases.report import figure_file, html_page, html_table
+from cxr_miner.storage.stages.atomic import write_json
+from cxr_miner.storage.stages.provenance import file_sha256
+from cxr_miner.storage.vocab.text import format_number, markdown_table
 
 CHECK_FILE = "detector-check.json"
 CHECK_PAGE = "report/detector-check.html"
 CHECK_FIGURE = "report/detector-check-ap30.png"
-COLUMNS = {"ap30": "AP@0.3", "ap50": "AP@0.5", "ap": "AP@[.5:.95]", "recall1_30": "R@1 (0.3)", "recall3_30": "R@3 (0.3)"}
+COLUMNS = {
+    "ap30": "AP@0.3",
+    "ap50": "AP@0.5",
+    "ap": "AP@[.5:.95]",
+    "recall1_30": "R@1 (0.3)",
+    "recall3_30": "R@3 (0.3)",
+}
 
 
 MARGIN = 0.01  # AP@0.3 by which the mined boxes must beat the prior (the figures are shown to 2 decimals)
@@ -70,13 +75,45 @@ def verdicts(figures: Mapping[str, Mapping[str, Mapping[str, float]]], findings:
 BEATS = "beats the prior"
 
 
+def check_record(
+    release: str,
+    detector: dict[str, Any],
+    background_ratio: float,
+    seed: int,
+    plan: CheckPlan,
+    set_epochs: Mapping[str, int],
+    speeds: Mapping[str, Mapping[str, Any]],
+    figures: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> dict[str, Any]:
+    """detector-check.json: what was checked and how, each training set's record (its epochs and
+    speed, ``speeds``: images_per_second and train_seconds), the figures and the verdicts."""
+    return {
+        "checked_release": release,
+        "detector": detector,
+        "background_ratio": background_ratio,
+        "seed": seed,
+        "findings": list(plan.findings),
+        "box_val_fraction": plan.box_val_fraction,
+        "test_images": len(plan.test),
+        "test_boxes": sum(len(b) for b in plan.test.values()),
+        "prior_boxes": plan.prior,
+        "sets": {
+            name: {**s.record(), "epochs": set_epochs.get(name, 0), **speeds[name]} for name, s in plan.sets.items()
+        },
+        "figures": figures,
+        "verdicts": verdicts(figures, plan.findings),
+    }
+
+
 def check_markdown(check: Mapping[str, Any]) -> str:
     """Per finding and overall: one row per training set, the COLUMNS figures on box-test."""
     parts = []
     for finding in [*check["findings"], "overall"]:
         rows = [[name, *(check["figures"][name][finding][m] for m in COLUMNS)] for name in check["sets"]]
-        parts.append(f"**{finding}** (mined boxes: {check['verdicts'][finding]})\n\n"
-                     + markdown_table(["trained on", *COLUMNS.values()], rows))
+        parts.append(
+            f"**{finding}** (mined boxes: {check['verdicts'][finding]})\n\n"
+            + markdown_table(["trained on", *COLUMNS.values()], rows)
+        )
     return "\n\n".join(parts)
 
 
@@ -96,23 +133,44 @@ def ap_bars(ax: plt.Axes, check: Mapping[str, Any]) -> None:
 
 def check_page(check: Mapping[str, Any], figure: str) -> str:
     """The report page (HTML) of a detector check; ``figure``: the AP bars' file name beside it."""
-    def table(finding: str) -> str:
-        rows = [[html.escape(name), *(format_number(check["figures"][name][finding][m]) for m in COLUMNS)] for name in check["sets"]]
-        return (f"<h3>{html.escape(finding)}</h3><p>Mined boxes: <b>{html.escape(check['verdicts'][finding])}</b>.</p>"
-                + html_table(["trained on", *COLUMNS.values()], rows))
 
-    sets = [[html.escape(name), html.escape(s["description"]), s["positive_images"], s["background_images"], s["boxes"],
-             s["left_out_images"], s["epochs"]] for name, s in check["sets"].items()]
+    def table(finding: str) -> str:
+        rows = [
+            [html.escape(name), *(format_number(check["figures"][name][finding][m]) for m in COLUMNS)]
+            for name in check["sets"]
+        ]
+        return (
+            f"<h3>{html.escape(finding)}</h3><p>Mined boxes: <b>{html.escape(check['verdicts'][finding])}</b>.</p>"
+            + html_table(["trained on", *COLUMNS.values()], rows)
+        )
+
+    sets = [
+        [
+            html.escape(name),
+            html.escape(s["description"]),
+            s["positive_images"],
+            s["background_images"],
+            s["boxes"],
+            s["left_out_images"],
+            s["epochs"],
+        ]
+        for name, s in check["sets"].items()
+    ]
     detector = check["detector"]
     body = (
         "<p><a href='index.html'>&larr; the harvest report</a></p><h1>Detector check</h1>"
         f"<p>Release <b>{html.escape(check['checked_release'])}</b> checked: a {html.escape(detector['name'])} "
-        f"at {detector['size']} px, trunk weights {html.escape(detector['weights'])}, trained on each set below for as many "
-        f"steps as {detector['epochs']} epochs of the largest set, all scored by COCOeval on the radiologists' boxes of the "
+        f"at {detector['size']} px, trunk weights {html.escape(detector['weights'])}, trained on each set below for "
+        "as many "
+        f"steps as {detector['epochs']} epochs of the largest set, all scored by COCOeval on the radiologists' "
+        "boxes of the "
         f"{check['test_images']} box-test images (no image of a box-test patient is trained on).</p>"
-        + html_table(["trained on", "what", "positive images", "background images", "boxes", "left out", "epochs"], sets)
+        + html_table(
+            ["trained on", "what", "positive images", "background images", "boxes", "left out", "epochs"], sets
+        )
         + "<p class='muted'>Left out: images labelled with a finding the set has no box for. AP@0.3 and AP@0.5: "
-        "average precision at that IoU; R@k (0.3): recall with the k top detections of a finding per image at IoU 0.3.</p>"
+        "average precision at that IoU; R@k (0.3): recall with the k top detections of a finding per image at IoU "
+        "0.3.</p>"
         f"<div class='figures'><img src='{figure}' alt='AP at IoU 0.3'></div>"
         + "".join(table(f) for f in [*check["findings"], "overall"])
     )
@@ -123,7 +181,9 @@ def write_check(folder: Path, check: Mapping[str, Any]) -> None:
     """detector-check.json, the report page and its figure into a release (staging) folder."""
     write_json(folder / CHECK_FILE, check)
     (folder / CHECK_PAGE).parent.mkdir(parents=True, exist_ok=True)
-    figure = figure_file(folder / CHECK_FIGURE, lambda ax: ap_bars(ax, check), size=(max(5.0, 1.1 * (len(check["findings"]) + 1)), 3.2))
+    figure = figure_file(
+        folder / CHECK_FIGURE, lambda ax: ap_bars(ax, check), size=(max(5.0, 1.1 * (len(check["findings"]) + 1)), 3.2)
+    )
     (folder / CHECK_PAGE).write_text(check_page(check, figure))
 
 
@@ -140,7 +200,9 @@ def copy_release(source: Path, target: Path) -> None:
             shutil.copy2(path, target / relative)
 
 
-def publish_checked(out: Path, source: Path, check: Mapping[str, Any], write: Callable[[Path, Mapping[str, Any]], None] = write_check) -> Path:
+def publish_checked(
+    out: Path, source: Path, check: Mapping[str, Any], write: Callable[[Path, Mapping[str, Any]], None] = write_check
+) -> Path:
     """A new release version under ``out``: the release ``source`` plus the check (module doc); returns its folder."""
     manifest = read_manifest(source)
     version = fresh_version(out)
@@ -149,11 +211,19 @@ def publish_checked(out: Path, source: Path, check: Mapping[str, Any], write: Ca
         copy_release(source, staging)
         check = {**check, "release": version}
         write(staging, check)
-        manifest.update(version=version, files=file_digests(staging), detector_check={
-            "checked_release": source.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "file": CHECK_FILE, "sha256": file_sha256(staging / CHECK_FILE), "page": CHECK_PAGE,
-            "overall_ap30": {name: check["figures"][name]["overall"]["ap30"] for name in TRAINING_SETS},
-            "verdicts": check["verdicts"]})
+        manifest.update(
+            version=version,
+            files=file_digests(staging),
+            detector_check={
+                "checked_release": source.name,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "file": CHECK_FILE,
+                "sha256": file_sha256(staging / CHECK_FILE),
+                "page": CHECK_PAGE,
+                "overall_ap30": {name: check["figures"][name]["overall"]["ap30"] for name in TRAINING_SETS},
+                "verdicts": check["verdicts"],
+            },
+        )
         write_json(staging / MANIFEST_FILE, manifest)
         return publish(staging, out, version, private=is_private(source))
     except BaseException:

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from cxr_miner.storage.releases.release import BOXES_FILE
+from cxr_miner.storage.stages.atomic import read_json, write_json
 from cxr_miner.storage.stages.box_splits import BOX_TEST, BOX_VAL, box_splits
 from cxr_miner.storage.stages.index import unit_hash
+from cxr_miner.storage.vocab.errors import SettingError
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 Box = list[float]  # xyxy, source pixels
@@ -56,9 +61,15 @@ class TrainingSet:
     left_out: int  # labelled with a checked finding the set has no box for
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "description": TRAINING_SETS[self.name], "images": len(self.boxes),
-                "positive_images": self.positives, "background_images": self.background,
-                "boxes": sum(len(b) for b in self.boxes.values()), "left_out_images": self.left_out}
+        return {
+            "name": self.name,
+            "description": TRAINING_SETS[self.name],
+            "images": len(self.boxes),
+            "positive_images": self.positives,
+            "background_images": self.background,
+            "boxes": sum(len(b) for b in self.boxes.values()),
+            "left_out_images": self.left_out,
+        }
 
 
 @dataclass(frozen=True)
@@ -75,30 +86,47 @@ class CheckPlan:
 
 def checked_findings(truth: Mapping[str, Mapping[str, list[Box]]], halves: Mapping[str, str]) -> tuple[str, ...]:
     """Findings with ground-truth boxes on box-val images and on box-test images, FINDINGS order."""
-    found = {half: {f for image, by in truth.items() if halves.get(image) == half for f in by} for half in (BOX_VAL, BOX_TEST)}
+    found = {
+        half: {f for image, by in truth.items() if halves.get(image) == half for f in by}
+        for half in (BOX_VAL, BOX_TEST)
+    }
     return tuple(f for f in FINDINGS if f in found[BOX_VAL] and f in found[BOX_TEST])
 
 
-def mean_boxes(truth: Mapping[str, Mapping[str, list[Box]]], images: list[str], sizes: Mapping[str, tuple[int, int]],
-               findings: tuple[str, ...]) -> dict[str, Box]:
+def mean_boxes(
+    truth: Mapping[str, Mapping[str, list[Box]]],
+    images: list[str],
+    sizes: Mapping[str, tuple[int, int]],
+    findings: tuple[str, ...],
+) -> dict[str, Box]:
     """finding -> the mean of its boxes on ``images`` as fractions of each image's (width, height)."""
     means = {}
     for finding in findings:
-        rows = [np.array(box) / np.array([*sizes[i], *sizes[i]]) for i in images for box in truth.get(i, {}).get(finding, [])]
+        rows = [
+            np.array(box) / np.array([*sizes[i], *sizes[i]])
+            for i in images
+            for box in truth.get(i, {}).get(finding, [])
+        ]
         if rows:
             means[finding] = [float(v) for v in np.mean(rows, axis=0)]
     return means
 
 
-def plan_check(images: pa.Table, sizes: Mapping[str, tuple[int, int]], truth: Mapping[str, Mapping[str, list[Box]]],
-               mined: pa.Table, box_val_fraction: float, background_ratio: float = 1.0) -> CheckPlan:
+def plan_check(
+    images: pa.Table,
+    sizes: Mapping[str, tuple[int, int]],
+    truth: Mapping[str, Mapping[str, list[Box]]],
+    mined: pa.Table,
+    box_val_fraction: float,
+    background_ratio: float = 1.0,
+) -> CheckPlan:
     """The check's sets (module doc). ``images``: the images the detectors may read (those in the
     shards), with the index's columns image_id, patient_id, split and the 14 findings; ``sizes``:
     image id -> (width, height) in source pixels; ``truth``: image id -> finding -> boxes;
     ``mined``: the release's boxes.parquet rows (image_id, split, finding, x_min..y_max, rank,
     at_operating_point)."""
     if background_ratio < 0:
-        raise ValueError(f"background ratio must be >= 0, got {background_ratio}")
+        raise SettingError(f"background ratio must be >= 0, got {background_ratio}")
     rows = images.to_pydict()
     ids = rows["image_id"]
     patients = dict(zip(ids, rows["patient_id"]))
@@ -116,22 +144,38 @@ def plan_check(images: pa.Table, sizes: Mapping[str, tuple[int, int]], truth: Ma
         "mined": _mined(mined, findings, at_operating_point=True),
         "mined-all": _mined(mined, findings, at_operating_point=False),
         "box-val-truth": {i: [(f, b) for f in findings for b in truth[i].get(f, [])] for i in box_val},
-        "prior": {i: [(f, _place(prior[f], sizes[i])) for f in sorted(labels[i], key=FINDINGS.index)] for i in train if labels[i]},
+        "prior": {
+            i: [(f, _place(prior[f], sizes[i])) for f in sorted(labels[i], key=FINDINGS.index)]
+            for i in train
+            if labels[i]
+        },
     }
     pools = {"mined": train, "mined-all": train, "box-val-truth": box_val, "prior": train}
-    sets = {name: _training_set(name, {i: candidates[name].get(i, []) for i in pools[name]}, labels, background, background_ratio)
-            for name in TRAINING_SETS}
+    sets = {
+        name: _training_set(
+            name, {i: candidates[name].get(i, []) for i in pools[name]}, labels, background, background_ratio
+        )
+        for name in TRAINING_SETS
+    }
     test = {i: [(f, b) for f in findings for b in truth[i].get(f, [])] for i in boxed if halves[i] == BOX_TEST}
     return CheckPlan(findings, sets, test, box_val_fraction, prior)
 
 
 def _mined(table: pa.Table, findings: tuple[str, ...], at_operating_point: bool) -> Boxes:
-    keep = pc.and_(pc.equal(table.column("split"), "train"), pc.is_in(table.column("finding"), pa.array(findings, pa.string())))
+    keep = pc.and_(
+        pc.equal(table.column("split"), "train"), pc.is_in(table.column("finding"), pa.array(findings, pa.string()))
+    )
     if at_operating_point:
         keep = pc.and_(keep, pc.fill_null(table.column("at_operating_point"), False))
     boxes: Boxes = {}
-    for row in table.filter(keep).sort_by([("image_id", "ascending"), ("finding", "ascending"), ("rank", "ascending")]).to_pylist():
-        boxes.setdefault(row["image_id"], []).append((row["finding"], [row[k] for k in ("x_min", "y_min", "x_max", "y_max")]))
+    for row in (
+        table.filter(keep)
+        .sort_by([("image_id", "ascending"), ("finding", "ascending"), ("rank", "ascending")])
+        .to_pylist()
+    ):
+        boxes.setdefault(row["image_id"], []).append(
+            (row["finding"], [row[k] for k in ("x_min", "y_min", "x_max", "y_max")])
+        )
     return boxes
 
 
@@ -140,9 +184,40 @@ def _place(fractions: Box, size: tuple[int, int]) -> Box:
     return [fractions[0] * width, fractions[1] * height, fractions[2] * width, fractions[3] * height]
 
 
-def _training_set(name: str, candidates: Boxes, labels: Mapping[str, set[str]], background: list[str], ratio: float) -> TrainingSet:
+def _training_set(
+    name: str, candidates: Boxes, labels: Mapping[str, set[str]], background: list[str], ratio: float
+) -> TrainingSet:
     """The pool's labelled images whose every checked finding has a box, plus background images."""
     positives = {i: boxes for i, boxes in candidates.items() if labels[i] and labels[i] <= {f for f, _ in boxes}}
     left_out = sum(1 for i in candidates if labels[i] and i not in positives)
     negatives = background[: round(ratio * len(positives))]
     return TrainingSet(name, {**positives, **{i: [] for i in negatives}}, len(positives), len(negatives), left_out)
+
+
+# One folder per training set under the check's folder: its boxes, then its detector's detections.
+TRAINING_SET_FILE = "training-set.json"
+DETECTIONS_FILE = "detections.json"
+MINED_COLUMNS = ["image_id", "split", "finding", "x_min", "y_min", "x_max", "y_max", "rank", "at_operating_point"]
+
+
+def read_mined_boxes(release: Path) -> pa.Table:
+    """The release's boxes, the columns plan_check reads (MINED_COLUMNS)."""
+    return pq.read_table(release / BOXES_FILE, columns=MINED_COLUMNS)
+
+
+def write_training_set(folder: Path, boxes: Mapping[str, list[Any]]) -> None:
+    write_json(folder / TRAINING_SET_FILE, boxes)
+
+
+def read_training_set(folder: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """image id -> its (finding, x0, y0, x1, y1) boxes, as write_training_set wrote them."""
+    stored = read_json(folder / TRAINING_SET_FILE, "run `cxr-miner detector-check` again to rewrite it")
+    return {image: [tuple(entry) for entry in entries] for image, entries in stored.items()}
+
+
+def write_detections(folder: Path, detections: Any) -> None:
+    write_json(folder / DETECTIONS_FILE, detections)
+
+
+def read_detections(folder: Path) -> Any:
+    return read_json(folder / DETECTIONS_FILE, "run `cxr-miner detector-check` again to detect again")

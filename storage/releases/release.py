@@ -5,7 +5,8 @@ is a symbolic link to the newest and never moves back. A release is built in a h
 folder of its own and renamed into place when complete; its files are then read-only, and a
 version that exists is never written again (the releases folder's lock keeps writers one at a time).
 
-boxes.parquet: one row per box (RELEASE_SCHEMA). Coordinates are xyxy in source pixels,
+boxes.parquet: one row per box (RELEASE_SCHEMA), named by its ``box_id`` (``box_ids``: the same
+box found again in a later release has the same id). Coordinates are xyxy in source pixels,
 continuous (pixel (i, j) covers [i, i + 1) x [j, j + 1)), and again divided by the image's
 width and height (``*_norm``, in [0, 1]). The schema metadata ``cxr_miner.provenance`` holds
 the release, model and code provenance as JSON.
@@ -13,6 +14,7 @@ the release, model and code provenance as JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,10 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cxr_miner.storage.stages.atomic import read_json
+from cxr_miner.storage.stages.evaluation import operating_points
 from cxr_miner.storage.stages.harvest import finding_counts, part_path, read_part
 from cxr_miner.storage.stages.index import INDEX_FILE, read_index
-from cxr_miner.storage.stages.provenance import file_sha256
+from cxr_miner.storage.stages.provenance import code_version, file_sha256, package_versions
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
+from cxr_miner.storage.vocab.errors import MissingInput, UserError
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 LATEST = "latest"
@@ -43,6 +47,7 @@ BOX_IDENTITY = ("image_id", "finding", "rank", "x_min", "y_min", "x_max", "y_max
 
 RELEASE_SCHEMA = pa.schema(
     [
+        ("box_id", pa.string()),
         ("image_id", pa.string()),
         ("patient_id", pa.string()),
         ("split", pa.string()),
@@ -69,7 +74,7 @@ RELEASE_SCHEMA = pa.schema(
 )
 
 
-class ReleaseExists(FileExistsError):
+class ReleaseExists(UserError, FileExistsError):
     """A release of that version exists already; releases are immutable."""
 
 
@@ -109,19 +114,63 @@ def release_rows(part: pa.Table, images: pa.Table) -> pa.Table:
     joined = part.join(images.select(list(IMAGE_COLUMNS)), "image_id", join_type="left outer")
     orphans = joined.filter(pc.is_null(joined.column("split")))
     if len(orphans):
-        raise ValueError(f"boxes of {len(orphans)} images not in the index, e.g. {orphans.column('image_id')[0].as_py()!r}")
+        raise ValueError(
+            f"boxes of {len(orphans)} images not in the index, e.g. {orphans.column('image_id')[0].as_py()!r}"
+        )
     width = pc.cast(joined.column("width"), pa.float32())
     height = pc.cast(joined.column("height"), pa.float32())
-    columns = {name: joined.column(name) for name in ("image_id", "patient_id", "split", "finding", "x_min", "y_min",
-                                                      "x_max", "y_max", "score", "probability", "confidence",
-                                                      "at_operating_point", "rank", "rule_rank", "method", "model_id")}
+    columns = {
+        name: joined.column(name)
+        for name in (
+            "image_id",
+            "patient_id",
+            "split",
+            "finding",
+            "x_min",
+            "y_min",
+            "x_max",
+            "y_max",
+            "score",
+            "probability",
+            "confidence",
+            "at_operating_point",
+            "rank",
+            "rule_rank",
+            "method",
+            "model_id",
+        )
+    }
     for axis, size in (("x", width), ("y", height)):
         for end in ("min", "max"):
             columns[f"{axis}_{end}_norm"] = pc.divide(columns[f"{axis}_{end}"], size)
     columns["image_width"] = joined.column("width")
     columns["image_height"] = joined.column("height")
-    table = pa.table({name: columns[name] for name in RELEASE_SCHEMA.names}).cast(RELEASE_SCHEMA)
+    table = pa.table({name: columns[name] for name in RELEASE_SCHEMA.names if name != "box_id"})
+    table = table.add_column(0, "box_id", box_ids(table.cast(RELEASE_SCHEMA.remove(0)))).cast(RELEASE_SCHEMA)
     return table.sort_by([("image_id", "ascending"), ("finding", "ascending"), ("rank", "ascending")])
+
+
+def box_id(image_id: str, finding: str, xyxy: Iterable[float]) -> str:
+    """A box's name: the first 16 hex digits of SHA-256 over ``image_id/finding/x0,y0,x1,y1``, the
+    corners in source pixels as boxes.parquet stores them (float32) written to 2 decimals. Rank,
+    confidence, method and model are not in it: a box found again at the same place in a later
+    release keeps its id (and its reviews); a box moved by more than rounding is a new box."""
+    corners = ",".join(f"{value:.2f}" for value in xyxy)
+    return hashlib.sha256(f"{image_id}/{finding}/{corners}".encode()).hexdigest()[:16]
+
+
+def box_ids(table: pa.Table) -> pa.Array:
+    """``box_id`` of every row of a table with image_id, finding and x_min..y_max (float32). A box
+    that a pair holds twice (two rules' boxes can coincide) is named ``<id>-2`` the second time,
+    and so on, in row order: ids are unique within a release."""
+    columns = [table.column(name).to_pylist() for name in ("image_id", "finding", "x_min", "y_min", "x_max", "y_max")]
+    seen: dict[str, int] = {}
+    ids = []
+    for image_id, finding, *corners in zip(*columns):
+        name = box_id(image_id, finding, corners)
+        seen[name] = seen.get(name, 0) + 1
+        ids.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return pa.array(ids, pa.string())
 
 
 class BoxesWriter:
@@ -144,12 +193,18 @@ class BoxesWriter:
 def harvested_images(workdir: Path, columns: Iterable[str] = IMAGE_COLUMNS) -> pa.Table:
     """The index's ``columns`` of the images in the shards (quarantined and missing files are not)."""
     index = read_index(workdir / INDEX_FILE).select(list(columns))
-    ids = pa.concat_arrays([pq.read_table(p, columns=["image_id"]).column("image_id").combine_chunks()
-                            for p in ShardReader(workdir / SHARD_DIR).paths])
+    ids = pa.concat_arrays(
+        [
+            pq.read_table(p, columns=["image_id"]).column("image_id").combine_chunks()
+            for p in ShardReader(workdir / SHARD_DIR).paths
+        ]
+    )
     return index.filter(pc.is_in(index.column("image_id"), value_set=ids))
 
 
-def write_release_boxes(path: Path, workdir: Path, shards: Iterable[str], images: pa.Table, provenance: Mapping[str, Any]) -> int:
+def write_release_boxes(
+    path: Path, workdir: Path, shards: Iterable[str], images: pa.Table, provenance: Mapping[str, Any]
+) -> int:
     """boxes.parquet from the harvest parts of ``shards`` (names), part by part; returns its rows."""
     wanted = set(shards)
     writer = BoxesWriter(path, provenance)
@@ -182,7 +237,9 @@ def diff_boxes(previous: Path | None, current: Path) -> dict[str, dict[str, int]
         counts = pc.value_counts(table.column("finding")) if len(table) else []
         return {item["values"].as_py(): item["counts"].as_py() for item in counts}
 
-    sizes = {name: per_finding(t) for name, t in (("before", before), ("after", now), ("added", added), ("removed", removed))}
+    sizes = {
+        name: per_finding(t) for name, t in (("before", before), ("after", now), ("added", added), ("removed", removed))
+    }
     return {f: {name: sizes[name].get(f, 0) for name in sizes} for f in FINDINGS}
 
 
@@ -230,7 +287,7 @@ def read_manifest(release: Path) -> dict[str, Any]:
     """``RELEASE/manifest.json``; FileNotFoundError naming a folder that is not a release."""
     path = Path(release) / MANIFEST_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{release}: not a release (no {MANIFEST_FILE})")
+        raise MissingInput(f"{release}: not a release (no {MANIFEST_FILE})")
     return read_json(path, "the release is damaged: publish a new one with `cxr-miner release`")
 
 
@@ -238,8 +295,10 @@ def release_file(release: Path, name: str) -> Path:
     """The path of file ``name`` of a release; FileNotFoundError that says it is missing."""
     path = Path(release) / name
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing from release {Path(release).name} (a release is immutable: "
-                                "publish a new one with `cxr-miner release`)")
+        raise MissingInput(
+            f"{path}: missing from release {Path(release).name} (a release is immutable: "
+            "publish a new one with `cxr-miner release`)"
+        )
     return path
 
 
@@ -266,3 +325,58 @@ def discard_stale_staging(out: Path) -> list[str]:
     for path in stale:
         discard_staging(path)
     return [path.name for path in stale]
+
+
+def release_provenance(
+    version: str, run: str, key: Mapping[str, Any], ingest_report: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What every box row of a release made now records about where it came from (boxes.parquet's
+    metadata)."""
+    return {
+        "release": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "model": {"run": run, "model_id": key["model_id"], "checkpoints_sha256": key["checkpoints"]},
+        "method": key["method"],
+        "mode": key["mode"],
+        "index_sha256": ingest_report.get("index_sha256"),
+    }
+
+
+def coco_counts(coco: Mapping[str, Mapping[str, Mapping[str, int]]]) -> dict[str, Any]:
+    """write_coco_splits' counts per COCO folder (coco, coco-all) and split, as the manifest keeps them."""
+    return {
+        variant.replace("-", "_"): {split: {**c[split], "boxes": c[split]["annotations"]} for split in c}
+        for variant, c in coco.items()
+    }
+
+
+def release_manifest(
+    provenance: Mapping[str, Any],
+    config: Mapping[str, Any],
+    key: Mapping[str, Any],
+    tuned: Mapping[str, dict[str, Any]],
+    localisation: Mapping[str, Any],
+    forgetting: Mapping[str, Any] | None,
+    counts: Mapping[str, Any],
+    changes: Mapping[str, Any],
+) -> dict[str, Any]:
+    """manifest.json without its ``files`` (the digests of what is written beside it): the release's
+    provenance, the package versions, the settings, each finding's operating point and box-test
+    settings (``tuned``: storage.stages.evaluation.harvested_choices; ``localisation``: their box-test
+    figures, miner.tuning.released_figures), the counts and the changes."""
+    return {
+        "version": provenance["release"],
+        "created": provenance["created"],
+        "code_version": provenance["code_version"],
+        "packages": package_versions(),
+        "index_sha256": provenance["index_sha256"],
+        "model": provenance["model"],
+        "harvest_key": dict(key),
+        "config": dict(config),
+        "operating_points": operating_points(dict(tuned)),
+        "localisation": dict(localisation),
+        "forgetting": forgetting,
+        "counts": dict(counts),
+        "changes": dict(changes),
+    }

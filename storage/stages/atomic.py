@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError, MissingInput
 
 TMP_SUFFIX = ".tmp"
 FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a quota reached
@@ -30,7 +30,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, target)
     except OSError as error:
-        if (error.errno in FULL or "No space left" in str(error)) and not error.filename:  # a failed write() names no file
+        if (
+            error.errno in FULL or "No space left" in str(error)
+        ) and not error.filename:  # a failed write() names no file
             code = error.errno if error.errno in FULL else errno.ENOSPC
             raise OSError(code, f"{os.strerror(code)}: could not write {target.name} into {target.parent}") from error
         raise
@@ -70,7 +72,7 @@ def read_json(path: Path, remake: str) -> Any:
     :class:`InputError` that names it and says how to make it again (``remake``: a command)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file ({remake})")
+        raise MissingInput(f"{path}: no such file ({remake})")
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
@@ -82,4 +84,3 @@ def write_parquet(target: Path, table: pa.Table, **options: Any) -> None:
     options.setdefault("compression", "zstd")
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, **options)
-

@@ -15,15 +15,26 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader, decode_image
+from cxr_miner.storage.vocab.errors import InputError, MissingInput
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 META_COLUMNS = (
-    "image_id", "patient_id", "split", "source_path", "has_box", "source_width", "source_height",
-    "size", "content_width", "content_height", "offset_x", "offset_y",
+    "image_id",
+    "patient_id",
+    "split",
+    "source_path",
+    "has_box",
+    "source_width",
+    "source_height",
+    "size",
+    "content_width",
+    "content_height",
+    "offset_x",
+    "offset_y",
 )
 
 
@@ -32,7 +43,7 @@ class RowGroup(NamedTuple):
     ``images`` (when set) just those image ids."""
 
     path: str
-    index: int
+    row_group: int  # its index in the shard file
     rows: int
     only_boxed: bool = False
     images: frozenset[str] | None = None
@@ -53,7 +64,9 @@ class ShardBatch(NamedTuple):
         return [Letterbox.from_record({k: v[i] for k, v in self.meta.items()}) for i in range(len(self))]
 
 
-def list_row_groups(paths: Sequence[Path | str], only_boxed: bool = False, images: Iterable[str] | None = None) -> list[RowGroup]:
+def list_row_groups(
+    paths: Sequence[Path | str], only_boxed: bool = False, images: Iterable[str] | None = None
+) -> list[RowGroup]:
     """Row groups of the shards, in file order (reads the footers, and the has_box or image_id
     column when ``only_boxed`` or ``images`` filter them: then ``rows`` counts the images kept and
     groups without any are left out)."""
@@ -74,12 +87,15 @@ def _filtered(table: pa.Table, only_boxed: bool, images: frozenset[str] | None) 
     if only_boxed:
         table = table.filter(table.column("has_box"))
     if images is not None:
-        table = table.filter(pa.compute.is_in(table.column("image_id"), value_set=pa.array(sorted(images), pa.string())))
+        table = table.filter(
+            pa.compute.is_in(table.column("image_id"), value_set=pa.array(sorted(images), pa.string()))
+        )
     return table
 
 
-def split_row_groups(workdir: str | Path, splits: Sequence[str], only_boxed: bool = False,
-                     images: Iterable[str] | None = None) -> list[RowGroup]:
+def split_row_groups(
+    workdir: str | Path, splits: Sequence[str], only_boxed: bool = False, images: Iterable[str] | None = None
+) -> list[RowGroup]:
     """Row groups of the workdir's shards of ``splits`` (see list_row_groups)."""
     paths = [path for split in splits for path in ShardReader(Path(workdir) / SHARD_DIR, split).paths]
     return list_row_groups(paths, only_boxed, images)
@@ -94,7 +110,7 @@ def label_prevalence(groups: Sequence[RowGroup]) -> np.ndarray:
         positives = counts if positives is None else positives + counts
         total += len(labels)
     if positives is None:
-        raise ValueError("no shards to count labels in")
+        raise MissingInput("no shards to count labels in (run `cxr-miner preprocess` first)")
     return positives / max(total, 1)
 
 
@@ -115,8 +131,12 @@ def read_row_group(group: RowGroup) -> ShardBatch:
     encoding = metadata.get(b"cxr_miner.encoding", b"").decode()
     size = int(metadata.get(b"cxr_miner.size", b"0"))
     if not encoding or not size:
-        raise ValueError(f"{group.path}: not a cxr-miner shard (no encoding/size in its schema metadata)")
-    table = _filtered(handle.read_row_group(group.index, columns=["image", "labels", *META_COLUMNS]), group.only_boxed, group.images)
+        raise InputError(group.path, "not a cxr-miner shard (no encoding/size in its schema metadata)")
+    table = _filtered(
+        handle.read_row_group(group.row_group, columns=["image", "labels", *META_COLUMNS]),
+        group.only_boxed,
+        group.images,
+    )
     labels = np.asarray(table.column("labels").combine_chunks().flatten(), dtype=bool).reshape(len(table), -1)
     meta = {name: table.column(name).to_pylist() for name in META_COLUMNS}
     return ShardBatch(_images(table.column("image"), size, encoding), labels, meta)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from cxr_miner.storage.stages.index import unit_hash
+from cxr_miner.storage.vocab.errors import SettingError
 
 BOX_VAL, BOX_TEST = "box-val", "box-test"
 BOX_SPLITS = (BOX_VAL, BOX_TEST)
@@ -32,11 +33,13 @@ _SUBSET_SALT = "cxr-miner/box-subset/v1"
 def box_split(patient_id: str, val_fraction: float = BOX_VAL_FRACTION) -> str:
     """``box-val`` for a patient whose hash falls below ``val_fraction``, else ``box-test``."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"box-val fraction must lie in (0, 1), got {val_fraction}")
+        raise SettingError(f"box-val fraction must lie in (0, 1), got {val_fraction}")
     return BOX_VAL if unit_hash(patient_id, salt=_SALT) < val_fraction else BOX_TEST
 
 
-def box_splits(patients: Mapping[str, str | None], boxed: Iterable[str], val_fraction: float = BOX_VAL_FRACTION) -> dict[str, str]:
+def box_splits(
+    patients: Mapping[str, str | None], boxed: Iterable[str], val_fraction: float = BOX_VAL_FRACTION
+) -> dict[str, str]:
     """image id -> its half, for the ``boxed`` image ids; ``patients`` maps image id -> patient id
     (an image without a patient id is its own patient)."""
     return {image: box_split(patients.get(image) or image, val_fraction) for image in boxed}
@@ -46,7 +49,7 @@ def box_folds(patients: Mapping[str, str | None], boxed: Iterable[str], folds: i
     """image id -> its fold in 0..folds-1, for the ``boxed`` image ids, by patient (``patients``:
     image id -> patient id; an image without one is its own patient)."""
     if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
+        raise SettingError(f"folds must be at least 2, got {folds}")
     return {image: int(unit_hash(patients.get(image) or image, salt=_FOLD_SALT) * folds) for image in boxed}
 
 
@@ -54,5 +57,5 @@ def box_subset(patients: Mapping[str, str | None], boxed: Iterable[str], fractio
     """The ``boxed`` image ids whose boxes a model may learn from at ``fraction`` in [0, 1] of them,
     by patient: those whose patient's hash falls below ``fraction``."""
     if not 0 <= fraction <= 1:
-        raise ValueError(f"box fraction must lie in [0, 1], got {fraction}")
+        raise SettingError(f"box fraction must lie in [0, 1], got {fraction}")
     return {image for image in boxed if unit_hash(patients.get(image) or image, salt=_SUBSET_SALT) < fraction}

@@ -7,44 +7,76 @@ columns the boxed findings, cells "Acc-AFP".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_miner.storage.stages.atomic import read_json, write_json
+from cxr_miner.storage.releases.reviews import REVIEWS_FILE, read_reviewed_truth
+from cxr_miner.storage.stages.atomic import json_text, read_json, write_json
+from cxr_miner.storage.stages.box_splits import BOX_TEST
 from cxr_miner.storage.stages.harvest import tuning_identity
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE
 from cxr_miner.storage.stages.provenance import code_version, file_sha256
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shard_manifest import MANIFEST
 from cxr_miner.storage.stages.shards import SHARD_DIR
-from cxr_miner.storage.vocab.errors import InputError
-from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
+from cxr_miner.storage.vocab.errors import InputError, UserError
+from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FEW_PAIRS, FINDINGS
 from cxr_miner.storage.vocab.text import MISSING, markdown_table, rule_label
 
-SHORT = {"Atelectasis": "AT", "Cardiomegaly": "CM", "Effusion": "PE", "Infiltration": "Infiltrat.", "Mass": "Mass",
-         "Nodule": "Nodule", "Pneumonia": "PNA", "Pneumothorax": "PTx"}
+SHORT = {
+    "Atelectasis": "AT",
+    "Cardiomegaly": "CM",
+    "Effusion": "PE",
+    "Infiltration": "Infiltrat.",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "PNA",
+    "Pneumothorax": "PTx",
+}
 
 
-def acc_afp_table(results: dict[str, dict], thresholds: tuple[float, ...], metric: str = "iou") -> str:
-    """Rows: T x method; columns: the boxed findings; cells "Acc-AFP"."""
-    header = [f"T({metric.upper()})", "method", *(SHORT[f] for f in BOXED_FINDINGS)]
+def finding_header(finding: str, pairs: Mapping[str, int] | None = None) -> str:
+    """A table's column name for ``finding``: its short name, flagged when it has fewer than
+    FEW_PAIRS pairs in the half (its figures then rest on too few images to trust)."""
+    name = SHORT.get(finding, finding)
+    n = (pairs or {}).get(finding)
+    return f"{name} (only {n} pairs)" if n is not None and n < FEW_PAIRS else name
+
+
+def acc_afp_table(
+    results: dict[str, dict],
+    thresholds: tuple[float, ...],
+    metric: str = "iou",
+    findings: Sequence[str] = BOXED_FINDINGS,
+    pairs: Mapping[str, int] | None = None,
+) -> str:
+    """Rows: T x method; columns: ``findings`` (the reported ones; ``pairs``: their pair counts,
+    for the flag of finding_header); cells "Acc-AFP [Acc's 95% CI]"."""
+    header = [f"T({metric.upper()})", "method", *(finding_header(f, pairs) for f in findings)]
     rows = []
     for t in thresholds:
         for method, table in results.items():
-            cells = [table[f][metric][t] for f in BOXED_FINDINGS]
-            rows.append([str(t), method, *(MISSING if math.isnan(c["acc"]) else f"{c['acc']:.2f}-{c['afp']:.2f}" for c in cells)])
+            cells = [table[f][metric][t] for f in findings]
+            rows.append([str(t), method, *(acc_afp_cell(c) for c in cells)])
     return markdown_table(header, rows)
 
 
-def max_box_acc_table(results: dict[str, dict]) -> str:
-    """Rows: method; columns: the boxed findings and their mean; cells MaxBoxAccV2."""
-    header = ["method", *(SHORT[f] for f in BOXED_FINDINGS), "mean"]
+def acc_afp_cell(cell: Mapping[str, Any]) -> str:
+    if math.isnan(cell["acc"]):
+        return MISSING
+    return f"{cell['acc']:.2f}-{cell['afp']:.2f}" + (f" {_interval(cell['acc_ci'])}" if "acc_ci" in cell else "")
+
+
+def max_box_acc_table(results: dict[str, dict], findings: Sequence[str] = BOXED_FINDINGS) -> str:
+    """Rows: method; columns: ``findings`` (the reported ones) and their mean; cells MaxBoxAccV2."""
+    header = ["method", *(SHORT.get(f, f) for f in findings), "mean"]
     rows = []
     for method, table in results.items():
-        values = [table[f]["max_box_acc_v2"] for f in BOXED_FINDINGS]
+        values = [table[f]["max_box_acc_v2"] for f in findings]
         defined = [v for v in values if not math.isnan(v)]
         mean = sum(defined) / len(defined) if defined else math.nan
         rows.append([method, *(MISSING if math.isnan(v) else f"{v:.2f}" for v in [*values, mean])])
@@ -56,11 +88,17 @@ def evaluation_markdown(half: dict[str, Any], name: str) -> str:
     if not half["results"]:
         return f"No boxed image of {name} was scored."
     first = next(iter(half["results"].values()))[BOXED_FINDINGS[0]]
-    parts = [f"## {name}: Acc-AFP, T({metric.upper()})\n\n" + acc_afp_table(half["results"], tuple(first[metric]), metric)
-             for metric in ("iou", "ior")]
+    findings = tuple(half["evaluated"]) or BOXED_FINDINGS
+    parts = [
+        f"## {name}: Acc-AFP [Acc's 95% CI over images], T({metric.upper()})\n\n"
+        + acc_afp_table(half["results"], tuple(first[metric]), metric, findings, half["evaluated"])
+        for metric in ("iou", "ior")
+    ]
     if half["max_box_acc_v2"]:
-        parts.append(f"## {name}: MaxBoxAccV2 of the heatmaps (mean over IoU 0.3, 0.5, 0.7 of the best threshold's box accuracy)\n\n"
-                     + max_box_acc_table(half["max_box_acc_v2"]))
+        parts.append(
+            f"## {name}: MaxBoxAccV2 of the heatmaps (mean over IoU 0.3, 0.5, 0.7 of the best threshold's box "
+            "accuracy)\n\n" + max_box_acc_table(half["max_box_acc_v2"], findings)
+        )
     return "\n\n".join(parts)
 
 
@@ -68,8 +106,9 @@ def box_rules_markdown(halves: dict[str, dict[str, Any]], threshold: float = 0.3
     """Mean Acc at T(IoU) = ``threshold`` over the evaluated boxed findings, per method and box rule
     (the method's own rule, then the candidates), one column per half: the evidence a rule is
     chosen on (box-val) and what it then gives (box-test)."""
+
     def mean_acc(results: dict[str, Any], evaluated: dict[str, int]) -> float:
-        values = [results[f]["iou"][threshold]["acc"] for f in BOXED_FINDINGS if evaluated.get(f)]
+        values = [results[f]["iou"][threshold]["acc"] for f in evaluated if evaluated[f]]
         return sum(values) / len(values) if values else math.nan
 
     def rule_results(half: dict[str, Any], key: str, rule: str) -> dict[str, Any]:
@@ -79,9 +118,14 @@ def box_rules_markdown(halves: dict[str, dict[str, Any]], threshold: float = 0.3
     rows = []
     for key in first["results"]:
         for rule in ["own", *first["box_rules"].get(key, {})]:
-            cells = [mean_acc(rule_results(h, key, rule), h["evaluated"]) if key in h["results"] else math.nan for h in halves.values()]
+            cells = [
+                mean_acc(rule_results(h, key, rule), h["evaluated"]) if key in h["results"] else math.nan
+                for h in halves.values()
+            ]
             rows.append([key, rule, *(MISSING if math.isnan(v) else f"{v:.3f}" for v in cells)])
-    title = f"## Box rules: mean Acc at T(IoU) = {threshold} over the evaluated findings (choose on box-val, read box-test)"
+    title = (
+        f"## Box rules: mean Acc at T(IoU) = {threshold} over the evaluated findings (choose on box-val, read box-test)"
+    )
     return f"{title}\n\n" + markdown_table(["method", "box rule", *halves], rows)
 
 
@@ -89,9 +133,31 @@ def _cell(value: float | None, digits: int = 2) -> str:
     return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _interval(bounds: Any) -> str:
+def _interval(bounds: Any, digits: int = 2) -> str:
     low, high = bounds or (None, None)
-    return MISSING if low is None or math.isnan(low) else f"[{low:.2f}, {high:.2f}]"
+    return MISSING if low is None or math.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+CHOICE_COLUMNS = [
+    "finding",
+    "method",
+    "box rule",
+    "same choice on box-val resamples",
+    "box-val Acc / rank 1 [95% CI] (pairs)",
+    "box-test Acc / rank 1 / rank 1 by the rule's order [95% CI] (pairs)",
+    "CAM baseline, paper's rule: box-test Acc / rank 1 [95% CI]",
+    "released - baseline, Acc [90% interval]",
+]
+POINT_COLUMNS = [
+    "finding (box-test pairs)",
+    "box-test ECE [95% CI]",
+    "operating point",
+    "box-val precision there [95% CI]",
+    "box-test precision [95% CI]",
+    "box-test recall [95% CI]",
+    "box-test false positives per image",
+    "box-test boxes there",
+]
 
 
 def tuning_markdown(tuning: dict[str, Any]) -> str:
@@ -100,36 +166,65 @@ def tuning_markdown(tuning: dict[str, Any]) -> str:
     and by the rule's order) beside the CAM baseline's with the paper's rule, the difference with
     its bootstrap interval; then the confidence and the operating point (chosen on box-val so that
     its precision holds the target on all but 5% of box-val's resamples) on box-test."""
-    choices, points = [], []
-    for finding, choice in tuning["findings"].items():
-        picked = choice["candidates"][choice["method"]]
-        val, test = picked["box_val"], picked["box_test"]
-        baseline, how = choice.get("baseline", {}), choice.get("choice", {})
-        against = baseline.get("released_minus_baseline", {})
-        choices.append([
-            finding, choice["method"], rule_label(picked), _cell(how.get("stability")),
-            f"{_cell(val['acc'])} / {_cell(val['acc_rank1'])} ({val['pairs']})",
-            f"{_cell(test['acc'])} / {_cell(test['acc_rank1'])} / {_cell(test.get('acc_rank1_rule'))} ({test['pairs']})",
-            f"{_cell(baseline.get('box_test', {}).get('acc'))} / {_cell(baseline.get('box_test', {}).get('acc_rank1'))}",
-            f"{_cell(against.get('difference'))} {_interval(against.get('interval'))}",
-        ])
-        at = test["at_operating_point"]
-        points.append([
-            finding, _cell(test["reliability"]["ece"], 3), _cell(picked["operating_point"], 3),
-            f"{_cell(val['at_operating_point']['precision'])} ({val['at_operating_point']['boxes']} boxes)",
-            f"{_cell(at['precision'])} {_interval(at.get('precision_interval'))}", _cell(at["recall"]), _cell(at.get("afp")),
-            str(at["boxes"]),
-        ])
-    title = (f"## Released boxes: chosen on box-val, read on box-test (hit: IoU >= {tuning['hit_iou']}; rank 1: the most "
-             f"confident box; the CAM baseline with the paper's rule kept unless beaten beyond box-val's noise)")
-    header = ["finding", "method", "box rule", "same choice on box-val resamples", "box-val Acc / rank 1 (pairs)",
-              "box-test Acc / rank 1 / rank 1 by the rule's order (pairs)", "CAM baseline, paper's rule: box-test Acc / rank 1",
-              "released - baseline, Acc [90% interval]"]
-    point_title = (f"## Operating points: precision >= {tuning['precision_target']} on all but 5% of box-val's resamples, "
-                   "read on box-test")
-    point_header = ["finding", "box-test ECE", "operating point", "box-val precision there", "box-test precision [90% interval]",
-                    "box-test recall", "box-test false positives per image", "box-test boxes there"]
-    return f"{title}\n\n{markdown_table(header, choices)}\n\n{point_title}\n\n{markdown_table(point_header, points)}"
+    findings = tuning["findings"].items()
+    title = (
+        f"## Released boxes: chosen on box-val, read on box-test (hit: IoU >= {tuning['hit_iou']}; rank 1: the most "
+        f"confident box; the CAM baseline with the paper's rule kept unless beaten beyond box-val's noise)"
+    )
+    point_title = (
+        f"## Operating points: precision >= {tuning['precision_target']} on all but 5% of box-val's resamples, "
+        "read on box-test"
+    )
+    choices = markdown_table(CHOICE_COLUMNS, [choice_row(finding, choice) for finding, choice in findings])
+    points = markdown_table(POINT_COLUMNS, [point_row(finding, choice) for finding, choice in findings])
+    return f"{title}\n\n{choices}\n\n{point_title}\n\n{points}"
+
+
+def choice_row(finding: str, choice: Mapping[str, Any]) -> list[str]:
+    """tuning_markdown's row of a finding's choice (CHOICE_COLUMNS)."""
+    picked = choice["candidates"][choice["method"]]
+    val, test = picked["box_val"], picked["box_test"]
+    baseline, how = choice.get("baseline", {}), choice.get("choice", {})
+    against = baseline.get("released_minus_baseline", {})
+    return [
+        finding,
+        choice["method"],
+        rule_label(picked),
+        _cell(how.get("stability")),
+        f"{_with_ci(val, 'acc')} / {_with_ci(val, 'acc_rank1')} {_pairs(val)}",
+        f"{_with_ci(test, 'acc')} / {_with_ci(test, 'acc_rank1')} / {_with_ci(test, 'acc_rank1_rule')} {_pairs(test)}",
+        f"{_with_ci(baseline.get('box_test', {}), 'acc')} / {_with_ci(baseline.get('box_test', {}), 'acc_rank1')}",
+        f"{_cell(against.get('difference'))} {_interval(against.get('interval'))}",
+    ]
+
+
+def _with_ci(figures: Mapping[str, Any], name: str, ci: str | None = None, digits: int = 2) -> str:
+    """A figure and its 95% CI (``ci``: its key, default ``name``_ci), as "0.84 [0.70, 0.95]"."""
+    bounds = figures.get(ci or f"{name}_ci")
+    return _cell(figures.get(name), digits) + ("" if bounds is None else f" {_interval(bounds, digits)}")
+
+
+def _pairs(half: Mapping[str, Any]) -> str:
+    """A half's pair count in parentheses, flagged when under FEW_PAIRS."""
+    n = half["pairs"]
+    return f"({n}: fewer than {FEW_PAIRS})" if n < FEW_PAIRS else f"({n})"
+
+
+def point_row(finding: str, choice: Mapping[str, Any]) -> list[str]:
+    """tuning_markdown's row of a finding's operating point (POINT_COLUMNS)."""
+    picked = choice["candidates"][choice["method"]]
+    val, test = picked["box_val"], picked["box_test"]
+    at, val_at = test["at_operating_point"], val["at_operating_point"]
+    return [
+        f"{finding} {_pairs(test)}",
+        _with_ci(test["reliability"], "ece", digits=3),
+        _cell(picked["operating_point"], 3),
+        f"{_with_ci(val_at, 'precision', 'precision_interval')} ({val_at['boxes']} boxes)",
+        _with_ci(at, "precision", "precision_interval"),
+        _with_ci(at, "recall"),
+        _cell(at.get("afp")),
+        str(at["boxes"]),
+    ]
 
 
 def evaluate_command(run: RunFolder) -> str:
@@ -151,12 +246,31 @@ def evaluation_inputs(work: Path, run: RunFolder, settings: Mapping[str, Any]) -
     """What an evaluation's figures depend on (sha256s): the run's trained checkpoints, the ground-truth
     boxes, the index (its patients split the boxed images) and the shards it scored, and its settings
     and the code. evaluation.json records them as ``inputs``."""
-    models = {p.name: file_sha256(p) for p in sorted(run.directory.glob("*.safetensors")) if not p.stem.endswith("-last")}
+    models = {
+        p.name: file_sha256(p) for p in sorted(run.directory.glob("*.safetensors")) if not p.stem.endswith("-last")
+    }
     files = {name: file_sha256(work / name) for name in (GT_BOXES_FILE, INDEX_FILE) if (work / name).exists()}
-    manifest = work / SHARD_DIR / MANIFEST  # the shards' own digests: a rerun of preprocess rewrites the manifest's time
-    shards = {s["name"]: s["sha256"] for s in read_json(manifest, "run preprocess again")["shards"]} if manifest.exists() else {}
-    return json.loads(json.dumps({"models": models, "files": files, "shards": shards, "settings": dict(settings),
-                                  "code_version": code_version()}))
+    if reviewed := read_reviewed_truth(work):  # the reviewers' boxes, not the store's every verdict
+        files[REVIEWS_FILE] = hashlib.sha256(json_text(reviewed).encode()).hexdigest()
+    manifest = (
+        work / SHARD_DIR / MANIFEST
+    )  # the shards' own digests: a rerun of preprocess rewrites the manifest's time
+    shards = (
+        {s["name"]: s["sha256"] for s in read_json(manifest, "run preprocess again")["shards"]}
+        if manifest.exists()
+        else {}
+    )
+    return json.loads(
+        json.dumps(
+            {
+                "models": models,
+                "files": files,
+                "shards": shards,
+                "settings": dict(settings),
+                "code_version": code_version(),
+            }
+        )
+    )
 
 
 def evaluation_current(run: RunFolder, inputs: Mapping[str, Any]) -> bool:
@@ -166,11 +280,14 @@ def evaluation_current(run: RunFolder, inputs: Mapping[str, Any]) -> bool:
         report = read_evaluation(run)
     except (OSError, InputError):
         return False
-    return report.get("inputs") == inputs and report.get("tuning_sha256", False) == tuning_identity(run.tuning_json) \
+    return (
+        report.get("inputs") == inputs
+        and report.get("tuning_sha256", False) == tuning_identity(run.tuning_json)
         and run.evaluation_md.exists()
+    )
 
 
-class TuningChanged(ValueError):
+class TuningChanged(UserError, ValueError):
     """The run's tuning.json no longer says what the harvest applied (it was evaluated again)."""
 
 
@@ -180,25 +297,46 @@ def harvested_choices(tuning: dict[str, Any] | None, choices: dict[str, Any]) ->
     {variant, rule, calibration, operating_point}); findings boxed untuned are left out.
     Raises TuningChanged when the tuning no longer matches the harvest."""
     picked = {}
+    tuned = (tuning or {}).get("findings", {})
     for finding, choice in choices.items():
         if finding == "default" or choice.get("calibration") is None:
             continue
-        entry = (tuning or {}).get("findings", {}).get(finding, {}).get("candidates", {}).get(choice["variant"])
-        same = entry is not None and entry["rule"] == choice["rule"] and entry["operating_point"] == choice["operating_point"] \
-            and entry["calibration"] == choice["calibration"] and entry.get("box_size") == choice.get("box_size")
+        entry = tuned.get(finding, {}).get("candidates", {}).get(choice["variant"])
+        same = (
+            entry is not None
+            and entry["rule"] == choice["rule"]
+            and entry["operating_point"] == choice["operating_point"]
+            and entry["calibration"] == choice["calibration"]
+            and entry.get("box_size") == choice.get("box_size")
+        )
         if not same:
-            raise TuningChanged(f"{finding}: the run's tuning.json no longer matches the harvest (evaluated again?); "
-                                "harvest again before releasing")
-        candidates = tuning["findings"][finding]["candidates"]
-        alternatives = {v: {"rule": c["rule"], "box_size": c.get("box_size"), **{half: {k: c[half][k] for k in ("pairs", "acc", "acc_rank1")} for half in ("box_val", "box_test")}}
-                        for v, c in candidates.items()}
-        found = tuning["findings"][finding]
-        picked[finding] = {"method": choice["variant"], **entry, "alternatives": alternatives,
-                           "choice": found.get("choice"), "baseline": found.get("baseline")}
+            raise TuningChanged(
+                f"{finding}: the run's tuning.json no longer matches the harvest (evaluated again?); "
+                "harvest again before releasing"
+            )
+        candidates = tuned[finding]["candidates"]
+        alternatives = {
+            v: {
+                "rule": c["rule"],
+                "box_size": c.get("box_size"),
+                **{half: {k: c[half][k] for k in ("pairs", "acc", "acc_rank1")} for half in ("box_val", "box_test")},
+            }
+            for v, c in candidates.items()
+        }
+        found = tuned[finding]
+        picked[finding] = {
+            "method": choice["variant"],
+            **entry,
+            "alternatives": alternatives,
+            "choice": found.get("choice"),
+            "baseline": found.get("baseline"),
+        }
     return picked
 
 
-def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str, tuning: dict[str, Any] | None = None) -> None:
+def write_evaluation(
+    run: RunFolder, report: dict[str, Any], markdown: str, tuning: dict[str, Any] | None = None
+) -> None:
     """evaluation.json (the report), evaluation.md (a title and the tables) and tuning.json (what
     was chosen on box-val; removed when there is nothing to choose on, so no stale choice stays)."""
     if tuning is None:
@@ -209,7 +347,8 @@ def write_evaluation(run: RunFolder, report: dict[str, Any], markdown: str, tuni
     write_json(run.evaluation_json, report)
     run.evaluation_md.write_text(
         f"# Localisation, run {run.name}: {report['split']}, {report['images']} boxed images "
-        f"(box-val: {report['box_val']['images']}, kept for choosing)\n\n{markdown}\n")
+        f"(box-val: {report['box_val']['images']}, kept for choosing)\n\n{markdown}\n"
+    )
 
 
 def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
@@ -219,7 +358,7 @@ def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [table for table in per_fold if table]
     mean: dict[str, Any] = {}
     sd: dict[str, Any] = {}
-    for finding in (scored[0] if scored else {}):
+    for finding in scored[0] if scored else {}:
         rows = [t[finding] for t in scored if t[finding]["images"]]
         mean[finding] = {"images": sum(r["images"] for r in rows)}
         sd[finding] = {"images": len(rows)}
@@ -227,7 +366,9 @@ def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
             mean[finding][metric], sd[finding][metric] = {}, {}
             for threshold in scored[0][finding][metric]:
                 for target, reduce in ((mean, _mean), (sd, _sd)):
-                    target[finding][metric][threshold] = {k: reduce([r[metric][threshold][k] for r in rows]) for k in ("acc", "afp")}
+                    target[finding][metric][threshold] = {
+                        k: reduce([r[metric][threshold][k] for r in rows]) for k in ("acc", "afp")
+                    }
     return {"folds": len(per_fold), "per_fold": per_fold, "mean": mean, "sd": sd}
 
 
@@ -244,8 +385,10 @@ def _sd(values: list[float]) -> float:
 
 def folds_markdown(summary: dict[str, Any]) -> str:
     """Rows: metric x T; columns: the boxed findings; cells "Acc mean ± sd" over the folds."""
-    title = (f"## MIL, {summary['folds']}-fold cross-validation: Acc, mean ± sd over the folds (each fold's model "
-             "scored on the boxed images it did not learn from)")
+    title = (
+        f"## MIL, {summary['folds']}-fold cross-validation: Acc, mean ± sd over the folds (each fold's model "
+        "scored on the boxed images it did not learn from)"
+    )
     mean, sd = summary["mean"], summary["sd"]
     if not mean:
         return f"{title}\n\nNo boxed image was scored."
@@ -269,7 +412,8 @@ def auc_markdown(aucs: dict[str, dict[str, float]], forgetting: Mapping[str, Any
     title = "## Validation ROC AUC of each model kept (the val split; MIL: Eq. 2's image score)"
     if not aucs:
         return f"{title}\n\nNo model."
-    steps = (forgetting or {}).get("steps", {})
+    forgetting = forgetting or {}
+    steps = forgetting.get("steps", {})
     findings = list(next(iter(aucs.values())))
 
     def cell(name: str, finding: str) -> str:
@@ -285,7 +429,115 @@ def auc_markdown(aucs: dict[str, dict[str, float]], forgetting: Mapping[str, Any
     if not steps:
         return f"{title}\n\n{table}"
     lines = forgetting["warnings"]
-    verdict = ("**Attention mining forgot** (validation AUC more than "
-               f"{forgetting['tolerance']} below step 1's):\n\n" + "\n".join(f"- {line}" for line in lines)) if lines else \
-        f"No AM step lowers a finding's validation AUC by more than {forgetting['tolerance']} from step 1's."
+    verdict = (
+        (
+            "**Attention mining forgot** (validation AUC more than "
+            f"{forgetting['tolerance']} below step 1's):\n\n" + "\n".join(f"- {line}" for line in lines)
+        )
+        if lines
+        else f"No AM step lowers a finding's validation AUC by more than {forgetting['tolerance']} from step 1's."
+    )
     return f"{title}\n\n{table}\n\n{verdict}"
+
+
+def acc_tables(
+    evaluation: dict[str, Any], methods: Sequence[tuple[str, str]], choices: dict[str, Any]
+) -> dict[str, dict[str, dict[float, dict[str, float]]]]:
+    """finding -> {column: {T: {acc, afp}}} at T(IoU) on box-test: the ``methods`` the evaluation
+    scored (by the paper's rule; ``methods``: (label, variant) in the report's order), and
+    ``released``: per finding, the variant and box rule the
+    harvest applied (``choices``, the harvest key's), where the evaluation scored that rule."""
+    columns: dict[str, str] = {}
+    for label, variant in methods:
+        if variant in evaluation["results"]:
+            columns.setdefault(label, variant)
+    tables = {
+        f: {
+            label: {float(t): cell for t, cell in evaluation["results"][key][f]["iou"].items()}
+            for label, key in columns.items()
+        }
+        for f in FINDINGS
+    }
+    for finding in FINDINGS:
+        choice = choices.get(finding, choices.get("default"))
+        scored = (
+            evaluation.get("box_rules", {}).get(choice["variant"], {}).get(choice["rule"], {}).get(finding)
+            if choice
+            else None
+        )
+        if scored:
+            tables[finding]["released"] = {float(t): cell for t, cell in scored["iou"].items()}
+    return tables
+
+
+def operating_points(tuned: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The manifest's record of each calibrated finding's operating point and its figures."""
+
+    def at(half: dict[str, Any]) -> dict[str, Any]:
+        return {"pairs": half["pairs"], **half["at_operating_point"]}
+
+    return {
+        f: {
+            "method": t["method"],
+            "box_rule": t["rule"],
+            "box_size": t.get("box_size"),
+            "confidence_at_least": t["operating_point"],
+            "box_val": at(t["box_val"]),
+            "box_test": {
+                **at(t["box_test"]),
+                "ece": t["box_test"]["reliability"]["ece"],
+                "ece_ci": t["box_test"]["reliability"].get("ece_ci"),
+            },
+        }
+        for f, t in tuned.items()
+    }
+
+
+def forgetting_fact(evaluation: dict[str, Any]) -> dict[str, str]:
+    """The report's line on attention mining's forgetting (miner.forgetting), for a run with AM steps."""
+    forgetting = evaluation.get("forgetting") or {}
+    if not forgetting.get("steps"):
+        return {}
+    warnings = forgetting["warnings"]
+    return {
+        "attention mining forgot": "; ".join(warnings)
+        if warnings
+        else f"nothing: no AM step lowers a finding's validation AUC by more than {forgetting['tolerance']}"
+    }
+
+
+def ground_truth_markdown(sources: Mapping[str, Mapping[str, int]]) -> str:
+    """Per finding with ground truth, its boxed images by source: NIH's BBox_List_2017.csv and the
+    reviewers' accepted and redrawn boxes (cxr-miner review), with what the latter's figures mean."""
+    rows = [[f, n.get("nih", 0), n.get("review", 0)] for f in FINDINGS if (n := sources.get(f))]
+    return (
+        "## Ground truth: boxed images per finding, by source (review: boxes reviewers accepted or redrew)\n\n"
+        + markdown_table(["finding", "nih", "review"], rows)
+        + "\n\nA reviewed image's truth is the boxes reviewers accepted or redrew among those a release proposed: "
+        "its pairs are those where the release found something right, so a finding boxed by review alone reads "
+        "higher here than on images boxed independently (rejected boxes are kept in the store, not yet used)."
+    )
+
+
+def evaluation_document(
+    tuning: dict[str, Any] | None,
+    cross_validation: dict[str, Any] | None,
+    by_half: dict[str, dict[str, Any]] | None,
+    aucs: dict[str, dict[str, float]],
+    forgetting: Mapping[str, Any],
+    sources: Mapping[str, Mapping[str, int]] | None = None,
+) -> str:
+    """evaluation.md: where the ground truth comes from (``sources``: finding -> images boxed by
+    NIH and by reviewers; shown once reviewers have boxed some), the choices tuned on box-val, the
+    K-fold figures, box-test's Acc/AFP and the box rules on both halves (``by_half``: None without
+    a scored method), and the validation AUCs."""
+    reviewed = any(n.get("review") for n in (sources or {}).values())
+    return "\n\n".join(
+        [
+            *([ground_truth_markdown(sources or {})] if reviewed else []),
+            *([tuning_markdown(tuning)] if tuning else []),
+            *([folds_markdown(cross_validation)] if cross_validation is not None else []),
+            *([evaluation_markdown(by_half[BOX_TEST], BOX_TEST), box_rules_markdown(by_half)] if by_half else []),
+            auc_markdown(aucs, forgetting),
+        ]
+    )

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from cxr_miner.storage.stages.atomic import read_json, write_parquet
 from cxr_miner.storage.stages.provenance import code_version, file_sha256
-from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError, MissingInput
 from cxr_miner.storage.vocab.findings import FINDINGS
 
 HARVEST_DIR = "harvest"
@@ -72,6 +72,15 @@ def part_path(workdir: str | Path, shard: str | Path) -> Path:
     return parts_dir(workdir) / f"{Path(shard).stem}.parquet"
 
 
+def harvest_key(identity: Mapping[str, Any], choices: Mapping[str, Any], tuning: Any) -> dict[str, Any]:
+    """What a harvest's boxes depend on besides their shard (``identity``: model_id, checkpoints,
+    method, mode, min_score, input_size; each finding's ``choices``; the ``tuning`` identity;
+    the part layout), as a part's metadata reads it back (lists, not tuples): a part of an older
+    layout or another key is made again."""
+    key = {**identity, "choices": choices, "tuning": tuning, "columns": PART_SCHEMA.names}
+    return dict(json.loads(json.dumps(key)))
+
+
 def key_text(key: Mapping[str, Any]) -> str:
     return json.dumps(dict(key), sort_keys=True)
 
@@ -94,14 +103,24 @@ def part_rows(
             at_point = np.zeros(k, dtype=bool) if loc.at_operating_point is None else loc.at_operating_point
             rule_rank = np.arange(1, k + 1) if loc.rule_rank is None else loc.rule_rank
             for rank, (box, score) in enumerate(zip(loc.boxes, loc.scores), start=1):
-                rows.append({
-                    "image_id": image_id, "finding": FINDINGS[c], "rank": rank, "rule_rank": int(rule_rank[rank - 1]),
-                    "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3],
-                    "score": score, "probability": probability[i, c],
-                    "confidence": None if math.isnan(confidence[rank - 1]) else float(confidence[rank - 1]),
-                    "at_operating_point": bool(at_point[rank - 1]),
-                    "method": loc.variant or method, "model_id": model_id,
-                })
+                rows.append(
+                    {
+                        "image_id": image_id,
+                        "finding": FINDINGS[c],
+                        "rank": rank,
+                        "rule_rank": int(rule_rank[rank - 1]),
+                        "x_min": box[0],
+                        "y_min": box[1],
+                        "x_max": box[2],
+                        "y_max": box[3],
+                        "score": score,
+                        "probability": probability[i, c],
+                        "confidence": None if math.isnan(confidence[rank - 1]) else float(confidence[rank - 1]),
+                        "at_operating_point": bool(at_point[rank - 1]),
+                        "method": loc.variant or method,
+                        "model_id": model_id,
+                    }
+                )
     return rows
 
 
@@ -127,7 +146,7 @@ def read_part(path: Path) -> pa.Table:
     table = pq.read_table(path)
     missing = [name for name in PART_SCHEMA.names if name not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: not a harvest part (missing columns {missing})")
+        raise InputError(path, f"not a harvest part (missing columns {missing})")
     return table.select(PART_SCHEMA.names).cast(PART_SCHEMA)
 
 
@@ -135,8 +154,12 @@ def finding_counts(table: pa.Table) -> dict[str, dict[str, int]]:
     """{finding: {"boxes", "images"}} of a table of boxes (image_id, finding columns), every
     finding present (zeros included)."""
     grouped = table.group_by(["finding"]).aggregate([("image_id", "count"), ("image_id", "count_distinct")])
-    found = dict(zip(grouped.column("finding").to_pylist(),
-                     zip(grouped.column("image_id_count").to_pylist(), grouped.column("image_id_count_distinct").to_pylist())))
+    found = dict(
+        zip(
+            grouped.column("finding").to_pylist(),
+            zip(grouped.column("image_id_count").to_pylist(), grouped.column("image_id_count_distinct").to_pylist()),
+        )
+    )
     return {f: dict(zip(("boxes", "images"), found.get(f, (0, 0)))) for f in FINDINGS}
 
 
@@ -159,12 +182,16 @@ def harvest_summary(
             for name, n in counts.items():
                 totals[finding][name] += n
     return {
-        "key": dict(key), "run": run, "code_version": code_version(),
-        "shards": [s["name"] for s in shards], "images": sum(s["rows"] for s in shards),
+        "key": dict(key),
+        "run": run,
+        "code_version": code_version(),
+        "shards": [s["name"] for s in shards],
+        "images": sum(s["rows"] for s in shards),
         "boxes": sum(c["boxes"] for c in totals.values()),
         "boxes_per_finding": {f: c["boxes"] for f, c in totals.items()},
         "images_per_finding": {f: c["images"] for f, c in totals.items()},
-        "built": built, "removed": removed,
+        "built": built,
+        "removed": removed,
     }
 
 
@@ -172,7 +199,7 @@ def read_harvest_summary(workdir: Path) -> dict[str, Any]:
     """The summary of the complete harvest of ``workdir`` (FileNotFoundError if there is none)."""
     path = harvest_summary_file(workdir)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no complete harvest (run `cxr-miner harvest` first)")
+        raise MissingInput(f"{path}: no complete harvest (run `cxr-miner harvest` first)")
     return read_json(path, f"run `cxr-miner harvest --workdir {workdir} --run RUN` again")
 
 
@@ -193,7 +220,17 @@ def check_tuning_current(workdir: Path, key: Mapping[str, Any], run: str, tuning
     if "tuning" not in key or key["tuning"] == (now := tuning_identity(tuning_json)):
         return
     made = "without a tuning (evaluate had not run)" if key["tuning"] is None else "with another tuning.json"
-    found = f"{tuning_json} is gone" if now is None else (f"{tuning_json} exists now" if key["tuning"] is None
-                                                          else f"{tuning_json} has changed since (evaluated again)")
-    raise StaleHarvest(harvest_summary_file(workdir), f"the harvest was made {made}, but {found}: run "
-                       f"`cxr-miner harvest --workdir {workdir} --run {run}` again, then release")
+    found = (
+        f"{tuning_json} is gone"
+        if now is None
+        else (
+            f"{tuning_json} exists now"
+            if key["tuning"] is None
+            else f"{tuning_json} has changed since (evaluated again)"
+        )
+    )
+    raise StaleHarvest(
+        harvest_summary_file(workdir),
+        f"the harvest was made {made}, but {found}: run "
+        f"`cxr-miner harvest --workdir {workdir} --run {run}` again, then release",
+    )

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from cxr_miner.storage.inputs.nih import GroundTruthBox
 from cxr_miner.storage.inputs.sources import SourceScan
 from cxr_miner.storage.stages.atomic import read_json, write_json, write_parquet
-from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError, MissingInput, SettingError
 from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
 
 SPLITS = ("train", "val", "test")
@@ -89,7 +89,7 @@ def assign_splits(
     train, val or test by hash. A patient found in two splits raises InputError.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+        raise SettingError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
     for record in records:
         patient = record["patient_id"] or record["image_id"]
         if official is None:
@@ -141,7 +141,7 @@ def read_ingest_report(workdir: Path) -> dict[str, Any]:
 def read_gt_boxes(path: Path) -> dict[str, dict[str, list[list[float]]]]:
     """gt_boxes.parquet as image_id -> finding -> boxes [[x_min, y_min, x_max, y_max], ...] (source pixels)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no ground-truth boxes; run `cxr-miner ingest` first")
+        raise MissingInput(f"{path}: no ground-truth boxes; run `cxr-miner ingest` first")
     grouped: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for row in pq.read_table(path, columns=GT_BOX_SCHEMA.names).to_pylist():
         grouped[row["image_id"]][row["finding"]].append([row["x_min"], row["y_min"], row["x_max"], row["y_max"]])
@@ -151,7 +151,7 @@ def read_gt_boxes(path: Path) -> dict[str, dict[str, list[list[float]]]]:
 def read_index(path: Path) -> pa.Table:
     """index.parquet, checked against INDEX_SCHEMA."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no index; run `cxr-miner ingest` first")
+        raise MissingInput(f"{path}: no index; run `cxr-miner ingest` first")
     table = pq.read_table(path)
     missing = [name for name in INDEX_SCHEMA.names if name not in table.column_names]
     if missing:
@@ -195,21 +195,33 @@ def check_new_index(scan: SourceScan, root: Path, workdir: Path, max_shrink: flo
     before = usable_images(pq.read_table(previous, columns=["file_present"]).column("file_present").to_pylist())
     if before and usable < before * (1 - max_shrink):
         raise InputError(
-            source, f"the new index would have {usable} usable images against {before} in {previous} "
+            source,
+            f"the new index would have {usable} usable images against {before} in {previous} "
             f"({1 - usable / before:.0%} fewer, more than the {max_shrink:.0%} allowed): {kept}; "
             "pass --allow-shrink if the collection really shrank",
         )
 
 
 def write_index(
-    scan: SourceScan, root: Path, workdir: Path, *, val_fraction: float, test_fraction: float, source: str,
-    max_shrink: float | None = MAX_SHRINK, allow_outside_links: bool = False, before_report: Callable[[], None] | None = None,
+    scan: SourceScan,
+    root: Path,
+    workdir: Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    source: str,
+    max_shrink: float | None = MAX_SHRINK,
+    allow_outside_links: bool = False,
+    before_report: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Check the scan (check_new_index), assign splits and has_box, then write W/index.parquet,
     W/gt_boxes.parquet and W/ingest_report.json (``before_report()`` runs before the last)."""
     check_new_index(scan, root, workdir, max_shrink)
     assign_splits(
-        scan.records, scan.official_split, val_fraction=val_fraction, test_fraction=test_fraction,
+        scan.records,
+        scan.official_split,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         source=scan.metadata_files.get("test_list", str(root)),
     )
     boxed = {box.image_id for box in scan.boxes}

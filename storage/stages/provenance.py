@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 
 def file_sha256(path: Path) -> str:
@@ -26,8 +28,22 @@ def code_version() -> str:
         return "unknown"
 
 
-KEY_PACKAGES = ("torch", "torchvision", "prefect", "dask", "distributed", "pyarrow", "pydicom", "scikit-image", "numpy",
-                "pillow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "simplejpeg")
+KEY_PACKAGES = (
+    "torch",
+    "torchvision",
+    "prefect",
+    "dask",
+    "distributed",
+    "pyarrow",
+    "pydicom",
+    "scikit-image",
+    "numpy",
+    "pillow",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "simplejpeg",
+)
 
 
 def package_versions(names: Sequence[str] = KEY_PACKAGES) -> dict[str, str]:
@@ -45,3 +61,9 @@ def model_identity(run: str, files: Sequence[Path]) -> tuple[str, list[str]]:
     """``<run>@<12 hex>`` from the sha256 of the checkpoint files a method uses, and those sha256s."""
     digests = [file_sha256(f) for f in files]
     return f"{run}@{hashlib.sha256(''.join(digests).encode()).hexdigest()[:12]}", digests
+
+
+def settings_digest(settings: Any, length: int = 10) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``settings`` as sorted JSON: a folder name
+    that changes with any setting."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:length]

@@ -20,6 +20,7 @@ from typing import Any
 
 from cxr_miner.storage.stages.atomic import read_json, write_json
 from cxr_miner.storage.stages.shards import SHARD_DIR, ShardReader
+from cxr_miner.storage.vocab.errors import InputError, MissingInput
 
 RUNS_DIR = "models"
 
@@ -99,9 +100,10 @@ class RunFolder:
             saved = read_json(self.config_file, self.restart_hint)
             saved["config"] = with_defaults(saved.get("config", {}), defaults or {})
             if saved != json.loads(json.dumps(record)):
-                raise ValueError(
-                    f"{self.config_file}: run {self.name!r} was started with other settings or shards; "
-                    f"pass another --run, or delete {self.directory} to start it again"
+                raise InputError(
+                    self.config_file,
+                    f"run {self.name!r} was started with other settings or shards; "
+                    f"pass another --run, or delete {self.directory} to start it again",
                 )
         else:
             write_json(self.config_file, record)
@@ -109,7 +111,7 @@ class RunFolder:
     def config(self) -> dict[str, Any]:
         """The training config the run was started with (FileNotFoundError for no run)."""
         if not self.config_file.exists():
-            raise FileNotFoundError(f"{self.config_file}: no such training run")
+            raise MissingInput(f"{self.config_file}: no such training run")
         return read_json(self.config_file, self.restart_hint)["config"]
 
     def record_metrics(self, name: str, history: list[dict[str, Any]]) -> None:
@@ -125,3 +127,18 @@ class RunFolder:
     @property
     def restart_hint(self) -> str:
         return f"restore it, or delete {self.directory} (or pass another --run) to train the run again"
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """A settings file (``--config``): a JSON object of setting: value; MissingInput or InputError
+    naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInput(f"{path}: no such config file")
+    try:
+        settings = json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(path, f"not JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise InputError(path, f"expected a JSON object of setting: value, got {type(settings).__name__}")
+    return settings

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cxr_miner.storage.stages.atomic import TMP_SUFFIX, write_json, write_parquet
 from cxr_miner.storage.stages.index import SPLITS
@@ -53,7 +54,8 @@ def check_losses(source: Path, index_rows: int, lost: list[dict[str, Any]], max_
         return
     first = "; ".join(f"{r['image_id']}: {r['reason']}" for r in lost[:3])
     raise TooManyLost(
-        source, f"{len(lost)} of {index_rows} images {what} ({len(lost) / index_rows:.0%}, more than the {max_lost:.0%} "
+        source,
+        f"{len(lost)} of {index_rows} images {what} ({len(lost) / index_rows:.0%}, more than the {max_lost:.0%} "
         f"allowed by --max-lost), e.g. {first}",
     )
 
@@ -72,6 +74,12 @@ def remove_stale(shard_dir: Path, keep: set[str]) -> list[str]:
 
 def quarantine_records(results: list[ShardResult]) -> list[dict[str, str]]:
     return [{**q, "shard": r.name} for r in results for q in r.quarantined]
+
+
+def quarantined_count(workdir: Path) -> int:
+    """How many images preprocess quarantined (W/quarantine.parquet; 0 before it ran)."""
+    path = Path(workdir) / QUARANTINE_FILE
+    return pq.read_metadata(path).num_rows if path.exists() else 0
 
 
 def write_quarantine(path: Path, results: list[ShardResult]) -> int:
@@ -103,13 +111,24 @@ def write_manifest(
         "index_sha256": index_sha256,
         "settings": asdict(settings),
         "shards": [
-            {"name": r.name, "file": Path(r.path).name, "split": r.name.split("-")[0], "rows": r.rows,
-             "quarantined": len(r.quarantined), "bytes": r.bytes, "sha256": r.sha256}
+            {
+                "name": r.name,
+                "file": Path(r.path).name,
+                "split": r.name.split("-")[0],
+                "rows": r.rows,
+                "quarantined": len(r.quarantined),
+                "bytes": r.bytes,
+                "sha256": r.sha256,
+            }
             for r in results
         ],
         "counts": {"index_rows": index_rows, "shard_rows": shard_rows, "quarantined": quarantined, "missing": missing},
         "splits": {split: sum(r.rows for r in results if r.name.startswith(f"{split}-")) for split in SPLITS},
-        "run": {"built": sum(not r.skipped for r in results), "skipped": sum(r.skipped for r in results), "removed_stale": removed},
+        "run": {
+            "built": sum(not r.skipped for r in results),
+            "skipped": sum(r.skipped for r in results),
+            "removed_stale": removed,
+        },
     }
     write_json(shard_dir / MANIFEST, manifest)
     return manifest

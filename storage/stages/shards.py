@@ -26,6 +26,7 @@ from cxr_miner.storage.inputs.images import DEFAULT_MAX_PIXELS, ImageReadError, 
 from cxr_miner.storage.stages.atomic import atomic_path, read_json, write_json
 from cxr_miner.storage.stages.index import SPLITS
 from cxr_miner.storage.stages.provenance import file_sha256
+from cxr_miner.storage.vocab.errors import MissingInput, SettingError
 from cxr_miner.storage.vocab.findings import FINDINGS, label_vector
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
@@ -34,7 +35,17 @@ SHARD_DIR = "shards"  # below the workdir
 ENCODINGS = ("png", "raw")
 
 # Per-image metadata copied from the index into every shard row.
-CARRIED_COLUMNS = ("image_id", "patient_id", "split", "source_path", "findings", "has_box", "view_position", "age", "sex")
+CARRIED_COLUMNS = (
+    "image_id",
+    "patient_id",
+    "split",
+    "source_path",
+    "findings",
+    "has_box",
+    "view_position",
+    "age",
+    "sex",
+)
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -73,9 +84,9 @@ class ShardSettings:
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
-            raise ValueError(f"unknown encoding {self.encoding!r}; known: {ENCODINGS}")
+            raise SettingError(f"unknown encoding {self.encoding!r}; known: {ENCODINGS}")
         if not 16 <= self.size <= 4096:
-            raise ValueError(f"shard image size {self.size} outside 16..4096")
+            raise SettingError(f"shard image size {self.size} outside 16..4096")
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ class ShardResult:
 def plan_shards(rows: Sequence[dict[str, Any]], shard_size: int) -> list[ShardSpec]:
     """Index rows (files present or unchecked) -> shards of one split each, in index order."""
     if shard_size < 1:
-        raise ValueError(f"shard size {shard_size} < 1")
+        raise SettingError(f"shard size {shard_size} < 1")
     specs = []
     for split in SPLITS:
         members = [{c: row[c] for c in CARRIED_COLUMNS} for row in rows if row["split"] == split]
@@ -154,8 +165,9 @@ def load_completion(shard_path: Path) -> dict[str, Any] | None:
         return None
 
 
-def completed_shard(spec: ShardSpec, root: Path, shard_dir: Path, settings: ShardSettings,
-                    inputs_hash: str | None = None) -> ShardResult | None:
+def completed_shard(
+    spec: ShardSpec, root: Path, shard_dir: Path, settings: ShardSettings, inputs_hash: str | None = None
+) -> ShardResult | None:
     """The result (``skipped``) of a shard already written for these inputs and settings, else None."""
     shard_path = shard_dir / f"{spec.name}.parquet"
     done = load_completion(shard_path)
@@ -163,7 +175,15 @@ def completed_shard(spec: ShardSpec, root: Path, shard_dir: Path, settings: Shar
         return None
     if not shard_path.exists() or shard_path.stat().st_size != done.get("bytes"):
         return None
-    return ShardResult(spec.name, str(shard_path), done["rows"], done["quarantined"], skipped=True, sha256=done["sha256"], bytes=done["bytes"])
+    return ShardResult(
+        spec.name,
+        str(shard_path),
+        done["rows"],
+        done["quarantined"],
+        skipped=True,
+        sha256=done["sha256"],
+        bytes=done["bytes"],
+    )
 
 
 def build_shard(
@@ -187,6 +207,40 @@ def build_shard(
     if done := completed_shard(spec, root, shard_dir, settings, inputs_hash):
         return done
 
+    rows, quarantined = shard_rows(spec, root, settings, allow_outside_links)
+    table = pa.Table.from_pylist(rows, schema=shard_schema(settings))
+    completion_path(shard_path).unlink(missing_ok=True)
+    with atomic_path(shard_path) as tmp:
+        write_shard_table(table, tmp, settings)
+        if before_commit is not None:
+            before_commit(spec, len(rows))
+    result = ShardResult(
+        spec.name,
+        str(shard_path),
+        len(rows),
+        quarantined,
+        sha256=file_sha256(shard_path),
+        bytes=shard_path.stat().st_size,
+    )
+    write_json(
+        completion_path(shard_path),
+        {
+            "name": spec.name,
+            "fingerprint": inputs_hash,
+            "rows": result.rows,
+            "quarantined": quarantined,
+            "sha256": result.sha256,
+            "bytes": result.bytes,
+        },
+    )
+    return result
+
+
+def shard_rows(
+    spec: ShardSpec, root: Path, settings: ShardSettings, allow_outside_links: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The shard's rows (each image read, letterboxed and encoded) and the quarantined images, each
+    with its reason: unreadable, no source path, not a regular file, or a link out of ``root``."""
     rows: list[dict[str, Any]] = []
     quarantined: list[dict[str, str]] = []
     folders: dict[Path, Path] = {}  # real folder paths, for the outside-ROOT check
@@ -202,36 +256,23 @@ def build_shard(
             continue
         height, width = pixels.shape
         box = Letterbox.fit(width, height, settings.size)
-        rows.append(
-            {
-                **row,
-                "labels": label_vector(row["findings"]),
-                **box.to_record(),
-                "image": encode_image(box.apply(pixels), settings.encoding),
-            }
-        )
+        image = encode_image(box.apply(pixels), settings.encoding)
+        rows.append({**row, "labels": label_vector(row["findings"]), **box.to_record(), "image": image})
+    return rows, quarantined
 
-    table = pa.Table.from_pylist(rows, schema=shard_schema(settings))
+
+def write_shard_table(table: pa.Table, path: Path, settings: ShardSettings) -> None:
+    """The shard's Parquet file: zstd for every column, the images too when raw (PNG bytes are
+    compressed already), dictionaries for all but the images, row groups of ``settings.row_group_size``."""
     image_compression = "zstd" if settings.encoding == "raw" else "none"
     compression = {name: ("zstd" if name != "image" else image_compression) for name in table.column_names}
-    completion_path(shard_path).unlink(missing_ok=True)
-    with atomic_path(shard_path) as tmp:
-        pq.write_table(
-            table, tmp, compression=compression, use_dictionary=[c for c in table.column_names if c != "image"],
-            row_group_size=settings.row_group_size,
-        )
-        if before_commit is not None:
-            before_commit(spec, len(rows))
-    result = ShardResult(
-        spec.name, str(shard_path), len(rows), quarantined,
-        sha256=file_sha256(shard_path), bytes=shard_path.stat().st_size,
+    pq.write_table(
+        table,
+        path,
+        compression=compression,
+        use_dictionary=[c for c in table.column_names if c != "image"],
+        row_group_size=settings.row_group_size,
     )
-    write_json(
-        completion_path(shard_path),
-        {"name": spec.name, "fingerprint": inputs_hash, "rows": result.rows, "quarantined": quarantined,
-         "sha256": result.sha256, "bytes": result.bytes},
-    )
-    return result
 
 
 def shard_schema(settings: ShardSettings) -> pa.Schema:
@@ -256,7 +297,7 @@ class ShardReader:
     def __init__(self, shard_dir: Path, split: str | None = None) -> None:
         manifest_path = Path(shard_dir) / "manifest.json"
         if not manifest_path.exists():
-            raise FileNotFoundError(f"{manifest_path}: no shard manifest; run `cxr-miner preprocess` first")
+            raise MissingInput(f"{manifest_path}: no shard manifest; run `cxr-miner preprocess` first")
         if split is not None and split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
         manifest = read_json(manifest_path, "run `cxr-miner preprocess` again to rebuild it (finished shards are kept)")

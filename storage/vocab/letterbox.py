@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 
 RESAMPLE = Image.Resampling.BILINEAR  # Pillow's resize is antialiased when shrinking
@@ -64,7 +65,8 @@ class Letterbox:
             raise ValueError(f"image shape {image.shape} != ({self.source_height}, {self.source_width})")
         content = Image.fromarray(image).resize((self.content_width, self.content_height), RESAMPLE)
         out = np.zeros((self.size, self.size), dtype=np.uint8)
-        out[self.offset_y : self.offset_y + self.content_height, self.offset_x : self.offset_x + self.content_width] = content
+        rows = slice(self.offset_y, self.offset_y + self.content_height)
+        out[rows, self.offset_x : self.offset_x + self.content_width] = np.asarray(content)
         return out
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray]:
@@ -73,15 +75,26 @@ class Letterbox:
         offset = np.array([self.offset_x, self.offset_y, self.offset_x, self.offset_y], dtype=np.float64)
         return scale, offset
 
-    def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
+    def boxes_to_source(self, boxes: ArrayLike) -> np.ndarray:
         """Boxes (N, 4) xyxy in shard pixels -> (N, 4) xyxy in source pixels (float64)."""
         scale, offset = self._affine()
         return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
 
-    def boxes_to_shard(self, boxes: np.ndarray) -> np.ndarray:
+    def boxes_to_shard(self, boxes: ArrayLike) -> np.ndarray:
         """Boxes (N, 4) xyxy in source pixels -> (N, 4) xyxy in shard pixels (float64)."""
         scale, offset = self._affine()
         return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale + offset
+
+    def boxes_to_input(self, boxes: ArrayLike, input_size: int) -> np.ndarray:
+        """Boxes (N, 4) xyxy in source pixels -> (N, 4) xyxy on a network input of ``input_size``
+        square (the shard resized: shard pixels x input_size / size)."""
+        return self.boxes_to_shard(boxes) * (input_size / self.size)
+
+    def input_boxes_to_source(self, boxes: ArrayLike, input_size: int) -> np.ndarray:
+        """The inverse of ``boxes_to_input``, clipped to the source image: a box wholly in the
+        padding comes back with no area."""
+        source = self.boxes_to_source(np.asarray(boxes, dtype=np.float64) * (self.size / input_size))
+        return np.clip(source, 0, [self.source_width, self.source_height] * 2)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Letterbox:

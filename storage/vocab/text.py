@@ -28,3 +28,11 @@ def rule_label(choice: Any) -> str:
     (``box_size``: width and height as fractions of the image), e.g. ``peak-mean-prior (0.035 x 0.036)``."""
     size = choice.get("box_size")
     return choice["rule"] + (f" ({size[0]:.3f} x {size[1]:.3f} of the image)" if size else "")
+
+
+def ci_text(bounds: Sequence[float | None] | None, digits: int = 2) -> str:
+    """ " [low, high]" of a 95% CI, or "" where it is undefined (NaN, or null as JSON keeps NaN)."""
+    low, high = bounds or (None, None)
+    if low is None or high is None or math.isnan(low):
+        return ""
+    return f" [{low:.{digits}f}, {high:.{digits}f}]"

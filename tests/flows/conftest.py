@@ -56,8 +56,14 @@ def released(trained_workdir, dask_cluster, tmp_path_factory) -> tuple[Path, Pat
     base = tmp_path_factory.mktemp("release")
     work = copy_workdir(trained_workdir, base / "work")
     root = json.loads((work / "ingest_report.json").read_text())["root"]
-    options = {"preset": "cpu-small", "config_file": str(work / "settings.json"), "run": "t", "size": 128,
-               "shard_size": 64, "dask_address": dask_cluster}
+    options = {
+        "preset": "cpu-small",
+        "config_file": str(work / "settings.json"),
+        "run": "t",
+        "size": 128,
+        "shard_size": 64,
+        "dask_address": dask_cluster,
+    }
     from cxr_miner.flows.pipeline import run
 
     first = run(root=root, workdir=str(work), out=str(base / "releases"), **options)

@@ -23,12 +23,18 @@ def _run(monkeypatch, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("value", ["Hernja", "[/red][b]x"])
-def test_unknown_finding_is_reported_with_file_line_and_value_as_it_is(tmp_path, monkeypatch, nih_excerpt, prefect_server, value):
+def test_unknown_finding_is_reported_with_file_line_and_value_as_it_is(
+    tmp_path, monkeypatch, nih_excerpt, prefect_server, value
+):
     """The message names file, line and value; rich would read ``[/red]`` as markup (and crash) and
     drop ``[b]``, so messages are not markup."""
     root = tmp_path / "nih"
     root.mkdir()
-    text = (nih_excerpt / "Data_Entry_2017_v2020.csv").read_text().replace("00000003_000.png,Hernia", f"00000003_000.png,{value}")
+    text = (
+        (nih_excerpt / "Data_Entry_2017_v2020.csv")
+        .read_text()
+        .replace("00000003_000.png,Hernia", f"00000003_000.png,{value}")
+    )
     (root / "Data_Entry_2017_v2020.csv").write_text(text)
     status, told = _run(monkeypatch, "ingest", str(root), "--workdir", str(tmp_path / "w"), "--metadata-only")
     assert status == 2
@@ -60,7 +66,9 @@ def test_run_logs_keep_the_message_and_drop_the_traceback():
     logger = logging.getLogger("prefect.task_runs")
     (ours,) = [f for f in logger.filters if type(f).__name__ == "_DropTraceback"]
     error = RuntimeError("bug")
-    record = logger.makeRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed: bug", (), (type(error), error, None))
+    record = logger.makeRecord(
+        "prefect.task_runs", logging.ERROR, __file__, 1, "failed: bug", (), (type(error), error, None)
+    )
     assert ours.filter(record) and record.exc_info is None and record.getMessage() == "failed: bug"
 
 
@@ -70,14 +78,34 @@ RELEASED = {"version": "v", "path": "p", "boxes": 0, "report": "r"}
 @pytest.mark.parametrize(
     "words, module, name, returns, expected",
     [
-        (["train", "--workdir", "W", "--run", "x", "--method", "cam"], "cxr_miner.flows.train", "train",
-         {"directory": "d", "steps": [1], "auc": [{"finding": "Mass", "step1": None}]}, {"run": "x", "method": "cam"}),
-        (["evaluate", "--workdir", "W", "--run", "x", "--box-val-fraction", "0.3"], "cxr_miner.flows.evaluate", "evaluate",
-         {"markdown": "", "path": "e", "images": 0, "split": "box-test", "box_val": {"images": 0}}, {"run": "x", "box_val_fraction": 0.3}),
-        (["harvest", "--workdir", "W", "--run", "x", "--method", "cam"], "cxr_miner.flows.harvest", "run_harvest",
-         {"boxes": 0, "images": 0, "key": {"model_id": "x@0", "method": "cam", "mode": "mining"}}, {"method": "cam"}),
-        (["run", "ROOT", "--workdir", "W", "--out", "R", "--run", "x", "--method", "cam"], "cxr_miner.flows.pipeline", "run",
-         RELEASED, {"run": "x", "method": "cam", "root": "ROOT"}),
+        (
+            ["train", "--workdir", "W", "--run", "x", "--method", "cam"],
+            "cxr_miner.flows.train",
+            "train",
+            {"directory": "d", "steps": [1], "auc": [{"finding": "Mass", "step1": None}]},
+            {"run": "x", "method": "cam"},
+        ),
+        (
+            ["evaluate", "--workdir", "W", "--run", "x", "--box-val-fraction", "0.3"],
+            "cxr_miner.flows.evaluate",
+            "evaluate",
+            {"markdown": "", "path": "e", "images": 0, "split": "box-test", "box_val": {"images": 0}},
+            {"run": "x", "box_val_fraction": 0.3},
+        ),
+        (
+            ["harvest", "--workdir", "W", "--run", "x", "--method", "cam"],
+            "cxr_miner.flows.harvest",
+            "run_harvest",
+            {"boxes": 0, "images": 0, "key": {"model_id": "x@0", "method": "cam", "mode": "mining"}},
+            {"method": "cam"},
+        ),
+        (
+            ["run", "ROOT", "--workdir", "W", "--out", "R", "--run", "x", "--method", "cam"],
+            "cxr_miner.flows.pipeline",
+            "run",
+            RELEASED,
+            {"run": "x", "method": "cam", "root": "ROOT"},
+        ),
     ],
 )
 def test_run_and_method_options_reach_the_flows(monkeypatch, prefect_server, words, module, name, returns, expected):
@@ -110,22 +138,49 @@ def _collection(tmp_path, nih_excerpt, name: str, rows: int | None) -> str:
 
 def test_a_header_only_csv_is_refused_and_the_index_kept(tmp_path, monkeypatch, nih_excerpt, prefect_server):
     work = tmp_path / "w"
-    assert _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "full", None), "--workdir", str(work), "--metadata-only")[0] in (0, None)
+    assert _run(
+        monkeypatch,
+        "ingest",
+        _collection(tmp_path, nih_excerpt, "full", None),
+        "--workdir",
+        str(work),
+        "--metadata-only",
+    )[0] in (0, None)
     before = (work / "index.parquet").read_bytes()
-    status, told = _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "empty", 0), "--workdir", str(work), "--metadata-only")
+    status, told = _run(
+        monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "empty", 0), "--workdir", str(work), "--metadata-only"
+    )
     assert status == 2 and "Data_Entry_2017_v2020.csv: lists no images: nothing was written" in told
     assert (work / "index.parquet").read_bytes() == before
 
 
-@pytest.mark.parametrize("rows, flags, refused", [(30, [], True), (30, ["--allow-shrink"], False), (32, [], False),
-                                                  (30, ["--max-shrink", "0.2"], False)])
-def test_an_index_that_shrinks_more_than_allowed_is_refused(tmp_path, monkeypatch, nih_excerpt, prefect_server, rows, flags, refused):
+@pytest.mark.parametrize(
+    "rows, flags, refused",
+    [(30, [], True), (30, ["--allow-shrink"], False), (32, [], False), (30, ["--max-shrink", "0.2"], False)],
+)
+def test_an_index_that_shrinks_more_than_allowed_is_refused(
+    tmp_path, monkeypatch, nih_excerpt, prefect_server, rows, flags, refused
+):
     """34 images indexed; then 30 (12% fewer, over the default 10%) or 32 (6%)."""
     work = tmp_path / "w"
-    _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "full", None), "--workdir", str(work), "--metadata-only")
+    _run(
+        monkeypatch,
+        "ingest",
+        _collection(tmp_path, nih_excerpt, "full", None),
+        "--workdir",
+        str(work),
+        "--metadata-only",
+    )
     before = (work / "index.parquet").read_bytes()
-    status, told = _run(monkeypatch, "ingest", _collection(tmp_path, nih_excerpt, "less", rows), "--workdir", str(work),
-                        "--metadata-only", *flags)
+    status, told = _run(
+        monkeypatch,
+        "ingest",
+        _collection(tmp_path, nih_excerpt, "less", rows),
+        "--workdir",
+        str(work),
+        "--metadata-only",
+        *flags,
+    )
     if refused:
         assert status == 2 and "30 usable images against 34" in told and "12% fewer, more than the 10% allowed" in told
         assert "--allow-shrink" in told and (work / "index.parquet").read_bytes() == before
@@ -140,13 +195,25 @@ def test_an_ingest_that_finds_none_of_the_listed_images_is_refused(tmp_path, mon
     assert not (tmp_path / "w" / "index.parquet").exists()
 
 
-def test_detector_check_names_a_folder_that_is_no_release_and_a_setting_it_does_not_know(tmp_path, monkeypatch, prefect_server):
-    status, told = _run(monkeypatch, "detector-check", "--release", str(tmp_path / "nowhere"), "--workdir", str(tmp_path))
+def test_detector_check_names_a_folder_that_is_no_release_and_a_setting_it_does_not_know(
+    tmp_path, monkeypatch, prefect_server
+):
+    status, told = _run(
+        monkeypatch, "detector-check", "--release", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)
+    )
     assert status == 2 and f"{tmp_path / 'nowhere'}: not a release (no manifest.json)" in told
     release = tmp_path / "r"
     release.mkdir()
     (release / "manifest.json").write_text('{"index_sha256": null}')
     (tmp_path / "settings.json").write_text('{"anchors": 3}')
-    status, told = _run(monkeypatch, "detector-check", "--release", str(release), "--workdir", str(tmp_path),
-                        "--config", str(tmp_path / "settings.json"))
+    status, told = _run(
+        monkeypatch,
+        "detector-check",
+        "--release",
+        str(release),
+        "--workdir",
+        str(tmp_path),
+        "--config",
+        str(tmp_path / "settings.json"),
+    )
     assert status == 2 and "detector settings: unknown ['anchors']" in told

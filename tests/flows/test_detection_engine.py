@@ -24,8 +24,11 @@ def test_source_boxes_become_input_pixels_of_the_detector():
 
 
 def test_detections_go_back_to_source_pixels_and_those_in_the_padding_are_dropped():
-    output = {"boxes": torch.tensor([[25.6, 76.8, 76.8, 128.0], [0.0, 0.0, 10.0, 60.0]]),
-              "labels": torch.tensor([5, 3]), "scores": torch.tensor([0.9, 0.4])}
+    output = {
+        "boxes": torch.tensor([[25.6, 76.8, 76.8, 128.0], [0.0, 0.0, 10.0, 60.0]]),
+        "labels": torch.tensor([5, 3]),
+        "scores": torch.tensor([0.9, 0.4]),
+    }
     found = detections_of("a", WIDE, output, size=256)
     assert found[0]["finding"] == "Mass" and found[0]["score"] == pytest.approx(0.9)
     assert found[0]["bbox"] == pytest.approx([100.0, 50.0, 200.0, 200.0])  # x, y, w, h of [100, 50, 300, 250]

@@ -28,8 +28,12 @@ pytestmark = pytest.mark.slow
 # about 100 s on 2 cores. Its box-val-truth detector scored AP30 0.27 and 0.25 on its training images at seeds 0
 # and 1, the prior's 0.14 and 0.16 (10 epochs: 0.32 and 0.27 against 0.20 and 0.10; 5: 0.12 and 0.02 against
 # 0.005 and 0.004, too few).
-TINY = {"size": 128, "epochs": 8, "background_ratio": 0.0,
-        "settings": {"lr": 0.01, "batch_size": 4, "rois_per_image": 16, "box_head": 256}}
+TINY = {
+    "size": 128,
+    "epochs": 8,
+    "background_ratio": 0.0,
+    "settings": {"lr": 0.01, "batch_size": 4, "rois_per_image": 16, "box_head": 256},
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +52,33 @@ def coco_eval(truth: dict, sizes: dict, found: list[dict], iou: list[float], cat
     """COCOeval's own summary (stats) for these detections, built independently of miner.detection_metrics."""
     ids = {image: k + 1 for k, image in enumerate(sorted(truth))}
     gt = COCO()
-    gt.dataset = {"images": [{"id": ids[i], "width": sizes[i][0], "height": sizes[i][1]} for i in ids],
-                  "categories": [{"id": k + 1, "name": f} for k, f in enumerate(FINDINGS)],
-                  "annotations": [{"id": n + 1, "image_id": ids[i], "category_id": FINDINGS.index(f) + 1, "iscrowd": 0,
-                                   "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
-                                  for n, (i, f, b) in enumerate((i, f, b) for i in sorted(truth) for f, b in truth[i])]}
+    gt.dataset = {
+        "images": [{"id": ids[i], "width": sizes[i][0], "height": sizes[i][1]} for i in ids],
+        "categories": [{"id": k + 1, "name": f} for k, f in enumerate(FINDINGS)],
+        "annotations": [
+            {
+                "id": n + 1,
+                "image_id": ids[i],
+                "category_id": FINDINGS.index(f) + 1,
+                "iscrowd": 0,
+                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                "area": (b[2] - b[0]) * (b[3] - b[1]),
+            }
+            for n, (i, f, b) in enumerate((i, f, b) for i in sorted(truth) for f, b in truth[i])
+        ],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-        results = [{"image_id": ids[d["image"]], "category_id": FINDINGS.index(d["finding"]) + 1, "bbox": d["bbox"], "score": d["score"]}
-                   for d in found if d["image"] in ids]
+        results = [
+            {
+                "image_id": ids[d["image"]],
+                "category_id": FINDINGS.index(d["finding"]) + 1,
+                "bbox": d["bbox"],
+                "score": d["score"],
+            }
+            for d in found
+            if d["image"] in ids
+        ]
         evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
         evaluation.params.iouThrs = np.array(iou)
         evaluation.params.catIds = categories
@@ -104,10 +126,13 @@ def test_the_checked_copy_is_a_new_release_with_only_the_check_added(checked):
     assert manifest["version"] == target.name and manifest["detector_check"]["checked_release"] == source.name
     assert manifest["detector_check"]["sha256"] == file_sha256(target / "detector-check.json")
     assert manifest["files"] == {name: file_sha256(target / name) for name in after - {MANIFEST_FILE}}
-    assert {k: v for k, v in manifest.items() if k not in ("version", "files", "detector_check")} == \
-           {k: v for k, v in old.items() if k not in ("version", "files")}
+    assert {k: v for k, v in manifest.items() if k not in ("version", "files", "detector_check")} == {
+        k: v for k, v in old.items() if k not in ("version", "files")
+    }
     page = (target / "report" / "detector-check.html").read_text()
-    assert "detector-check-ap30.png" in page and all(f in page for f in json.loads((target / "detector-check.json").read_text())["findings"])
+    assert "detector-check-ap30.png" in page and all(
+        f in page for f in json.loads((target / "detector-check.json").read_text())["findings"]
+    )
 
 
 def test_a_detector_trained_on_the_truth_finds_its_training_lesions_better_than_the_prior(checked):
@@ -124,6 +149,8 @@ def test_a_detector_trained_on_the_truth_finds_its_training_lesions_better_than_
     figures = {}
     for name in ("box-val-truth", "prior"):
         model, config = load_detector(Path(result["work"]) / name / f"{DETECTOR}.safetensors")
-        figures[name] = detection_figures(trained_on, sizes, detections(model, config, groups, "cpu"), plan.findings)["overall"]
+        figures[name] = detection_figures(trained_on, sizes, detections(model, config, groups, "cpu"), plan.findings)[
+            "overall"
+        ]
     assert not math.isnan(figures["prior"]["ap30"])
     assert figures["box-val-truth"]["ap30"] > figures["prior"]["ap30"] + 0.05, figures

@@ -17,10 +17,16 @@ pytestmark = pytest.mark.slow
 
 
 def _tree(root: Path) -> dict[str, str]:
-    ramp = (np.arange(60 * 80, dtype=np.uint16).reshape(60, 80) % 4096)
+    ramp = np.arange(60 * 80, dtype=np.uint16).reshape(60, 80) % 4096
     uids = {
         "a": write_dicom(root / "site1" / "a.dcm", ramp, patient_id="MRN-0042"),
-        "b": write_dicom(root / "site1" / "b.dcm", ramp.T.copy(), photometric="MONOCHROME1", patient_id="MRN-0042", window=(2048, 4096)),
+        "b": write_dicom(
+            root / "site1" / "b.dcm",
+            ramp.T.copy(),
+            photometric="MONOCHROME1",
+            patient_id="MRN-0042",
+            window=(2048, 4096),
+        ),
         "c": write_dicom(root / "site2" / "c.dcm", ramp, patient_id="MRN-7777", compressed=True),
         "d": write_dicom(root / "site2" / "nested" / "d", ramp, patient_id="MRN-9999", slope=1.0, intercept=-1024.0),
     }
@@ -55,7 +61,9 @@ def test_dicom_ingest_and_preprocess(tmp_path, prefect_server):
     assert manifest["counts"] == {"index_rows": 5, "shard_rows": 3, "quarantined": 1, "missing": 1}
     (quarantined,) = pq.read_table(work / "quarantine.parquet").to_pylist()
     assert quarantined["source_path"] == "site2/c.dcm"
-    assert quarantined["reason"].startswith("cannot decode DICOM pixels (JPEG-LS Lossless Image Compression): ")  # its bytes are no JPEG-LS
+    assert quarantined["reason"].startswith(
+        "cannot decode DICOM pixels (JPEG-LS Lossless Image Compression): "
+    )  # its bytes are no JPEG-LS
 
     secrets = ["MRN-0042", "MRN-7777", "MRN-9999", *IDENTIFIERS.values(), *uids.values()]
     for path in work.rglob("*"):

@@ -41,7 +41,9 @@ def _start_cli(words: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     env.pop(FAULT_ENV, None)
     code = "from cxr_miner.flows.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, *words], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *words], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
 
 
 def _killed(words: list[str], point: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -81,8 +83,18 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(trained_workdir, 
     each after its last finished epoch, and ends with the weights of an undisturbed run."""
     work = copy_workdir(trained_workdir, tmp_path / "w")
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"epochs": 2, "am_steps": 2, "am_epochs": 1, "loader_workers": 0, "input_size": 64,
-                                  "model": {"trunk": "resnet10", "stages": 3}}))  # small: the test is of resuming, not learning
+    config.write_text(
+        json.dumps(
+            {
+                "epochs": 2,
+                "am_steps": 2,
+                "am_epochs": 1,
+                "loader_workers": 0,
+                "input_size": 64,
+                "model": {"trunk": "resnet10", "stages": 3},
+            }
+        )
+    )  # small: the test is of resuming, not learning
     words = ["train", "--workdir", str(work), "--config", str(config)]
     assert _cli([*words, "--run", "calm"]).returncode == 0
     _killed([*words, "--run", "hit"], "train-step1-epoch2-batch2", tmp_path)
@@ -95,11 +107,16 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(trained_workdir, 
         assert ours.keys() == theirs.keys()
         for name in ours:
             np.testing.assert_array_equal(ours[name], theirs[name], err_msg=f"{step} {name}")
-    losses = {run: [e["loss"] for e in json.loads((work / "models" / run / "metrics.json").read_text())["step1"]] for run in ("calm", "hit")}
+    losses = {
+        run: [e["loss"] for e in json.loads((work / "models" / run / "metrics.json").read_text())["step1"]]
+        for run in ("calm", "hit")
+    }
     assert losses["hit"] == losses["calm"]
 
 
-def test_release_killed_before_publishing_leaves_nothing_and_the_rerun_publishes_the_same_boxes(released, tmp_path, prefect_server):
+def test_release_killed_before_publishing_leaves_nothing_and_the_rerun_publishes_the_same_boxes(
+    released, tmp_path, prefect_server
+):
     work = tmp_path / "w"  # the released workdir: evaluated, then harvested with its tuning
     shutil.copytree(released[0], work, ignore=shutil.ignore_patterns("logs", ".cxr-miner.lock"), copy_function=os.link)
     calm, hit = released[1], tmp_path / "hit"  # calm: the undisturbed releases of this very harvest

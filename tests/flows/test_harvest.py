@@ -25,7 +25,14 @@ from cxr_miner.miner.metrics import LocalizationEvaluator
 from cxr_miner.miner.training import prepare_images
 from cxr_miner.storage.stages.batches import batch_stream, split_row_groups
 from cxr_miner.storage.stages.box_splits import box_splits
-from cxr_miner.storage.stages.harvest import PART_SCHEMA, harvest_summary_file, part_key, parts_dir, read_part, write_part
+from cxr_miner.storage.stages.harvest import (
+    PART_SCHEMA,
+    harvest_summary_file,
+    part_key,
+    parts_dir,
+    read_part,
+    write_part,
+)
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, read_gt_boxes
 from cxr_miner.storage.stages.lock import LOCK_FILE
 from cxr_miner.storage.stages.runs import RunFolder
@@ -98,10 +105,16 @@ def test_every_image_gets_boxes_for_each_finding_it_is_labelled_with(harvested):
         assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)) and 1 <= len(rows) <= 3
         assert sorted(r["rule_rank"] for r in rows) == list(range(1, len(rows) + 1))
         by_rule = sorted(rows, key=lambda r: r["rule_rank"])
-        assert [r["score"] for r in by_rule] == sorted((r["score"] for r in rows), reverse=True)  # every rule ranks by its score
+        assert [r["score"] for r in by_rule] == sorted(
+            (r["score"] for r in rows), reverse=True
+        )  # every rule ranks by its score
         if rows[0]["confidence"] is not None:  # rank 1 the most confident, ties in the rule's order
-            assert [(-r["confidence"], r["rule_rank"]) for r in rows] == sorted((-r["confidence"], r["rule_rank"]) for r in rows)
-    assert summary["boxes_per_finding"] == {f: int(np.sum(np.array(boxes.column("finding").to_pylist()) == f)) for f in FINDINGS}
+            assert [(-r["confidence"], r["rule_rank"]) for r in rows] == sorted(
+                (-r["confidence"], r["rule_rank"]) for r in rows
+            )
+    assert summary["boxes_per_finding"] == {
+        f: int(np.sum(np.array(boxes.column("finding").to_pylist()) == f)) for f in FINDINGS
+    }
 
 
 def test_each_finding_is_boxed_and_calibrated_as_tuned_on_box_val(harvested):
@@ -131,7 +144,10 @@ def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
     truth = read_gt_boxes(work / GT_BOXES_FILE)
     report = json.loads(RunFolder.of(work, "t").evaluation_json.read_text())
     assert report["split"] == "box-test"
-    patients = {r["image_id"]: r["patient_id"] for r in pq.read_table(work / "index.parquet", columns=["image_id", "patient_id"]).to_pylist()}
+    patients = {
+        r["image_id"]: r["patient_id"]
+        for r in pq.read_table(work / "index.parquet", columns=["image_id", "patient_id"]).to_pylist()
+    }
     halves = box_splits(patients, truth)
     assert report["images"] == sum(h == "box-test" for h in halves.values()) > 0
     assert report["box_val"]["images"] == sum(h == "box-val" for h in halves.values()) > 0
@@ -141,15 +157,29 @@ def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
         if halves[image_id] != "box-test":
             continue
         for finding, gt in findings.items():
-            mine = sorted((r for r in boxes if r["image_id"] == image_id and r["finding"] == finding), key=lambda r: r["rank"])
-            evaluator.accumulate(finding, np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]] for r in mine]).reshape(-1, 4), gt)
+            mine = sorted(
+                (r for r in boxes if r["image_id"] == image_id and r["finding"] == finding), key=lambda r: r["rank"]
+            )
+            evaluator.accumulate(
+                finding, np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]] for r in mine]).reshape(-1, 4), gt
+            )
     ours = evaluator.compute()
     tuning = tuning_of(work)
     for finding, choice in tuning["findings"].items():  # rank 1 as released: the most confident box
-        rank1 = [r for r in boxes if r["finding"] == finding and r["rank"] == 1 and halves.get(r["image_id"]) == "box-test"
-                 and finding in truth[r["image_id"]]]
-        hit = [hits(np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]]]), np.array(truth[r["image_id"]][finding]))[0]
-               for r in rank1]
+        rank1 = [
+            r
+            for r in boxes
+            if r["finding"] == finding
+            and r["rank"] == 1
+            and halves.get(r["image_id"]) == "box-test"
+            and finding in truth[r["image_id"]]
+        ]
+        hit = [
+            hits(np.array([[r["x_min"], r["y_min"], r["x_max"], r["y_max"]]]), np.array(truth[r["image_id"]][finding]))[
+                0
+            ]
+            for r in rank1
+        ]
         expected = choice["candidates"][choice["method"]]["box_test"]
         pairs = sum(finding in truth[i] for i, h in halves.items() if h == "box-test")
         assert pairs == expected["pairs"]
@@ -212,7 +242,9 @@ def classifier_probabilities(work: Path) -> dict[tuple[str, str], float]:
     out = {}
     for batch in batch_stream(split_row_groups(work, ("train", "val", "test")), 32):
         with torch.no_grad():
-            scores = torch.sigmoid(model(prepare_images(torch.from_numpy(batch.images), config.input_size, torch.device("cpu"))))
+            scores = torch.sigmoid(
+                model(prepare_images(torch.from_numpy(batch.images), config.input_size, torch.device("cpu")))
+            )
         for image_id, row in zip(batch.meta["image_id"], scores.numpy()):
             out.update({(image_id, f): float(p) for f, p in zip(FINDINGS, row)})
     return out
@@ -252,17 +284,22 @@ def test_am_harvest_boxes_every_finding_with_am_by_its_own_tuned_rule(harvested,
     assert set(all_parts(work).column("method").to_pylist()) == {"am-t3"}
 
 
-@pytest.mark.parametrize("method, error, message", [
-    ("mil", FileNotFoundError, "method 'mil' needs mil-all.safetensors .train the run with --method mil"),
-    ("grad", ValueError, "unknown method 'grad'"),
-])
+@pytest.mark.parametrize(
+    "method, error, message",
+    [
+        ("mil", FileNotFoundError, "method 'mil' needs mil-all.safetensors .train the run with --method mil"),
+        ("grad", ValueError, "unknown method 'grad'"),
+    ],
+)
 def test_unknown_or_untrained_methods_are_refused(trained_workdir, method, error, message, tmp_path):
     work = copy_workdir(trained_workdir, tmp_path / "work")  # a flow holds its folder's lock: not the shared one
     with pytest.raises(error, match=message):
         run_harvest(str(work), "t", workers=1, method=method)
 
 
-def test_a_cluster_started_apart_with_workers_elsewhere_gives_the_local_boxes(harvested, trained_workdir, tmp_path, monkeypatch):
+def test_a_cluster_started_apart_with_workers_elsewhere_gives_the_local_boxes(
+    harvested, trained_workdir, tmp_path, monkeypatch
+):
     """A scheduler and two workers started as processes of their own (as on machines the flow does
     not manage), each worker in a working directory of its own, and the work folder given relative
     to the command's: the boxes of the harvest on the tests' local cluster."""
@@ -285,11 +322,46 @@ def test_a_cluster_started_apart_with_workers_elsewhere_gives_the_local_boxes(ha
     places = [tmp_path / name for name in ("scheduler", "worker-a", "worker-b")]
     for place in places:
         place.mkdir()
-    processes = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                   "--dashboard-address", ":0"], cwd=places[0], env=env, stderr=subprocess.DEVNULL)]
-    processes += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
-                                    "--dashboard-address", ":0", "--name", place.name], cwd=place, env=env, stderr=subprocess.DEVNULL)
-                  for place in places[1:]]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+            ],
+            cwd=places[0],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    processes += [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--dashboard-address",
+                ":0",
+                "--name",
+                place.name,
+            ],
+            cwd=place,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        for place in places[1:]
+    ]
     try:
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=60)

@@ -33,10 +33,15 @@ def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nih")
     generate(root, n_images=N_IMAGES, size=256, seed=7, corrupt=3, box_fraction=0.15, non_square=0.3)
     manifest = json.loads((root / "demo_manifest.json").read_text())
-    intact = [row["Image Index"] for row in csv.DictReader(open(root / "Data_Entry_2017_v2020.csv"))
-              if row["Image Index"] not in manifest["corrupt"] and row["Image Index"] not in manifest["boxed_images"]]
+    intact = [
+        row["Image Index"]
+        for row in csv.DictReader(open(root / "Data_Entry_2017_v2020.csv"))
+        if row["Image Index"] not in manifest["corrupt"] and row["Image Index"] not in manifest["boxed_images"]
+    ]
     (root / "images_001" / "images" / intact[-1]).unlink()  # listed, but the file is gone
-    shutil.copy(root / "images_001" / "images" / intact[0], root / "images_001" / "images" / "99999999_000.png")  # unlisted
+    shutil.copy(
+        root / "images_001" / "images" / intact[0], root / "images_001" / "images" / "99999999_000.png"
+    )  # unlisted
     return root
 
 
@@ -200,7 +205,9 @@ def test_resume_after_injected_fault_is_byte_identical(indexed, preprocessed, tm
     victim = reference["shards"][2]["name"]
     plant_fault(tmp_path / "fault.json", victim, "raise")
     monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fault.json"))
-    with pytest.raises(PreprocessIncomplete, match=f"1 of {len(reference['shards'])} shards failed .*{victim}.*InjectedFault"):
+    with pytest.raises(
+        PreprocessIncomplete, match=f"1 of {len(reference['shards'])} shards failed .*{victim}.*InjectedFault"
+    ):
         run_preprocess(str(work), workers=2, size=SIZE, shard_size=8)
     assert not (work / "shards" / f"{victim}.parquet").exists()
     assert not (work / "shards" / "manifest.json").exists()

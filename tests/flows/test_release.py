@@ -45,7 +45,11 @@ def test_parquet_has_the_schema_provenance_and_normalised_copies(released):
         expected = table.column(name).to_numpy() / table.column(size).to_numpy()
         assert np.allclose(table.column(f"{name}_norm").to_numpy(), expected, atol=1e-6)
     assert set(table.column("method").to_pylist()) <= {"cam", "am-t2", "am-t3"}
-    tuned = [r for r in table.select(["finding", "confidence", "at_operating_point"]).to_pylist() if r["confidence"] is not None]
+    tuned = [
+        r
+        for r in table.select(["finding", "confidence", "at_operating_point"]).to_pylist()
+        if r["confidence"] is not None
+    ]
     assert tuned and all(0 < r["confidence"] < 1 for r in tuned)
 
 
@@ -59,7 +63,11 @@ def test_duckdb_counts_agree_with_the_coco_files(released, variant, where):
         f"SELECT split, finding, count(*) AS n FROM read_parquet('{folder / 'boxes.parquet'}') WHERE {where} GROUP BY split, finding"
     ).fetchall()
     by_db = {(split, finding): n for split, finding, n in counts}
-    images = dict(duckdb.sql(f"SELECT split, count(DISTINCT image_id) FROM read_parquet('{folder / 'boxes.parquet'}') GROUP BY split").fetchall())
+    images = dict(
+        duckdb.sql(
+            f"SELECT split, count(DISTINCT image_id) FROM read_parquet('{folder / 'boxes.parquet'}') GROUP BY split"
+        ).fetchall()
+    )
     for split in ("train", "val", "test"):
         coco = COCO(str(folder / variant / f"{split}.json"))
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(FINDINGS)
@@ -71,7 +79,9 @@ def test_duckdb_counts_agree_with_the_coco_files(released, variant, where):
     if variant == "coco-all":
         assert sum(n for n in by_db.values()) == first["boxes"]
     else:
-        assert sum(n for n in by_db.values()) == sum(c["at_operating_point"] for c in first["manifest"]["counts"]["findings"].values())
+        assert sum(n for n in by_db.values()) == sum(
+            c["at_operating_point"] for c in first["manifest"]["counts"]["findings"].values()
+        )
 
 
 def test_manifest_records_each_calibrated_findings_operating_point(released):
@@ -82,9 +92,16 @@ def test_manifest_records_each_calibrated_findings_operating_point(released):
     for finding, point in points.items():
         choice = tuning["findings"][finding]
         entry = choice["candidates"][choice["method"]]
-        assert (point["method"], point["box_rule"], point["confidence_at_least"]) == (choice["method"], entry["rule"], entry["operating_point"])
+        assert (point["method"], point["box_rule"], point["confidence_at_least"]) == (
+            choice["method"],
+            entry["rule"],
+            entry["operating_point"],
+        )
         assert point["box_test"]["ece"] == entry["box_test"]["reliability"]["ece"]
-        assert point["box_val"]["precision"] == entry["box_val"]["at_operating_point"]["precision"] or point["box_val"]["boxes"] == 0
+        assert (
+            point["box_val"]["precision"] == entry["box_val"]["at_operating_point"]["precision"]
+            or point["box_val"]["boxes"] == 0
+        )
 
 
 def xyxy(boxes: list[list[float]]):
@@ -106,9 +123,14 @@ def test_cocoeval_agrees_with_an_independent_count_on_the_ground_truth(released)
     assert len(truth) >= 10
     gt = {key: mined[key] for key in ("images", "categories")}
     gt["annotations"] = [
-        {"id": k, "image_id": ids[b["image_id"]], "category_id": FINDINGS.index(b["finding"]) + 1, "iscrowd": 0,
-         "bbox": [b["x_min"], b["y_min"], b["x_max"] - b["x_min"], b["y_max"] - b["y_min"]],
-         "area": (b["x_max"] - b["x_min"]) * (b["y_max"] - b["y_min"])}
+        {
+            "id": k,
+            "image_id": ids[b["image_id"]],
+            "category_id": FINDINGS.index(b["finding"]) + 1,
+            "iscrowd": 0,
+            "bbox": [b["x_min"], b["y_min"], b["x_max"] - b["x_min"], b["y_max"] - b["y_min"]],
+            "area": (b["x_max"] - b["x_min"]) * (b["y_max"] - b["y_min"]),
+        }
         for k, b in enumerate(truth, start=1)
     ]
     coco_gt = COCO()
@@ -118,7 +140,9 @@ def test_cocoeval_agrees_with_an_independent_count_on_the_ground_truth(released)
     thresholds = [0.1, 0.3, 0.5]
 
     def evaluated(annotations):
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes([{**a, "score": a.get("score", 1.0)} for a in annotations]), "bbox")
+        evaluator = COCOeval(
+            coco_gt, coco_gt.loadRes([{**a, "score": a.get("score", 1.0)} for a in annotations]), "bbox"
+        )
         evaluator.params.imgIds = sorted({a["image_id"] for a in gt["annotations"]})
         evaluator.params.iouThrs = np.array(thresholds)
         evaluator.evaluate()
@@ -138,7 +162,9 @@ def test_cocoeval_agrees_with_an_independent_count_on_the_ground_truth(released)
                 continue
             hits = 0
             for a in truths:
-                ours = [m["bbox"] for m in mined_boxed if m["image_id"] == a["image_id"] and m["category_id"] == category]
+                ours = [
+                    m["bbox"] for m in mined_boxed if m["image_id"] == a["image_id"] and m["category_id"] == category
+                ]
                 if ours:
                     hits += bool((box_iou(xyxy([a["bbox"]]), xyxy(ours)) >= threshold).any())
             assert recall[t, k, 0, -1] == pytest.approx(hits / len(truths)), (threshold, category)
@@ -162,17 +188,23 @@ def test_manifest_hashes_every_file_and_latest_is_the_newest(released):
     _, releases, first, second = released
     folder = Path(first["path"])
     manifest = json.loads((folder / "manifest.json").read_text())
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    files = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
     assert sorted(manifest["files"]) == files and "report/index.html" in files
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
     assert manifest["counts"]["boxes"] == first["boxes"] and manifest["model"]["model_id"].startswith("t@")
     assert sum(v["boxes"] for v in manifest["counts"]["findings"].values()) == first["boxes"]
-    assert sorted(p.name for p in releases.iterdir() if not p.name.startswith(".")) == sorted([first["version"], second["version"], "latest"])
+    assert sorted(p.name for p in releases.iterdir() if not p.name.startswith(".")) == sorted(
+        [first["version"], second["version"], "latest"]
+    )
     assert [p.name for p in releases.glob(".*")] == [".cxr-miner.lock"]  # no staging folder left behind
     from importlib.metadata import version
 
-    assert {k: manifest["packages"][k] for k in ("torch", "prefect", "pydicom")} == {k: version(k) for k in ("torch", "prefect", "pydicom")}
+    assert {k: manifest["packages"][k] for k in ("torch", "prefect", "pydicom")} == {
+        k: version(k) for k in ("torch", "prefect", "pydicom")
+    }
     assert first["version"] < second["version"] and (releases / "latest").resolve().name == second["version"]
 
 
@@ -182,11 +214,16 @@ def test_second_run_redoes_nothing_and_releases_the_same_boxes_with_no_changes(r
     evaluated = (work / "models" / "t" / "evaluation.json").stat().st_mtime_ns
     assert evaluated < (Path(first["path"]) / "manifest.json").stat().st_mtime_ns  # not evaluated again
     assert second["manifest"]["model"] == first["manifest"]["model"]  # not retrained
-    assert pq.read_table(Path(second["path"]) / "boxes.parquet").drop_columns([]).equals(
-        pq.read_table(Path(first["path"]) / "boxes.parquet"))
+    assert (
+        pq.read_table(Path(second["path"]) / "boxes.parquet")
+        .drop_columns([])
+        .equals(pq.read_table(Path(first["path"]) / "boxes.parquet"))
+    )
     changes = second["manifest"]["changes"]
     assert changes["previous"] == first["version"]
-    assert all(c["added"] == 0 and c["removed"] == 0 and c["before"] == c["after"] for c in changes["findings"].values())
+    assert all(
+        c["added"] == 0 and c["removed"] == 0 and c["before"] == c["after"] for c in changes["findings"].values()
+    )
     first_changes = first["manifest"]["changes"]["findings"]
     assert sum(c["added"] for c in first_changes.values()) == first["boxes"]
 
@@ -228,8 +265,10 @@ def test_releases_are_immutable(released):
     assert modes == {0o444}  # read-only (bits only: the tests may run as root)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CXR_MINER_REQUIRE_BROWSER"),
-                    reason="Debian's chromium and chromium-driver are not installed (make test installs them)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CXR_MINER_REQUIRE_BROWSER"),
+    reason="Debian's chromium and chromium-driver are not installed (make test installs them)",
+)
 def test_report_pages_open_in_headless_chromium_with_every_image(released, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -238,8 +277,16 @@ def test_report_pages_open_in_headless_chromium_with_every_image(released, tmp_p
     report = Path(first["report"]).parent
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
@@ -251,7 +298,8 @@ def test_report_pages_open_in_headless_chromium_with_every_image(released, tmp_p
             driver.get((report / page).as_uri())
             assert driver.title and "not found" not in driver.page_source.lower()
             broken = driver.execute_script(
-                "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+                "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+            )
             assert broken == [], (page, broken)
             count = driver.execute_script("return document.images.length")
             assert count >= (0 if page == "index.html" else 4)
@@ -268,8 +316,21 @@ def test_serve_registers_the_deployment_with_its_schedule(trained_workdir, tmp_p
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    command = [sys.executable, "-m", "cxr_miner.flows.cli", "serve", str(tmp_path / "nih"), "--workdir", str(tmp_path / "w"),
-               "--out", str(tmp_path / "r"), "--cron", "0 3 * * 1", "--name", "weekly-test"]
+    command = [
+        sys.executable,
+        "-m",
+        "cxr_miner.flows.cli",
+        "serve",
+        str(tmp_path / "nih"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--out",
+        str(tmp_path / "r"),
+        "--cron",
+        "0 3 * * 1",
+        "--name",
+        "weekly-test",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     async def read_back():

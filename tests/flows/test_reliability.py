@@ -45,10 +45,14 @@ def test_a_harvest_made_before_evaluate_is_never_released(trained_workdir, dask_
     boxed = len(set(pq.read_table(work / "gt_boxes.parquet", columns=["image_id"]).column("image_id").to_pylist()))
     assert boxed > 0
     assert f"evaluate has not run, though {boxed} images have ground-truth boxes" in why_untuned(work, folder)
-    harvested = run_harvest(str(work), "t", dask_address=dask_cluster, threads=1, splits=("test",))  # a small harvest will do
+    harvested = run_harvest(
+        str(work), "t", dask_address=dask_cluster, threads=1, splits=("test",)
+    )  # a small harvest will do
     assert harvested["key"]["tuning"] is None and not folder.tuning_json.exists()
 
-    with pytest.raises(StaleHarvest, match=r"made without a tuning \(evaluate had not run\).* harvest --workdir .* --run t` again") as refused:
+    with pytest.raises(
+        StaleHarvest, match=r"made without a tuning \(evaluate had not run\).* harvest --workdir .* --run t` again"
+    ) as refused:
         release(workdir=str(work), out=str(tmp_path / "releases"))
     assert folder.tuning_json.exists()  # evaluate ran, and chose what this harvest did not apply
     assert failure_status(refused.value) == 2
@@ -58,7 +62,9 @@ def test_a_harvest_made_before_evaluate_is_never_released(trained_workdir, dask_
 
 def test_folds_beyond_the_boxed_patients_are_refused_and_few_per_fold_warned(trained_workdir):
     index = pq.read_table(trained_workdir / "index.parquet", columns=["image_id", "patient_id"]).to_pydict()
-    boxed = set(pq.read_table(trained_workdir / "gt_boxes.parquet", columns=["image_id"]).column("image_id").to_pylist())
+    boxed = set(
+        pq.read_table(trained_workdir / "gt_boxes.parquet", columns=["image_id"]).column("image_id").to_pylist()
+    )
     patients = len({p for i, p in zip(index["image_id"], index["patient_id"]) if i in boxed})
     with pytest.raises(InputError, match=f"{patients + 1} folds, but .* boxes of {patients} patients"):
         check_folds(trained_workdir, patients + 1)
@@ -71,12 +77,24 @@ def test_every_json_file_of_a_release_and_its_workdir_is_strict_json(released):
     work, releases, first, _ = released
     files = [*work.rglob("*.json"), *releases.rglob("*.json")]
     names = {p.name for p in files}
-    assert {"metrics.json", "evaluation.json", "tuning.json", "manifest.json", "harvest.json", "ingest_report.json"} <= names
+    assert {
+        "metrics.json",
+        "evaluation.json",
+        "tuning.json",
+        "manifest.json",
+        "harvest.json",
+        "ingest_report.json",
+    } <= names
     for path in files:
         _strict(path.read_text())  # raises on NaN or Infinity
     evaluation = json.loads(RunFolder.of(work, "t").evaluation_json.read_text())
-    undefined = [cell["acc"] for table in evaluation["results"].values() for row in table.values()
-                 for cell in row["iou"].values() if cell["acc"] is None]
+    undefined = [
+        cell["acc"]
+        for table in evaluation["results"].values()
+        for row in table.values()
+        for cell in row["iou"].values()
+        if cell["acc"] is None
+    ]
     assert undefined  # findings without a box-test image: their figures are null, read back as undefined
     assert first["manifest"]["localisation"]["findings"]  # and the release still reads them
 
@@ -104,7 +122,9 @@ def tuned_copy(released, tmp_path) -> Path:
     """A copy of the released workdir (evaluated and tuned), without its harvest."""
     work, _, _, _ = released
     target = tmp_path / "work"
-    shutil.copytree(work, target, ignore=shutil.ignore_patterns("harvest", "releases", "logs"))  # copies, not links: damaged below
+    shutil.copytree(
+        work, target, ignore=shutil.ignore_patterns("harvest", "releases", "logs")
+    )  # copies, not links: damaged below
     return target
 
 
@@ -137,15 +157,20 @@ def test_a_release_without_its_boxes_is_said_to_miss_them(released, tmp_path):
         checked_release(copy, work)
 
 
-@pytest.mark.parametrize("words", [
-    ["evaluate", "--run", "t", "--box-val-fraction", "2"],
-    ["train", "--method", "mil", "--box-fraction", "1.5"],
-    ["train", "--method", "mil", "--folds", "1"],
-])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["evaluate", "--run", "t", "--box-val-fraction", "2"],
+        ["train", "--method", "mil", "--box-fraction", "1.5"],
+        ["train", "--method", "mil", "--folds", "1"],
+    ],
+)
 def test_a_bad_option_is_refused_at_once_before_any_server_starts(trained_workdir, tmp_path, words):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # a server would start here
     started = time.monotonic()
-    done = subprocess.run([*CLI, *words, "--workdir", str(trained_workdir)], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*CLI, *words, "--workdir", str(trained_workdir)], env=env, capture_output=True, text=True, timeout=60
+    )
     took = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: {words[-2]}: {words[-1]}") and done.stderr.count("\n") == 1
@@ -159,11 +184,18 @@ def test_an_error_inside_a_flow_run_is_one_line_on_the_console(tmp_path, prefect
 
     (tmp_path / "models").mkdir()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    done = subprocess.run([*CLI, "evaluate", "--workdir", str(tmp_path), "--run", "absent"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [*CLI, "evaluate", "--workdir", str(tmp_path), "--run", "absent"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     told = [line for line in (done.stdout + done.stderr).splitlines() if "ERROR" in line or "rror:" in line]
-    assert len(told) == 1 and told[0].startswith(f"error: {tmp_path / 'models' / 'absent' / 'config.json'}: no such training run")
+    assert len(told) == 1 and told[0].startswith(
+        f"error: {tmp_path / 'models' / 'absent' / 'config.json'}: no such training run"
+    )
     (log,) = (tmp_path / "logs").glob("error-*.log")
     assert f"(Prefect's log of it: {log})" in told[0]
     assert "ERROR | prefect.flow_runs - Encountered exception" in log.read_text()

@@ -43,8 +43,13 @@ def _start(words: list[str], tmp_path: Path, own_api: Path | None = None) -> tup
     log = tmp_path / "stderr.txt"
     env = own_api_env(own_api) if own_api else {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     code = "from cxr_miner.flows.cli import main; main()"
-    process = subprocess.Popen([sys.executable, "-c", code, *words], stderr=log.open("w"), stdout=subprocess.DEVNULL,
-                               env=env, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *words],
+        stderr=log.open("w"),
+        stdout=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     return process, log
 
 
@@ -102,13 +107,24 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_resumes(trained_workdir, tmp_path, user_prefect_home):
+def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_resumes(
+    trained_workdir, tmp_path, user_prefect_home
+):
     """As ``timeout`` sends it: to the command, its loader workers and (unless it leaves the group)
     its temporary Prefect server at once. A server killed first made every report retry for minutes."""
     work = copy_workdir(trained_workdir, tmp_path / "w")
     config = tmp_path / "long.json"
-    config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1, "input_size": 64,
-                                  "model": {"trunk": "resnet10", "stages": 3}}))  # short epochs: the test is of stopping
+    config.write_text(
+        json.dumps(
+            {
+                "epochs": 40,
+                "am_steps": 1,
+                "loader_workers": 1,
+                "input_size": 64,
+                "model": {"trunk": "resnet10", "stages": 3},
+            }
+        )
+    )  # short epochs: the test is of stopping
     words = ["train", "--workdir", str(work), "--run", "long", "--config", str(config), "--method", "cam"]
     process, log = _start(words, tmp_path, own_api=user_prefect_home)
     metrics = work / "models" / "long" / "metrics.json"
@@ -126,10 +142,23 @@ def test_sigterm_to_the_process_group_stops_training_mid_epoch_and_the_rerun_res
     assert _stop(again, signal.SIGTERM) < STOP_WITHIN_S and again.returncode == 143
 
 
-def test_sigint_stops_a_dask_preprocess_and_the_rerun_on_its_own_api_accounts_for_every_image(trained_workdir, tmp_path,
-                                                                                             user_prefect_home):
+def test_sigint_stops_a_dask_preprocess_and_the_rerun_on_its_own_api_accounts_for_every_image(
+    trained_workdir, tmp_path, user_prefect_home
+):
     work = copy_workdir(trained_workdir, tmp_path / "w")
-    words = ["preprocess", "--workdir", str(work), "--size", "96", "--shard-size", "8", "--workers", "2", "--encoding", "png"]
+    words = [
+        "preprocess",
+        "--workdir",
+        str(work),
+        "--size",
+        "96",
+        "--shard-size",
+        "8",
+        "--workers",
+        "2",
+        "--encoding",
+        "png",
+    ]
     process, log = _start(words, tmp_path)
     _wait_for(log, "Creating a new Dask cluster", process)
     time.sleep(3)
@@ -138,13 +167,21 @@ def test_sigint_stops_a_dask_preprocess_and_the_rerun_on_its_own_api_accounts_fo
 
     # The rerun as a user's command: without PREFECT_API_URL it starts one temporary API, and its Dask
     # workers use it (a worker with a server of its own would log its own start and stop).
-    rerun = subprocess.run([sys.executable, "-c", "from cxr_miner.flows.cli import main; main()", *words],
-                           capture_output=True, text=True, env=own_api_env(user_prefect_home), timeout=600)
+    rerun = subprocess.run(
+        [sys.executable, "-c", "from cxr_miner.flows.cli import main; main()", *words],
+        capture_output=True,
+        text=True,
+        env=own_api_env(user_prefect_home),
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr
     output = rerun.stdout + rerun.stderr
     assert output.count("Starting temporary server") == output.count("Stopping temporary server") == 1, output[-3000:]
     assert "Error logging to API" not in output
     manifest = json.loads((work / "shards" / "manifest.json").read_text())
     index_rows = pq.read_metadata(work / "index.parquet").num_rows
-    assert manifest["counts"]["shard_rows"] + manifest["counts"]["quarantined"] + manifest["counts"]["missing"] == index_rows
+    assert (
+        manifest["counts"]["shard_rows"] + manifest["counts"]["quarantined"] + manifest["counts"]["missing"]
+        == index_rows
+    )
     assert manifest["settings"]["size"] == 96

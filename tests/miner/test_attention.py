@@ -12,7 +12,8 @@ from cxr_miner.miner.models import Features, ModelConfig, create_model
 
 
 @pytest.mark.parametrize(
-    "batch,mode,expected", [(64, "vanilla", 8), (64, "kp", 8), (64, "none", 64), (32, "kp", 4), (4, "vanilla", 1), (1, "kp", 1)]
+    "batch,mode,expected",
+    [(64, "vanilla", 8), (64, "kp", 8), (64, "none", 64), (32, "kp", 4), (4, "vanilla", 1), (1, "kp", 1)],
 )
 def test_kp_vanilla_erases_the_first_eighth(batch, mode, expected):
     assert erased_count(batch, mode) == expected
@@ -72,7 +73,9 @@ def test_selected_pairs_get_the_same_final_heatmaps_as_a_full_mining():
     wanted[0, 1] = wanted[2, 5] = wanted[2, 13] = True
     full = mine(models, images)
     some = mine(models, images, select=lambda logits: wanted)
-    assert torch.equal(final_heatmap(some.heatmaps, some.masks)[wanted], final_heatmap(full.heatmaps, full.masks)[wanted])
+    assert torch.equal(
+        final_heatmap(some.heatmaps, some.masks)[wanted], final_heatmap(full.heatmaps, full.masks)[wanted]
+    )
     assert torch.all(some.masks[-1][~wanted] == 1)  # the others were never erased
 
 
@@ -134,8 +137,11 @@ def test_kp_holds_the_model_to_the_reference_it_is_given():
     anchored = attention_mining_loss(model, [first, second], images, labels, kp="kp", reference=first)
     assert previous.kp.item() == pytest.approx(0.0, abs=1e-6)  # the model is still step 2's
     with torch.no_grad(), batch_statistics(first):
-        expected = kp_loss(select_rows(first.forward_features(images), slice(2, None)),
-                           select_rows(model.forward_features(images), slice(2, None)), model.kp_layers)
+        expected = kp_loss(
+            select_rows(first.forward_features(images), slice(2, None)),
+            select_rows(model.forward_features(images), slice(2, None)),
+            model.kp_layers,
+        )
     assert anchored.kp.item() == pytest.approx(expected.item(), rel=1e-5) and anchored.kp.item() > 1e-3
 
 
@@ -189,4 +195,5 @@ def test_weighted_cross_entropy_by_hand():
     assert float(weighted_classification_loss(logits, labels)) == pytest.approx(by_hand, rel=1e-6)
     no_positive = torch.zeros(2, 2)
     assert float(weighted_classification_loss(logits, no_positive)) == pytest.approx(
-        float(torch.nn.functional.binary_cross_entropy_with_logits(logits, no_positive)), rel=1e-6)
+        float(torch.nn.functional.binary_cross_entropy_with_logits(logits, no_positive)), rel=1e-6
+    )

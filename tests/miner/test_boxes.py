@@ -7,16 +7,25 @@ import pytest
 import torch
 
 from cxr_miner.miner.boxes import check_heatmap, heatmap_boxes, heatmap_boxes_batched
-from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, RULES_BY_NAME, BoxRule, component_table, rule_by_name
+from cxr_miner.miner.rules import (
+    BOX_RULES,
+    PAPER_RULE,
+    RULES_BY_NAME,
+    SWEEP_THRESHOLDS,
+    BoxRule,
+    component_table,
+    rule_by_name,
+    rules_by_name,
+)
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
 def nested_blob() -> np.ndarray:
     """Three nested plateaus around (row 5, col 6) and a separate weaker blob."""
     h = np.zeros((12, 16))
-    h[2:10, 2:12] = 0.6   # rows 2..9, cols 2..11  -> box (2, 2, 12, 10)
-    h[4:8, 4:9] = 0.8     # rows 4..7, cols 4..8   -> box (4, 4, 9, 8)
-    h[5:6, 6:7] = 1.0     # the peak               -> box (6, 5, 7, 6)
+    h[2:10, 2:12] = 0.6  # rows 2..9, cols 2..11  -> box (2, 2, 12, 10)
+    h[4:8, 4:9] = 0.8  # rows 4..7, cols 4..8   -> box (4, 4, 9, 8)
+    h[5:6, 6:7] = 1.0  # the peak               -> box (6, 5, 7, 6)
     h[1:3, 13:15] = 0.75  # separate blob: never the peak's component
     return h
 
@@ -57,7 +66,9 @@ def test_batched_boxes_on_hand_made_maps(grow):
     flat = np.zeros((12, 16))
     flat[3:6, 4:9] = 1.0
     empty = np.zeros((12, 16))
-    (nested, nested_scores), (one, one_score), (none, _) = batched_as_lists(np.stack([nested_blob(), flat, empty]), grow)
+    (nested, nested_scores), (one, one_score), (none, _) = batched_as_lists(
+        np.stack([nested_blob(), flat, empty]), grow
+    )
     assert nested == [[6, 5, 7, 6], [4, 4, 9, 8], [2, 2, 12, 10]]
     assert nested_scores == pytest.approx([1.0, 0.81, 0.6525])
     assert one == [[4, 3, 9, 6]] and one_score == pytest.approx([1.0])
@@ -181,6 +192,35 @@ def test_rules_are_named_and_round_trip():
         BoxRule(size="fixed")
 
 
+def test_a_rules_name_holds_everything_that_changes_its_boxes_and_a_name_is_listed_once():
+    """Rules that differ in any setting differ in name, so that tuning.json's names say which
+    boxes were chosen; a list with one name twice is refused."""
+    sweep = SWEEP_THRESHOLDS  # an ``every`` rule's default
+    variants = [
+        BoxRule("every", sweep),
+        BoxRule("every", sweep, nms_iou=0.3),
+        BoxRule("every", sweep, limit=5),
+        BoxRule("every", (0.5, 0.9)),  # not a tail of the sweep
+        BoxRule("every", sweep[3:]),  # a tail: the sweep from 0.5
+        BoxRule("every"),  # the dataclass's thresholds (0.5, 0.7, 0.9): was also "every-mean-from-0.5"
+        BoxRule("every", sweep, size="prior"),
+        BoxRule("every", sweep, size="prior", nms_iou=0.3, limit=1),
+    ]
+    names = [rule.name for rule in variants]
+    assert names[:6] == [
+        "every-mean",
+        "every-mean-nms-0.3",
+        "every-mean-top-5",
+        "every-mean-at-0.5-0.9",
+        "every-mean-from-0.5",
+        "every-mean-at-0.5-0.7-0.9",
+    ]
+    assert names[-1] == "every-mean-prior-nms-0.3-top-1"
+    assert len(set(names)) == len(names) and set(rules_by_name(tuple(variants))) == set(names)
+    with pytest.raises(ValueError, match="box rule 'every-mean-nms-0.3' is listed twice"):
+        rules_by_name((*variants, BoxRule("every", sweep, nms_iou=0.3)))
+
+
 def test_components_carry_their_heatmap_weighted_centres():
     """Blob A is symmetric about (x 6, y 5) at every cut (its ring spans columns 2-9 and rows 2-7,
     its core columns 4-7 and rows 4-5); blob B, flat, spans columns 20-27 and rows 12-17."""
@@ -202,7 +242,9 @@ def test_prior_rules_box_the_findings_size_at_each_centroid():
     np.testing.assert_allclose(source, [[6, 7, 18, 13], [42, 27, 54, 33]])
     np.testing.assert_allclose([found.mean, found.peak], [[1.0, 0.8], [1.0, 0.8]])
     paper_sized = rule_by_name("peak-mean-prior")
-    np.testing.assert_allclose(paper_sized.in_source(paper_sized.boxes(_two_blobs()), 30, letterbox, (0.2, 0.1))[1], [[6, 7, 18, 13]])
+    np.testing.assert_allclose(
+        paper_sized.in_source(paper_sized.boxes(_two_blobs()), 30, letterbox, (0.2, 0.1))[1], [[6, 7, 18, 13]]
+    )
     _, clipped = rule.in_source(rule.boxes(_two_blobs()), 30, letterbox, (0.5, 0.5))  # 30 x 30 at (12, 10)
     np.testing.assert_allclose(clipped[0], [0, 0, 27, 25])
     with pytest.raises(ValueError, match="needs the finding's box size"):
@@ -223,7 +265,9 @@ def test_components_are_scikit_images_8_connected_labels_on_random_maps():
 
     rng = np.random.default_rng(5)
     for side in (7, 32, 96):
-        smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 1, 6, 6))), size=side, mode="bilinear")[0, 0].numpy()
+        smooth = torch.nn.functional.interpolate(
+            torch.from_numpy(rng.random((1, 1, 6, 6))), size=side, mode="bilinear"
+        )[0, 0].numpy()
         for mask in (smooth >= 0.5, rng.random((side, side)) > 0.6, np.zeros((side, side), bool)):
             labels, count = label_components(mask)
             theirs, their_count = label(mask, connectivity=2, return_num=True)

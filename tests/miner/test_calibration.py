@@ -7,29 +7,37 @@ import math
 import numpy as np
 import pytest
 
+from cxr_miner.miner.bootstrap import LEVEL, mean_ci, resample_draws
 from cxr_miner.miner.calibration import (
     BoxOutcomes,
     Calibration,
     box_signals,
+    confidence_order,
+    ece_ci,
     fit_calibration,
     hits,
-    confidence_order,
     operating_point,
     pool_reliability,
-    precision_interval,
     pr_curve,
+    precision_interval,
     precision_recall,
+    recalled_pairs,
     reliability,
+    resampled_precision,
     robust_operating_point,
 )
 
 
 def test_a_hit_is_iou_of_at_least_0_3_with_some_true_box():
     truth = np.array([[0, 0, 10, 10], [50, 50, 60, 60]])
-    boxes = np.array([[0, 0, 10, 30],  # IoU 100 / 300 = 0.333
-                      [0, 0, 10, 40],  # 100 / 400 = 0.25
-                      [52, 50, 62, 60],  # 80 / 120 = 0.667 with the second
-                      [20, 20, 30, 30]])
+    boxes = np.array(
+        [
+            [0, 0, 10, 30],  # IoU 100 / 300 = 0.333
+            [0, 0, 10, 40],  # 100 / 400 = 0.25
+            [52, 50, 62, 60],  # 80 / 120 = 0.667 with the second
+            [20, 20, 30, 30],
+        ]
+    )
     assert hits(boxes, truth).tolist() == [True, False, True, False]
 
 
@@ -47,7 +55,11 @@ def test_box_signals_and_outcomes():
 
 def test_reliability_diagram_and_ece_by_hand():
     result = reliability(np.array([0.05, 0.15, 0.15, 0.95]), np.array([0, 1, 0, 1], dtype=bool))
-    assert [(b["low"], b["boxes"], b["hit_rate"]) for b in result["bins"]] == [(0.0, 1, 0.0), (0.1, 2, 0.5), (0.9, 1, 1.0)]
+    assert [(b["low"], b["boxes"], b["hit_rate"]) for b in result["bins"]] == [
+        (0.0, 1, 0.0),
+        (0.1, 2, 0.5),
+        (0.9, 1, 1.0),
+    ]
     # 1/4 |0.05 - 0| + 2/4 |0.15 - 0.5| + 1/4 |0.95 - 1| = 0.0125 + 0.175 + 0.0125
     assert result["ece"] == pytest.approx(0.2)
     assert reliability(np.array([1.0]), np.array([True]))["bins"][0]["low"] == 0.9  # 1.0 falls in the last bin
@@ -85,16 +97,42 @@ def test_the_robust_operating_point_holds_the_target_on_resamples_of_the_pairs()
     confidence = np.linspace(0.99, 0.6, 40)
     hit = np.array([True] * 18 + [False] * 2 + [True] * 4 + [False] * 16)
     pair = np.arange(40)
+
+    def one_sided(at: float) -> float:  # the LEVEL quantile of the precision at ``at`` over resamples
+        return float(np.quantile(resampled_precision(confidence, hit, pair, resample_draws(40), np.array([at])), LEVEL))
+
     loose = operating_point(confidence, hit, 0.5)
     robust = robust_operating_point(confidence, hit, pair, 40, 0.5)
-    assert loose == confidence[-1] and precision_interval(confidence, hit, pair, 40, loose)[0] < 0.45
+    assert loose == confidence[-1] and one_sided(loose) < 0.45
     taken = int((confidence >= robust).sum())
     assert 20 < taken < 40  # fewer boxes, but more than the top 20 (which hold 0.9)
-    low, high = precision_interval(confidence, hit, pair, 40, robust)
-    assert 0.5 <= low <= hit[:taken].mean() <= high
-    assert precision_interval(confidence, hit, pair, 40, confidence[taken])[0] < 0.5  # one box more falls below
+    assert 0.5 <= one_sided(robust) <= hit[:taken].mean()
+    assert one_sided(confidence[taken]) < 0.5  # one box more falls below
+    low, high = precision_interval(confidence, hit, pair, 40, robust)  # the reported 95% CI is wider
+    assert low <= one_sided(robust) and hit[:taken].mean() <= high
     assert robust_operating_point(confidence, np.zeros(40, dtype=bool), pair, 40, 0.5) is None
     assert robust_operating_point(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=int), 0) is None
+
+
+def test_the_reported_intervals_are_the_2_5_and_97_5_percentiles_of_1000_seeded_resamples():
+    """Precision, recall and ECE: each 95% CI equals the percentiles of the figure recomputed from
+    scratch (precision_recall, reliability) on 1,000 resamples of the pairs drawn with seed 0."""
+    rng = np.random.default_rng(3)
+    pair = np.repeat(np.arange(30), 2)  # 30 pairs, two boxes each
+    confidence, hit = rng.uniform(0, 1, 60), rng.uniform(0, 1, 60) < 0.4
+    draws = np.random.default_rng(0).integers(0, 30, size=(1000, 30))
+    precision, recall, ece = [], [], []
+    for draw in draws:
+        boxes = np.concatenate([np.flatnonzero(pair == p) for p in draw])
+        renumbered = np.repeat(np.arange(30), 2)  # each drawn pair counts as a pair of its own
+        figures = precision_recall(confidence[boxes], hit[boxes], renumbered, 30, 0.5)
+        precision.append(figures["precision"])
+        recall.append(figures["recall"])
+        ece.append(reliability(confidence[boxes], hit[boxes])["ece"])
+    expected = {k: np.quantile(v, [0.025, 0.975]) for k, v in (("p", precision), ("r", recall), ("e", ece))}
+    assert np.allclose(precision_interval(confidence, hit, pair, 30, 0.5), expected["p"])
+    assert np.allclose(mean_ci(recalled_pairs(confidence, hit, pair, 30, 0.5)), expected["r"])
+    assert np.allclose(ece_ci(confidence, hit, pair, 30), expected["e"])
 
 
 def test_confidence_order_ranks_highest_first_and_keeps_the_rules_order_on_ties():
@@ -119,9 +157,19 @@ def test_rank_one_by_confidence_can_be_right_where_the_rules_rank_one_is_wrong()
 
 def test_precision_recall_counts_pairs_once():
     confidence, hit, pair = np.array([0.9, 0.8, 0.3]), np.array([1, 1, 0], dtype=bool), np.array([0, 0, 1])
-    assert precision_recall(confidence, hit, pair, pairs=4, at=0.5) == {"boxes": 2, "precision": 1.0, "recall": 0.25, "afp": 0.0}
+    assert precision_recall(confidence, hit, pair, pairs=4, at=0.5) == {
+        "boxes": 2,
+        "precision": 1.0,
+        "recall": 0.25,
+        "afp": 0.0,
+    }
     # at 0.3 the miss of pair 1 is taken too: 1 false positive over 4 pairs
-    assert precision_recall(confidence, hit, pair, pairs=4, at=0.3) == {"boxes": 3, "precision": 2 / 3, "recall": 0.25, "afp": 0.25}
+    assert precision_recall(confidence, hit, pair, pairs=4, at=0.3) == {
+        "boxes": 3,
+        "precision": 2 / 3,
+        "recall": 0.25,
+        "afp": 0.25,
+    }
     assert math.isnan(precision_recall(confidence, hit, pair, pairs=4, at=0.95)["precision"])
     curve = pr_curve(confidence, hit, pair, pairs=4)
     assert [(p["confidence"], p["boxes"]) for p in curve] == [(0.9, 1), (0.8, 2), (0.3, 3)]

@@ -7,7 +7,8 @@ import torch
 
 from cxr_miner.miner.checkpoint import load_model_arrays, model_arrays, restore_training_state, training_state
 from cxr_miner.miner.models import ModelConfig, create_model
-from cxr_miner.storage.stages.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
+from cxr_miner.storage.stages.checkpoints import CheckpointError, read_checkpoint, read_weights_file, write_checkpoint
+from cxr_miner.storage.vocab.errors import InputError
 
 
 def step(model, optimizer, scheduler):
@@ -52,6 +53,8 @@ def test_bad_files_are_named(tmp_path):
         read_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         read_checkpoint(tmp_path / "missing.safetensors")
+    with pytest.raises(InputError, match=r"broken.safetensors: not a safetensors weights file"):
+        read_weights_file(bad)  # a user's pretrained weights (--weights); was a TypeError, found by mypy
     other = create_model(ModelConfig(name="baseline", trunk="resnet18"))
     write_checkpoint(tmp_path / "msa.safetensors", model_arrays(fresh()[0]), {})
     with pytest.raises(ValueError, match="does not fit the model"):

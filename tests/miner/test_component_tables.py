@@ -45,21 +45,40 @@ def reference_table(k: int, thresholds: tuple[float, ...]) -> ComponentTable:
         labels, count = label_components(heatmap >= threshold)
         if count == 0:
             continue
-        boxes = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels)], dtype=np.float64)
+        boxes = np.array(
+            [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels)], dtype=np.float64
+        )
         x0, y0, x1, y1 = (boxes[:, i].astype(int) for i in range(4))
         area = (x1 - x0) * (y1 - y0)
         sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
         index = np.arange(1, count + 1)
-        centre = np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
+        centre = (
+            np.asarray(ndimage.center_of_mass(heatmap, labels, index), dtype=np.float64).reshape(-1, 2)[:, ::-1] + 0.5
+        )
         means = np.asarray(ndimage.mean(heatmap, labels, index), dtype=np.float64).reshape(-1)
-        for column, values in zip(columns, (boxes, np.full(count, threshold), np.asarray(ndimage.maximum(heatmap, labels, index)),
-                                            sums / area, area / heatmap.size, centre, means, index == labels[argmax])):
+        for column, values in zip(
+            columns,
+            (
+                boxes,
+                np.full(count, threshold),
+                np.asarray(ndimage.maximum(heatmap, labels, index)),
+                sums / area,
+                area / heatmap.size,
+                centre,
+                means,
+                index == labels[argmax],
+            ),
+        ):
             column.append(values)
     if not columns[0]:
         empty = np.zeros(0)
-        return ComponentTable(Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2)), empty), np.zeros(0, bool))
+        return ComponentTable(
+            Candidates(np.zeros((0, 4)), empty, empty, empty, empty, empty, np.zeros((0, 2)), empty), np.zeros(0, bool)
+        )
     boxes, threshold, peak, mean, area, centre, inside, holds_max = (np.concatenate(c) for c in columns)
-    return ComponentTable(Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre, inside), holds_max)
+    return ComponentTable(
+        Candidates(boxes, np.zeros(len(boxes)), threshold, peak, mean, area, centre, inside), holds_max
+    )
 
 
 def blob_maps(count: int, side: int, size: int, seed: int) -> list[np.ndarray]:
@@ -84,8 +103,15 @@ def special_maps() -> list[np.ndarray]:
     ties[1:4, 1:4], ties[5:8, 5:8], ties[2, 2] = 0.5, 0.7, 1.0  # a plateau exactly at a threshold
     two_maxima = np.zeros((8, 8))
     two_maxima[1, 1] = two_maxima[6, 6] = 1.0  # np.argmax picks the first
-    return [plateaus, ties, two_maxima, np.full((10, 10), 0.6), np.zeros((6, 6)), np.full((5, 5), 0.3),
-            np.random.default_rng(7).random((40, 40))]
+    return [
+        plateaus,
+        ties,
+        two_maxima,
+        np.full((10, 10), 0.6),
+        np.zeros((6, 6)),
+        np.full((5, 5), 0.3),
+        np.random.default_rng(7).random((40, 40)),
+    ]
 
 
 MAPS = [*blob_maps(12, 16, 128, seed=0), *blob_maps(4, 16, 512, seed=1), *blob_maps(6, 8, 64, seed=2), *special_maps()]
@@ -115,7 +141,9 @@ def test_every_rule_gives_the_references_boxes():
         for k, heatmap in enumerate(MAPS):
             got, want = rule.boxes(heatmap), rule.apply(reference_table(k, rule.thresholds))
             for name, a, b in zip(Candidates._fields, got, want):
-                if name in ("centre", "inside") and not (rule.size == "prior" if name == "centre" else rule.rank_by == "patches"):
+                if name in ("centre", "inside") and not (
+                    rule.size == "prior" if name == "centre" else rule.rank_by == "patches"
+                ):
                     continue  # not computed for a rule that does not use it
                 assert np.array_equal(a, b, equal_nan=True), f"{rule.name} {name}: {a} != {b}"
 
@@ -133,4 +161,6 @@ def test_box_sums_are_the_integral_images_to_the_bit(dtype):
         y0, x0 = np.minimum(y0, y1 - 1), np.minimum(x0, x1 - 1)
         assert np.array_equal(box_sums(heatmap, x0, y0, x1, y1), integral_sums(integral_image(heatmap), x0, y0, x1, y1))
         direct = [heatmap[a:b, c:d].astype(np.float64).sum() for a, b, c, d in zip(y0, y1, x0, x1)]
-        assert np.allclose(box_sums(heatmap, x0, y0, x1, y1), direct, atol=1e-6 * heatmap.size)  # float32 prefix sums' error
+        assert np.allclose(
+            box_sums(heatmap, x0, y0, x1, y1), direct, atol=1e-6 * heatmap.size
+        )  # float32 prefix sums' error

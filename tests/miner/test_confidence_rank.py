@@ -75,7 +75,10 @@ def test_prior_rules_rank_nested_centroids_by_mean_or_by_mass():
     values = heatmap()
     ys, xs = np.mgrid[0:64, 0:64] + 0.5
     plateau = values >= 0.5
-    centre = [float((values * xs)[plateau].sum() / values[plateau].sum()), float((values * ys)[plateau].sum() / values[plateau].sum())]
+    centre = [
+        float((values * xs)[plateau].sum() / values[plateau].sum()),
+        float((values * ys)[plateau].sum() / values[plateau].sum()),
+    ]
     letterbox = Letterbox.fit(64, 64, 64)
     for name, first in (("peak-mean-prior", [22.0, 22.0]), ("peak-mass-prior", centre)):
         rule = rule_by_name(name)

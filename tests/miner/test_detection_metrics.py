@@ -9,7 +9,10 @@ import pytest
 from cxr_miner.miner.detection_metrics import detection_figures
 
 SIZES = {"a": (100, 100), "b": (100, 100)}
-TRUTH = {"a": [("Nodule", [0.0, 0.0, 10.0, 10.0])], "b": [("Nodule", [0.0, 0.0, 10.0, 10.0]), ("Mass", [50.0, 50.0, 90.0, 90.0])]}
+TRUTH = {
+    "a": [("Nodule", [0.0, 0.0, 10.0, 10.0])],
+    "b": [("Nodule", [0.0, 0.0, 10.0, 10.0]), ("Mass", [50.0, 50.0, 90.0, 90.0])],
+}
 
 
 def det(image: str, box: list[float], score: float, finding: str = "Nodule") -> dict:

@@ -25,7 +25,9 @@ def test_padded_targets_round_trip_and_background_images_stay_empty():
     boxes, labels = pad_targets([[(3, [1.0, 2.0, 3.0, 4.0]), (14, [5.0, 6.0, 7.0, 8.0])], []])
     assert boxes.shape == (2, 2, 4) and labels.tolist() == [[3, 14], [0, 0]]
     targets = unpad_targets(boxes, labels)
-    assert targets[0]["boxes"].tolist() == [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]] and targets[0]["labels"].tolist() == [3, 14]
+    assert targets[0]["boxes"].tolist() == [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]] and targets[0][
+        "labels"
+    ].tolist() == [3, 14]
     assert targets[1]["boxes"].shape == (0, 4) and targets[1]["labels"].shape == (0,)
 
 
@@ -47,7 +49,9 @@ def test_a_grayscale_detector_trains_a_step_and_detects_in_input_pixels():
     assert not model.training
 
 
-@pytest.mark.parametrize("name, classifier", [("fasterrcnn-mobilenet", mobilenet_v3_large), ("fasterrcnn-resnet50", None)])
+@pytest.mark.parametrize(
+    "name, classifier", [("fasterrcnn-mobilenet", mobilenet_v3_large), ("fasterrcnn-resnet50", None)]
+)
 def test_trunk_weights_load_into_the_body_and_the_stem_is_their_rgb_sum(name, classifier):
     from torchvision.models import resnet50
 
@@ -72,7 +76,9 @@ def test_the_warm_up_rises_linearly_to_the_cosine_schedule():
     from cxr_miner.miner.training import TrainConfig, make_optimizer
 
     model = torch.nn.Linear(2, 1)
-    optimizer, scheduler = make_optimizer(model, TrainConfig(optimizer="sgd"), lr=0.1, epochs=2, steps_per_epoch=10, warmup_steps=4)
+    optimizer, scheduler = make_optimizer(
+        model, TrainConfig(optimizer="sgd"), lr=0.1, epochs=2, steps_per_epoch=10, warmup_steps=4
+    )
     rates = []
     for _ in range(20):
         rates.append(optimizer.param_groups[0]["lr"])

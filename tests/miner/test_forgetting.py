@@ -10,9 +10,11 @@ from cxr_miner.miner.forgetting import forgetting_report
 
 
 def test_a_drop_of_more_than_the_tolerance_is_named_per_step():
-    aucs = {"step1": {"Mass": 0.91, "Nodule": 0.80, "Hernia": math.nan},
-            "step2": {"Mass": 0.79, "Nodule": 0.79, "Hernia": 0.6},
-            "step3": {"Mass": 0.90, "Nodule": 0.77, "Hernia": None}}
+    aucs = {
+        "step1": {"Mass": 0.91, "Nodule": 0.80, "Hernia": math.nan},
+        "step2": {"Mass": 0.79, "Nodule": 0.79, "Hernia": 0.6},
+        "step3": {"Mass": 0.90, "Nodule": 0.77, "Hernia": None},
+    }
     report = forgetting_report(aucs)
     assert report["steps"]["step2"]["changes"]["Mass"] == {"step1": 0.91, "now": 0.79, "change": pytest.approx(-0.12)}
     assert report["steps"]["step2"]["forgotten"] == ["Mass"]  # Nodule: -0.01, within 0.02
@@ -43,7 +45,7 @@ def test_the_change_interval_is_paired_over_the_same_draws_by_hand():
     labels = np.array([[1], [1], [0], [0]], dtype=bool)
     step1, step_t = np.array([[0.9], [0.8], [0.1], [0.2]]), np.array([[0.9], [0.1], [0.8], [0.2]])
     draws = np.array([[0, 1, 2, 3], [0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 1]])
-    (low, high), = change_intervals(step1, step_t, labels, ["Mass"], draws).values()
+    ((low, high),) = change_intervals(step1, step_t, labels, ["Mass"], draws).values()
     assert (low, high) == (pytest.approx(-0.95), pytest.approx(-0.05))
     assert change_intervals(step1, step1, labels, ["Mass"], draws) == {"Mass": [0.0, 0.0]}
 

@@ -17,11 +17,11 @@ GT = [[0, 0, 10, 10]]
     "box, iou, ior",
     [
         ([0, 0, 10, 10], 1.0, 1.0),
-        ([5, 0, 15, 10], 50 / 150, 0.5),      # half overlaps: inter 50, union 150, own area 100
-        ([2, 2, 4, 4], 4 / 100, 1.0),         # inside the truth: IoR 1, IoU 0.04
-        ([0, 0, 20, 20], 100 / 400, 0.25),    # contains the truth
-        ([20, 20, 30, 30], 0.0, 0.0),         # disjoint
-        ([10, 0, 20, 10], 0.0, 0.0),          # touching edge: no area in common
+        ([5, 0, 15, 10], 50 / 150, 0.5),  # half overlaps: inter 50, union 150, own area 100
+        ([2, 2, 4, 4], 4 / 100, 1.0),  # inside the truth: IoR 1, IoU 0.04
+        ([0, 0, 20, 20], 100 / 400, 0.25),  # contains the truth
+        ([20, 20, 30, 30], 0.0, 0.0),  # disjoint
+        ([10, 0, 20, 10], 0.0, 0.0),  # touching edge: no area in common
     ],
 )
 def test_overlaps_by_hand(box, iou, ior):
@@ -33,7 +33,9 @@ def test_best_overlap_takes_the_best_truth_and_handles_empty():
     truth = [[0, 0, 10, 10], [20, 0, 30, 10]]
     assert best_overlap([[20, 0, 30, 10], [40, 40, 50, 50]], truth, "iou").tolist() == [1.0, 0.0]
     assert best_overlap(np.zeros((0, 4)), truth, "iou").shape == (0,)
-    assert box_ior(torch.tensor([[1.0, 1.0, 1.0, 5.0]], dtype=torch.float64), torch.tensor([[0.0, 0, 9, 9]], dtype=torch.float64)).tolist() == [[0.0]]
+    assert box_ior(
+        torch.tensor([[1.0, 1.0, 1.0, 5.0]], dtype=torch.float64), torch.tensor([[0.0, 0, 9, 9]], dtype=torch.float64)
+    ).tolist() == [[0.0]]
     with pytest.raises(ValueError, match="xyxy"):
         best_overlap([[5, 5, 1, 1]], truth, "iou")
 
@@ -41,16 +43,24 @@ def test_best_overlap_takes_the_best_truth_and_handles_empty():
 def test_acc_and_afp_by_hand():
     evaluator = LocalizationEvaluator(iou_thresholds=(0.1, 0.5), ior_thresholds=(0.5,))
     evaluator.accumulate("Mass", [[0, 0, 10, 10], [50, 50, 60, 60]], GT)  # IoU 1.0 and 0.0
-    evaluator.accumulate("Mass", [[5, 0, 15, 10]], GT)                    # IoU 1/3, IoR 0.5
-    evaluator.accumulate("Mass", np.zeros((0, 4)), GT)                    # nothing predicted
+    evaluator.accumulate("Mass", [[5, 0, 15, 10]], GT)  # IoU 1/3, IoR 0.5
+    evaluator.accumulate("Mass", np.zeros((0, 4)), GT)  # nothing predicted
     table = evaluator.compute()["Mass"]
     assert table["images"] == 3
+
+    def acc_afp(cell: dict) -> dict:
+        return {k: cell[k] for k in ("acc", "afp")}
+
     # T = 0.1: hits in images 1 and 2, one false positive (image 1's second box)
-    assert table["iou"][0.1] == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(1 / 3)}
+    assert acc_afp(table["iou"][0.1]) == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(1 / 3)}
     # T = 0.5: only image 1 hits; false positives: image 1's second box and image 2's box
-    assert table["iou"][0.5] == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(2 / 3)}
+    assert acc_afp(table["iou"][0.5]) == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(2 / 3)}
     # IoR > 0.5: image 2's IoR is exactly 0.5, not a hit
-    assert table["ior"][0.5] == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(2 / 3)}
+    assert acc_afp(table["ior"][0.5]) == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(2 / 3)}
+    # Acc's 95% CI: the 2.5 and 97.5 percentiles of Acc on 1,000 resamples of the 3 images (seed 0)
+    draws = np.random.default_rng(0).integers(0, 3, size=(1000, 3))
+    resampled = np.array([1.0, 1.0, 0.0])[draws].mean(axis=1)
+    assert table["iou"][0.1]["acc_ci"] == pytest.approx(np.quantile(resampled, [0.025, 0.975]).tolist())
     empty = evaluator.compute()["Nodule"]
     assert empty["images"] == 0 and math.isnan(empty["iou"][0.1]["acc"])
 
@@ -69,9 +79,21 @@ def test_select_until_afp_takes_ranks_across_images():
     evaluator.accumulate("Mass", [[0, 0, 10, 10], [50, 50, 60, 60]], GT)
     evaluator.accumulate("Mass", [[50, 50, 60, 60]], GT)
     # order: A1 (fp), B1 (hit), C1 (fp), A2 (hit), B2 (fp)
-    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=0.34) == {"acc": pytest.approx(1 / 3), "afp": pytest.approx(1 / 3), "boxes": 2}
-    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=2 / 3) == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(2 / 3), "boxes": 4}
-    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=1.0) == {"acc": pytest.approx(2 / 3), "afp": pytest.approx(1.0), "boxes": 5}
+    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=0.34) == {
+        "acc": pytest.approx(1 / 3),
+        "afp": pytest.approx(1 / 3),
+        "boxes": 2,
+    }
+    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=2 / 3) == {
+        "acc": pytest.approx(2 / 3),
+        "afp": pytest.approx(2 / 3),
+        "boxes": 4,
+    }
+    assert evaluator.select_until_afp("Mass", 0.5, afp_bound=1.0) == {
+        "acc": pytest.approx(2 / 3),
+        "afp": pytest.approx(1.0),
+        "boxes": 5,
+    }
     assert math.isnan(evaluator.select_until_afp("Nodule", 0.5, 1.0)["acc"])
 
 
@@ -160,8 +182,15 @@ def test_max_box_acc_is_the_per_threshold_definition_on_random_maps():
     rng = np.random.default_rng(3)
     accumulator, hits = MaxBoxAccumulator(), np.zeros((len(MAXBOXACC_THRESHOLDS), len(MAXBOXACC_IOUS)))
     for _ in range(6):
-        heatmap = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 1, 5, 5))), size=40, mode="bilinear")[0, 0].numpy()
-        truth = np.sort(rng.integers(0, 40, (2, 2, 2)), axis=1).transpose(0, 2, 1).reshape(2, 4)[:, [0, 2, 1, 3]] + [0, 0, 1, 1]
+        heatmap = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 1, 5, 5))), size=40, mode="bilinear")[
+            0, 0
+        ].numpy()
+        truth = np.sort(rng.integers(0, 40, (2, 2, 2)), axis=1).transpose(0, 2, 1).reshape(2, 4)[:, [0, 2, 1, 3]] + [
+            0,
+            0,
+            1,
+            1,
+        ]
         accumulator.accumulate("Nodule", heatmap, truth)
         normalised = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min())
         for i, tau in enumerate(MAXBOXACC_THRESHOLDS):
@@ -172,4 +201,6 @@ def test_max_box_acc_is_the_per_threshold_definition_on_random_maps():
     ours = accumulator.compute()["Nodule"]
     accuracy = hits / 6
     assert ours["max_box_acc_v2"] == pytest.approx(accuracy.max(axis=0).mean())
-    assert [ours["per_iou"][d]["threshold"] for d in MAXBOXACC_IOUS] == [MAXBOXACC_THRESHOLDS[k] for k in accuracy.argmax(axis=0)]
+    assert [ours["per_iou"][d]["threshold"] for d in MAXBOXACC_IOUS] == [
+        MAXBOXACC_THRESHOLDS[k] for k in accuracy.argmax(axis=0)
+    ]

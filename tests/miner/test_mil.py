@@ -92,14 +92,17 @@ def test_eq4_by_hand():
     assert float(mil_loss(z, labels, positive, boxed)) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("box, cells", [
-    ([16, 16, 32, 32], [(1, 1)]),  # exactly one patch: its edges touch the neighbours, no overlap
-    ([20, 21, 24, 25], [(1, 1)]),  # inside one patch
-    ([15, 16, 32, 32], [(1, 0), (1, 1)]),  # one pixel into the left neighbour: partial overlap counts
-    ([60, 60, 64, 64], [(3, 3)]),  # the grid's corner
-    ([50, 0, 90, 8], [(0, 3)]),  # past the image: clipped
-    ([30, 30, 30, 40], []),  # no width
-])
+@pytest.mark.parametrize(
+    "box, cells",
+    [
+        ([16, 16, 32, 32], [(1, 1)]),  # exactly one patch: its edges touch the neighbours, no overlap
+        ([20, 21, 24, 25], [(1, 1)]),  # inside one patch
+        ([15, 16, 32, 32], [(1, 0), (1, 1)]),  # one pixel into the left neighbour: partial overlap counts
+        ([60, 60, 64, 64], [(3, 3)]),  # the grid's corner
+        ([50, 0, 90, 8], [(0, 3)]),  # past the image: clipped
+        ([30, 30, 30, 40], []),  # no width
+    ],
+)
 def test_box_to_patches(box, cells):
     mask = box_patches(np.array([box]), 4, 64)  # patches of 16 px
     assert sorted(zip(*np.nonzero(mask))) == cells

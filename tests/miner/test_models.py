@@ -53,7 +53,9 @@ def test_normalize_input_refuses_colour_images():
     assert normalize_input(torch.full((1, 4, 4), 255, dtype=torch.uint8)).shape == (1, 1, 4, 4)
 
 
-@pytest.mark.parametrize("trunk, channels", [("resnet10", (128, 256)), ("resnet18", (128, 256)), ("resnet50", (512, 1024))])
+@pytest.mark.parametrize(
+    "trunk, channels", [("resnet10", (128, 256)), ("resnet18", (128, 256)), ("resnet50", (512, 1024))]
+)
 def test_three_stages_halve_the_stride(trunk, channels):
     """stages = 3 drops ResNet's last stage: MSA joins layer2 and layer3, X at stride 8."""
     model = create_model(ModelConfig(name="msa", trunk=trunk, stages=3)).eval()

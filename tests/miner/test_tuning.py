@@ -32,8 +32,12 @@ def _outcomes(hits_by_pair: list[list[bool]]) -> BoxOutcomes:
 
 def test_a_winning_prior_rule_is_recorded_with_the_findings_box_size():
     """Box-val: the paper's rule hits 1 pair of 4, peak-mean-prior 4 of 4; the size goes with it."""
-    val = {"cam": {PAPER_RULE.name: {"Nodule": _outcomes([[True], [False], [False], [False]])},
-                   "peak-mean-prior": {"Nodule": _outcomes([[True]] * 4)}}}
+    val = {
+        "cam": {
+            PAPER_RULE.name: {"Nodule": _outcomes([[True], [False], [False], [False]])},
+            "peak-mean-prior": {"Nodule": _outcomes([[True]] * 4)},
+        }
+    }
     test = {"cam": {"peak-mean-prior": {"Nodule": _outcomes([[True], [False]])}}}
     tuning = tune(val, test, ["cam"], ["Nodule", "Mass"], box_sizes={"Nodule": (0.1, 0.2)})
     nodule, mass = (tuning["findings"][f]["candidates"]["cam"] for f in ("Nodule", "Mass"))
@@ -61,9 +65,14 @@ def test_the_baseline_is_kept_unless_beaten_beyond_box_vals_noise():
     within the noise); AM t = 2 by the paper's rule 18 (beyond it). Box-test: the released AM t = 2
     hits 7 of 8 pairs, the baseline 3 of 8."""
     base, near, far = "1" * 10 + "0" * 10, "1" * 12 + "0" * 8, "1" * 18 + "00"
-    val = {"cam": {PAPER_RULE.name: {"Mass": _hits(base)}, "every-mean": {"Mass": _hits(near)}},
-           "am-t2": {PAPER_RULE.name: {"Mass": _hits(far)}}}
-    test = {"cam": {PAPER_RULE.name: {"Mass": _hits("11100000")}}, "am-t2": {PAPER_RULE.name: {"Mass": _hits("11111110")}}}
+    val = {
+        "cam": {PAPER_RULE.name: {"Mass": _hits(base)}, "every-mean": {"Mass": _hits(near)}},
+        "am-t2": {PAPER_RULE.name: {"Mass": _hits(far)}},
+    }
+    test = {
+        "cam": {PAPER_RULE.name: {"Mass": _hits("11100000")}},
+        "am-t2": {PAPER_RULE.name: {"Mass": _hits("11111110")}},
+    }
     only_cam = tune({"cam": val["cam"]}, test, ["cam"], ["Mass"])["findings"]["Mass"]
     assert (only_cam["method"], only_cam["candidates"]["cam"]["rule"]) == ("cam", PAPER_RULE.name)
     assert 0.5 < only_cam["choice"]["stability"] <= 1  # most resamples keep the baseline too
@@ -84,8 +93,13 @@ def test_a_contest_keeps_its_default_until_the_lead_clears_the_resampled_noise()
     from cxr_miner.miner.bootstrap import Contest, resample_draws
 
     draws = resample_draws(10)
-    scores = {"default": np.array([1.0] * 5 + [0.0] * 5), "level": np.array([1.0] * 5 + [0.0] * 5),
-              "one more": np.array([1.0] * 6 + [0.0] * 4), "all": np.ones(10), "short": np.ones(3)}
+    scores = {
+        "default": np.array([1.0] * 5 + [0.0] * 5),
+        "level": np.array([1.0] * 5 + [0.0] * 5),
+        "one more": np.array([1.0] * 6 + [0.0] * 4),
+        "all": np.ones(10),
+        "short": np.ones(3),
+    }
     contest = Contest(scores, draws)
     assert contest.winner("default", ["level", "one more", "short"]) == "default"
     assert contest.winner("default", ["one more", "all"]) == "all"
@@ -93,3 +107,25 @@ def test_a_contest_keeps_its_default_until_the_lead_clears_the_resampled_noise()
     # quantile of its lead is 0, so its margin is its whole lead
     assert contest.margin("one more", "default") == pytest.approx(contest.point["one more"] - contest.point["default"])
     assert contest.margin("all", "default") < 0.5
+
+
+def test_released_figures_carry_95_percent_cis_from_each_findings_pairs_resampled_apart():
+    """Two findings on box-test (Mass 1 of 4 pairs, Nodule 3 of 5, one box each): a finding's Acc CI
+    is the 2.5 and 97.5 percentiles of its Acc on 1,000 resamples of its pairs (seed 0); the mean's
+    CI resamples each finding apart with those same draws; few pairs are flagged."""
+    val = {"cam": {PAPER_RULE.name: {"Mass": _hits("1100"), "Nodule": _hits("1010")}}}
+    test = {"cam": {PAPER_RULE.name: {"Mass": _hits("1000"), "Nodule": _hits("11010")}}}
+    released = released_figures(chosen_entries(tune(val, test, ["cam"], ["Mass", "Nodule"])))
+    resampled = {
+        f: np.array([c == "1" for c in p], dtype=float)[np.random.default_rng(0).integers(0, len(p), (1000, len(p)))]
+        for f, p in (("Mass", "1000"), ("Nodule", "11010"))
+    }
+    for finding, draws in resampled.items():
+        expected = np.quantile(draws.mean(axis=1), [0.025, 0.975])
+        assert released["findings"][finding]["acc_ci"] == pytest.approx(expected.tolist())
+        assert released["findings"][finding]["few_pairs"]  # under 20 pairs
+    mean = (resampled["Mass"].mean(axis=1) + resampled["Nodule"].mean(axis=1)) / 2
+    assert released["mean_acc"] == pytest.approx((0.25 + 0.6) / 2)
+    assert released["mean_acc_ci"] == pytest.approx(np.quantile(mean, [0.025, 0.975]).tolist())
+    low, high = released["calibration"]["ece_ci"]
+    assert low <= released["calibration"]["ece"] <= high

@@ -14,7 +14,13 @@ from cxr_miner.storage.vocab.errors import InputError
 
 
 def test_undefined_figures_are_written_as_null_and_nothing_else_changes(tmp_path):
-    data = {"acc": math.nan, "afp": 0.25, "best": -math.inf, "rows": [(1, np.float32(0.5)), [np.float64("nan")]], "run": None}
+    data = {
+        "acc": math.nan,
+        "afp": 0.25,
+        "best": -math.inf,
+        "rows": [(1, np.float32(0.5)), [np.float64("nan")]],
+        "run": None,
+    }
     write_json(tmp_path / "a.json", data)
     text = (tmp_path / "a.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
@@ -37,5 +43,7 @@ def test_a_full_disk_names_the_folder_it_could_not_write_into(tmp_path, code):
         with atomic_path(target) as tmp:
             tmp.write_bytes(b"partial")
             raise OSError(code, "No space left on device")  # what a failing write() raises: no file name
-    assert failed.value.errno == code and f"could not write train-00000.parquet into {target.parent}" in str(failed.value)
+    assert failed.value.errno == code and f"could not write train-00000.parquet into {target.parent}" in str(
+        failed.value
+    )
     assert list(target.parent.iterdir()) == []  # the partial file is gone

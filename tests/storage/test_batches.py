@@ -20,9 +20,19 @@ def shards(request, tmp_path_factory):
     for i in range(23):
         name = f"{i:08d}_000.png"
         Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(tmp / name)
-        rows.append({"image_id": name, "patient_id": str(i), "split": "train", "source_path": name,
-                     "findings": ["Mass"] if i % 5 == 0 else [], "has_box": i % 5 == 0, "view_position": "PA",
-                     "age": 40, "sex": "M"})
+        rows.append(
+            {
+                "image_id": name,
+                "patient_id": str(i),
+                "split": "train",
+                "source_path": name,
+                "findings": ["Mass"] if i % 5 == 0 else [],
+                "has_box": i % 5 == 0,
+                "view_position": "PA",
+                "age": 40,
+                "sex": "M",
+            }
+        )
     settings = ShardSettings(size=32, encoding=request.param, row_group_size=4)
     specs = plan_shards(rows, shard_size=10)  # shards of 10, 10, 3 images; row groups of 4
     return [build_shard(spec, tmp, tmp / "shards", settings).path for spec in specs]
@@ -46,7 +56,10 @@ def test_decoded_pixels_and_labels_match_a_row_by_row_decode(shards):
     for path in shards:
         for row in pq.read_table(path, columns=["image_id", "image", "labels", "size"]).to_pylist():
             encoding = pq.read_schema(path).metadata[b"cxr_miner.encoding"].decode()
-            expected[row["image_id"]] = (decode_image(row["image"], row["size"], encoding), np.array(row["labels"], dtype=bool))
+            expected[row["image_id"]] = (
+                decode_image(row["image"], row["size"], encoding),
+                np.array(row["labels"], dtype=bool),
+            )
     for group in list_row_groups(shards):
         batch = read_row_group(group)
         for i, image_id in enumerate(batch.meta["image_id"]):
@@ -57,7 +70,11 @@ def test_decoded_pixels_and_labels_match_a_row_by_row_decode(shards):
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_each_epoch_covers_every_image_once(shards, parts):
     groups = list_row_groups(shards)
-    seen = [i for part in range(parts) for i in ids(batch_stream(groups, 5, shuffle=True, seed=1, epoch=2, part=part, parts=parts))]
+    seen = [
+        i
+        for part in range(parts)
+        for i in ids(batch_stream(groups, 5, shuffle=True, seed=1, epoch=2, part=part, parts=parts))
+    ]
     assert sorted(seen) == sorted(f"{i:08d}_000.png" for i in range(23))
 
 

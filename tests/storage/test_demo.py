@@ -15,7 +15,11 @@ from cxr_miner.storage.vocab.findings import BOXED_FINDINGS
 
 
 def _digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,11 @@ def demo(tmp_path_factory):
 def test_layout_and_headers(demo):
     lines = (demo / "Data_Entry_2017_v2020.csv").read_text().splitlines()
     assert lines[0] == DATA_ENTRY_HEADER and len(lines) == 31
-    assert (demo / "BBox_List_2017.csv").read_text().splitlines()[0] == BBOX_HEADER == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    assert (
+        (demo / "BBox_List_2017.csv").read_text().splitlines()[0]
+        == BBOX_HEADER
+        == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    )
     assert len(list((demo / "images_001" / "images").glob("*.png"))) == 30
     rows = read_data_entry(demo / "Data_Entry_2017_v2020.csv")  # parses with the real parser
     boxes = read_bbox_list(demo / "BBox_List_2017.csv")
@@ -52,7 +60,11 @@ def test_corrupt_files_are_planted(demo):
     assert sorted(corrupt.values()) == ["text", "truncated", "zero-bytes"]
     for name, kind in corrupt.items():
         data = (demo / "images_001" / "images" / name).read_bytes()
-        assert {"zero-bytes": data == b"", "text": data.startswith(b"this is not"), "truncated": data[:4] == b"\x89PNG"}[kind]
+        assert {
+            "zero-bytes": data == b"",
+            "text": data.startswith(b"this is not"),
+            "truncated": data[:4] == b"\x89PNG",
+        }[kind]
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(demo, tmp_path):
@@ -78,4 +90,6 @@ def test_finding_is_drawn_inside_its_box(finding):
 def test_truth_lists_every_drawn_finding(demo):
     truth = list(csv.DictReader(open(demo / "demo_truth.csv")))
     rows = read_data_entry(demo / "Data_Entry_2017_v2020.csv")
-    assert sorted((t["image_id"], t["finding"]) for t in truth) == sorted((r.image_id, f) for r in rows for f in r.findings)
+    assert sorted((t["image_id"], t["finding"]) for t in truth) == sorted(
+        (r.image_id, f) for r in rows for f in r.findings
+    )

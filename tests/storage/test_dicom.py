@@ -41,7 +41,9 @@ def test_full_range_without_voi(tmp_path):
 def test_voi_lut_sequence_takes_precedence_over_window(tmp_path):
     # LUT descriptor (entries 4, first mapped 0, 8 bit): stored 0..3 -> 0, 50, 100, 255; beyond -> last
     path = tmp_path / "lut.dcm"
-    write_dicom(path, np.array([[0, 1, 2, 3, 9]], dtype=np.uint16), window=(1, 1), voi_lut=([4, 0, 8], [0, 50, 100, 255]))
+    write_dicom(
+        path, np.array([[0, 1, 2, 3, 9]], dtype=np.uint16), window=(1, 1), voi_lut=([4, 0, 8], [0, 50, 100, 255])
+    )
     assert read_dicom_pixels(path).tolist() == [[0, 50, 100, 255, 255]]
 
 
@@ -50,7 +52,15 @@ def test_signed_16_bit_with_rescale(tmp_path):
     # stored -1000 -> x -2024 -> 0;  stored 424 -> x -600 -> (-600 + 600.5)/1499 + 0.5 = 0.50033 -> 127.59 -> 128
     # stored 1500 -> x 476 -> (476 + 600.5)/1499 + 0.5 = 1.218 -> 255
     path = tmp_path / "signed.dcm"
-    write_dicom(path, np.array([[-1000, 424, 1500]]), bits_stored=16, signed=True, slope=1.0, intercept=-1024.0, window=(-600, 1500))
+    write_dicom(
+        path,
+        np.array([[-1000, 424, 1500]]),
+        bits_stored=16,
+        signed=True,
+        slope=1.0,
+        intercept=-1024.0,
+        window=(-600, 1500),
+    )
     assert read_dicom_pixels(path).tolist() == [[0, 128, 255]]
 
 
@@ -75,7 +85,9 @@ def test_compressed_without_decoder_names_the_plugins(tmp_path, monkeypatch):
     monkeypatch.setattr(dicom, "get_decoder", lambda syntax: Absent())
     path = tmp_path / "jpegls.dcm"
     write_dicom(path, STORED, compressed=True)
-    with pytest.raises(ImageReadError, match=r"no decoder installed for transfer syntax JPEG-LS Lossless.*pylibjpeg-libjpeg"):
+    with pytest.raises(
+        ImageReadError, match=r"no decoder installed for transfer syntax JPEG-LS Lossless.*pylibjpeg-libjpeg"
+    ):
         read_dicom_pixels(path)
 
 
@@ -94,7 +106,9 @@ def test_a_syntax_nobody_decodes_is_quarantined_with_its_name(tmp_path):
 RAMP = (np.add.outer(np.arange(40) * 97, np.arange(56) * 13) % 4096).astype(np.uint16)
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "syntax", [RLELossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless], ids=lambda s: s.name
+)
 def test_lossless_compressed_dicom_decodes_to_the_uncompressed_pixels(tmp_path, syntax):
     plain, packed = tmp_path / "plain.dcm", tmp_path / "packed.dcm"
     write_dicom(plain, RAMP, window=(2048, 4096))
@@ -132,7 +146,9 @@ def test_header(tmp_path):
     assert (header.age, header.sex, header.view_position, header.patient_id) == (90, "M", "AP", "MRN-0042")
 
 
-@pytest.mark.parametrize("text, years", [("057Y", 57), ("018M", 1), ("010D", 0), ("104W", 1), ("095Y", 90), ("", None), ("57", None)])
+@pytest.mark.parametrize(
+    "text, years", [("057Y", 57), ("018M", 1), ("010D", 0), ("104W", 1), ("095Y", 90), ("", None), ("57", None)]
+)
 def test_parse_age(text, years):
     assert parse_age(text) == years
 

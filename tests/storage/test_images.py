@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_miner.storage.inputs.images import ImageReadError, ends_black, png_expected_bytes, read_image, png_size, read_size
+from cxr_miner.storage.inputs.images import (
+    ImageReadError,
+    ends_black,
+    png_expected_bytes,
+    read_image,
+    png_size,
+    read_size,
+)
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 
@@ -28,8 +35,20 @@ def test_box_maps_to_shard_and_back_exactly():
     box = Letterbox.fit(2500, 2048, 512)
     source = np.array([[100.0, 50.0, 300.5, 250.25], [0, 0, 2500, 2048]])
     shard = box.boxes_to_shard(source)
-    assert shard[1].tolist() == pytest.approx([box.offset_x, box.offset_y, box.offset_x + box.content_width, box.offset_y + box.content_height])
+    assert shard[1].tolist() == pytest.approx(
+        [box.offset_x, box.offset_y, box.offset_x + box.content_width, box.offset_y + box.content_height]
+    )
     assert box.boxes_to_source(shard) == pytest.approx(source)
+
+
+def test_boxes_to_a_network_input_and_back_clipped_to_the_source():
+    """200 x 100 source in a 64 square: scale 0.32, content 64 x 32, offset (0, 16); on a 128 px
+    input every shard coordinate doubles. A detection that reaches into the padding comes back
+    clipped to the image; one wholly in the padding comes back with no area."""
+    box = Letterbox.fit(200, 100, 64)
+    np.testing.assert_allclose(box.boxes_to_input([[50, 25, 150, 75]], 128), [[32, 48, 96, 80]])
+    back = box.input_boxes_to_source([[32, 48, 96, 80], [-10, 20, 40, 40], [0, 0, 128, 20]], 128)
+    np.testing.assert_allclose(back, [[50, 25, 150, 75], [0, 0, 62.5, 12.5], [0, 0, 200, 0]])
 
 
 def test_drawn_rectangle_round_trip():
@@ -90,7 +109,12 @@ def test_decompression_bomb_guard_reads_header_only(tmp_path):
 def test_sizes_are_read_from_headers_as_pillow_reads_them(tmp_path):
     """read_size takes a PNG's size from its IHDR bytes, other rasters through Pillow; a file cut
     inside its header, or one that is no image, has none."""
-    for name, size in (("wide.png", (300, 200)), ("tall.png", (7, 1024)), ("photo.jpg", (64, 48)), ("scan.bmp", (33, 21))):
+    for name, size in (
+        ("wide.png", (300, 200)),
+        ("tall.png", (7, 1024)),
+        ("photo.jpg", (64, 48)),
+        ("scan.bmp", (33, 21)),
+    ):
         Image.new("L", size).save(tmp_path / name)
         assert read_size(tmp_path / name) == size == Image.open(tmp_path / name).size
         assert png_size(tmp_path / name) == (size if name.endswith(".png") else None)
@@ -127,7 +151,12 @@ def _rewrap_png(data: bytes, keep_rows: int, row_bytes: int) -> bytes:
         position += 12 + length
     raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
     header = next(body for kind, body in chunks if kind == b"IHDR")
-    return data[:8] + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw[: keep_rows * row_bytes])) + chunk(b"IEND", b"")
+    return (
+        data[:8]
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw[: keep_rows * row_bytes]))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_a_png_with_fewer_rows_of_data_than_its_header_is_quarantined(tmp_path):

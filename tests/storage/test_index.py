@@ -49,11 +49,15 @@ def test_gt_boxes_read_back_grouped_by_image_and_finding(tmp_path):
     from cxr_miner.storage.stages.atomic import write_parquet
     from cxr_miner.storage.stages.index import gt_boxes_table, read_gt_boxes
 
-    boxes = [GroundTruthBox("a.png", "Mass", 1, 2, 3, 4), GroundTruthBox("a.png", "Mass", 5, 6, 7, 8),
-             GroundTruthBox("b.png", "Nodule", 0, 0, 1, 1)]
+    boxes = [
+        GroundTruthBox("a.png", "Mass", 1, 2, 3, 4),
+        GroundTruthBox("a.png", "Mass", 5, 6, 7, 8),
+        GroundTruthBox("b.png", "Nodule", 0, 0, 1, 1),
+    ]
     write_parquet(tmp_path / "gt.parquet", gt_boxes_table(boxes))
     assert read_gt_boxes(tmp_path / "gt.parquet") == {
-        "a.png": {"Mass": [[1, 2, 3, 4], [5, 6, 7, 8]]}, "b.png": {"Nodule": [[0, 0, 1, 1]]}
+        "a.png": {"Mass": [[1, 2, 3, 4], [5, 6, 7, 8]]},
+        "b.png": {"Nodule": [[0, 0, 1, 1]]},
     }
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         read_gt_boxes(tmp_path / "missing.parquet")
@@ -61,8 +65,22 @@ def test_gt_boxes_read_back_grouped_by_image_and_finding(tmp_path):
 
 def test_image_sizes_prefer_the_files_size_then_the_metadatas():
     records = [
-        {"image_id": "read", "patient_id": "1", "findings": [], "width": 800, "height": 600, "original_width": 1024, "original_height": 1024},
-        {"image_id": "metadata-only", "patient_id": "2", "findings": [], "original_width": 1024, "original_height": 990},
+        {
+            "image_id": "read",
+            "patient_id": "1",
+            "findings": [],
+            "width": 800,
+            "height": 600,
+            "original_width": 1024,
+            "original_height": 1024,
+        },
+        {
+            "image_id": "metadata-only",
+            "patient_id": "2",
+            "findings": [],
+            "original_width": 1024,
+            "original_height": 990,
+        },
         {"image_id": "unknown", "patient_id": "3", "findings": []},
     ]
     assert image_sizes(index_table(records)) == {"read": (800, 600), "metadata-only": (1024, 990)}

@@ -37,7 +37,12 @@ def test_data_entry_excerpt(nih_excerpt):
     rows = read_data_entry(nih_excerpt / "Data_Entry_2017_v2020.csv")
     assert len(rows) == 34
     first = rows[0]
-    assert (first.image_id, first.findings, first.follow_up, first.patient_id) == ("00000001_000.png", ["Cardiomegaly"], 0, "1")
+    assert (first.image_id, first.findings, first.follow_up, first.patient_id) == (
+        "00000001_000.png",
+        ["Cardiomegaly"],
+        0,
+        "1",
+    )
     assert (first.age, first.sex, first.view_position) == (57, "M", "PA")
     assert (first.original_width, first.original_height) == (2682, 2749)
     assert first.pixel_spacing_x == pytest.approx(0.143)
@@ -86,10 +91,18 @@ GOOD = "00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143"
 @pytest.mark.parametrize(
     "lines, header, message",
     [
-        ([GOOD, GOOD.replace("Cardiomegaly", "Pneumonitis").replace("_000", "_001")], REAL_HEADER, r"Data_Entry_2017_v2020.csv:3: .*unknown finding 'Pneumonitis'"),
+        (
+            [GOOD, GOOD.replace("Cardiomegaly", "Pneumonitis").replace("_000", "_001")],
+            REAL_HEADER,
+            r"Data_Entry_2017_v2020.csv:3: .*unknown finding 'Pneumonitis'",
+        ),
         ([GOOD, GOOD], REAL_HEADER, r":3: duplicate image id '00000001_000.png' \(first on line 2\)"),
         ([GOOD], REAL_HEADER.replace("Patient ID,", ""), r":1: missing column 'Patient ID'"),
-        ([GOOD.replace("00000001_000.png", "../../etc/passwd")], REAL_HEADER, r":2: image name '../../etc/passwd' is not a plain file name"),
+        (
+            [GOOD.replace("00000001_000.png", "../../etc/passwd")],
+            REAL_HEADER,
+            r":2: image name '../../etc/passwd' is not a plain file name",
+        ),
         ([GOOD + ",surplus"], REAL_HEADER, r":2: expected 11 fields, got 12"),
         ([GOOD.replace(",57,", ",old,")], REAL_HEADER, r":2: column 'Patient Age': 'old' is not an integer"),
         ([GOOD.replace("Cardiomegaly", "No Finding|Mass")], REAL_HEADER, r":2: 'No Finding' combined with findings"),

@@ -14,6 +14,7 @@ from cxr_miner.storage.releases.coco import coco_annotation, write_coco
 from cxr_miner.storage.releases.release import (
     RELEASE_SCHEMA,
     ReleaseExists,
+    box_id,
     count_boxes,
     diff_boxes,
     latest_release,
@@ -24,16 +25,35 @@ from cxr_miner.storage.releases.release import (
 )
 from cxr_miner.storage.stages.harvest import PART_SCHEMA, part_key, read_part, write_part
 
-IMAGES = pa.table({
-    "image_id": ["a.png", "b.png"], "patient_id": ["1", "2"], "split": ["train", "test"],
-    "source_path": ["images/a.png", "images/b.png"], "width": pa.array([200, 100], pa.int32()),
-    "height": pa.array([100, 50], pa.int32()),
-})
+IMAGES = pa.table(
+    {
+        "image_id": ["a.png", "b.png"],
+        "patient_id": ["1", "2"],
+        "split": ["train", "test"],
+        "source_path": ["images/a.png", "images/b.png"],
+        "width": pa.array([200, 100], pa.int32()),
+        "height": pa.array([100, 50], pa.int32()),
+    }
+)
 
 
 def box(image_id, finding, rank, x0, y0, x1, y1, score=0.5, at_point=False, rule_rank=None):
-    return {"image_id": image_id, "finding": finding, "rank": rank, "rule_rank": rule_rank or rank, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1,
-            "score": score, "probability": 0.9, "confidence": None, "at_operating_point": at_point, "method": "am", "model_id": "t@abc"}
+    return {
+        "image_id": image_id,
+        "finding": finding,
+        "rank": rank,
+        "rule_rank": rule_rank or rank,
+        "x_min": x0,
+        "y_min": y0,
+        "x_max": x1,
+        "y_max": y1,
+        "score": score,
+        "probability": 0.9,
+        "confidence": None,
+        "at_operating_point": at_point,
+        "method": "am",
+        "model_id": "t@abc",
+    }
 
 
 def part(rows) -> pa.Table:
@@ -41,14 +61,37 @@ def part(rows) -> pa.Table:
 
 
 def test_release_rows_join_the_image_and_normalise_by_its_size():
-    rows = release_rows(part([box("b.png", "Mass", 1, 10, 5, 60, 25), box("a.png", "Nodule", 1, 50, 20, 150, 80)]), IMAGES)
+    rows = release_rows(
+        part([box("b.png", "Mass", 1, 10, 5, 60, 25), box("a.png", "Nodule", 1, 50, 20, 150, 80)]), IMAGES
+    )
     assert rows.schema.equals(RELEASE_SCHEMA)
     first, second = rows.to_pylist()  # sorted by image id
     assert (first["image_id"], first["split"], first["patient_id"]) == ("a.png", "train", "1")
-    assert [first[k] for k in ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")] == pytest.approx([0.25, 0.2, 0.75, 0.8])
-    assert [second[k] for k in ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")] == pytest.approx([0.1, 0.1, 0.6, 0.5])
+    assert [first[k] for k in ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")] == pytest.approx(
+        [0.25, 0.2, 0.75, 0.8]
+    )
+    assert [second[k] for k in ("x_min_norm", "y_min_norm", "x_max_norm", "y_max_norm")] == pytest.approx(
+        [0.1, 0.1, 0.6, 0.5]
+    )
     assert (second["method"], second["model_id"], second["image_width"]) == ("am", "t@abc", 100)
     assert (first["rank"], first["rule_rank"]) == (1, 1)
+
+
+def test_a_box_is_named_by_its_image_finding_and_corners_alone():
+    """box_id is the first 16 hex digits of SHA-256 over 'image/finding/x0,y0,x1,y1' (2 decimals):
+    the same box in a later release, ranked, scored and made otherwise, keeps its id."""
+    import hashlib
+
+    expected = hashlib.sha256(b"a.png/Nodule/50.00,20.00,150.00,80.00").hexdigest()[:16]
+    assert box_id("a.png", "Nodule", [50, 20, 150, 80]) == expected
+    first = release_rows(part([box("a.png", "Nodule", 1, 50, 20, 150, 80)]), IMAGES)
+    again = release_rows(part([{**box("a.png", "Nodule", 2, 50, 20, 150, 80, score=0.1), "method": "cam"}]), IMAGES)
+    moved = release_rows(part([box("a.png", "Nodule", 1, 50, 20, 150, 80.5)]), IMAGES)
+    other = release_rows(part([box("a.png", "Mass", 1, 50, 20, 150, 80)]), IMAGES)
+    ids = [t.column("box_id")[0].as_py() for t in (first, again, moved, other)]
+    assert ids[0] == ids[1] == expected and len(set(ids)) == 3
+    twice = release_rows(part([box("a.png", "Nodule", k, 50, 20, 150, 80) for k in (1, 2)]), IMAGES)
+    assert twice.column("box_id").to_pylist() == [expected, f"{expected}-2"]
 
 
 def test_boxes_of_images_outside_the_index_are_refused():
@@ -58,9 +101,20 @@ def test_boxes_of_images_outside_the_index_are_refused():
 
 def test_coco_annotation_by_hand():
     a = coco_annotation(7, 3, {**box("a.png", "Cardiomegaly", 2, 10, 20, 40, 60, 0.25, rule_rank=1), "method": "cam"})
-    assert a == {"id": 7, "image_id": 3, "category_id": 2, "bbox": [10.0, 20.0, 30.0, 40.0], "area": 1200.0,
-                 "iscrowd": 0, "segmentation": [[10.0, 20.0, 40.0, 20.0, 40.0, 60.0, 10.0, 60.0]],
-                 "score": 0.25, "confidence": None, "rank": 2, "rule_rank": 1, "method": "cam"}
+    assert a == {
+        "id": 7,
+        "image_id": 3,
+        "category_id": 2,
+        "bbox": [10.0, 20.0, 30.0, 40.0],
+        "area": 1200.0,
+        "iscrowd": 0,
+        "segmentation": [[10.0, 20.0, 40.0, 20.0, 40.0, 60.0, 10.0, 60.0]],
+        "score": 0.25,
+        "confidence": None,
+        "rank": 2,
+        "rule_rank": 1,
+        "method": "cam",
+    }
     # a calibrated box: its COCO score is its confidence (what detector evaluation ranks by)
     b = coco_annotation(1, 1, {**box("a.png", "Mass", 1, 0, 0, 1, 1, 0.25), "confidence": 0.6})
     assert (b["score"], b["confidence"]) == (0.6, 0.6)
@@ -86,10 +140,22 @@ def test_diff_counts_added_and_removed_boxes(tmp_path):
         pq.write_table(release_rows(part(rows), IMAGES), tmp_path / name)
         return tmp_path / name
 
-    old = write("old.parquet", [box("a.png", "Mass", 1, 0, 0, 10, 10), box("a.png", "Mass", 2, 0, 0, 20, 20),
-                                box("b.png", "Edema", 1, 1, 1, 2, 2)])
-    new = write("new.parquet", [box("a.png", "Mass", 1, 0, 0, 10, 10, at_point=True), box("a.png", "Mass", 2, 0, 0, 21, 20),
-                                box("b.png", "Nodule", 1, 1, 1, 2, 2)])
+    old = write(
+        "old.parquet",
+        [
+            box("a.png", "Mass", 1, 0, 0, 10, 10),
+            box("a.png", "Mass", 2, 0, 0, 20, 20),
+            box("b.png", "Edema", 1, 1, 1, 2, 2),
+        ],
+    )
+    new = write(
+        "new.parquet",
+        [
+            box("a.png", "Mass", 1, 0, 0, 10, 10, at_point=True),
+            box("a.png", "Mass", 2, 0, 0, 21, 20),
+            box("b.png", "Nodule", 1, 1, 1, 2, 2),
+        ],
+    )
     changes = diff_boxes(old, new)
     assert changes["Mass"] == {"before": 2, "after": 2, "added": 1, "removed": 1}  # rank 2 moved
     assert changes["Edema"] == {"before": 1, "after": 0, "added": 0, "removed": 1}

@@ -24,8 +24,17 @@ def _rows(tmp_path, n=5):
         height, width = (90, 120) if i % 2 else (100, 100)
         Image.fromarray(rng.integers(0, 255, (height, width), dtype=np.uint8)).save(tmp_path / name)
         rows.append(
-            {"image_id": name, "patient_id": str(i), "split": "train" if i < 4 else "test", "source_path": name,
-             "findings": ["Mass"] if i == 1 else [], "has_box": i == 1, "view_position": "PA", "age": 40 + i, "sex": "F"}
+            {
+                "image_id": name,
+                "patient_id": str(i),
+                "split": "train" if i < 4 else "test",
+                "source_path": name,
+                "findings": ["Mass"] if i == 1 else [],
+                "has_box": i == 1,
+                "view_position": "PA",
+                "age": 40 + i,
+                "sex": "F",
+            }
         )
     return rows
 
@@ -68,7 +77,13 @@ def test_rerun_skips_and_settings_change_rebuilds(tmp_path):
     (tmp_path / spec.rows[0]["source_path"]).write_bytes(b"")  # an input changed: rebuilt, now quarantined
     changed = build_shard(spec, tmp_path, tmp_path / "s", ShardSettings(size=48))
     assert not changed.skipped and changed.rows == 1
-    assert changed.quarantined == [{"image_id": spec.rows[0]["image_id"], "source_path": spec.rows[0]["source_path"], "reason": "empty file (0 bytes)"}]
+    assert changed.quarantined == [
+        {
+            "image_id": spec.rows[0]["image_id"],
+            "source_path": spec.rows[0]["source_path"],
+            "reason": "empty file (0 bytes)",
+        }
+    ]
 
 
 def test_failure_before_commit_leaves_no_partial_shard(tmp_path):
@@ -88,7 +103,9 @@ def test_reader_filters_by_split(tmp_path):
     entries = []
     for spec in plan_shards(rows, shard_size=2):
         result = build_shard(spec, tmp_path, shard_dir, ShardSettings(size=32))
-        entries.append({"name": spec.name, "file": f"{spec.name}.parquet", "split": spec.name.split("-")[0], "rows": result.rows})
+        entries.append(
+            {"name": spec.name, "file": f"{spec.name}.parquet", "split": spec.name.split("-")[0], "rows": result.rows}
+        )
     (shard_dir / "manifest.json").write_text(json.dumps({"settings": {}, "shards": entries}))
     assert len(ShardReader(shard_dir)) == 5
     test_ids = [i for batch in ShardReader(shard_dir, split="test").batches() for i in batch.meta["image_id"]]

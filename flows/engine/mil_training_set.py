@@ -16,9 +16,10 @@ from typing import Any
 
 from cxr_miner.miner.methods.mil import EVALUATED_CHECKPOINT, RELEASE_CHECKPOINT, checkpoint_fold
 from cxr_miner.miner.training import TrainConfig
+from cxr_miner.storage.releases.reviews import read_ground_truth
 from cxr_miner.storage.stages.batches import RowGroup, split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_VAL, box_folds, box_splits, box_subset
-from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, read_gt_boxes, read_index
+from cxr_miner.storage.stages.index import INDEX_FILE, read_index
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,12 @@ class MilTrainingSet:
 
     def record(self) -> dict[str, Any]:
         """What the checkpoint's record says about its boxes."""
-        return {"pool_images": self.pool, "boxed_images": len(self.boxes), "held_out_images": self.held_out,
-                "learns_from": self.description}
+        return {
+            "pool_images": self.pool,
+            "boxed_images": len(self.boxes),
+            "held_out_images": self.held_out,
+            "learns_from": self.description,
+        }
 
 
 def patients_of(workdir: Path) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -46,7 +51,9 @@ def patients_of(workdir: Path) -> tuple[dict[str, str | None], dict[str, str]]:
     return dict(zip(columns["image_id"], columns["patient_id"])), dict(zip(columns["image_id"], columns["split"]))
 
 
-def training_pool(name: str, boxed: list[str], patients: dict[str, str | None], config: TrainConfig) -> tuple[set[str], str]:
+def training_pool(
+    name: str, boxed: list[str], patients: dict[str, str | None], config: TrainConfig
+) -> tuple[set[str], str]:
     """The boxed images checkpoint ``name`` may learn from, and how they were chosen."""
     if name == RELEASE_CHECKPOINT:
         return set(boxed), "every boxed image (for releases)"
@@ -62,7 +69,7 @@ def training_pool(name: str, boxed: list[str], patients: dict[str, str | None], 
 
 def mil_training_set(workdir: Path, config: TrainConfig, name: str) -> MilTrainingSet:
     """Images and boxes of MIL checkpoint ``name`` (module doc)."""
-    truth = read_gt_boxes(workdir / GT_BOXES_FILE)
+    truth, _ = read_ground_truth(workdir)  # NIH's boxes and the reviewers'
     patients, splits = patients_of(workdir)
     boxed = sorted(i for i in truth if i in splits)
     pool, how = training_pool(name, boxed, patients, config)
@@ -75,6 +82,7 @@ def mil_training_set(workdir: Path, config: TrainConfig, name: str) -> MilTraini
         train_images=frozenset(train_ids - held_out) if train_ids & held_out else None,
         pool_groups=split_row_groups(workdir, ("val", "test"), images=outside_train) if outside_train else [],
         boxes={i: truth[i] for i in sorted(learn)},
-        pool=len(pool), held_out=len(held_out),
+        pool=len(pool),
+        held_out=len(held_out),
         description=f"{how}, boxes of {fraction:.0%} of its patients",
     )
