@@ -9,6 +9,10 @@ DEMO_IMAGES ?= 1000
 DEMO_SIZE ?= 1024
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The install does not byte-compile (below): Python writes each module's bytecode on first import.
+# With PYTHONDONTWRITEBYTECODE set it would compile torch's again in every process (about 10 s each
+# on 2 cores; the test suite starts over a hundred), so make leaves it unset.
+unexport PYTHONDONTWRITEBYTECODE
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: demo test lint browser bench clean lock FORCE

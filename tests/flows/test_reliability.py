@@ -174,7 +174,8 @@ def test_a_bad_option_is_refused_at_once_before_any_server_starts(trained_workdi
     took = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: {words[-2]}: {words[-1]}") and done.stderr.count("\n") == 1
-    assert "temporary server" not in done.stderr and took < 2, (took, done.stderr)
+    # no server: none is named, and the refusal comes sooner than a temporary server's start (over 10 s here)
+    assert "temporary server" not in done.stderr and took < 10, (took, done.stderr)
 
 
 def test_an_error_inside_a_flow_run_is_one_line_on_the_console(tmp_path, prefect_server):
