@@ -3,8 +3,8 @@
 stratified sampler), accept where IoU >= 0.5 with the drawn box, else reject; then the same
 `cxr-miner run` as `make demo` on a copy of the demo's work folder (its trained models kept), once
 before the reviews (the release reviewed, by this code) and once after. Prints, per finding, the
-boxes in coco/ before and after, and the box-test pairs, precision at the operating point and ECE
-after, each with its 95% CI.
+boxes in coco/ before and after, the images whose reviewed boxes were all rejected (negatives), and
+the box-test pairs, precision at the operating point and ECE after, each with its 95% CI.
 
     python bench/review_loop.py --demo bench/out/demo-seed0   # a `make demo` output (nih/, work/, releases/)
 """
@@ -90,22 +90,25 @@ def main() -> None:
     before = release_figures(json.loads((release / "manifest.json").read_text()))
     subprocess.run(cli, check=True)  # the next run, with the reviews
     latest = (releases / "latest").resolve()
-    after = release_figures(json.loads((latest / "manifest.json").read_text()))
+    manifest = json.loads((latest / "manifest.json").read_text())
+    after = release_figures(manifest)
+    evaluation = json.loads((work / "models" / manifest["model"]["run"] / "evaluation.json").read_text())
+    negatives = {f: n.get("rejected", 0) for f, n in evaluation.get("ground_truth", {}).items()}
     print(
         f"\nreviews: {args.boxes} boxes per unboxed finding, simulated from demo_truth.csv; {release.name} -> {latest.name}"
     )
     print(
-        "| finding | reviewed: accepted / rejected | coco/ boxes before -> after | box-test pairs "
-        "| box-test precision at op. [95% CI] | box-test ECE [95% CI] |"
+        "| finding | reviewed: accepted / rejected | rejected-only images | coco/ boxes before -> after "
+        "| box-test pairs | box-test precision at op. [95% CI] | box-test ECE [95% CI] |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for finding in [f for f in FINDINGS if f in counts]:
         a, b, n = after[finding], before[finding], counts[finding]
         precision = "-" if a["precision"] is None else f"{a['precision']:.2f}{ci_text(a['precision_ci'])}"
         ece = "-" if a["ece"] is None else f"{a['ece']:.3f}{ci_text(a['ece_ci'], 3)}"
         print(
-            f"| {finding} | {n['accept']} / {n['reject']} | {b['coco_boxes']} -> {a['coco_boxes']} | {a['pairs']} "
-            f"| {precision} | {ece} |"
+            f"| {finding} | {n['accept']} / {n['reject']} | {negatives.get(finding, 0)} "
+            f"| {b['coco_boxes']} -> {a['coco_boxes']} | {a['pairs']} | {precision} | {ece} |"
         )
 
 

@@ -38,7 +38,7 @@ from cxr_miner.miner.methods.mil import PatchMil
 from cxr_miner.miner.methods.tuned import providers_for
 from cxr_miner.miner.training import TrainConfig, pick_device
 from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
-from cxr_miner.storage.releases.reviews import read_ground_truth
+from cxr_miner.storage.releases.reviews import read_ground_truth, read_negatives
 from cxr_miner.storage.stages.batches import RowGroup, split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_folds, box_splits
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
@@ -149,20 +149,27 @@ class BoxedImages:
     halves: dict[str, str]
     box_sizes: dict[str, tuple[float, float]]
     groups: list[RowGroup]
-    sources: dict[str, dict[str, int]]  # finding -> images boxed by each source ("nih", "review")
+    # finding -> images boxed by each source ("nih", "review"), and with rejected boxes alone ("rejected")
+    sources: dict[str, dict[str, int]]
+    negatives: dict[str, dict[str, list[list[float]]]]  # image id -> finding -> rejected boxes, pairs without truth
 
     @classmethod
     def of(cls, work: Path, box_val_fraction: float) -> BoxedImages:
         truth, sources = read_ground_truth(work)
-        reviewed = any(n["review"] for n in sources.values())
+        negatives = read_negatives(work, truth)
+        for finding in (f for found in negatives.values() for f in found):
+            sources.setdefault(finding, {"nih": 0, "review": 0}).setdefault("rejected", 0)
+            sources[finding]["rejected"] += 1
+        reviewed = any(n["review"] for n in sources.values()) or bool(negatives)
         index = read_index(work / INDEX_FILE)
         patients = dict(zip(*index.select(["image_id", "patient_id"]).to_pydict().values()))
-        halves = box_splits(patients, truth, box_val_fraction)
+        halves = box_splits(patients, {*truth, *negatives}, box_val_fraction)
         box_val = [i for i, half in halves.items() if half == BOX_VAL]
         sizes = box_size_priors(truth, box_val, image_sizes(index))
-        # reviewed images are not marked has_box in the shards: select every image with truth by id
-        groups = split_row_groups(work, SPLITS, only_boxed=not reviewed, images=set(truth) if reviewed else None)
-        return cls(truth, patients, halves, sizes, groups, sources)
+        # reviewed images are not marked has_box in the shards: select every reviewed image by id
+        images = {*truth, *negatives} if reviewed else None
+        groups = split_row_groups(work, SPLITS, only_boxed=not reviewed, images=images)
+        return cls(truth, patients, halves, sizes, groups, sources, negatives)
 
     @property
     def findings(self) -> tuple[str, ...]:
@@ -282,7 +289,15 @@ def score_providers(
         models = load_models(folder, provider.checkpoints(), device)
         with progress_bar(f"evaluate {run} ({provider.label})", boxed.images) as advance:
             found = evaluate_boxes(
-                provider, models, boxed.groups, boxed.truth, boxed.halves, batch_size, advance, boxed.box_sizes
+                provider,
+                models,
+                boxed.groups,
+                boxed.truth,
+                boxed.halves,
+                batch_size,
+                advance,
+                boxed.box_sizes,
+                boxed.negatives,
             )
         scores.update(found)
     return scores

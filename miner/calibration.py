@@ -31,6 +31,7 @@ import numpy as np
 
 from cxr_miner.miner.bootstrap import LEVEL, confidence_interval, draw_weights, resample_draws
 from cxr_miner.miner.metrics import best_overlap
+from cxr_miner.storage.vocab.findings import REJECT_MATCH_IOU
 
 HIT_IOU = 0.3
 BOX_SIGNALS = ("mean", "peak", "log_area", "rank", "probability")
@@ -59,6 +60,12 @@ def hits(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return best_overlap(boxes, truth, "iou") >= HIT_IOU
 
 
+def rejected(boxes: np.ndarray, rejects: np.ndarray) -> np.ndarray:
+    """(K,) bool: whether each box (K, 4) is one of a reviewer's rejected boxes ``rejects`` (M, 4),
+    same grid: IoU >= REJECT_MATCH_IOU with one of them."""
+    return best_overlap(boxes, rejects, "iou") >= REJECT_MATCH_IOU
+
+
 def confidence_order(confidence: np.ndarray) -> np.ndarray:
     """(K,) int: the order of K boxes (given in their rule's order) by confidence (K,), highest
     first, ties (and NaN, no confidence) kept in the rule's order."""
@@ -68,45 +75,80 @@ def confidence_order(confidence: np.ndarray) -> np.ndarray:
 @dataclass
 class BoxOutcomes:
     """Boxes scored against ground truth, for fitting and checking a confidence: per box its
-    signals (BOX_SIGNALS), whether it is a hit, its rank and its (image, finding) pair's number."""
+    signals (BOX_SIGNALS) and whether it is a hit, per (image, finding) pair whether it is
+    ``located`` (has ground-truth boxes).
+
+    A located pair is scored whole: Acc, recall and false positives count it. A pair a reviewer
+    only rejected boxes of (issue 25: rejected boxes are negatives) has no box to score Acc on; it
+    brings just its boxes that are a rejected one (REJECT_MATCH_IOU), each a miss, to the box
+    figures: calibration, precision, ECE. Every pair, located or not, is a unit of their bootstrap
+    resamples (``units``); ``pairs`` counts the located ones."""
 
     signals: list[np.ndarray] = field(default_factory=list)
     hit: list[np.ndarray] = field(default_factory=list)
-    pairs: int = 0
+    located: list[bool] = field(default_factory=list)
 
-    def add(self, signals: np.ndarray, hit: np.ndarray) -> None:
+    def add(self, signals: np.ndarray, hit: np.ndarray, located: bool = True) -> None:
         """One (image, finding) pair's boxes, rank 1 first (none is allowed: a miss)."""
         self.signals.append(np.asarray(signals, dtype=np.float64).reshape(-1, len(BOX_SIGNALS)))
         self.hit.append(np.asarray(hit, dtype=bool))
-        self.pairs += 1
+        self.located.append(bool(located))
+
+    @property
+    def pairs(self) -> int:
+        """The located pairs: those Acc and recall are over."""
+        return sum(self.located)
+
+    @property
+    def units(self) -> int:
+        """Every pair: the units the box figures are resampled by (arrays()' pair numbers)."""
+        return len(self.located)
+
+    def located_mask(self) -> np.ndarray:
+        """(units,) bool: which pairs are located."""
+        return np.asarray(self.located, dtype=bool)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """signals (B, 5), hit (B,), pair (B,) int over all B boxes."""
+        """signals (B, 5), hit (B,), pair (B,) int in 0..units-1 over all B boxes."""
         if not self.signals:
             return np.zeros((0, len(BOX_SIGNALS))), np.zeros(0, dtype=bool), np.zeros(0, dtype=int)
         pair = np.concatenate([np.full(len(h), i) for i, h in enumerate(self.hit)])
         return np.concatenate(self.signals), np.concatenate(self.hit), pair
 
     def acc(self, rank1_only: bool = False) -> float:
-        """Share of pairs with a hit among all their boxes (Acc at T(IoU) = 0.3), or in the rule's rank 1 alone."""
+        """Share of located pairs with a hit among all their boxes (Acc at T(IoU) = 0.3), or in the
+        rule's rank 1 alone."""
         if not self.pairs:
             return math.nan
-        return sum(bool(h[:1].any() if rank1_only else h.any()) for h in self.hit) / self.pairs
+        return float(np.mean(self.rank1_hits() if rank1_only else self.any_hits()))
+
+    def _located_hits(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(s, h) for s, h, located in zip(self.signals, self.hit, self.located) if located]
 
     def rank1_hits(self, calibration: Calibration | None = None) -> np.ndarray:
-        """(pairs,) bool: whether each pair's rank 1 is a hit, rank 1 by ``calibration``'s confidence
-        (confidence_order), or the rule's own without one."""
+        """(pairs,) bool: whether each located pair's rank 1 is a hit, rank 1 by ``calibration``'s
+        confidence (confidence_order), or the rule's own without one."""
 
         def first(signals: np.ndarray, hit: np.ndarray) -> bool:
             if not len(hit):
                 return False
             return bool(hit[0] if calibration is None else hit[confidence_order(calibration.predict(signals))[0]])
 
-        return np.array([first(s, h) for s, h in zip(self.signals, self.hit)], dtype=bool)
+        return np.array([first(s, h) for s, h in self._located_hits()], dtype=bool)
 
     def any_hits(self) -> np.ndarray:
-        """(pairs,) bool: whether each pair has a hit among all its boxes."""
-        return np.array([bool(h.any()) for h in self.hit], dtype=bool)
+        """(pairs,) bool: whether each located pair has a hit among all its boxes."""
+        return np.array([bool(h.any()) for _, h in self._located_hits()], dtype=bool)
+
+    @classmethod
+    def pooled(cls, outcomes: Iterable[BoxOutcomes]) -> BoxOutcomes:
+        """The pairs of several, one after another."""
+        pooled = cls()
+        for o in outcomes:
+            pooled.signals += o.signals
+            pooled.hit += o.hit
+            pooled.located += o.located
+        return pooled
 
 
 @dataclass(frozen=True)
@@ -231,20 +273,24 @@ def ece_ci(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int
 
 
 def precision_recall(
-    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, at: float, located: np.ndarray | None = None
 ) -> dict[str, float]:
-    """Precision (hits / boxes), recall (pairs with a hit / ``pairs``) and false positives per
-    pair (``afp``: misses / ``pairs``, the AFP per image of the finding's images) of the boxes with
-    confidence >= ``at``; NaN precision when no box is taken."""
+    """Precision (hits / boxes), recall (located pairs with a hit / located pairs) and false
+    positives per located pair (``afp``: their misses / their number, the AFP per image of the
+    finding's images) of the boxes with confidence >= ``at``; NaN precision when no box is taken.
+    ``pairs``: how many pairs the boxes' ``pair`` numbers run over; ``located`` (pairs,) bool:
+    which have ground-truth boxes (BoxOutcomes; default all)."""
     taken = np.asarray(confidence) >= at
     hit = np.asarray(hit, dtype=bool)
-    boxes = int(taken.sum())
+    located = np.ones(pairs, dtype=bool) if located is None else np.asarray(located, dtype=bool)
+    counted = located[np.asarray(pair, dtype=int)] if len(hit) else np.zeros(0, dtype=bool)
+    boxes, scored = int(taken.sum()), int(located.sum())
     hit_pairs = len(set(np.asarray(pair)[taken & hit].tolist()))
     return {
         "boxes": boxes,
         "precision": float(hit[taken].mean()) if boxes else math.nan,
-        "recall": hit_pairs / pairs if pairs else math.nan,
-        "afp": float((taken & ~hit).sum()) / pairs if pairs else math.nan,
+        "recall": hit_pairs / scored if scored else math.nan,
+        "afp": float((taken & ~hit & counted).sum()) / scored if scored else math.nan,
     }
 
 
@@ -282,13 +328,21 @@ def recalled_pairs(confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pa
 
 
 def pr_curve(
-    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, points: int = 50
+    confidence: np.ndarray,
+    hit: np.ndarray,
+    pair: np.ndarray,
+    pairs: int,
+    points: int = 50,
+    located: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
-    """Precision and recall at (at most ``points``) confidences taken from the boxes' own, highest first."""
+    """Precision and recall (precision_recall's) at (at most ``points``) confidences taken from
+    the boxes' own, highest first."""
     levels = np.unique(confidence)[::-1]
     if len(levels) > points:
         levels = levels[np.linspace(0, len(levels) - 1, points).round().astype(int)]
-    return [{"confidence": float(c), **precision_recall(confidence, hit, pair, pairs, float(c))} for c in levels]
+    return [
+        {"confidence": float(c), **precision_recall(confidence, hit, pair, pairs, float(c), located)} for c in levels
+    ]
 
 
 def robust_operating_point(

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits
+from cxr_miner.miner.calibration import BoxOutcomes, box_signals, hits, rejected
 from cxr_miner.miner.localize import boxes_in_source
 from cxr_miner.miner.metrics import LocalizationEvaluator, MaxBoxAccumulator
 from cxr_miner.miner.rules import BOX_RULES, RULES_BY_NAME, SWEEP_THRESHOLDS, BoxRule, Candidates, component_table
@@ -58,7 +58,8 @@ def candidates_by_rule(heatmap: np.ndarray) -> dict[str, Candidates]:
 class Pair(NamedTuple):
     """One (image, finding) pair to score: its heatmap on the input grid (S, S) and at the
     MaxBoxAccV2 grid (G, G), the image's letterbox, the classifier's probability for the finding,
-    and the ground-truth boxes (xyxy, source pixels)."""
+    and the ground-truth boxes (xyxy, source pixels); or, for a pair reviewers only rejected boxes
+    of, no ground truth and those ``rejected`` boxes."""
 
     image_id: str
     finding: str
@@ -67,6 +68,7 @@ class Pair(NamedTuple):
     letterbox: Letterbox
     probability: float
     truth: Sequence[Sequence[float]]
+    rejected: Sequence[Sequence[float]] = ()  # reviewers' rejected boxes (xyxy, source pixels)
 
 
 def score_pair(
@@ -78,6 +80,9 @@ def score_pair(
     """Add one pair to ``half``: MaxBoxAccV2 of its heatmap, Acc/AFP of every candidate rule's boxes
     (``paper_rule``'s also as the method's own), and each rule's boxes' signals and hits. A
     ``prior`` rule boxes only a finding with a box-size prior (``box_sizes``, from box-val)."""
+    if not len(pair.truth):
+        score_rejected_pair(half, pair, box_sizes)
+        return
     input_size, grid = pair.heatmap.shape[-1], pair.small_heatmap.shape[-1]
     half.images.add(pair.image_id)
     half.heatmaps.accumulate(
@@ -86,17 +91,35 @@ def score_pair(
         pair.truth,
         lambda b: boxes_in_source(b * (input_size / grid), input_size, pair.letterbox),
     )
+    for rule, (signals, boxes) in rule_boxes(pair, box_sizes).items():
+        half.rules[rule].accumulate(pair.finding, boxes, pair.truth)
+        if rule == paper_rule.name:
+            half.boxes.accumulate(pair.finding, boxes, pair.truth)
+        half.outcomes[rule][pair.finding].add(signals, hits(boxes, np.asarray(pair.truth)))
+
+
+def score_rejected_pair(half: HalfScores, pair: Pair, box_sizes: Mapping[str, tuple[float, float]]) -> None:
+    """Add a pair with no ground truth but reviewers' ``rejected`` boxes to ``half``'s outcomes
+    (issue 25: rejected boxes are negatives): each rule's boxes that are a rejected one
+    (miner.calibration.rejected) as misses, in a pair not located (BoxOutcomes). Its other boxes
+    are not known right or wrong and are left out; nothing of it reaches Acc/AFP or MaxBoxAccV2."""
+    for rule, (signals, boxes) in rule_boxes(pair, box_sizes).items():
+        known_wrong = rejected(boxes, np.asarray(pair.rejected))
+        half.outcomes[rule][pair.finding].add(signals[known_wrong], np.zeros(int(known_wrong.sum())), located=False)
+
+
+def rule_boxes(pair: Pair, box_sizes: Mapping[str, tuple[float, float]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """rule name -> its boxes' signals (K, 5) and boxes (K, 4; xyxy, source pixels), rank 1 first,
+    for every candidate rule of the pair's heatmap (a ``prior`` rule only for a finding in ``box_sizes``)."""
+    input_size, found = pair.heatmap.shape[-1], {}
     for rule, candidates in candidates_by_rule(pair.heatmap).items():
         if RULES_BY_NAME[rule].size == "prior" and pair.finding not in box_sizes:
             continue
         candidates, boxes = RULES_BY_NAME[rule].in_source(
             candidates, input_size, pair.letterbox, box_sizes.get(pair.finding)
         )
-        half.rules[rule].accumulate(pair.finding, boxes, pair.truth)
-        if rule == paper_rule.name:
-            half.boxes.accumulate(pair.finding, boxes, pair.truth)
-        signals = box_signals(candidates.mean, candidates.peak, candidates.area, pair.probability)
-        half.outcomes[rule][pair.finding].add(signals, hits(boxes, np.asarray(pair.truth)))
+        found[rule] = box_signals(candidates.mean, candidates.peak, candidates.area, pair.probability), boxes
+    return found
 
 
 def half_report(scores: Mapping[str, HalfScores]) -> dict[str, Any]:

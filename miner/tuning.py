@@ -81,10 +81,7 @@ def fitted(
     boxes: its box-val boxes, or with none of the finding in box-val, the boxes of every finding."""
     mine = val.get(rule, {}).get(finding)
     if mine is None or not len(mine.arrays()[1]):
-        pooled = list(val.get(rule, {}).values())
-        mine = BoxOutcomes(
-            [s for o in pooled for s in o.signals], [h for o in pooled for h in o.hit], sum(o.pairs for o in pooled)
-        )
+        mine = BoxOutcomes.pooled(val.get(rule, {}).values())
         fitted_on = "all findings (none of this finding in box-val)"
     else:
         fitted_on = finding
@@ -101,6 +98,7 @@ def figures(outcomes: BoxOutcomes | None, calibration: Calibration, at: float | 
     from (released_figures)."""
     outcomes = outcomes or BoxOutcomes()
     signals, hit, pair = outcomes.arrays()
+    units, located = outcomes.units, outcomes.located_mask()
     confidence = calibration.predict(signals)
     nan2 = [math.nan, math.nan]
     if at is None:
@@ -109,23 +107,28 @@ def figures(outcomes: BoxOutcomes | None, calibration: Calibration, at: float | 
         at_point |= {"precision_interval": nan2, "recall_ci": nan2}
     else:
         at_point = {
-            **precision_recall(confidence, hit, pair, outcomes.pairs, at),
-            "precision_interval": list(precision_interval(confidence, hit, pair, outcomes.pairs, at)),
-            "recall_ci": mean_ci(recalled_pairs(confidence, hit, pair, outcomes.pairs, at)),
+            **precision_recall(confidence, hit, pair, units, at, located),
+            "precision_interval": list(precision_interval(confidence, hit, pair, units, at)),
+            "recall_ci": mean_ci(recalled_pairs(confidence, hit, pair, units, at)[located]),
         }
     per_pair = {
         "acc": outcomes.any_hits(),
         "acc_rank1": outcomes.rank1_hits(calibration),
         "acc_rank1_rule": outcomes.rank1_hits(),
     }
-    row: dict[str, Any] = {"pairs": outcomes.pairs, "boxes": len(hit), "few_pairs": outcomes.pairs < FEW_PAIRS}
+    row: dict[str, Any] = {
+        "pairs": outcomes.pairs,
+        "rejected_pairs": units - outcomes.pairs,  # reviewed pairs with rejected boxes alone: negatives
+        "boxes": len(hit),
+        "few_pairs": outcomes.pairs < FEW_PAIRS,
+    }
     for name, values in per_pair.items():
         row[name] = float(values.mean()) if outcomes.pairs else math.nan
         row[f"{name}_ci"] = mean_ci(values)
     row["at_operating_point"] = at_point
     if curves:
-        row["reliability"] = reliability(confidence, hit) | {"ece_ci": ece_ci(confidence, hit, pair, outcomes.pairs)}
-        row["pr_curve"] = pr_curve(confidence, hit, pair, outcomes.pairs)
+        row["reliability"] = reliability(confidence, hit) | {"ece_ci": ece_ci(confidence, hit, pair, units)}
+        row["pr_curve"] = pr_curve(confidence, hit, pair, units, located=located)
         row["per_pair"] = {k: v.astype(int).tolist() for k, v in per_pair.items()}
         row["scored"] = {"confidence": confidence.tolist(), "hit": hit.astype(int).tolist(), "pair": pair.tolist()}
     return row
@@ -163,7 +166,7 @@ def candidate(
     the figures of both halves (``box_size``: the finding's box-size prior, kept with a ``prior`` rule)."""
     calibration, fitted_on, basis = fitted(val.get(variant, {}), rule, finding)
     signals, hit, pair = basis.arrays()
-    at = robust_operating_point(calibration.predict(signals), hit, pair, basis.pairs, target)
+    at = robust_operating_point(calibration.predict(signals), hit, pair, basis.units, target)
     return {
         "rule": rule,
         "box_size": list(box_size) if box_size and rule_by_name(rule).size == "prior" else None,
@@ -358,7 +361,8 @@ def pooled_ece_ci(tests: Mapping[str, Mapping[str, Any]]) -> list[float]:
     weights, confidence, hit = [], [], []
     for t in tests.values():
         scored = t["scored"]
-        weights.append(draw_weights(resample_draws(t["pairs"]), t["pairs"])[:, np.asarray(scored["pair"], dtype=int)])
+        units = t["pairs"] + t.get("rejected_pairs", 0)  # the pair numbers of ``scored`` run over all
+        weights.append(draw_weights(resample_draws(units), units)[:, np.asarray(scored["pair"], dtype=int)])
         confidence.append(np.asarray(scored["confidence"], dtype=np.float64))
         hit.append(np.asarray(scored["hit"], dtype=np.float64))
     return list(confidence_interval(weighted_ece(np.concatenate(confidence), np.concatenate(hit), np.hstack(weights))))

@@ -93,6 +93,7 @@ def evaluate_boxes(
     batch_size: int,
     advance: Callable[[int], None] = lambda n: None,
     box_sizes: Mapping[str, tuple[float, float]] | None = None,
+    rejected: Mapping[str, Mapping[str, list[list[float]]]] | None = None,
 ) -> dict[str, dict[str, HalfScores]]:
     """Scores of every variant ``provider`` gives in one pass (``provides()``: the CAM baseline and
     AM at each t, from one AM pass) on the boxed images of ``groups``, per variant key and half
@@ -100,11 +101,13 @@ def evaluate_boxes(
     its paper's rule (``provider.paper_rule``) and by every candidate rule, its heatmap scored by
     MaxBoxAccV2, and all against ``truth`` (image id -> finding -> xyxy boxes in source pixels).
     ``box_sizes`` (finding -> box-size prior from box-val) sizes the ``prior`` rules' boxes; a
-    finding without one is not boxed by them."""
-    box_sizes = box_sizes or {}
+    finding without one is not boxed by them. ``rejected`` (image id -> finding -> xyxy boxes, for
+    pairs without truth) adds reviewers' rejected boxes as negatives (miner.evaluation.Pair)."""
+    box_sizes, rejected = box_sizes or {}, rejected or {}
+    wanted = {i: {**rejected.get(i, {}), **truth.get(i, {})} for i in {*truth, *rejected}}
 
     def with_truth(batch: ShardBatch) -> Select:
-        return fixed_pairs(torch.from_numpy(truth_pairs(batch.meta["image_id"], truth)))
+        return fixed_pairs(torch.from_numpy(truth_pairs(batch.meta["image_id"], wanted)))
 
     scores = {key: {half: HalfScores.empty() for half in sorted(set(halves.values()))} for key in provider.provides()}
     input_size = provider.config.input_size
@@ -114,12 +117,13 @@ def evaluate_boxes(
         probability = torch.sigmoid(logits.float()).cpu().numpy()
         letterboxes = batch.letterboxes()
         for i, image_id in enumerate(batch.meta["image_id"]):
-            for finding, gt in truth.get(image_id, {}).items():
-                c = FINDINGS.index(finding)
+            for finding in wanted.get(image_id, {}):
+                c, gt = FINDINGS.index(finding), truth.get(image_id, {}).get(finding, [])
+                rejects = [] if gt else rejected[image_id][finding]
                 for key, variant_maps in maps.items():
                     full = upsample(variant_maps[i, c], input_size).cpu().numpy()
                     small = full if grid == input_size else upsample(variant_maps[i, c], grid, input_size).cpu().numpy()
-                    pair = Pair(image_id, finding, full, small, letterboxes[i], float(probability[i, c]), gt)
+                    pair = Pair(image_id, finding, full, small, letterboxes[i], float(probability[i, c]), gt, rejects)
                     score_pair(scores[key][halves[image_id]], pair, provider.paper_rule, box_sizes)
         advance(len(batch))
     return scores

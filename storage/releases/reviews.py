@@ -311,13 +311,48 @@ def reviewed_truth(current: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
     return truth
 
 
-def read_reviewed_truth(workdir: Path) -> dict[str, dict[str, list[list[float]]]]:
-    """``reviewed_truth`` of ``workdir``'s review store (empty without one)."""
+def reviewed_rejections(current: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[list[float]]]]:
+    """The boxes reviewers rejected (``current``: ReviewStore.current rows): image id -> finding ->
+    [[x_min, y_min, x_max, y_max], ...] in source pixels, as released."""
+    rejected: dict[str, dict[str, list[list[float]]]] = {}
+    for row in current:
+        if row["verdict"] == "reject":
+            box = [float(row[k]) for k in ("box_x_min", "box_y_min", "box_x_max", "box_y_max")]
+            rejected.setdefault(row["image_id"], {}).setdefault(row["finding"], []).append(box)
+    return rejected
+
+
+def _current_verdicts(workdir: Path) -> list[Mapping[str, Any]]:
+    """``workdir``'s review store's current verdicts (none without a store)."""
     path = Path(workdir) / REVIEWS_FILE
     if not path.exists():
-        return {}
+        return []
     with ReviewStore(path) as store:
-        return reviewed_truth(store.current())
+        return list(store.current())
+
+
+def read_reviewed_truth(workdir: Path) -> dict[str, dict[str, list[list[float]]]]:
+    """``reviewed_truth`` of ``workdir``'s review store (empty without one)."""
+    return reviewed_truth(_current_verdicts(workdir))
+
+
+def read_rejections(workdir: Path) -> dict[str, dict[str, list[list[float]]]]:
+    """``reviewed_rejections`` of ``workdir``'s review store (empty without one)."""
+    return reviewed_rejections(_current_verdicts(workdir))
+
+
+def read_negatives(workdir: Path, truth: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, list[list[float]]]]:
+    """The rejected boxes (reviewed_rejections) of ``workdir``'s (image, finding) pairs that have no
+    box in ``truth`` (image id -> finding -> boxes): the pairs whose boxes are known only to be
+    wrong, negatives for calibration and precision (miner.evaluation.score_rejected_pair). A
+    rejected box of a pair with truth needs no such use: it is scored against that truth."""
+    rejected = read_rejections(workdir)
+    negatives: dict[str, dict[str, list[list[float]]]] = {}
+    for image, found in rejected.items():
+        for finding, boxes in found.items():
+            if finding not in truth.get(image, {}):
+                negatives.setdefault(image, {})[finding] = boxes
+    return negatives
 
 
 def merged_truth(

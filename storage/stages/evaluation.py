@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_miner.storage.releases.reviews import REVIEWS_FILE, read_reviewed_truth
+from cxr_miner.storage.releases.reviews import REVIEWS_FILE, read_rejections, read_reviewed_truth
 from cxr_miner.storage.stages.atomic import json_text, read_json, write_json
 from cxr_miner.storage.stages.box_splits import BOX_TEST
 from cxr_miner.storage.stages.harvest import tuning_identity
@@ -24,7 +24,7 @@ from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shard_manifest import MANIFEST
 from cxr_miner.storage.stages.shards import SHARD_DIR
 from cxr_miner.storage.vocab.errors import InputError, UserError
-from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FEW_PAIRS, FINDINGS
+from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FEW_PAIRS, FINDINGS, REJECT_MATCH_IOU
 from cxr_miner.storage.vocab.text import MISSING, markdown_table, rule_label
 
 SHORT = {
@@ -250,7 +250,9 @@ def evaluation_inputs(work: Path, run: RunFolder, settings: Mapping[str, Any]) -
         p.name: file_sha256(p) for p in sorted(run.directory.glob("*.safetensors")) if not p.stem.endswith("-last")
     }
     files = {name: file_sha256(work / name) for name in (GT_BOXES_FILE, INDEX_FILE) if (work / name).exists()}
-    if reviewed := read_reviewed_truth(work):  # the reviewers' boxes, not the store's every verdict
+    # the reviewers' boxes and rejections, not the store's every verdict
+    reviewed = {"truth": read_reviewed_truth(work), "rejected": read_rejections(work)}
+    if any(reviewed.values()):
         files[REVIEWS_FILE] = hashlib.sha256(json_text(reviewed).encode()).hexdigest()
     manifest = (
         work / SHARD_DIR / MANIFEST
@@ -508,14 +510,17 @@ def forgetting_fact(evaluation: dict[str, Any]) -> dict[str, str]:
 
 def ground_truth_markdown(sources: Mapping[str, Mapping[str, int]]) -> str:
     """Per finding with ground truth, its boxed images by source: NIH's BBox_List_2017.csv and the
-    reviewers' accepted and redrawn boxes (cxr-miner review), with what the latter's figures mean."""
-    rows = [[f, n.get("nih", 0), n.get("review", 0)] for f in FINDINGS if (n := sources.get(f))]
+    reviewers' accepted and redrawn boxes (cxr-miner review), the images whose boxes reviewers only
+    rejected (negatives), with what the reviewed figures mean."""
+    rows = [[f, n.get("nih", 0), n.get("review", 0), n.get("rejected", 0)] for f in FINDINGS if (n := sources.get(f))]
     return (
         "## Ground truth: boxed images per finding, by source (review: boxes reviewers accepted or redrew)\n\n"
-        + markdown_table(["finding", "nih", "review"], rows)
+        + markdown_table(["finding", "nih", "review", "rejected only"], rows)
         + "\n\nA reviewed image's truth is the boxes reviewers accepted or redrew among those a release proposed: "
         "its pairs are those where the release found something right, so a finding boxed by review alone reads "
-        "higher here than on images boxed independently (rejected boxes are kept in the store, not yet used)."
+        "higher here than on images boxed independently. An image whose boxes of a finding reviewers only "
+        "rejected ('rejected only') has no truth to score Acc on: its boxes that are a rejected one "
+        f"(IoU >= {REJECT_MATCH_IOU}) count as wrong in calibration, precision and ECE, and nowhere else."
     )
 
 
@@ -531,7 +536,7 @@ def evaluation_document(
     NIH and by reviewers; shown once reviewers have boxed some), the choices tuned on box-val, the
     K-fold figures, box-test's Acc/AFP and the box rules on both halves (``by_half``: None without
     a scored method), and the validation AUCs."""
-    reviewed = any(n.get("review") for n in (sources or {}).values())
+    reviewed = any(n.get("review") or n.get("rejected") for n in (sources or {}).values())
     return "\n\n".join(
         [
             *([ground_truth_markdown(sources or {})] if reviewed else []),

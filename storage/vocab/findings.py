@@ -34,6 +34,8 @@ UNBOXED_FINDINGS: tuple[str, ...] = FINDINGS[8:]
 
 # A figure over fewer (image, finding) pairs than this says so beside it (issue 25).
 FEW_PAIRS = 20
+# A mined box is a reviewer's rejected one when their IoU reaches this: it is then known wrong (issue 25).
+REJECT_MATCH_IOU = 0.5
 
 
 def reported_findings(pairs: Mapping[str, int]) -> tuple[str, ...]:

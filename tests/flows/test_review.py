@@ -110,10 +110,16 @@ def test_reviews_of_an_unboxed_finding_give_it_a_confidence_in_the_next_release(
         return "accept" if truth and _iou(corners, truth) >= 0.5 else "reject"
 
     def first_60(finding: str) -> list[dict]:
-        return [b for b in boxes if b["finding"] == finding][:60]
+        """60 boxes to review: of 6 images only their wrong boxes (so those pairs are negatives), then
+        every box of the other images in order."""
+        mined = [b for b in boxes if b["finding"] == finding]
+        wrong = [b for b in mined if verdict(b) == "reject"]
+        negative_images = list(dict.fromkeys(b["image_id"] for b in wrong))[:6]
+        negatives = [b for b in wrong if b["image_id"] in negative_images]
+        return (negatives + [b for b in mined if b["image_id"] not in negative_images])[:60]
 
     # The small test model finds some unboxed findings better than others; the reviewer takes the one
-    # whose first 60 boxes hold the most right ones, so that there is something to calibrate on.
+    # whose 60 boxes hold the most right ones, so that there is something to calibrate on.
     finding = max(UNBOXED, key=lambda f: sum(verdict(b) == "accept" for b in first_60(f)))
     assert all(b["confidence"] is None for b in boxes if b["finding"] == finding)  # before: no confidence
     app = review_app(release, own, reviewer="simulated")
@@ -132,9 +138,15 @@ def test_reviews_of_an_unboxed_finding_give_it_a_confidence_in_the_next_release(
                 dask_address=dask_cluster, **options)  # fmt: skip
     evaluation = json.loads((own / "models" / "t" / "evaluation.json").read_text())
     assert evaluation["ground_truth"][finding]["review"] > 0 and evaluation["ground_truth"][finding]["nih"] == 0
+    # an image whose reviewed boxes were all rejected is a pair of negatives, in neither half's Acc
+    accepted_images = {b["image_id"] for b in reviewed if verdict(b) == "accept"}
+    rejected_only = len({b["image_id"] for b in reviewed} - accepted_images)
+    assert rejected_only > 0 and evaluation["ground_truth"][finding]["rejected"] == rejected_only
     tuning = json.loads((own / "models" / "t" / "tuning.json").read_text())["findings"][finding]
     chosen = tuning["candidates"][tuning["method"]]
     assert chosen["calibration"] and chosen["box_test"]["pairs"] > 0
+    assert chosen["box_val"]["rejected_pairs"] + chosen["box_test"]["rejected_pairs"] == rejected_only
+    assert chosen["box_val"]["pairs"] + chosen["box_test"]["pairs"] == len(accepted_images)
     assert chosen["box_test"]["reliability"]["ece"] is not None and chosen["operating_point"] is not None
     after = pq.read_table(Path(again["path"]) / "boxes.parquet").to_pylist()
     mined = [b for b in after if b["finding"] == finding]
@@ -149,7 +161,7 @@ def test_reviews_of_an_unboxed_finding_give_it_a_confidence_in_the_next_release(
 
     # evaluation.md says where the truth comes from, and gives the finding's ECE and precision with 95% CIs
     markdown = (own / "models" / "t" / "evaluation.md").read_text()
-    assert f"| {finding} | 0 | {evaluation['ground_truth'][finding]['review']} |" in markdown
+    assert f"| {finding} | 0 | {evaluation['ground_truth'][finding]['review']} | {rejected_only} |" in markdown
     test = chosen["box_test"]
     point_row = next(line for line in markdown.splitlines() if line.startswith(f"| {finding} ("))
     assert f"{test['reliability']['ece']:.3f} [{test['reliability']['ece_ci'][0]:.3f}," in point_row

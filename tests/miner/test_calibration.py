@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cxr_miner.miner.bootstrap import LEVEL, mean_ci, resample_draws
+from cxr_miner.miner.bootstrap import LEVEL, confidence_interval, draw_weights, mean_ci, resample_draws
 from cxr_miner.miner.calibration import (
     BoxOutcomes,
     Calibration,
@@ -199,3 +199,34 @@ def test_platt_scaling_is_calibrated_on_fresh_boxes_and_falls_back_to_a_rate():
     np.testing.assert_allclose(few.predict(signals[:2]), [4 / 12, 4 / 12])  # (3 + 1) / (10 + 2)
     with pytest.raises(ValueError, match="signals"):
         Calibration.from_dict({**calibration.to_dict(), "signals": ["mean"]})
+
+
+def test_a_pair_of_rejected_boxes_counts_in_precision_and_ece_but_not_in_acc_recall_or_afp():
+    """Pairs 0 and 2 located (pair 0: a hit and a miss; pair 2: a miss), pair 1 a reviewer's
+    rejection (one box, a miss). All four boxes at confidence 0.8: precision 1/4 (1/3 without the
+    rejection), recall 1/2, AFP 2 misses / 2 located pairs = 1, Acc 1/2; ECE |0.8 - 1/4| = 0.55."""
+    from cxr_miner.miner.tuning import figures
+
+    outcomes = BoxOutcomes()
+    outcomes.add(np.zeros((2, 5)), [True, False])
+    outcomes.add(np.zeros((1, 5)), [False], located=False)
+    outcomes.add(np.zeros((1, 5)), [False])
+    assert (outcomes.pairs, outcomes.units) == (2, 3)
+    assert outcomes.any_hits().tolist() == [True, False] and outcomes.acc() == 0.5
+    assert outcomes.arrays()[2].tolist() == [0, 0, 1, 2]
+    constant = Calibration("constant", math.log(0.8 / 0.2))
+    row = figures(outcomes, constant, at=0.5, curves=True)
+    assert (row["pairs"], row["rejected_pairs"], row["boxes"], row["acc"]) == (2, 1, 4, 0.5)
+    point = row["at_operating_point"]
+    assert point["boxes"] == 4 and math.isclose(point["precision"], 0.25)
+    assert point["recall"] == 0.5 and point["afp"] == 1.0
+    assert math.isclose(row["reliability"]["ece"], 0.55)
+    located_only = BoxOutcomes()
+    located_only.add(np.zeros((2, 5)), [True, False])
+    located_only.add(np.zeros((1, 5)), [False])
+    assert math.isclose(figures(located_only, constant, at=0.5, curves=False)["at_operating_point"]["precision"], 1 / 3)
+    # the precision interval resamples all three pairs: a resample's precision is hits / boxes of its draws
+    draws = resample_draws(3)
+    counts = draw_weights(draws, 3)
+    expected = confidence_interval(counts[:, 0] / (2 * counts[:, 0] + counts[:, 1] + counts[:, 2]))
+    assert np.allclose(point["precision_interval"], expected)

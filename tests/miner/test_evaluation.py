@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
-from cxr_miner.miner.evaluation import RELEASED, HalfScores, Pair, add_released, half_report, score_pair
+from cxr_miner.miner.evaluation import RELEASED, HalfScores, Pair, add_released, half_report, rule_boxes, score_pair
 from cxr_miner.miner.rules import PAPER_RULE
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
@@ -38,3 +40,30 @@ def test_released_takes_each_findings_chosen_rule_and_leaves_the_others_undefine
     released = report["results"][RELEASED]
     assert released["Nodule"] == report["box_rules"]["cam"]["every-mass"]["Nodule"]
     assert np.isnan(released["Mass"]["iou"][0.3]["acc"])
+
+
+def test_a_pair_with_rejected_boxes_alone_gives_its_matching_boxes_as_misses_and_nothing_else():
+    """Issue 25: rejected boxes are negatives. Of each rule's boxes of the blob, those whose IoU with
+    a rejection of the blob's own box (16, 32, 48, 64) reaches 0.5 (torchvision's box_iou, apart)
+    are misses of a pair not located; a rejection elsewhere matches none. Neither pair reaches
+    Acc/AFP, MaxBoxAccV2 or the image count."""
+    half = HalfScores.empty()
+    score_pair(half, _pair([[16, 32, 48, 64]]), PAPER_RULE, {})
+    rejected = _pair([], "r.png")._replace(rejected=[[16, 32, 48, 64]])
+    score_pair(half, rejected, PAPER_RULE, {})
+    score_pair(half, _pair([], "s.png")._replace(rejected=[[80, 80, 112, 112]]), PAPER_RULE, {})
+    report = half_report({"cam": half})
+    assert report["images"] == 1 and report["evaluated"]["Nodule"] == 1
+    assert report["results"]["cam"]["Nodule"]["iou"][0.3]["acc"] == 1.0
+    assert half.heatmaps.pairs == {"Nodule": 1}  # the located pair alone
+    paper = half.outcomes[PAPER_RULE.name]["Nodule"]
+    assert (paper.pairs, paper.units, paper.located) == (1, 3, [True, False, False])
+    assert paper.arrays()[1].tolist() == [True, False] and paper.arrays()[2].tolist() == [0, 1]
+    assert paper.any_hits().tolist() == [True] and paper.acc() == 1.0
+    for rule, (signals, boxes) in rule_boxes(rejected, {}).items():
+        iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64), torch.tensor([[16.0, 32.0, 48.0, 64.0]]).double())
+        expected = signals[(iou[:, 0] >= 0.5).numpy()]
+        outcomes = half.outcomes[rule]["Nodule"]
+        assert np.array_equal(outcomes.signals[1], expected) and not outcomes.hit[1].any(), rule
+        assert outcomes.signals[2].shape == (0, 5) and outcomes.located == [True, False, False], rule
+    assert len(paper.signals[1]) >= 1  # the paper's rule boxes the blob: a negative

@@ -19,7 +19,9 @@ from cxr_miner.storage.releases.reviews import (
     ReviewStore,
     UnknownBox,
     export_reviews,
+    read_negatives,
     released_boxes,
+    reviewed_rejections,
     reviewed_truth,
 )
 from cxr_miner.storage.vocab.errors import InputError
@@ -168,3 +170,20 @@ def test_reviewed_truth_is_the_accepted_and_redrawn_boxes_in_gt_boxes_shape(tmp_
         assert reviewed_truth(store.current()) == {
             "img0.png": {"Edema": [[0.0, 10.0, 20.0, 40.0], [1.0, 1.0, 9.0, 9.0]]}
         }
+
+
+def test_rejected_boxes_of_a_pair_without_truth_are_its_negatives(tmp_path):
+    """img0: b0 rejected, b1 accepted (truth: the rejection needs no other use); img1: b2 rejected,
+    b3 skipped (no truth: b2 is a negative); NIH boxes img2's Edema, where b4 is rejected."""
+    known = boxes(6)
+    with ReviewStore(tmp_path / REVIEWS_FILE) as store:
+        for box, verdict in (("b0", "reject"), ("b1", "accept"), ("b2", "reject"), ("b3", "skip"), ("b4", "reject")):
+            store.record(RELEASE, known, box, verdict, "ann")
+        assert reviewed_rejections(store.current()) == {
+            "img0.png": {"Edema": [[0.0, 10.0, 20.0, 40.0]]},
+            "img1.png": {"Edema": [[20.0, 10.0, 40.0, 40.0]]},
+            "img2.png": {"Edema": [[40.0, 10.0, 60.0, 40.0]]},
+        }
+    truth = {"img0.png": {"Edema": [[10.0, 10.0, 30.0, 40.0]]}, "img2.png": {"Edema": [[0.0, 0.0, 9.0, 9.0]]}}
+    assert read_negatives(tmp_path, truth) == {"img1.png": {"Edema": [[20.0, 10.0, 40.0, 40.0]]}}
+    assert read_negatives(tmp_path / "elsewhere", truth) == {}  # no store, no negatives
