@@ -38,7 +38,7 @@ from cxr_miner.miner.methods.mil import PatchMil
 from cxr_miner.miner.methods.tuned import providers_for
 from cxr_miner.miner.training import TrainConfig, pick_device
 from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
-from cxr_miner.storage.releases.reviews import read_ground_truth, read_negatives
+from cxr_miner.storage.releases.reviews import count_negatives, read_ground_truth, read_negatives
 from cxr_miner.storage.stages.batches import RowGroup, split_row_groups
 from cxr_miner.storage.stages.box_splits import BOX_SPLITS, BOX_TEST, BOX_VAL, BOX_VAL_FRACTION, box_folds, box_splits
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
@@ -157,9 +157,7 @@ class BoxedImages:
     def of(cls, work: Path, box_val_fraction: float) -> BoxedImages:
         truth, sources = read_ground_truth(work)
         negatives = read_negatives(work, truth)
-        for finding in (f for found in negatives.values() for f in found):
-            sources.setdefault(finding, {"nih": 0, "review": 0}).setdefault("rejected", 0)
-            sources[finding]["rejected"] += 1
+        sources = count_negatives(sources, negatives)
         reviewed = any(n["review"] for n in sources.values()) or bool(negatives)
         index = read_index(work / INDEX_FILE)
         patients = dict(zip(*index.select(["image_id", "patient_id"]).to_pydict().values()))

@@ -355,6 +355,17 @@ def read_negatives(workdir: Path, truth: Mapping[str, Mapping[str, Any]]) -> dic
     return negatives
 
 
+def count_negatives(
+    sources: dict[str, dict[str, int]], negatives: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, int]]:
+    """``sources`` (finding -> images boxed by "nih" and "review") with each finding's images of
+    ``negatives`` (read_negatives) counted as "rejected"."""
+    for finding in (f for found in negatives.values() for f in found):
+        counts = sources.setdefault(finding, {"nih": 0, "review": 0})
+        counts["rejected"] = counts.get("rejected", 0) + 1
+    return sources
+
+
 def merged_truth(
     nih: Mapping[str, Mapping[str, list[list[float]]]], reviewed: Mapping[str, Mapping[str, list[list[float]]]]
 ) -> tuple[dict[str, dict[str, list[list[float]]]], dict[str, dict[str, int]]]:

@@ -187,3 +187,14 @@ def test_rejected_boxes_of_a_pair_without_truth_are_its_negatives(tmp_path):
     truth = {"img0.png": {"Edema": [[10.0, 10.0, 30.0, 40.0]]}, "img2.png": {"Edema": [[0.0, 0.0, 9.0, 9.0]]}}
     assert read_negatives(tmp_path, truth) == {"img1.png": {"Edema": [[20.0, 10.0, 40.0, 40.0]]}}
     assert read_negatives(tmp_path / "elsewhere", truth) == {}  # no store, no negatives
+
+
+def test_rejected_only_images_are_counted_beside_the_sources():
+    from cxr_miner.storage.releases.reviews import count_negatives
+
+    sources = {"Edema": {"nih": 0, "review": 2}}
+    negatives = {"a.png": {"Edema": [[0, 0, 1, 1]], "Hernia": [[0, 0, 2, 2]]}, "b.png": {"Edema": [[1, 1, 2, 2]]}}
+    assert count_negatives(sources, negatives) == {
+        "Edema": {"nih": 0, "review": 2, "rejected": 2},
+        "Hernia": {"nih": 0, "review": 0, "rejected": 1},
+    }
