@@ -33,6 +33,7 @@ Network = CamClassifier | PatchModel  # images (N, 1, S, S) normalised -> logits
 NetworkT = TypeVar("NetworkT", CamClassifier, PatchModel)
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+PRECISIONS = ("auto", "bf16-native", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class TrainConfig:
     box_folds: int = 0  # >= 2: K-fold cross-validation over the boxed images (section 4.2); 0: box-val/box-test
     loader_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # auto: bf16 on CUDA, fp32 on CPU | bf16-native: bf16 where the device computes it natively (native_bf16),
+    # fp32 elsewhere | bf16 | fp32
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,8 +104,8 @@ class TrainConfig:
             )
         if self.mil_grid < 1 or self.mil_epochs < 1:
             raise SettingError(f"need mil_grid and mil_epochs >= 1: {self.mil_grid}, {self.mil_epochs}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise SettingError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise SettingError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.am_steps < 1 or self.epochs < 1 or self.batch_size < 1 or self.input_size < 32:
             raise SettingError(f"need am_steps, epochs, batch_size >= 1 and input_size >= 32: {self}")
 
@@ -198,7 +201,8 @@ PRESETS = {
     # `make demo`: localises the phantoms' findings on 2 CPU cores in minutes (issue 11, BENCHMARKS.md
     # "Demo preset"): at 128 px a ResNet-18's receptive field spans the whole image and its CAMs
     # cannot point at a small finding; 256 px, a 3-stage ResNet-10 (X at stride 8, half the
-    # receptive field) and bf16 autocast (native on CPUs with AVX512-BF16) keep it in budget.
+    # receptive field) and bf16 autocast where the CPU computes bf16 natively (AVX512-BF16, AMX) keep it in
+    # budget; on a CPU without (an AVX2 EPYC), emulated bf16 trains 11x slower than fp32, so fp32 there.
     "cpu-demo": TrainConfig(
         model=ModelConfig(name="msa", trunk="resnet10", stages=3),
         input_size=256,
@@ -210,7 +214,7 @@ PRESETS = {
         am_epochs=1,
         am_lr=5e-4,
         loader_workers=1,
-        precision="bf16",
+        precision="bf16-native",
         # each finding is on ~6% of images: BCE leaves Nodule unlearned in 12 epochs (AUC 0.56 vs 0.93)
         step1_loss="w-cel",
         mil_grid=16,
@@ -239,10 +243,28 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX. Elsewhere
+    torch emulates it: a ResNet-18 training step in bf16 autocast took 11x fp32's on a 2-core AVX2
+    EPYC (BENCHMARKS.md, "The host changed")."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    return device.type == "cpu" and any(
+        bool(getattr(cpu, probe, lambda: False)()) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` (a TrainConfig.precision) computes in bf16 autocast on ``device``."""
+    if precision == "bf16-native":
+        return native_bf16(device)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (precision auto or bf16), or on CPU when asked for bf16."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    """bf16 autocast where uses_bf16, else nothing (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
 
 
 def prepare_images(images: torch.Tensor, input_size: int, device: torch.device) -> torch.Tensor:

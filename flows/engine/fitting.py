@@ -29,6 +29,7 @@ from cxr_miner.miner.training import (
     predict,
     set_trunk_trainable,
     train_epoch,
+    uses_bf16,
 )
 from cxr_miner.storage.stages.batches import RowGroup
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
@@ -104,6 +105,7 @@ def fit(
         logger.info("%s: resuming after epoch %d from %s", name, state["epoch"], last)
     train_loader = training_loader(train_groups, config, schedule.seed, state["epoch"], device, targets)
     val_loader = shard_loader(val_groups, config.batch_size, shuffle=False, workers=config.loader_workers)
+    compute = f"{'bf16' if uses_bf16(device, config.precision) else 'fp32'} on {device}"
     epoch_of = EpochRunner(name, model, train_loader, loss_fn, optimizer, scheduler, config, device, epochs)
     for epoch in range(state["epoch"], epochs):
         if schedule.freeze_epochs:
@@ -114,10 +116,10 @@ def fit(
         state["history"].append(row)
         state["epoch"] = epoch + 1
         logger.info(
-            "%s epoch %d: loss %.4f, %.1f images/s, validation mean AUC %.3f",
-            *(name, epoch + 1, stats.loss, stats.images_per_second, row["mean_auc"]),
+            "%s epoch %d: loss %.4f, %.1f images/s (%s), validation mean AUC %.3f",
+            *(name, epoch + 1, stats.loss, stats.images_per_second, compute, row["mean_auc"]),
         )
-        saved = {"config": config.to_dict(), **(record or {}), "metrics": row}
+        saved = {"config": config.to_dict(), "compute": compute, **(record or {}), "metrics": row}
         score = row["mean_auc"] if not math.isnan(row["mean_auc"]) else -stats.loss
         if not keep_best or score > state["best"]:
             state["best"] = score
