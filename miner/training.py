@@ -7,6 +7,7 @@ Batches are dicts of tensors from a loader: ``images`` uint8 (B, S, S) shard pix
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -247,12 +248,14 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX. Elsewhere
     torch emulates it: a ResNet-18 training step in bf16 autocast took 11x fp32's on a 2-core AVX2
     EPYC (BENCHMARKS.md, "The host changed")."""
-    if device.type == "cuda":
-        return True
-    cpu = torch.cpu
-    return device.type == "cpu" and any(
-        bool(getattr(cpu, probe, lambda: False)()) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16())
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    # asked once per process: autocast() asks on every batch
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:
