@@ -128,6 +128,26 @@ def test_component_boxes_finds_every_blob_in_pixel_edges():
     assert component_boxes(heatmap, 0.85).tolist() == [[4, 4, 5, 5]]
 
 
+def test_one_labelling_of_the_stacked_masks_gives_each_thresholds_components_in_order():
+    """component_boxes_by_threshold against component_boxes called threshold by threshold, on
+    random smooth maps with several blobs per threshold (order included)."""
+    import torch
+
+    from cxr_miner.miner.metrics import MAXBOXACC_THRESHOLDS, component_boxes, component_boxes_by_threshold
+
+    rng = np.random.default_rng(7)
+    many = 0
+    for size in (16, 33):
+        coarse = torch.from_numpy(rng.random((1, 1, 6, 6)))
+        heatmap = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear")[0, 0].numpy()
+        stacked = component_boxes_by_threshold(heatmap, MAXBOXACC_THRESHOLDS)
+        assert len(stacked) == len(MAXBOXACC_THRESHOLDS)
+        for tau, boxes in zip(MAXBOXACC_THRESHOLDS, stacked):
+            np.testing.assert_array_equal(boxes, component_boxes(heatmap, tau))
+            many += len(boxes) > 1
+    assert many > 0  # some threshold splits a map into several components
+
+
 def test_max_box_acc_v2_worked_by_hand():
     """Two pairs. Pair 1: a blob of 4 x 4 pixels (value 1) with a 2-pixel ring of 0.5 around it; the
     truth is the 4 x 4 core: tau > 0.5 gives IoU 1 (hits every delta), tau <= 0.5 the 8 x 8 box,
