@@ -1,14 +1,15 @@
 """The detector check end to end on the shared release: four detectors trained the same way, their
-COCOeval figures re-scored here from the detections they wrote, the checked copy published as a new
-release that differs from the checked one only by the added file and page, and a detector trained on
-the ground truth finding its training images' lesions better than one trained on the prior."""
+COCOeval figures re-scored here from the detections they wrote, and the checked copy published as a
+new release that differs from the checked one only by the added file and page.
+
+Whether the detectors learn (one trained on the truth against one on the prior) is a learning run:
+bench/detector_check.py on the demo, figures in BENCHMARKS.md ("Detector check")."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -24,13 +25,11 @@ from cxr_miner.storage.vocab.findings import FINDINGS
 from tests.flows.helpers import copy_workdir
 
 pytestmark = pytest.mark.slow
-# A small detector at the shards' 128 px: a narrow box head, few RoIs, positives only (no background images);
-# about 100 s on 2 cores. Its box-val-truth detector scored AP30 0.27 and 0.25 on its training images at seeds 0
-# and 1, the prior's 0.14 and 0.16 (10 epochs: 0.32 and 0.27 against 0.20 and 0.10; 5: 0.12 and 0.02 against
-# 0.005 and 0.004, too few).
+# A small detector at the shards' 128 px: a narrow box head, few RoIs, positives only (no background images),
+# 2 epochs: what is checked is what the flow writes and publishes, not how well the detectors learn.
 TINY = {
     "size": 128,
-    "epochs": 8,
+    "epochs": 2,
     "background_ratio": 0.0,
     "settings": {"lr": 0.01, "batch_size": 4, "rois_per_image": 16, "box_head": 256},
 }
@@ -133,24 +132,3 @@ def test_the_checked_copy_is_a_new_release_with_only_the_check_added(checked):
     assert "detector-check-ap30.png" in page and all(
         f in page for f in json.loads((target / "detector-check.json").read_text())["findings"]
     )
-
-
-def test_a_detector_trained_on_the_truth_finds_its_training_lesions_better_than_the_prior(checked):
-    from cxr_miner.flows.engine.detection import DETECTOR, detections, load_detector
-    from cxr_miner.miner.detection_metrics import detection_figures
-    from cxr_miner.storage.stages.batches import split_row_groups
-    from cxr_miner.storage.stages.index import SPLITS
-
-    work, source, result = checked
-    check = result["check"]
-    plan, sizes = make_plan(work, source, check["box_val_fraction"], 0.0)
-    trained_on = {i: boxes for i, boxes in plan.sets["box-val-truth"].boxes.items() if boxes}
-    groups = split_row_groups(work, SPLITS, images=trained_on)
-    figures = {}
-    for name in ("box-val-truth", "prior"):
-        model, config = load_detector(Path(result["work"]) / name / f"{DETECTOR}.safetensors")
-        figures[name] = detection_figures(trained_on, sizes, detections(model, config, groups, "cpu"), plan.findings)[
-            "overall"
-        ]
-    assert not math.isnan(figures["prior"]["ap30"])
-    assert figures["box-val-truth"]["ap30"] > figures["prior"]["ap30"] + 0.05, figures

@@ -2,8 +2,9 @@
 which boxed images each model may learn from, evaluate's tables and K-fold cross-validation,
 and a harvest and release by ``mil``.
 
-The learning test is the paper's Figure 5 in shape: with the boxes of box-val the model localises
-the planted findings on box-test at T(IoR) = 0.1 better than with box fraction 0, by a margin.
+Whether boxes teach the model to localise (the paper's Figure 5: Acc against the box fraction) is a
+learning run: bench/mil_fractions.py, figures in BENCHMARKS.md ("MIL"). Here each model trains one
+epoch: what is checked is what each learns from and what evaluate, harvest and release make of it.
 """
 
 from __future__ import annotations
@@ -33,15 +34,11 @@ from tests.flows.helpers import copy_workdir
 
 pytestmark = pytest.mark.slow
 MIL_SETTINGS = {
-    "mil_epochs": 4,
+    "mil_epochs": 1,
     "mil_lr": 4e-3,
     "batch_size": 16,
     "loader_workers": 0,
 }  # loader workers: see helpers.SETTINGS
-# Acc at T(IoR) = 0.1 over all box-test pairs (36 on these phantoms), with boxes minus without:
-# measured 0.28 against 0.00 with these settings, 0.19 against 0.00 with 6 epochs, 0.28 against 0.08
-# with 10 epochs at 2e-3 (BENCHMARKS.md, "MIL"); 0.1 is 4 pairs of 36.
-MARGIN = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +60,6 @@ def mil_work(trained_workdir, tmp_path_factory) -> Path:
         )
         evaluate(workdir=str(work), run=run)
     return work
-
-
-def pooled_ior_acc(work: Path, run: str) -> tuple[float, dict[str, float]]:
-    """Acc at T(IoR) = 0.1 over every scored (image, finding) pair of box-test, and per finding."""
-    results = json.loads(RunFolder.of(work, run).evaluation_json.read_text())["results"]["mil"]
-    scored = {f: row for f, row in results.items() if row["images"]}
-    hits = sum(row["ior"]["0.1"]["acc"] * row["images"] for row in scored.values())
-    return hits / sum(row["images"] for row in scored.values()), {
-        f: row["ior"]["0.1"]["acc"] for f, row in scored.items()
-    }
-
-
-def test_boxes_teach_the_mil_model_to_localise(mil_work):
-    with_boxes, per_finding = pooled_ior_acc(mil_work, "boxes")
-    without, per_finding_none = pooled_ior_acc(mil_work, "none")
-    assert with_boxes - without > MARGIN, (per_finding, per_finding_none)
 
 
 def test_each_model_learns_only_from_the_boxes_it_may_and_never_sees_box_test(mil_work):
@@ -119,9 +100,7 @@ def test_evaluate_scores_mil_in_the_same_tables_and_tunes_its_rule(mil_work):
 
 def test_folds_hold_out_each_fold_and_evaluate_reports_their_mean_and_spread(mil_work):
     settings = mil_work / "mil-folds.json"
-    settings.write_text(
-        json.dumps({**MIL_SETTINGS, "mil_epochs": 1, "loader_workers": 1})
-    )  # patch labels made in a spawned worker
+    settings.write_text(json.dumps({**MIL_SETTINGS, "loader_workers": 1}))  # patch labels made in a spawned worker
     train(
         workdir=str(mil_work),
         preset="cpu-small",
@@ -161,10 +140,8 @@ def test_a_mil_run_is_not_scored_at_a_box_split_it_learnt_across(mil_work):
 
 
 def test_harvest_and_release_by_mil_use_the_model_of_every_box(mil_work, dask_cluster, tmp_path):
-    """A run for release (one epoch: what is checked is which model boxes) also learns mil-all from
-    every boxed image, and harvest and release use it."""
-    settings = mil_work / "mil-release.json"
-    settings.write_text(json.dumps({**MIL_SETTINGS, "mil_epochs": 1}))
+    """A run for release also learns mil-all from every boxed image, and harvest and release use it."""
+    settings = mil_work / "mil.json"
     train(workdir=str(mil_work), preset="cpu-small", config_file=str(settings), run="release", method="mil")
     folder = RunFolder.of(mil_work, "release")
     everything = read_checkpoint_record(folder.checkpoint("mil-all"))["boxes"]
