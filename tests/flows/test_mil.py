@@ -38,7 +38,8 @@ MIL_SETTINGS = {
     "mil_lr": 4e-3,
     "batch_size": 16,
     "loader_workers": 0,
-}  # loader workers: see helpers.SETTINGS
+    "model": {"trunk": "resnet10", "stages": 3},
+}  # loader workers: see helpers.SETTINGS; the trunk: a small one (no test here is of learning)
 
 
 @pytest.fixture(scope="module")
