@@ -179,7 +179,7 @@ def component_boxes_by_threshold(heatmap: np.ndarray, thresholds: Sequence[float
     """``component_boxes(heatmap, tau)`` for every tau of ``thresholds``, from one labelling of the
     stack of masks (T, H, W) whose structure connects pixels within a slice only: the same
     components (scipy numbers a slice's in row-major order of their first pixel, as it does one
-    mask's), without T calls' overhead (100 thresholds of a 32 x 32 map: about 20x faster)."""
+    mask's), without T calls' overhead (100 thresholds of a 32 x 32 map: 3.3 against 10.4 ms)."""
     from scipy.ndimage import find_objects, label
 
     masks = np.asarray(heatmap)[None] >= np.asarray(thresholds, dtype=np.float64)[:, None, None]

@@ -281,7 +281,7 @@ def prepare_images(images: torch.Tensor, input_size: int, device: torch.device) 
 def to_device(model: NetworkT, device: torch.device) -> NetworkT:
     """``model`` on ``device``, channels-last (as prepare_images gives its images): on a GPU for its
     tensor cores; on a CPU oneDNN's convolutions are faster so too (cpu-small's training 14.1 against
-    15.9 images/s on a 2-core AVX2 EPYC, BENCHMARKS.md "The host changed")."""
+    15.9 images/s on a 2-core AVX2 EPYC, BENCHMARKS.md "The suite cut back on the AVX2 host")."""
     return model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's overloads omit it
 
 
