@@ -108,7 +108,7 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
         val_groups,
         config,
         device,
-        Schedule(config.am_epochs, config.am_lr, config.seed + step, warmup_steps=config.am_warmup_steps),
+        am_schedule(config, step),
         keep_best=False,
         logger=get_run_logger(),
         record={"step": step},
@@ -116,6 +116,14 @@ def attention_step(workdir: str, run: str, step: int) -> dict[str, Any]:
     intervals = validation_change_intervals(chain[0], model, val_groups, config, device) if val_groups else {}
     record_forgetting(folder, f"step{step}", get_run_logger(), intervals)
     return result
+
+
+def am_schedule(config: TrainConfig, step: int) -> Schedule:
+    """How AM step ``step`` trains: am_epochs at am_lr by ``am_optimizer`` (step 1's optimiser by default)."""
+    optimizer = None if config.am_optimizer == "step1" else config.am_optimizer
+    return Schedule(
+        config.am_epochs, config.am_lr, config.seed + step, optimizer=optimizer, warmup_steps=config.am_warmup_steps
+    )
 
 
 def validation_change_intervals(

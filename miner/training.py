@@ -65,6 +65,9 @@ class TrainConfig:
     # as section 2.2 has them) | running (its running statistics: L_KP starts at the gap between the two modes)
     kp_norm: str = "batch"
     am_cls_loss: str = "step1"  # L_cls of the AM steps' Eq. 6: step1 (the loss step 1 learnt by) | bce (Eq. 3 always)
+    # the AM steps' optimiser: step1 (``optimizer``) | sgd | adamw | adam. SGD after cpu-demo's AdamW step 1
+    # forgot more, not less (BENCHMARKS.md, issue 23, third pass)
+    am_optimizer: str = "step1"
     # The MIL patch model (Li et al. 2018, method ``mil``): its trunk is model.trunk/stages/weights.
     mil_grid: int = 16  # P of section 3.1 (the paper picks it from {12, 16, 20})
     mil_head_channels: int = 512  # c* of section 3.1
@@ -94,6 +97,8 @@ class TrainConfig:
             raise SettingError(f"kp_norm must be batch or running, got {self.kp_norm!r}")
         if self.am_cls_loss not in ("step1", "bce"):
             raise SettingError(f"am_cls_loss must be step1 or bce, got {self.am_cls_loss!r}")
+        if self.am_optimizer not in ("step1", *OPTIMIZERS):
+            raise SettingError(f"am_optimizer must be step1 or one of {OPTIMIZERS}, got {self.am_optimizer!r}")
         for name in ("optimizer", "mil_optimizer"):
             if getattr(self, name) not in OPTIMIZERS:
                 raise SettingError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")

@@ -197,3 +197,25 @@ def test_weighted_cross_entropy_by_hand():
     assert float(weighted_classification_loss(logits, no_positive)) == pytest.approx(
         float(torch.nn.functional.binary_cross_entropy_with_logits(logits, no_positive)), rel=1e-6
     )
+
+
+def test_am_steps_train_by_the_optimiser_asked_for():
+    """am_optimizer step1 keeps step 1's optimiser (cpu-demo: AdamW); sgd gives SGD with the run's
+    momentum at am_lr; an unknown name is refused, naming it."""
+    from cxr_miner.flows.train import am_schedule
+    from cxr_miner.miner.training import make_optimizer, preset
+    from cxr_miner.storage.vocab.errors import SettingError
+
+    model = small_model("baseline", seed=1)
+    demo = preset("cpu-demo")
+    for config, kind in (
+        (demo, torch.optim.AdamW),
+        (demo.updated({"am_optimizer": "sgd", "am_lr": 0.01}), torch.optim.SGD),
+    ):
+        schedule = am_schedule(config, step=2)
+        optimizer, _ = make_optimizer(model, config, schedule.lr, schedule.epochs, 4, schedule.optimizer)
+        assert type(optimizer) is kind
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(config.am_lr)
+    assert optimizer.param_groups[0]["momentum"] == demo.momentum
+    with pytest.raises(SettingError, match="am_optimizer.*'rmsprop'"):
+        demo.updated({"am_optimizer": "rmsprop"})
