@@ -32,6 +32,11 @@ VARIANTS: dict[str, dict] = {
     "no-erasure": {"kp": "vanilla", "erased_fraction": 0.01, "kp_norm": "running"},
     "kp-running": {"kp_norm": "running"},
     "kp-batch": {"kp_norm": "batch"},
+    # AM steps by SGD with momentum (the paper preset's optimiser, at its AM rate) where step 1 trained by AdamW:
+    # the guess was that a fresh AdamW moves every weight by about its rate, gradient or not. It moved the
+    # weights less and forgot more (BENCHMARKS.md, issue 23, third pass)
+    "am-sgd": {"am_optimizer": "sgd", "am_lr": 0.01},
+    "am-sgd-0.03": {"am_optimizer": "sgd", "am_lr": 0.03},
 }
 
 
@@ -111,6 +116,31 @@ def change_intervals(
     return out
 
 
+def weight_moves(workdir: Path, run: str) -> dict[str, float]:
+    """step<t> -> ||theta_t - theta_1|| / ||theta_1|| over the learnt weights (BatchNorm's
+    running statistics left out): how far each AM step moved the classifier."""
+    import torch
+
+    from cxr_miner.flows.engine.checkpoints import load_model
+    from cxr_miner.miner.training import TrainConfig
+    from cxr_miner.storage.stages.runs import RunFolder
+
+    folder = RunFolder.of(workdir, run)
+    config = TrainConfig.from_dict(folder.config())
+    weights = {
+        step: dict(load_model(folder.step(step), torch.device("cpu"))[0].named_parameters())
+        for step in range(1, config.am_steps + 1)
+    }
+    first = weights[1]
+    size = sum(float(p.detach().pow(2).sum()) for p in first.values()) ** 0.5
+    return {
+        f"step{step}": sum(float((p.detach() - first[n].detach()).pow(2).sum()) for n, p in weights[step].items())
+        ** 0.5
+        / size
+        for step in range(2, config.am_steps + 1)
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
@@ -129,6 +159,7 @@ def main() -> None:
                 "am_seconds": seconds,
                 "steps": step_changes(args.workdir, run),
                 "intervals": change_intervals(args.workdir, run),
+                "moved": weight_moves(args.workdir, run),
             }
             results_file.write_text(json.dumps(results, indent=2))
         for key, result in results.items():  # results of an older version of this script
@@ -154,6 +185,11 @@ def main() -> None:
         print(
             f"\n{result['variant']} {result['settings']}: forgotten { ({s: v['forgotten'] for s, v in steps.items()}) }"
         )
+        if "moved" in result:
+            print(
+                "  weights moved from step 1 (relative): "
+                + ", ".join(f"{s} {v:.4f}" for s, v in result["moved"].items())
+            )
         first = next(iter(steps.values()))["changes"]
         for finding in first:
             intervals = result.get("intervals", {})
