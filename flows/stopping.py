@@ -6,8 +6,9 @@ DataLoader workers, temporary files. Prefect's own SIGTERM bridge (which marks t
 crashed) re-sends the signal to the handler it replaced, which is this one.
 
 A watchdog started with the first signal makes the stop certain: if the process still lives
-``grace_s`` seconds later (cleanup stuck on a dead worker, say), it kills the process's children
-and exits with the same status. Further signals during the stop are ignored.
+``grace_s`` seconds later (cleanup stuck on a dead worker, say), it says so in the stop's one line,
+kills the process's children and exits with the same status. What a killed worker leaves (a
+temporary file) the rerun removes. Further signals during the stop are ignored.
 """
 
 from __future__ import annotations
@@ -44,10 +45,20 @@ def kill_children() -> None:
             child.kill()
 
 
-def _watchdog(status: int, grace_s: float) -> None:
+def cut_short_line(signum: int, grace_s: float) -> str:
+    """The stop's line when the watchdog ends it (the line a clean stop prints, with what differs)."""
+    return (
+        f"stopped: {Stopped(signum)}; cleanup cut short after {grace_s:g} s, its processes killed;"
+        " a rerun removes what is left and resumes\n"
+    )
+
+
+def _watchdog(signum: int, grace_s: float) -> None:
     def kill_and_exit() -> None:
         kill_children()
-        os._exit(status)
+        # os.write, not print: the main thread may hold sys.stderr's lock where the watchdog fires
+        os.write(2, cut_short_line(signum, grace_s).encode())
+        os._exit(128 + signum)
 
     timer = threading.Timer(grace_s, kill_and_exit)
     timer.daemon = True
@@ -72,7 +83,7 @@ def stop_on_signals(grace_s: float = GRACE_S) -> Iterator[None]:
         if _received:
             return
         _received.append(signum)
-        _watchdog(128 + signum, grace_s)
+        _watchdog(signum, grace_s)
         raise Stopped(signum)
 
     previous = {signum: signal.signal(signum, handler) for signum in SIGNALS}
