@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from pycocotools.coco import COCO
 
 from cxr_miner.flows.review import review_app
+from cxr_miner.miner.calibration import HIT_IOU
 from cxr_miner.storage.releases.review_server import review_server
 from cxr_miner.storage.vocab.findings import UNBOXED_FINDINGS
 from tests.flows.helpers import copy_workdir
@@ -87,8 +88,8 @@ def _iou(a, b) -> float:
 def test_reviews_of_an_unboxed_finding_give_it_a_confidence_in_the_next_release(
     released, dask_cluster, monkeypatch, tmp_path
 ):
-    """The loop: reviews simulated from demo_truth.csv (accept where IoU >= 0.5 with the drawn box,
-    else reject) for up to 60 boxes of one unboxed finding; the next `run`
+    """The loop: reviews simulated from demo_truth.csv (accept a box the project counts as right,
+    IoU >= HIT_IOU with the drawn box, else reject) for up to 60 boxes of one unboxed finding; the next `run`
     evaluates that finding on its reviewed images, calibrates it and sets its operating point, so
     its boxes carry a confidence and those at the operating point enter coco/."""
     import csv
@@ -107,7 +108,7 @@ def test_reviews_of_an_unboxed_finding_give_it_a_confidence_in_the_next_release(
     def verdict(box: dict) -> str:
         truth = drawn.get((box["image_id"], box["finding"]))
         corners = [box[k] for k in ("x_min", "y_min", "x_max", "y_max")]
-        return "accept" if truth and _iou(corners, truth) >= 0.5 else "reject"
+        return "accept" if truth and _iou(corners, truth) >= HIT_IOU else "reject"
 
     def first_60(finding: str) -> list[dict]:
         """60 boxes to review: of 6 images only their wrong boxes (so those pairs are negatives), then
