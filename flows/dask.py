@@ -6,17 +6,18 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
-import torch
 from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from cxr_miner.flows.options import check_cluster
 from cxr_miner.flows.workers import quiet_dask_shutdown
-from cxr_miner.miner.training import pick_device
 from cxr_miner.storage.vocab.errors import SettingError
+
+if TYPE_CHECKING:  # torch is imported where a device is asked for: preprocess's workers never load it
+    import torch
 
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
 # mmap threshold at 128 KiB: every decoded image buffer is then mmap'ed, zero-filled and
@@ -84,6 +85,10 @@ def local_worker_config() -> Iterator[None]:
 
 def worker_device(setting: str) -> torch.device:
     """The configured device; on CUDA without an index, GPU (Dask worker number mod GPU count)."""
+    import torch
+
+    from cxr_miner.miner.training import pick_device
+
     device = pick_device(setting)
     if device.type != "cuda" or device.index is not None:
         return device
@@ -103,4 +108,6 @@ def worker_threads() -> int:
 
         return get_worker().state.nthreads
     except (ImportError, ValueError, AttributeError):
+        import torch
+
         return torch.get_num_threads()

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,13 @@ def test_miner_knows_no_orchestration_no_files_and_only_the_shared_vocabulary(pa
 @pytest.mark.parametrize("path", modules("flows/engine"), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_the_engine_knows_no_prefect_or_dask(path):
     assert offending(path, ORCHESTRATION) == []
+
+
+def test_preprocess_loads_no_torch():
+    """Each Dask worker imports the preprocess flow's module to run its tasks: torch (about 3 s of
+    import here) is not among what it loads."""
+    code = "import sys, cxr_miner.flows.preprocess; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_flows_do_not_import_each_other_for_helpers():
