@@ -8,6 +8,7 @@ import torch
 
 from cxr_miner.flows import dask as flows_dask
 from cxr_miner.flows import harvest
+from cxr_miner.miner import training
 
 
 @pytest.mark.parametrize(("workers", "layout"), [(None, (16, 1)), (4, (4, 4)), (32, (32, 1))])
@@ -19,7 +20,7 @@ def test_a_local_harvest_has_a_worker_per_core_unless_told(monkeypatch, workers,
 def test_the_gpus_are_dealt_to_the_workers_round_robin(monkeypatch):
     import distributed
 
-    monkeypatch.setattr(flows_dask, "pick_device", lambda setting: torch.device(setting))
+    monkeypatch.setattr(training, "pick_device", lambda setting: torch.device(setting))  # no CUDA here
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     devices = []
     for name in ("0", "1", "2", "3", "4"):
