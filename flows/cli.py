@@ -749,11 +749,12 @@ def main() -> None:
 def failure_status(error: BaseException) -> int:
     """Say what ended the command, in one line; return its exit status (see main)."""
     from cxr_miner.flows.logs import held_errors, write_error_log
-    from cxr_miner.flows.stopping import Stopped, stop_requested
+    from cxr_miner.flows.stopping import Stopped, stop_reported, stop_requested
 
     stop = error if isinstance(error, Stopped) else stop_requested()
     if stop is not None:
         say("stopped:", f"{stop}; temporary files removed, a rerun resumes", style="yellow")
+        stop_reported()
         return stop.exit_status
     if isinstance(error, UserError):
         say(

@@ -56,8 +56,9 @@ def cut_short_line(signum: int, grace_s: float) -> str:
 def _watchdog(signum: int, grace_s: float) -> None:
     def kill_and_exit() -> None:
         kill_children()
-        # os.write, not print: the main thread may hold sys.stderr's lock where the watchdog fires
-        os.write(2, cut_short_line(signum, grace_s).encode())
+        if not _reported:  # the clean stop's line is out: the interpreter's teardown ran long, nothing more to say
+            # os.write, not print: the main thread may hold sys.stderr's lock where the watchdog fires
+            os.write(2, cut_short_line(signum, grace_s).encode())
         os._exit(128 + signum)
 
     timer = threading.Timer(grace_s, kill_and_exit)
@@ -66,6 +67,12 @@ def _watchdog(signum: int, grace_s: float) -> None:
 
 
 _received: list[int] = []  # the signal that started the stop, in this process
+_reported: list[bool] = []  # the command has said how it stopped (stop_reported)
+
+
+def stop_reported() -> None:
+    """The stop's line is said: a watchdog firing later (in a long teardown) says nothing more."""
+    _reported.append(True)
 
 
 def stop_requested() -> Stopped | None:
@@ -78,6 +85,7 @@ def stop_requested() -> Stopped | None:
 def stop_on_signals(grace_s: float = GRACE_S) -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise :class:`Stopped` (main thread only)."""
     _received.clear()
+    _reported.clear()
 
     def handler(signum: int, frame: object) -> None:
         if _received:
