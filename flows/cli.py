@@ -423,15 +423,30 @@ def review(
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8765,
     reviewer: Annotated[str, typer.Option(help="Your name on every verdict (default: typed into the page).")] = "",
     root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since ingest (the images).")] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=(
+                "Another name reviewers reach this server by (a machine name, an address): requests naming "
+                "any other host are refused. Repeatable."
+            )
+        ),
+    ] = None,
 ) -> None:
     """Serve the release's boxes for review in a browser: accept, reject, redraw or skip each box
-    of a finding's queue; verdicts are stored at once in W/reviews.sqlite (Ctrl-C stops)."""
+    of a finding's queue; verdicts are stored at once in W/reviews.sqlite (Ctrl-C stops). The server
+    answers only requests addressed to 127.0.0.1, localhost, --host or an --allow-host name."""
     from cxr_miner.flows.options import check_range
     from cxr_miner.flows.review import review_app, serve_review
 
     check_range("--port", port, 0, 65535)
     app_ = review_app(release, workdir, reviewer, root)
-    serve_review(app_, host, port, lambda url: say(f"reviewing release {app_.version}:", f"{url} (Ctrl-C stops)"))
+
+    def ready(url: str, hosts: list[str]) -> None:
+        say(f"reviewing release {app_.version}:", f"{url} (Ctrl-C stops)")
+        say("answers requests for:", ", ".join(hosts), style="dim")
+
+    serve_review(app_, host, port, ready, allow_host or ())
 
 
 reviews_app = typer.Typer(no_args_is_help=True, help="Reviewers' verdicts (W/reviews.sqlite).")

@@ -7,11 +7,11 @@ the index's source paths), the server and the store are storage's (``releases.re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cxr_miner.storage.releases.release import BOXES_FILE, release_file
-from cxr_miner.storage.releases.review_server import ReviewApp, review_server
+from cxr_miner.storage.releases.review_server import WILDCARD_ADDRESSES, ReviewApp, review_server, served_hosts
 from cxr_miner.storage.releases.reviews import REVIEWS_FILE, ReviewStore, export_reviews
 from cxr_miner.storage.stages.index import INDEX_FILE, read_index, read_ingest_report
 from cxr_miner.storage.vocab.errors import MissingInput
@@ -34,11 +34,15 @@ def review_app(release: Path, workdir: Path, reviewer: str = "", root: Path | No
     )
 
 
-def serve_review(app: ReviewApp, host: str, port: int, ready: Callable[[str], None]) -> None:
-    """Serve ``app`` until interrupted; ``ready`` gets the page's URL once it listens."""
-    server = review_server(app, host, port)
-    bound_host, bound_port = server.server_address[:2]
-    ready(f"http://{bound_host!s}:{bound_port}/")
+def serve_review(
+    app: ReviewApp, host: str, port: int, ready: Callable[[str, list[str]], None], names: Sequence[str] = ()
+) -> None:
+    """Serve ``app`` until interrupted; ``ready`` gets the page's URL and the Host values the server
+    answers (``names`` besides the loopback names and ``host``) once it listens."""
+    server = review_server(app, host, port, names)
+    bound_port = server.server_address[1]
+    shown_host = "127.0.0.1" if host in WILDCARD_ADDRESSES else (f"[{host}]" if ":" in host else host)
+    ready(f"http://{shown_host}:{bound_port}/", sorted(served_hosts(server)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

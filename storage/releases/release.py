@@ -284,15 +284,34 @@ def is_private(release: Path) -> bool:
 
 
 def read_manifest(release: Path) -> dict[str, Any]:
-    """``RELEASE/manifest.json``; FileNotFoundError naming a folder that is not a release."""
-    path = Path(release) / MANIFEST_FILE
-    if not path.exists():
-        raise MissingInput(f"{release}: not a release (no {MANIFEST_FILE})")
-    return read_json(path, "the release is damaged: publish a new one with `cxr-miner release`")
+    """``RELEASE/manifest.json``; MissingInput naming a folder that is not a release."""
+    check_is_release(release)
+    return read_json(
+        Path(release) / MANIFEST_FILE, "the release is damaged: publish a new one with `cxr-miner release`"
+    )
+
+
+def check_is_release(folder: Path) -> None:
+    """MissingInput unless ``folder`` is a published release (it holds manifest.json); the message
+    says what the folder looks like instead (a work folder, a releases folder)."""
+    folder = Path(folder)
+    if (folder / MANIFEST_FILE).is_file():
+        return
+    if not folder.is_dir():
+        raise MissingInput(f"{folder}: no such release folder (give RELEASES/<version> or RELEASES/latest)")
+    if (folder / LATEST).is_dir():
+        looks = f"a releases folder: give one of its releases, e.g. {folder / LATEST}"
+    elif (folder / INDEX_FILE).exists():
+        looks = "a work folder: give a release made from it, RELEASES/<version> or RELEASES/latest"
+    else:
+        looks = "give RELEASES/<version> or RELEASES/latest"
+    raise MissingInput(f"{folder}: this is not a release (it has no {MANIFEST_FILE}); {looks}")
 
 
 def release_file(release: Path, name: str) -> Path:
-    """The path of file ``name`` of a release; FileNotFoundError that says it is missing."""
+    """The path of file ``name`` of a release; MissingInput that says it is missing, or that the
+    folder is no release at all."""
+    check_is_release(release)
     path = Path(release) / name
     if not path.exists():
         raise MissingInput(

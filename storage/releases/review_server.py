@@ -13,7 +13,15 @@ Standard library only (``http.server``, one thread per request). Routes:
   only with the page's token in ``X-Review-Token`` and, where the browser sends one, an
   ``Origin`` that is this server; else 403 and nothing is written.
 
-Errors come back as JSON ``{"error": message}`` (400 for a bad verdict or unknown box).
+Every request must name this server in its ``Host`` header: one of the names it was started for
+(``allowed_hosts``: 127.0.0.1, localhost, [::1], ``--host`` and ``--allow-host``, each with the
+port), else 421 before anything is read or served. A page on another site that a DNS-rebinding
+attack points at this address sends its own name there, and gets neither the page (with its write
+token) nor a write.
+
+Errors come back as JSON ``{"error": message}`` in one line: 400 for a bad verdict, body or unknown
+box, 403, 404, 411, 413, 421; a request the server cannot serve at all (a bug) gets 500 with the
+error's one line, and the console one line too: no request prints a traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import io
 import json
 import mimetypes
 import secrets
+import socket
+import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,11 +48,14 @@ from cxr_miner.storage.inputs.images import ImageReadError, read_image
 from cxr_miner.storage.releases.release import BOXES_FILE
 from cxr_miner.storage.releases.review_page import review_page
 from cxr_miner.storage.releases.review_queue import SAMPLER, QueueBox, next_box, review_order
-from cxr_miner.storage.releases.reviews import ReviewStore, released_boxes
+from cxr_miner.storage.releases.reviews import ReviewStore, released_boxes, shown
 from cxr_miner.storage.vocab.errors import InputError, UserError
 
 IMAGE_SIDE = 1024
 MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT_S = 30  # a client that stops sending mid-request is let go after this long
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 BOX_COLUMNS = ("box_id", "image_id", "finding", "image_width", "image_height", "x_min", "y_min", "x_max", "y_max")
 
 
@@ -115,15 +128,14 @@ class ReviewApp:
         }
 
     def verdict(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        reviewer = str(body.get("reviewer") or self.reviewer)
-        redrawn = body.get("box")
-        seq = self.store().record(
-            self.version, self.boxes, str(body.get("box_id")), str(body.get("verdict")), reviewer, redrawn
-        )
+        box_id, verdict = _text_field(body, "box_id"), _text_field(body, "verdict")
+        reviewer = _text_field(body, "reviewer", required=False) or self.reviewer
+        seq = self.store().record(self.version, self.boxes, box_id, verdict, reviewer, body.get("box"))
         return {"stored": seq}
 
     def undo(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return {"undone": self.store().undo(self.version, str(body.get("reviewer") or self.reviewer))}
+        reviewer = _text_field(body, "reviewer", required=False) or self.reviewer
+        return {"undone": self.store().undo(self.version, reviewer)}
 
     def _image_png(self, box_id: str) -> bytes:
         row = self.details.get(box_id)
@@ -143,7 +155,7 @@ class ReviewApp:
         """The file ``relative`` (URL path, '/'-separated) of the release; Refused if it is outside
         it, behind a symbolic link, or missing."""
         parts = PurePosixPath(unquote(relative)).parts
-        if not parts or parts[0] == "/" or any(p in ("..", ".") or "\\" in p for p in parts):
+        if not parts or parts[0] == "/" or any(p in ("..", ".") or "\\" in p or "\x00" in p for p in parts):
             raise Refused(HTTPStatus.FORBIDDEN, f"{relative!r}: not a path inside the release")
         path = self.release
         for part in parts:
@@ -156,10 +168,13 @@ class ReviewApp:
 
 
 class ReviewHandler(BaseHTTPRequestHandler):
-    """HTTP for one ReviewApp (``app``, set on the subclass ``handler_for`` makes)."""
+    """HTTP for one ReviewApp (``app``, set on the subclass ``handler_for`` makes) and the Host
+    header values it answers (``hosts``, see ``allowed_hosts``)."""
 
     app: ReviewApp
+    hosts: frozenset[str]
     server_version = "cxr-miner-review"
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the command prints what matters
         pass
@@ -172,11 +187,20 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def _answer(self, route: Any) -> None:
         try:
+            self._check_host()
             status, kind, payload = route(urlsplit(self.path))
         except Refused as refused:
             status, kind, payload = refused.status, "application/json", _json({"error": str(refused)})
         except UserError as error:
             status, kind, payload = HTTPStatus.BAD_REQUEST, "application/json", _json({"error": str(error)})
+        except (ConnectionError, TimeoutError):
+            raise  # the connection itself failed (a client gone, or stalled): nobody to answer
+        except Exception as error:  # a bug: one line back and one on the console, never a traceback
+            say_failure(self, error)
+            status, kind = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
+            payload = _json({"error": one_line(error)})
+        if status >= HTTPStatus.BAD_REQUEST:
+            self.close_connection = True  # a body may be left unread: never parse it as the next request
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(payload)))
@@ -184,6 +208,15 @@ class ReviewHandler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         self.wfile.write(payload)
+
+    def _check_host(self) -> None:
+        """421 unless the request names this server (DNS rebinding: see the module's docstring)."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.hosts:
+            raise Refused(
+                HTTPStatus.MISDIRECTED_REQUEST,
+                f"this server answers for {', '.join(sorted(self.hosts))}, not Host {shown(host)}",
+            )
 
     def _get(self, url: Any) -> tuple[HTTPStatus, str, bytes]:
         app, query = self.app, parse_qs(url.query)
@@ -217,29 +250,104 @@ class ReviewHandler(BaseHTTPRequestHandler):
         if not secrets.compare_digest(self.headers.get("X-Review-Token", ""), self.app.token):
             raise Refused(HTTPStatus.FORBIDDEN, "write refused: not from this server's review page (no valid token)")
         origin = self.headers.get("Origin")
-        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
-            raise Refused(HTTPStatus.FORBIDDEN, f"write refused: from another origin ({origin})")
+        if origin is not None and origin.lower() not in {f"http://{host}" for host in self.hosts}:
+            raise Refused(HTTPStatus.FORBIDDEN, f"write refused: from another origin ({shown(origin)})")
 
     def _json_body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= MAX_BODY:
-            raise InputError("request", f"a JSON body of 1 to {MAX_BODY} bytes is needed, not {length}")
+        length = content_length(self.headers.get("Content-Length"))
         try:
             body = json.loads(self.rfile.read(length))
-        except ValueError as error:
-            raise InputError("request", f"not JSON: {error}") from error
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+            reason = "nested too deeply" if isinstance(error, RecursionError) else one_line(error)
+            raise InputError("request", f"the body is not JSON: {reason}") from None
         if not isinstance(body, dict):
             raise InputError("request", "the body must be a JSON object")
         return body
+
+
+def content_length(header: str | None) -> int:
+    """A request body's length from its Content-Length header: 411 without one, 400 unless it is a
+    whole number of bytes, 413 beyond MAX_BODY."""
+    if header is None:
+        raise Refused(HTTPStatus.LENGTH_REQUIRED, "a JSON body with its Content-Length is needed")
+    text = header.strip()
+    if not text.isascii() or not text.isdigit():
+        raise InputError("Content-Length", f"{shown(header)} is not a whole number of bytes")
+    digits = text.lstrip("0")
+    if not digits:
+        raise InputError("request", "the body is empty; a JSON object is needed")
+    if len(digits) > len(str(MAX_BODY)) or int(digits) > MAX_BODY:
+        raise Refused(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a body of {shown(digits)} bytes; at most {MAX_BODY} are taken"
+        )
+    return int(digits)
+
+
+def _text_field(body: Mapping[str, Any], name: str, *, required: bool = True) -> str:
+    """``body[name]`` as a string: InputError if it is missing (where required) or of another kind."""
+    value = body.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(name, f"must be a string, not {shown(value)}")
+    return value
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def say_failure(handler: BaseHTTPRequestHandler, error: BaseException) -> None:
+    """One line on the console for a request that failed in the server (never a traceback)."""
+    sys.stderr.write(f"review server: {handler.command} {shown(handler.path)} failed: {one_line(error)}\n")
 
 
 def _json(data: Any) -> bytes:
     return json.dumps(data).encode()
 
 
-def review_server(app: ReviewApp, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    """A server for ``app`` bound to ``host:port`` (port 0: any free one), not yet serving."""
-    handler = type("BoundReviewHandler", (ReviewHandler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+class ReviewServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer whose errors outside a request's answer (a client gone mid-reply, a
+    timeout) take one line on the console rather than a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)) or error is None:
+            return  # the client went away or stalled: nothing to say
+        sys.stderr.write(f"review server: a request from {client_address[0]} failed: {one_line(error)}\n")
+
+
+def allowed_hosts(host: str, port: int, names: Iterable[str] = ()) -> frozenset[str]:
+    """The Host header values a server on ``host:port`` answers: the loopback names, ``host``
+    itself (an IPv6 address in brackets), ``names`` (other names it is reached by), and where it
+    listens on every address, this machine's host names; each as ``name:port``, and as ``name``
+    alone on port 80 (browsers leave the default port out)."""
+    bases = {*LOOPBACK_NAMES, *names}
+    if host in WILDCARD_ADDRESSES:
+        bases |= {socket.gethostname(), socket.getfqdn()}
+    else:
+        bases.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    values = {f"{name.lower()}:{port}" for name in bases if name}
+    if port == 80:
+        values |= {name.lower() for name in bases if name}
+    return frozenset(values)
+
+
+def review_server(
+    app: ReviewApp, host: str = "127.0.0.1", port: int = 8765, names: Iterable[str] = ()
+) -> ThreadingHTTPServer:
+    """A server for ``app`` bound to ``host:port`` (port 0: any free one), not yet serving; it
+    answers requests whose Host is one of ``allowed_hosts(host, port, names)``."""
+    handler = type("BoundReviewHandler", (ReviewHandler,), {"app": app, "hosts": frozenset()})
+    server = ReviewServer((host, port), handler)
+    handler.hosts = allowed_hosts(host, server.server_address[1], names)
     return server
+
+
+def served_hosts(server: ThreadingHTTPServer) -> frozenset[str]:
+    """The Host header values ``server`` (made by review_server) answers."""
+    hosts: frozenset[str] = server.RequestHandlerClass.hosts  # type: ignore[attr-defined]
+    return hosts

@@ -13,6 +13,8 @@ crash of the process that wrote it, and reviewers in several processes at once w
 
 from __future__ import annotations
 
+import math
+import numbers
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -137,14 +139,14 @@ class ReviewStore:
         box_id: str,
         verdict: str,
         reviewer: str,
-        redrawn: Sequence[float] | None = None,
+        redrawn: Any = None,
     ) -> int:
         """Store a verdict on ``box_id`` of ``release`` (``boxes``: the release's boxes by id);
         returns its sequence number. A box not in the release raises UnknownBox; a bad verdict,
         reviewer or redrawn box (``redraw`` only: xyxy inside the image, with area) InputError."""
         box = boxes.get(box_id)
         if box is None:
-            raise UnknownBox(f"release {release}", f"no box {box_id!r} in this release; verdict not stored")
+            raise UnknownBox(f"release {release}", f"no box {shown(box_id)} in this release; verdict not stored")
         corners = check_verdict(box, verdict, reviewer, redrawn)
         with self._write() as db:
             cursor = db.execute(
@@ -209,21 +211,17 @@ class ReviewStore:
         return pa.Table.from_pylist(marked, schema=VERDICT_SCHEMA)
 
 
-def check_verdict(
-    box: ReleasedBox, verdict: str, reviewer: str, redrawn: Sequence[float] | None
-) -> tuple[float | None, ...]:
+def check_verdict(box: ReleasedBox, verdict: str, reviewer: str, redrawn: Any) -> tuple[float | None, ...]:
     """The redrawn corners to store ((None,) * 4 unless ``redraw``), once the verdict is checked."""
     if verdict not in VERDICTS:
-        raise InputError("verdict", f"{verdict!r} is not one of {', '.join(VERDICTS)}")
+        raise InputError("verdict", f"{shown(verdict)} is not one of {', '.join(VERDICTS)}")
     if not reviewer.strip():
         raise InputError("reviewer", "a verdict needs the reviewer's name")
     if verdict != "redraw":
         if redrawn is not None:
-            raise InputError("box", f"only a redraw carries a box, not {verdict!r}")
+            raise InputError("box", f"only a redraw carries a box, not {shown(verdict)}")
         return (None,) * 4
-    if redrawn is None or len(redrawn) != 4:
-        raise InputError("box", f"a redraw needs the new box as 4 numbers x_min, y_min, x_max, y_max, not {redrawn!r}")
-    x0, y0, x1, y1 = (float(v) for v in redrawn)
+    x0, y0, x1, y1 = redrawn_corners(redrawn)
     if not (0 <= x0 < x1 <= box.image_width and 0 <= y0 < y1 <= box.image_height):
         raise InputError(
             "box",
@@ -231,6 +229,38 @@ def check_verdict(
             f"{box.image_width} x {box.image_height} image {box.image_id}",
         )
     return (x0, y0, x1, y1)
+
+
+def redrawn_corners(redrawn: Any) -> tuple[float, float, float, float]:
+    """A redrawn box as 4 finite floats x_min, y_min, x_max, y_max; InputError for anything else
+    (not a list of 4, a value that is no real number, a bool, NaN, infinite or beyond a float)."""
+    if not isinstance(redrawn, (list, tuple)) or len(redrawn) != 4:
+        raise InputError(
+            "box", f"a redraw needs the new box as 4 numbers x_min, y_min, x_max, y_max, not {shown(redrawn)}"
+        )
+    corners = []
+    for value in redrawn:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InputError("box", f"{shown(value)} is not a number (a redrawn box is 4 numbers)")
+        try:
+            corner = float(value)
+        except OverflowError:
+            corner = math.inf
+        if not math.isfinite(corner):
+            raise InputError("box", f"{shown(value)} is not a finite number (a redrawn box is 4 numbers)")
+        corners.append(corner)
+    x0, y0, x1, y1 = corners
+    return x0, y0, x1, y1
+
+
+def shown(value: Any) -> str:
+    """``value`` in an error message: a scalar as written (cut at 40 characters), a container by its
+    kind and length (its repr could be megabytes, or nested too deep to print)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else "a huge integer"
+        return text if len(text) <= 40 else text[:37] + "..."
+    size = f" of {len(value)}" if isinstance(value, (list, tuple, dict)) else ""
+    return f"a {type(value).__name__}{size}"
 
 
 def released_boxes(table: pa.Table) -> dict[str, ReleasedBox]:

@@ -201,7 +201,7 @@ def test_detector_check_names_a_folder_that_is_no_release_and_a_setting_it_does_
     status, told = _run(
         monkeypatch, "detector-check", "--release", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)
     )
-    assert status == 2 and f"{tmp_path / 'nowhere'}: not a release (no manifest.json)" in told
+    assert status == 2 and f"{tmp_path / 'nowhere'}: no such release folder" in told
     release = tmp_path / "r"
     release.mkdir()
     (release / "manifest.json").write_text('{"index_sha256": null}')
@@ -217,3 +217,14 @@ def test_detector_check_names_a_folder_that_is_no_release_and_a_setting_it_does_
         str(tmp_path / "settings.json"),
     )
     assert status == 2 and "detector settings: unknown ['anchors']" in told
+
+
+def test_review_pointed_at_a_work_or_releases_folder_says_it_is_not_a_release(tmp_path, monkeypatch):
+    work, releases = tmp_path / "w", tmp_path / "releases"
+    work.mkdir()
+    (work / "index.parquet").write_bytes(b"")
+    (releases / "latest").mkdir(parents=True)
+    status, told = _run(monkeypatch, "review", str(work), "--workdir", str(work))
+    assert status == 2 and f"{work}: this is not a release (it has no manifest.json); a work folder" in told
+    status, told = _run(monkeypatch, "review", str(releases), "--workdir", str(work))
+    assert status == 2 and f"a releases folder: give one of its releases, e.g. {releases / 'latest'}" in told

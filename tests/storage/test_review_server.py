@@ -4,9 +4,11 @@ headless Chromium judged with the keyboard and the mouse, the store read back af
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -16,10 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cxr_miner.storage.releases.release import BOXES_FILE, release_rows
-from cxr_miner.storage.releases.review_server import ReviewApp, review_server
+from cxr_miner.storage.releases.review_server import ReviewApp, allowed_hosts, review_server
 from cxr_miner.storage.releases.reviews import REVIEWS_FILE, ReviewStore
 from cxr_miner.storage.stages.harvest import PART_SCHEMA
 
@@ -231,3 +235,177 @@ def test_a_reviewer_judges_with_keys_and_mouse_and_the_store_holds_exactly_that(
         (mass, "reject", False),
     ]
     assert len({first, second, third}) == 3 and {app.details[b]["finding"] for b in (first, second, third)} == {"Edema"}
+
+
+def _raw(base, method, path, body=b"", headers=None):
+    """One request with exactly these headers (Host included, http.client adds none of its own):
+    (status, JSON body or text); status None when the server dropped the connection unanswered."""
+    port = int(base.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        payload = response.read()
+    except (ConnectionError, http.client.HTTPException):
+        return None, None
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(payload)
+    except ValueError:
+        return response.status, payload.decode("utf-8", "replace")
+
+
+def _write_headers(base, app, body, **extra):
+    host = base.removeprefix("http://")
+    return {"Host": host, "X-Review-Token": app.token, "Content-Length": str(len(body)), **extra}
+
+
+def test_a_request_naming_another_host_is_refused_before_anything_is_served(review, tmp_path):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends Host
+    evil.example:PORT. It must get neither the page (its write token) nor a write, even with an
+    Origin that equals its Host."""
+    app, base = review
+    port = base.rsplit(":", 1)[1]
+    status, page = _raw(base, "GET", "/", headers={"Host": f"evil.example:{port}"})
+    assert status == 421 and app.token not in json.dumps(page)
+    assert f"127.0.0.1:{port}" in page["error"] and "evil.example" in page["error"]
+    for path in ("/api/state", "/release/report/index.html", "/api/next?finding=Mass&reviewer=x"):
+        assert _raw(base, "GET", path, headers={"Host": f"evil.example:{port}"})[0] == 421, path
+    assert _raw(base, "GET", "/", headers={})[0] == 421  # no Host at all (HTTP/1.0 style)
+    assert _raw(base, "GET", "/", headers={"Host": "127.0.0.1"})[0] == 421  # the port is part of the name
+    box_id = json.loads(_get(base + "/api/next?finding=Mass&reviewer=ann")[1])["box_id"]
+    body = json.dumps({"box_id": box_id, "verdict": "accept", "reviewer": "eve"}).encode()
+    evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    assert _raw(base, "POST", "/api/verdict", body, _write_headers(base, app, body, **evil))[0] == 421
+    other_origin = {"Origin": f"http://evil.example:{port}"}
+    assert _raw(base, "POST", "/api/verdict", body, _write_headers(base, app, body, **other_origin))[0] == 403
+    with ReviewStore(tmp_path / REVIEWS_FILE) as store:
+        assert store.rows().num_rows == 0
+    # the names it was started for: 127.0.0.1, localhost (any case), with its port; Origin likewise
+    for host in (f"127.0.0.1:{port}", f"LocalHost:{port}"):
+        status, page = _raw(base, "GET", "/", headers={"Host": host})
+        assert status == 200 and app.token in page, host
+    ok = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+    assert _raw(base, "POST", "/api/verdict", body, _write_headers(base, app, body, **ok)) == (200, {"stored": 1})
+
+
+def test_the_hosts_a_server_answers_are_its_loopback_names_its_address_and_the_names_given():
+    assert allowed_hosts("127.0.0.1", 8765) == {"127.0.0.1:8765", "localhost:8765", "[::1]:8765"}
+    assert allowed_hosts("10.1.2.3", 80, ["Review.Lab"]) == {
+        *(
+            f"{name}{port}"
+            for name in ("127.0.0.1", "localhost", "[::1]", "10.1.2.3", "review.lab")
+            for port in ("", ":80")
+        )
+    }
+    assert "[fe80::1]:9000" in allowed_hosts("fe80::1", 9000)
+    everywhere = allowed_hosts("0.0.0.0", 9000)
+    assert f"{socket.gethostname().lower()}:9000" in everywhere and "0.0.0.0:9000" not in everywhere
+
+
+MALFORMED = {
+    "a box that is a number": {"box": 5},
+    "a box that is a string": {"box": "abcd"},
+    "a box with a string": {"box": ["a", 1, 2, 3]},
+    "a box with a null": {"box": [None, 1, 2, 3]},
+    "a box with a bool": {"box": [True, 1, 2, 3]},
+    "a box with 3 numbers": {"box": [1, 2, 3]},
+    "a box with a nested list": {"box": [[1], 2, 3, 4]},
+    "a box beyond a float": {"box": [10**400, 1, 2, 3]},
+    "a box id that is a list": {"box_id": ["x"]},
+    "a verdict that is a number": {"verdict": 3},
+    "a reviewer that is an object": {"reviewer": {"name": "ann"}},
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_verdict_gets_a_4xx_with_its_reason_and_nothing_is_stored(review, tmp_path, capfd, case):
+    app, base = review
+    box_id = json.loads(_get(base + "/api/next?finding=Mass&reviewer=ann")[1])["box_id"]
+    verdict = {"box_id": box_id, "verdict": "redraw", "reviewer": "ann", **MALFORMED[case]}
+    body = json.dumps(verdict).encode()
+    status, answer = _raw(base, "POST", "/api/verdict", body, _write_headers(base, app, body))
+    assert status == 400 and "\n" not in answer["error"], (case, status, answer)
+    with ReviewStore(tmp_path / REVIEWS_FILE) as store:
+        assert store.rows().num_rows == 0
+    assert capfd.readouterr().err == ""  # nothing on the console, above all no traceback
+
+
+def test_bodies_and_lengths_that_are_not_json_get_a_4xx_and_the_console_stays_quiet(review, tmp_path, capfd):
+    app, base = review
+    deep = b"[" * 30_000 + b"]" * 30_000
+    cases = {
+        "abc": (b'{"box_id": "x"}', {"Content-Length": "abc"}, 400),
+        "negative": (b'{"box_id": "x"}', {"Content-Length": "-5"}, 400),
+        "a huge length": (b"{}", {"Content-Length": "9" * 5000}, 413),
+        "zero": (b"", {"Content-Length": "0"}, 400),
+        "none": (b"", {"Content-Length": None}, 411),
+        "30,000 deep": (deep, {}, 400),
+        "not UTF-8": (b'{"box_id": "\xff\xfe"}', {}, 400),
+        "not an object": (b"[1, 2]", {}, 400),
+        "NaN corners": (b'{"box_id": "x", "verdict": "redraw", "reviewer": "a", "box": [NaN, 0, 1, 1]}', {}, 400),
+    }
+    for case, (body, headers, expected) in cases.items():
+        sent = {k: v for k, v in {**_write_headers(base, app, body), **headers}.items() if v is not None}
+        status, answer = _raw(base, "POST", "/api/verdict", body, sent)
+        assert status == expected and isinstance(answer, dict) and "\n" not in answer["error"], (case, status, answer)
+    assert _raw(base, "GET", "/release/report/a%00b.html", headers={"Host": base.removeprefix("http://")})[0] == 403
+    with ReviewStore(tmp_path / REVIEWS_FILE) as store:
+        assert store.rows().num_rows == 0
+    assert capfd.readouterr().err == ""
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+def verdict_like(box_ids: list[str]) -> st.SearchStrategy[dict]:
+    """Verdict bodies, well-formed and not: a real box id (so the checks past it run) or any
+    JSON, any verdict, any reviewer, boxes of numbers or of anything."""
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "box_id": st.sampled_from(box_ids) | JSON_VALUES,
+            "verdict": st.sampled_from(["accept", "reject", "redraw", "skip"]) | JSON_VALUES,
+            "reviewer": st.text(max_size=5) | JSON_VALUES,
+            "box": st.lists(st.floats() | st.integers() | JSON_VALUES, min_size=4, max_size=4) | JSON_VALUES,
+        },
+    )
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _answered_in_2xx_or_4xx(base, app, path, body, **headers):
+    status, answer = _raw(base, "POST", path, body, {**_write_headers(base, app, body), **headers})
+    assert status is not None and 200 <= status < 500, (status, answer, body[:200])
+
+
+@FUZZ
+@given(body=st.binary(max_size=300))
+def test_any_bytes_posted_get_a_2xx_or_4xx(review, body):
+    app, base = review
+    _answered_in_2xx_or_4xx(base, app, "/api/verdict", body)
+    _answered_in_2xx_or_4xx(base, app, "/api/undo", body)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_json_verdict_gets_a_2xx_or_4xx(review, data):
+    app, base = review
+    body = json.dumps(data.draw(verdict_like(sorted(app.boxes)))).encode()
+    _answered_in_2xx_or_4xx(base, app, "/api/verdict", body)
+
+
+@FUZZ
+@given(length=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30))
+def test_any_content_length_gets_a_2xx_or_4xx(review, length):
+    app, base = review
+    _answered_in_2xx_or_4xx(base, app, "/api/undo", b'{"reviewer": "ann"}', **{"Content-Length": length})
