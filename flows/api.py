@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from cxr_miner.flows.stopping import Stopped
+from cxr_miner.storage.vocab.lifetime import die_with_this_process
 
 # Prefect's default (20 s) is too short for a first start, which creates and migrates the
 # database: about 15 s on 2 idle cores, more under load.
@@ -16,7 +17,11 @@ def detached_server():  # -> prefect's SubprocessASGIServer
     """Prefect's temporary API server, started in a process session of its own: a signal sent to
     the command's whole process group (Ctrl-C in a terminal, ``timeout``, a scheduler's stop) then
     reaches the command, which stops the server last, after the runs have reported their end. In
-    the command's group the server died first, and every report after it retried for minutes."""
+    the command's group the server died first, and every report after it retried for minutes.
+
+    The server dies with the command however the command ends, ``kill -9`` included: it asks the
+    kernel for a SIGKILL when the command's thread that started it ends (storage.vocab.lifetime;
+    Linux). Without that it lived on with parent 1, holding its port."""
     import subprocess
     from functools import partial
     from unittest import mock
@@ -25,7 +30,8 @@ def detached_server():  # -> prefect's SubprocessASGIServer
 
     class DetachedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            with mock.patch.object(subprocess, "Popen", partial(subprocess.Popen, start_new_session=True)):
+            detached = partial(subprocess.Popen, start_new_session=True, preexec_fn=die_with_this_process())
+            with mock.patch.object(subprocess, "Popen", detached):
                 return super()._run_uvicorn_command()
 
     return DetachedServer()

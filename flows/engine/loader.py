@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxr_miner.storage.stages.batches import RowGroup, batch_stream
 from cxr_miner.storage.vocab.letterbox import Letterbox
+from cxr_miner.storage.vocab.lifetime import die_with_parent
 
 # (image ids, letterboxes) of a batch -> extra tensors of the batch, by name
 Targets = Callable[[list[str], list[Letterbox]], dict[str, torch.Tensor]]
@@ -77,14 +79,16 @@ def shard_loader(
         prefetch_factor=4 if workers else None,
         persistent_workers=bool(workers),
         multiprocessing_context="spawn" if workers else None,
-        worker_init_fn=leave_process_group if workers else None,
+        worker_init_fn=partial(start_worker, os.getpid()) if workers else None,
     )
 
 
-def leave_process_group(worker_id: int) -> None:
+def start_worker(parent_pid: int, worker_id: int) -> None:
     """A loader worker leaves the command's process group: a signal sent to the whole group
     (Ctrl-C in a terminal, ``timeout``) would kill it before the command's own clean stop, which
     then fails as "DataLoader worker killed by signal". The command ends its workers as it stops
-    (signals sent to the worker itself still reach it); a worker whose parent is gone ends by
-    itself (torch watches the parent)."""
+    (signals sent to the worker itself still reach it); a worker whose parent ``parent_pid`` is
+    gone, even by SIGKILL, dies at once (storage.vocab.lifetime; torch's own watch of the parent
+    takes up to 5 s)."""
     os.setpgid(0, 0)
+    die_with_parent(parent_pid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from cxr_miner.storage.inputs.nih import BBOX_LIST, DATA_ENTRY, TEST_LIST, TRAIN
 from cxr_miner.storage.stages.atomic import atomic_path, write_json
 from cxr_miner.storage.vocab.errors import SettingError
 from cxr_miner.storage.vocab.findings import BOXED_FINDINGS, FINDINGS, NO_FINDING
+from cxr_miner.storage.vocab.lifetime import die_with_parent
 
 DATA_ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -396,7 +398,7 @@ def _write_images(
     """Every phantom's PNG, in ``workers`` processes; each image's drawn boxes, in plan order."""
     truth: Truth = []
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for boxes in pool.map(_write_one, jobs, chunksize=8):
                 truth.append(boxes)
                 if progress:

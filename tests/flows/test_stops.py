@@ -87,7 +87,8 @@ def _left_running(session: int) -> list[str]:
 
 def _stops_cleanly(process: subprocess.Popen, log: Path, signum: int, group: bool = False) -> None:
     """``signum`` ends the command within STOP_WITHIN_S with exit 128 + signum, one line, nothing left
-    running: neither in its session nor among the processes it had started (the Prefect server has a session of its own)."""
+    running: neither in its session nor among the processes it had started (the Prefect server has a
+    session of its own)."""
     children = psutil.Process(process.pid).children(recursive=True)
     took = _stop(process, signum, group)
     told = log.read_text()
@@ -213,3 +214,45 @@ def test_a_stop_whose_cleanup_hangs_is_ended_by_the_watchdog_with_its_line_and_c
     assert "stopped: stopped by SIGINT; cleanup cut short after 0.5 s, its processes killed" in told, told
     time.sleep(0.5)
     assert not _alive(child)
+
+
+def _helpers_ready(process: subprocess.Popen, log: Path, kinds: tuple[str, ...], timeout_s: float = 180) -> list:
+    """Wait until the command runs a helper of each kind (a substring of its command line); its
+    descendants then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"helpers {kinds} never all started:\n{log.read_text()}"
+        children = psutil.Process(process.pid).children(recursive=True)
+        lines = [" ".join(c.cmdline()) for c in children if _alive(c)]
+        if all(any(kind in line for line in lines) for kind in kinds):
+            return children
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("command", ["demo-data", "preprocess", "train"])
+def test_kill_9_of_a_command_leaves_none_of_its_processes_within_10_s(
+    command, trained_workdir, tmp_path, user_prefect_home
+):
+    """Nothing runs in a SIGKILLed command to stop its helpers: the phantom generator's pool, the
+    temporary Prefect server (a session of its own), Dask's workers and loader workers must each
+    end by themselves (storage.vocab.lifetime; the server lived on with parent 1 for 23 minutes)."""
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps({"epochs": 40, "am_steps": 1, "loader_workers": 1, "input_size": 64}))
+    work = copy_workdir(trained_workdir, tmp_path / "w") if command != "demo-data" else tmp_path / "w"
+    words, helpers = {
+        "demo-data": (["demo-data", str(tmp_path / "nih"), "--images", "4000", "--size", "512", "--workers", "2"],
+                      ("demo-data",)),
+        "preprocess": (["preprocess", "--workdir", str(work), "--size", "96", "--shard-size", "4", "--workers", "2"],
+                       ("uvicorn", "spawn_main")),
+        "train": (["train", "--workdir", str(work), "--run", "k", "--config", str(config), "--method", "cam"],
+                  ("uvicorn", "spawn_main")),
+    }[command]  # fmt: skip
+    process, log = _start(words, tmp_path, own_api=user_prefect_home)
+    children = _helpers_ready(process, log, helpers)
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.monotonic() + STOP_WITHIN_S
+    while (left := [" ".join(c.cmdline()) for c in children if _alive(c)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], left
