@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from cxr_miner.flows.folders import holding
 from cxr_miner.storage.vocab.errors import InputError, UserError
 
 app = typer.Typer(
@@ -102,9 +103,9 @@ def ingest(
     from cxr_miner.flows.options import check_ingest
 
     check_ingest(val_fraction, test_fraction, max_shrink)
-    from cxr_miner.flows.ingest import ingest as ingest_flow
+    with holding(creates=(workdir,)), prefect_runs():
+        from cxr_miner.flows.ingest import ingest as ingest_flow
 
-    with prefect_runs():
         report = ingest_flow(
             root=str(root),
             workdir=str(workdir),
@@ -146,9 +147,9 @@ def preprocess(
 
     check_preprocess(size, shard_size, encoding, max_lost, max_pixels)
     check_cluster(workers, dask_address)
-    from cxr_miner.flows.preprocess import run_preprocess
+    with holding(workdir), prefect_runs():
+        from cxr_miner.flows.preprocess import run_preprocess
 
-    with prefect_runs():
         manifest = run_preprocess(
             str(workdir),
             workers=workers,
@@ -213,25 +214,27 @@ def train(
     ] = True,
 ) -> None:
     """Train the classifier (step 1, the CAM baseline), then attention mining with KP; or the MIL patch model."""
-    from cxr_miner.flows.options import box_options, check_folds
+    from cxr_miner.flows.options import box_options, check_folds, check_train_settings
 
     box_options(box_fraction, folds, method)  # at once; train_config checks them with the method's, after torch
+    check_train_settings(preset, str(config) if config else None, method)
     check_folds(workdir, folds or 0)
-    from cxr_miner.flows.train import train as train_flow
-    from cxr_miner.flows.train import train_config
+    with holding(workdir):
+        from cxr_miner.flows.train import train as train_flow
+        from cxr_miner.flows.train import train_config
 
-    train_config(str(workdir), preset, str(config) if config else None, method, box_fraction, folds)
-    with prefect_runs():
-        summary = train_flow(
-            workdir=str(workdir),
-            preset=preset,
-            config_file=str(config) if config else None,
-            run=run,
-            method=method,
-            box_fraction=box_fraction,
-            folds=folds,
-            for_release=for_release,
-        )
+        train_config(str(workdir), preset, str(config) if config else None, method, box_fraction, folds)
+        with prefect_runs():
+            summary = train_flow(
+                workdir=str(workdir),
+                preset=preset,
+                config_file=str(config) if config else None,
+                run=run,
+                method=method,
+                box_fraction=box_fraction,
+                folds=folds,
+                for_release=for_release,
+            )
     say(f"models: {summary['directory']}", f"steps {summary['steps']}")
     print_auc_table(summary["auc"])
 
@@ -260,9 +263,9 @@ def mine_attention(
     run: Annotated[str, typer.Option(help="Run whose step 1 is trained.")],
 ) -> None:
     """Attention-mining steps 2..T (Eq. 1-7) for a trained run."""
-    from cxr_miner.flows.train import mine_attention as mine_flow
+    with holding(workdir), prefect_runs():
+        from cxr_miner.flows.train import mine_attention as mine_flow
 
-    with prefect_runs():
         summary = mine_flow(workdir=str(workdir), run=run)
     say(f"attention mining done: run {summary['run']}, steps {summary['steps']}")
 
@@ -292,9 +295,9 @@ def evaluate(
     from cxr_miner.flows.options import check_evaluate
 
     check_evaluate(box_val_fraction, precision_target)
-    from cxr_miner.flows.evaluate import evaluate as evaluate_flow
+    with holding(workdir), prefect_runs():
+        from cxr_miner.flows.evaluate import evaluate as evaluate_flow
 
-    with prefect_runs():
         report = evaluate_flow(
             workdir=str(workdir), run=run, box_val_fraction=box_val_fraction, precision_target=precision_target
         )
@@ -373,21 +376,24 @@ def harvest(
 
     check_harvest(min_score, batch_size)
     check_cluster(workers, dask_address, gpus)
-    from cxr_miner.flows.harvest import check_harvest_method, run_harvest
+    with holding(workdir):
+        from cxr_miner.flows.dask import local_gpus
+        from cxr_miner.flows.harvest import check_harvest_method, run_harvest
 
-    check_harvest_method(method)
-    with prefect_runs():
-        summary = run_harvest(
-            str(workdir),
-            run,
-            workers=workers,
-            gpus=gpus,
-            dask_address=dask_address,
-            method=method,
-            all_findings=all_findings,
-            min_score=min_score,
-            batch_size=batch_size,
-        )
+        check_harvest_method(method)
+        local_gpus(gpus, dask_address)
+        with prefect_runs():
+            summary = run_harvest(
+                str(workdir),
+                run,
+                workers=workers,
+                gpus=gpus,
+                dask_address=dask_address,
+                method=method,
+                all_findings=all_findings,
+                min_score=min_score,
+                batch_size=batch_size,
+            )
     say(
         f"harvest: {workdir / 'harvest'}",
         f"{summary['boxes']} boxes on {summary['images']} images "
@@ -406,9 +412,9 @@ def release(
 ) -> None:
     """Package the harvest as a new immutable release: boxes.parquet, COCO, report, manifest
     (read-only; readable by everyone unless --private)."""
-    from cxr_miner.flows.release import release as release_flow
+    with holding(workdir, creates=(out,)), prefect_runs():
+        from cxr_miner.flows.release import release as release_flow
 
-    with prefect_runs():
         published = release_flow(workdir=str(workdir), out=str(out), root=str(root) if root else None, private=private)
     print_release(published)
 
@@ -512,26 +518,30 @@ def detector_check(
     check_at_least("--size", size, 32)
     if background_ratio < 0:
         raise InputError("--background-ratio", f"{background_ratio:g} is below 0")
-    from cxr_miner.flows.detector_check import detector_config, run_detector_check
     from cxr_miner.storage.stages.runs import read_settings_file
 
     settings = read_settings_file(config) if config else None
-    detector_config(detector, epochs, size, weights, settings or {})
-    with prefect_runs():
-        checked = run_detector_check(
-            str(release),
-            str(workdir),
-            str(out) if out else None,
-            workers=workers,
-            gpus=gpus,
-            dask_address=dask_address,
-            detector=detector,
-            epochs=epochs,
-            size=size,
-            weights=weights,
-            background_ratio=background_ratio,
-            settings=settings,
-        )
+    with holding(workdir):
+        from cxr_miner.flows.dask import local_gpus
+        from cxr_miner.flows.detector_check import detector_config, run_detector_check
+
+        detector_config(detector, epochs, size, weights, settings or {})
+        local_gpus(gpus, dask_address)
+        with prefect_runs():
+            checked = run_detector_check(
+                str(release),
+                str(workdir),
+                str(out) if out else None,
+                workers=workers,
+                gpus=gpus,
+                dask_address=dask_address,
+                detector=detector,
+                epochs=epochs,
+                size=size,
+                weights=weights,
+                background_ratio=background_ratio,
+                settings=settings,
+            )
     print_check(checked)
 
 
@@ -572,9 +582,9 @@ def run_options(
     check_shard_layout(size, shard_size)
     check_harvest(min_score)
     check_cluster(workers, dask_address, gpus)
-    from cxr_miner.flows.train import train_config
+    from cxr_miner.flows.options import check_train_settings
 
-    train_config("", preset, str(config) if config else None, method)
+    check_train_settings(preset, str(config) if config else None, method)
     return {
         "preset": preset,
         "config_file": str(config) if config else None,
@@ -640,9 +650,9 @@ def run_all(
         check_detector,
         private,
     )
-    from cxr_miner.flows.pipeline import run as run_flow
+    with holding(creates=(workdir, out)), prefect_runs():
+        from cxr_miner.flows.pipeline import run as run_flow
 
-    with prefect_runs():
         published = run_flow(root=str(root), workdir=str(workdir), out=str(out), **options)
     print_release(published)
     if published.get("detector_check"):

@@ -14,7 +14,7 @@ from prefect_dask import DaskTaskRunner
 
 from cxr_miner.flows.options import check_cluster
 from cxr_miner.flows.workers import quiet_dask_shutdown
-from cxr_miner.storage.vocab.errors import SettingError
+from cxr_miner.storage.vocab.errors import InputError, SettingError
 
 if TYPE_CHECKING:  # torch is imported where a device is asked for: preprocess's workers never load it
     import torch
@@ -81,6 +81,24 @@ def local_worker_config() -> Iterator[None]:
     quiet_dask_shutdown()
     with dask.config.set(LOCAL_WORKER_CONFIG):
         yield
+
+
+def local_gpus(gpus: int | None, dask_address: str | None) -> int | None:
+    """The GPUs a local cluster deals to its workers: ``gpus`` if this machine has that many (an
+    InputError that says how many it has, if not), all of them when ``gpus`` is None (None on a
+    machine without CUDA). On an existing scheduler (``dask_address``) ``gpus`` is the workers'
+    business: it is passed on unchecked."""
+    if dask_address:
+        return gpus
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus is None:
+        return available or None
+    if gpus > available:
+        has = f"{available} CUDA GPU{'s' if available != 1 else ''}" if available else "no CUDA GPU torch can use"
+        raise InputError("--gpus", f"{gpus} asked for, but this machine has {has}; leave --gpus out to use what it has")
+    return gpus
 
 
 def worker_device(setting: str) -> torch.device:

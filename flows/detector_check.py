@@ -28,7 +28,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from cxr_miner.flows.api import prefect_api
-from cxr_miner.flows.dask import dask_task_runner, default_workers, local_worker_config, worker_device, worker_threads
+from cxr_miner.flows.dask import (
+    dask_task_runner,
+    default_workers,
+    local_gpus,
+    local_worker_config,
+    worker_device,
+    worker_threads,
+)
 from cxr_miner.flows.engine.detection import DETECTOR, detections, load_detector, train_detector
 from cxr_miner.flows.folders import writes_into
 from cxr_miner.flows.tasks import artifact_key, collect, failure_text
@@ -160,7 +167,7 @@ def detector_task(
 
 
 @flow(name="detector-check", log_prints=True)
-@writes_into("workdir", "out")
+@writes_into("workdir", "out", creates=("out",))
 def detector_check(
     release: str,
     workdir: str,
@@ -287,8 +294,7 @@ def run_detector_check(
         options.get("settings") or {},
     )
     out = out or str(Path(release).resolve().parent)
-    if gpus is None and not dask_address and torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
+    gpus = local_gpus(gpus, dask_address)
     if not dask_address:
         workers = workers or gpus or min(len(TRAINING_SETS), default_workers())
         options.setdefault("threads", max(1, default_workers() // workers))

@@ -29,7 +29,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cxr_miner.flows.api import prefect_api
-from cxr_miner.flows.dask import dask_task_runner, default_workers, local_worker_config, worker_device, worker_threads
+from cxr_miner.flows.dask import (
+    dask_task_runner,
+    default_workers,
+    local_gpus,
+    local_worker_config,
+    worker_device,
+    worker_threads,
+)
 from cxr_miner.flows.engine.checkpoints import load_models, read_config
 from cxr_miner.flows.engine.mining import labelled, scored_at_least, shard_rows
 from cxr_miner.flows.faults import maybe_fail
@@ -265,8 +272,7 @@ def run_harvest(
     holds a ``GPU`` resource), or an existing scheduler (with ``gpus``, its workers must offer
     the ``GPU`` resource: tasks ask for one)."""
     check_harvest_method(options.get("method", AUTO))  # before a cluster starts
-    if gpus is None and not dask_address and torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
+    gpus = local_gpus(gpus, dask_address)
     if not dask_address:
         workers, threads = local_layout(workers)
         options.setdefault("threads", threads)

@@ -63,7 +63,7 @@ def index_collection(
 
 
 @flow(name="ingest", log_prints=True)
-@writes_into("workdir")
+@writes_into("workdir", creates=("workdir",))
 def ingest(
     root: str,
     workdir: str,

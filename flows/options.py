@@ -10,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cxr_miner.miner.method_names import check_method_name
+from cxr_miner.miner.settings import TrainConfig, preset
 from cxr_miner.storage.releases.reviews import read_ground_truth
 from cxr_miner.storage.stages.index import GT_BOXES_FILE, INDEX_FILE, read_index
+from cxr_miner.storage.stages.runs import read_settings_file
 from cxr_miner.storage.stages.shards import ENCODINGS
-from cxr_miner.storage.vocab.errors import InputError
+from cxr_miner.storage.vocab.errors import InputError, SettingError
 
 # Fewer boxed patients than this per fold, and a fold's figures rest on a handful of people.
 MIN_PATIENTS_PER_FOLD = 5
@@ -122,3 +125,22 @@ def check_folds(workdir: Path, folds: int) -> str | None:
             f"(fewer than {MIN_PATIENTS_PER_FOLD}): its figures will rest on very few images"
         )
     return None
+
+
+def resolve_config(preset_name: str, config_file: str | None) -> TrainConfig:
+    """The preset's settings with the settings file's on top; SettingError naming an unknown preset,
+    InputError naming the file and its bad setting."""
+    config = preset(preset_name)
+    if config_file:
+        try:
+            config = config.updated(read_settings_file(config_file))
+        except SettingError as error:
+            raise InputError(config_file, str(error)) from None
+    return config
+
+
+def check_train_settings(preset_name: str, config_file: str | None, method: str) -> TrainConfig:
+    """The checks of a training run's preset, settings file and method that need no torch: the
+    command line makes them first, so that a bad value is refused within a second."""
+    check_method_name(method)
+    return resolve_config(preset_name, config_file)

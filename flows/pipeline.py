@@ -27,7 +27,7 @@ from cxr_miner.flows.train import train
 
 
 @flow(name="run", log_prints=True)
-@writes_into("workdir", "out")
+@writes_into("workdir", "out", creates=("workdir", "out"))
 def run(
     root: str,
     workdir: str,

@@ -63,6 +63,7 @@ from cxr_miner.storage.stages.index import SPLITS, read_ingest_report
 from cxr_miner.storage.stages.provenance import code_version
 from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.stages.shard_manifest import quarantined_count
+from cxr_miner.storage.vocab.errors import NoSpaceLeft, is_disk_full
 from cxr_miner.storage.vocab.text import markdown_table
 
 
@@ -136,7 +137,7 @@ class Built:
 
 
 @flow(name="release", log_prints=True)
-@writes_into("workdir", "out")
+@writes_into("workdir", "out", creates=("out",))
 def release(workdir: str, out: str, root: str | None = None, private: bool = False) -> dict[str, Any]:
     """Package the complete harvest of ``workdir`` as a new release under ``out`` (module doc);
     ``private``: readable by its owner alone (else by everyone; read-only either way)."""
@@ -151,8 +152,10 @@ def release(workdir: str, out: str, root: str | None = None, private: bool = Fal
         built = build_release(harvested, staging, version, previous)
         maybe_fail("release")
         target = publish(staging, releases, version, private=private)
-    except BaseException:
+    except BaseException as error:
         discard_staging(staging)
+        if is_disk_full(error):  # its message names no file: say which folder, and that nothing is published
+            raise NoSpaceLeft(releases, f"release {version}", "cxr-miner release") from error
         raise
     publish_artifacts(harvested, built, version, target)
     logger.info(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cxr_miner.storage.releases.release import BOXES_FILE, release_file
-from cxr_miner.storage.releases.review_server import WILDCARD_ADDRESSES, ReviewApp, review_server, served_hosts
+from cxr_miner.storage.releases.review_server import WILDCARD_ADDRESSES, ReviewApp, review_server
 from cxr_miner.storage.releases.reviews import REVIEWS_FILE, ReviewStore, export_reviews
 from cxr_miner.storage.stages.index import INDEX_FILE, read_index, read_ingest_report
 from cxr_miner.storage.vocab.errors import MissingInput
@@ -42,7 +42,7 @@ def serve_review(
     server = review_server(app, host, port, names)
     bound_port = server.server_address[1]
     shown_host = "127.0.0.1" if host in WILDCARD_ADDRESSES else (f"[{host}]" if ":" in host else host)
-    ready(f"http://{shown_host}:{bound_port}/", sorted(served_hosts(server)))
+    ready(f"http://{shown_host}:{bound_port}/", sorted(server.hosts))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from cxr_miner.flows.engine.fitting import Schedule, fit, step_done
 from cxr_miner.flows.engine.loader import shard_loader
 from cxr_miner.flows.engine.mil_training_set import mil_training_set
 from cxr_miner.flows.folders import writes_into
-from cxr_miner.flows.options import box_options, check_folds
+from cxr_miner.flows.options import box_options, check_folds, resolve_config
 from cxr_miner.flows.tasks import artifact_key
 from cxr_miner.miner.forgetting import change_intervals, forgetting_report
 from cxr_miner.miner.methods import TRAINERS, TrainingStep, box_learners, check_method, create_method
@@ -39,14 +39,13 @@ from cxr_miner.miner.training import (
     patch_loss,
     pick_device,
     predict,
-    preset,
     step1_loss,
     to_device,
 )
 from cxr_miner.storage.stages.atomic import write_json
 from cxr_miner.storage.stages.batches import RowGroup, label_prevalence, split_row_groups
 from cxr_miner.storage.stages.checkpoints import read_checkpoint_record
-from cxr_miner.storage.stages.runs import RunFolder, read_settings_file
+from cxr_miner.storage.stages.runs import RunFolder
 from cxr_miner.storage.vocab.errors import InputError, MissingInput, SettingError
 from cxr_miner.storage.vocab.findings import FINDINGS
 
@@ -222,16 +221,6 @@ def publish_aucs(folder: RunFolder) -> list[dict[str, Any]]:
     return rows
 
 
-def resolve_config(preset_name: str, config_file: str | None) -> TrainConfig:
-    config = preset(preset_name)
-    if config_file:
-        try:
-            config = config.updated(read_settings_file(config_file))
-        except SettingError as error:
-            raise InputError(config_file, str(error)) from None
-    return config
-
-
 def train_config(
     workdir: str,
     preset: str,
@@ -243,7 +232,7 @@ def train_config(
     """The run's config from the preset, the config file and the MIL options, checked (InputError
     naming the bad setting) against the collection's boxed patients; and a warning, if any."""
     check_method(method)
-    config = resolve_config(preset, config_file)
+    config = resolve_config(preset, config_file)  # the method after torch: methods registered from outside too
     try:
         config = config.updated(box_options(box_fraction, folds, method, box_learners()))
     except SettingError as error:

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from cxr_miner.miner.cam import normalize_maps, update_masks
 from cxr_miner.miner.models import CamClassifier, Features
+from cxr_miner.miner.settings import ERASED_FRACTION as ERASED_FRACTION
+from cxr_miner.miner.settings import KP_LAMBDA as KP_LAMBDA
+from cxr_miner.miner.settings import KP_MODES as KP_MODES
 
-KP_MODES = ("none", "vanilla", "kp")
-ERASED_FRACTION = 0.125  # n / N of section 2.2
-KP_LAMBDA = 0.5  # lambda of Eq. 6
 KP_LAYERS = ("layer3", "layer4", "features", "logits")  # 3rd, 4th bottleneck, MSA, classification (section 3.2)
 KP_NORMS = ("batch", "running")
 

@@ -13,7 +13,6 @@ Registry (timm style): ``create_model(ModelConfig(name=...))`` with ``name`` one
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,6 +22,8 @@ from torchvision import models as tv
 
 from cxr_miner.miner.cam import class_activation_maps, erased_logits
 from cxr_miner.miner.registration import RegisteredUpsample
+from cxr_miner.miner.settings import MODEL_NAMES, TRUNK_NAMES
+from cxr_miner.miner.settings import ModelConfig as ModelConfig
 from cxr_miner.storage.vocab.errors import SettingError
 
 
@@ -38,26 +39,10 @@ TRUNKS: dict[str, tuple[Callable[..., tv.ResNet], tv.WeightsEnum | None]] = {
     "resnet34": (tv.resnet34, tv.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (tv.resnet50, tv.ResNet50_Weights.IMAGENET1K_V2),
 }
+if tuple(TRUNKS) != TRUNK_NAMES:
+    raise ImportError(f"miner.settings.TRUNK_NAMES {TRUNK_NAMES} must list the trunks built here, {tuple(TRUNKS)}")
 # ImageNet statistics averaged over RGB: the input of the grayscale stem (see adapt_stem).
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "msa"  # baseline | msa | msa-deconv
-    trunk: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 (the paper's)
-    num_classes: int = 14
-    msa_channels: tuple[int, int] = (512, 256)  # 1x1 reductions of the last and penultimate bottleneck
-    # ResNet stages kept: 4 (the paper's); 3 drops the last stage, so that X comes at half the
-    # stride (MSA: 8 instead of 16) for a quarter less work: small findings at small inputs (issue 11).
-    stages: int = 4
-
-    def __post_init__(self) -> None:
-        if self.stages not in (3, 4):
-            raise SettingError(f"model stages must be 3 or 4 (ResNet stages kept), got {self.stages}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Features(NamedTuple):
@@ -223,7 +208,7 @@ class CamClassifier(nn.Module):
         return erased_logits(features, self.branches.weight, self.branches.bias, masks)
 
 
-MODELS = ("baseline", "msa", "msa-deconv")
+MODELS = MODEL_NAMES
 
 
 def create_model(config: ModelConfig, trunk_weights: dict[str, torch.Tensor] | None = None) -> CamClassifier:

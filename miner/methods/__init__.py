@@ -1,16 +1,16 @@
 """Localisation methods: one registry (``registry``), one module per method.
 
 ``create_method("am", config)`` gives a method for a run; ``method_names()`` lists them.
-A new method is a module here that registers its class, plus its import below. ``tuned`` is no
+A new method is a module here that registers its class, plus its line in
+``miner.method_names.METHOD_MODULES`` (the catalogue the command line checks ``--method`` against
+without importing torch); importing this package imports them in that order. ``tuned`` is no
 method of its own: it boxes each finding by the variant and rule chosen on box-val (harvest's
 localiser).
 """
 
-# Importing a method's module registers it; the CAM baseline first, so that it leads every table.
-from cxr_miner.miner.methods import cam  # noqa: F401, I001
-from cxr_miner.miner.methods import attention  # noqa: F401
-from cxr_miner.miner.methods import mil  # noqa: F401
-from cxr_miner.miner.methods import gradcam_pp  # noqa: F401
+import importlib
+
+from cxr_miner.miner.method_names import METHOD_MODULES
 from cxr_miner.miner.methods.registry import (
     TRAINERS,
     BatchLocalization,
@@ -27,6 +27,12 @@ from cxr_miner.miner.methods.registry import (
     register_method,
 )
 from cxr_miner.miner.methods.tuned import FindingChoice, TunedLocalizer, choices_from_tuning
+
+# Importing a method's module registers it; the catalogue's order (the CAM baseline first) is the tables'.
+for _module in METHOD_MODULES.values():
+    importlib.import_module(f"{__name__}.{_module}")
+if method_names() != tuple(METHOD_MODULES):
+    raise ImportError(f"miner.method_names lists {tuple(METHOD_MODULES)}; the modules registered {method_names()}")
 
 __all__ = [
     "TRAINERS",

@@ -19,9 +19,9 @@ import torch
 
 from cxr_miner.miner.boxes import DEFAULT_THRESHOLDS
 from cxr_miner.miner.localize import Localization, localize
+from cxr_miner.miner.method_names import check_method_name
 from cxr_miner.miner.rules import PAPER_RULE, BoxRule
 from cxr_miner.miner.training import TrainConfig, autocast, prepare_images
-from cxr_miner.storage.vocab.errors import SettingError
 from cxr_miner.storage.vocab.letterbox import Letterbox
 
 # Given the step-1 logits (N, C), the (image, finding) pairs (N, C) bool to box.
@@ -31,7 +31,6 @@ Select = Callable[[torch.Tensor], torch.Tensor]
 Net = TypeVar("Net", bound=torch.nn.Module)
 
 _REGISTRY: dict[str, type[LocalizationMethod[Any]]] = {}
-PLANNED: dict[str, str] = {}  # name -> why it is not there yet
 
 
 class TrainingStep(NamedTuple):
@@ -194,13 +193,10 @@ def method_names() -> tuple[str, ...]:
 
 
 def check_method(name: str) -> None:
-    """ValueError for a name that is not registered, listing the known ones."""
-    if name in _REGISTRY:
-        return
-    known = ", ".join(_REGISTRY)
-    if name in PLANNED:
-        raise SettingError(f"method {name!r}: {PLANNED[name]}; known: {known}")
-    raise SettingError(f"unknown method {name!r}; known: {known}")
+    """SettingError for a name that is not registered (here, or from outside the package), listing
+    the catalogue's (miner.method_names)."""
+    if name not in _REGISTRY:
+        check_method_name(name)
 
 
 def create_method(name: str, config: TrainConfig, **options: Any) -> LocalizationMethod[Any]:

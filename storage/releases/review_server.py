@@ -168,11 +168,11 @@ class ReviewApp:
 
 
 class ReviewHandler(BaseHTTPRequestHandler):
-    """HTTP for one ReviewApp (``app``, set on the subclass ``handler_for`` makes) and the Host
-    header values it answers (``hosts``, see ``allowed_hosts``)."""
+    """HTTP for one ReviewApp (``app``, set on the subclass ``review_server`` makes); it answers the
+    Host header values of its server (``ReviewServer.hosts``)."""
 
     app: ReviewApp
-    hosts: frozenset[str]
+    server: ReviewServer
     server_version = "cxr-miner-review"
     timeout = REQUEST_TIMEOUT_S
 
@@ -212,10 +212,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
     def _check_host(self) -> None:
         """421 unless the request names this server (DNS rebinding: see the module's docstring)."""
         host = (self.headers.get("Host") or "").strip().lower()
-        if host not in self.hosts:
+        if host not in self.server.hosts:
             raise Refused(
                 HTTPStatus.MISDIRECTED_REQUEST,
-                f"this server answers for {', '.join(sorted(self.hosts))}, not Host {shown(host)}",
+                f"this server answers for {', '.join(sorted(self.server.hosts))}, not Host {shown(host)}",
             )
 
     def _get(self, url: Any) -> tuple[HTTPStatus, str, bytes]:
@@ -250,7 +250,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
         if not secrets.compare_digest(self.headers.get("X-Review-Token", ""), self.app.token):
             raise Refused(HTTPStatus.FORBIDDEN, "write refused: not from this server's review page (no valid token)")
         origin = self.headers.get("Origin")
-        if origin is not None and origin.lower() not in {f"http://{host}" for host in self.hosts}:
+        if origin is not None and origin.lower() not in {f"http://{host}" for host in self.server.hosts}:
             raise Refused(HTTPStatus.FORBIDDEN, f"write refused: from another origin ({shown(origin)})")
 
     def _json_body(self) -> dict[str, Any]:
@@ -312,6 +312,7 @@ class ReviewServer(ThreadingHTTPServer):
     timeout) take one line on the console rather than a traceback."""
 
     daemon_threads = True
+    hosts: frozenset[str] = frozenset()  # the Host header values it answers (review_server sets them)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
@@ -336,18 +337,10 @@ def allowed_hosts(host: str, port: int, names: Iterable[str] = ()) -> frozenset[
     return frozenset(values)
 
 
-def review_server(
-    app: ReviewApp, host: str = "127.0.0.1", port: int = 8765, names: Iterable[str] = ()
-) -> ThreadingHTTPServer:
+def review_server(app: ReviewApp, host: str = "127.0.0.1", port: int = 8765, names: Iterable[str] = ()) -> ReviewServer:
     """A server for ``app`` bound to ``host:port`` (port 0: any free one), not yet serving; it
-    answers requests whose Host is one of ``allowed_hosts(host, port, names)``."""
-    handler = type("BoundReviewHandler", (ReviewHandler,), {"app": app, "hosts": frozenset()})
+    answers requests whose Host is one of ``allowed_hosts(host, port, names)`` (its ``hosts``)."""
+    handler = type("BoundReviewHandler", (ReviewHandler,), {"app": app})
     server = ReviewServer((host, port), handler)
-    handler.hosts = allowed_hosts(host, server.server_address[1], names)
+    server.hosts = allowed_hosts(host, server.server_address[1], names)
     return server
-
-
-def served_hosts(server: ThreadingHTTPServer) -> frozenset[str]:
-    """The Host header values ``server`` (made by review_server) answers."""
-    hosts: frozenset[str] = server.RequestHandlerClass.hosts  # type: ignore[attr-defined]
-    return hosts

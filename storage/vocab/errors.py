@@ -45,3 +45,35 @@ class SettingError(UserError, ValueError):
 class MissingInput(UserError, FileNotFoundError):
     """A file or folder the command needs is not there; the message names it and the command
     that makes it (an earlier stage)."""
+
+
+class NoSpaceLeft(UserError):
+    """The disk of ``folder`` filled up while a command wrote ``what`` there; what was half written
+    is removed. The message names the folder, its free space now, and what to do."""
+
+    def __init__(self, folder: str | Path, what: str, rerun: str) -> None:
+        free = _free_bytes(Path(folder))
+        left = f" ({free / 2**20:.0f} MiB free now)" if free is not None else ""
+        super().__init__(
+            f"{folder}: no space left on its disk while writing {what}{left}; nothing of it was kept: "
+            f"free some space and run `{rerun}` again"
+        )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed for want of space (ENOSPC, or pyarrow's wording of it)."""
+    import errno
+
+    return isinstance(error, OSError) and (error.errno == errno.ENOSPC or "No space left on device" in str(error))
+
+
+def _free_bytes(folder: Path) -> int | None:
+    import shutil
+
+    for path in (folder, *folder.parents):
+        if path.exists():
+            try:
+                return shutil.disk_usage(path).free
+            except OSError:
+                return None
+    return None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -10,6 +14,7 @@ from rich.console import Console
 
 import cxr_miner.flows.cli
 from cxr_miner.flows.cli import main
+from cxr_miner.storage.stages.lock import folder_lock
 
 
 def _run(monkeypatch, *args) -> tuple[int, str]:
@@ -228,3 +233,91 @@ def test_review_pointed_at_a_work_or_releases_folder_says_it_is_not_a_release(tm
     assert status == 2 and f"{work}: this is not a release (it has no manifest.json); a work folder" in told
     status, told = _run(monkeypatch, "review", str(releases), "--workdir", str(work))
     assert status == 2 and f"a releases folder: give one of its releases, e.g. {releases / 'latest'}" in told
+
+
+# What the command line has imported when it refuses: torch, a Prefect server or a Dask cluster
+# would each take seconds (an unknown preset took 8 to 9 s, a busy work folder 42 s).
+REFUSAL_PROBE = """
+import json, sys, time
+start = time.monotonic()
+sys.argv = ["cxr-miner", *sys.argv[1:]]
+from cxr_miner.flows.cli import main
+try:
+    main()
+except SystemExit as exit:
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchvision", "prefect", "distributed"})
+    print(json.dumps({"status": exit.code, "heavy": heavy, "seconds": round(time.monotonic() - start, 2)}))
+"""
+
+
+def _refusal(*words: str) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, "-c", REFUSAL_PROBE, *words], capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown preset", "unknown method", "bad settings file", "run with a bad settings file", "busy work folder"],
+)
+def test_a_bad_option_or_a_busy_work_folder_is_refused_before_torch_prefect_or_dask(tmp_path, case):
+    work = tmp_path / "w"
+    work.mkdir()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": "x"}')
+    words, expected = {
+        "unknown preset": (["train", "--workdir", str(work), "--preset", "nope"], "unknown preset 'nope'"),
+        "unknown method": (["train", "--workdir", str(work), "--method", "nope"], "unknown method 'nope'"),
+        "bad settings file": (["train", "--workdir", str(work), "--config", str(bad)], f"{bad}: training settings"),
+        "run with a bad settings file": (
+            ["run", str(tmp_path), "--workdir", str(work), "--out", str(tmp_path / "r"), "--config", str(bad)],
+            f"{bad}: training settings: epochs must be an integer",
+        ),
+        "busy work folder": (
+            ["run", str(tmp_path), "--workdir", str(work), "--out", str(tmp_path / "r")],
+            f"{work}: in use by pid {os.getpid()}",
+        ),
+    }[case]
+    with folder_lock(work, "the test"):
+        refused, told = _refusal(*words)
+    assert refused["status"] == 2 and expected in told, told
+    assert refused["heavy"] == [], refused  # hence well under 2 s (0.6-0.8 s on the Xeon host)
+
+
+def test_a_stage_on_a_missing_work_folder_creates_nothing(tmp_path, monkeypatch):
+    nowhere = tmp_path / "nowhere"
+    for words in (["train", "--workdir", str(nowhere)], ["evaluate", "--workdir", str(nowhere), "--run", "r"]):
+        status, told = _run(monkeypatch, *words)
+        assert status == 2 and f"{nowhere}: no such work folder (`cxr-miner ingest ROOT --workdir {nowhere}`" in told
+        assert not nowhere.exists()  # not the folder, not its logs/
+
+
+def test_harvest_asking_for_more_gpus_than_the_machine_has_is_refused_naming_how_many_it_has(tmp_path, monkeypatch):
+    import torch
+
+    (tmp_path / "w").mkdir()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, told = _run(monkeypatch, "harvest", "--workdir", str(tmp_path / "w"), "--run", "r", "--gpus", "3")
+    assert status == 2 and "--gpus: 3 asked for, but this machine has no CUDA GPU torch can use" in told
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    status, told = _run(monkeypatch, "harvest", "--workdir", str(tmp_path / "w"), "--run", "r", "--gpus", "3")
+    assert status == 2 and "--gpus: 3 asked for, but this machine has 2 CUDA GPUs" in told
+
+
+def test_a_full_disk_during_release_names_the_folder_and_publishes_nothing(released, tmp_path, monkeypatch):
+    """The write that fills the disk raises ENOSPC without a file name (pyarrow's and a flush's do)."""
+    import cxr_miner.flows.release as release_flow
+
+    work, out = released[0], tmp_path / "releases"
+    build = release_flow.build_release
+
+    def fills_the_disk(harvested, staging, version, previous):
+        build(harvested, staging, version, previous)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(release_flow, "build_release", fills_the_disk)
+    status, told = _run(monkeypatch, "release", "--workdir", str(work), "--out", str(out))
+    assert status == 2, told
+    assert f"{out.resolve()}: no space left on its disk while writing release " in told
+    assert "MiB free now); nothing of it was kept: free some space and run `cxr-miner release` again" in told
+    assert [p.name for p in out.iterdir() if p.name != ".cxr-miner.lock"] == []  # no staging folder, no latest
