@@ -64,7 +64,9 @@ lint: $(STAMP)
 test: lint browser
 	CXR_MINER_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
+# locust drives bench/review_load.py (pyproject's `bench` extra; not in the test lock: no test needs it).
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'locust>=2.20'
 	$(BIN)/python bench/preprocess_efficiency.py
 	$(BIN)/python bench/ingest_full_metadata.py
 	$(BIN)/python bench/prior_ceiling.py
@@ -76,6 +78,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/full_scale.py --images 10000 --browser
 	$(BIN)/python bench/mil_fractions.py
 	$(BIN)/python bench/detector_check.py
+	$(BIN)/python bench/review_load.py
+	$(BIN)/python bench/chaos.py
 
 # Re-pin every dependency (after a change to pyproject.toml); needs uv (pip install uv).
 lock:

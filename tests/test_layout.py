@@ -70,6 +70,17 @@ def test_preprocess_loads_no_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
+def test_what_the_command_line_checks_before_it_starts_loads_no_torch_prefect_or_dask():
+    """The settings, the methods' catalogue, the option checks and the folder locks: the command
+    line refuses a bad value or a busy folder with these alone, within a second."""
+    modules = "cxr_miner.miner.settings, cxr_miner.miner.method_names, cxr_miner.flows.options, cxr_miner.flows.folders"
+    code = (
+        f"import sys, {modules}, cxr_miner.flows.cli\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'prefect', 'distributed'}))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 def test_flows_do_not_import_each_other_for_helpers():
     """A flow module imports another flow module only to call that flow (pipeline, release)."""
     allowed = {

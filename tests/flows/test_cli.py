@@ -113,9 +113,14 @@ RELEASED = {"version": "v", "path": "p", "boxes": 0, "report": "r"}
         ),
     ],
 )
-def test_run_and_method_options_reach_the_flows(monkeypatch, prefect_server, words, module, name, returns, expected):
+def test_run_and_method_options_reach_the_flows(
+    monkeypatch, tmp_path, prefect_server, words, module, name, returns, expected
+):
     """--run names the training run and --method the registered method, in every command."""
     import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "W").mkdir()  # the command line holds the work folder's lock before the (recorded) flow
 
     calls = []
 

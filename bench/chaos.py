@@ -1,0 +1,227 @@
+"""The chaos run (issue 38): `cxr-miner run` on demo data killed at random moments across all its
+stages, rerun after each, and at the end the same release an uninterrupted run makes.
+
+    python bench/chaos.py [--kills 20] [--images 160] [--size 256] [--seed 0] [--signal both]
+
+A demo collection (``--images`` phantoms of ``--size`` px, 20% boxed, 2 corrupt files) goes
+through an uninterrupted ``run`` first (the reference; its duration sets the span the kill moments
+are drawn from). Then a fresh work folder: ``run`` is started, killed ``--delay`` seconds in (drawn
+uniformly from 1 s to the reference's duration, seeded), with SIGKILL or SIGTERM in turn
+(``--signal both``; or only one kind), and started again, ``--kills`` times; the last run finishes.
+Each command is a user's: its own temporary Prefect API (a shared PREFECT_HOME), a local Dask
+cluster of 2 workers. After each kill: every process the command had started is gone within 10 s
+(the processes alive just before the kill, its temporary Prefect server included). At the end:
+
+- the latest release's boxes.parquet equals the reference's, row for row (schema metadata aside);
+- no process of any command is left, no ``*.tmp`` file or ``.staging-*`` folder, and the work and
+  releases folders' locks are free.
+
+Prints each kill point (the seconds in, the signal, the stage the command was in by its log) and
+what the next run redid (its log lines that say a stage's work was kept, resumed or redone), then
+the checks; writes bench/out/chaos.json. A training run of the tests' size (cpu-small settings,
+a ResNet-10, 6 epochs at 128 px) keeps it within about half an hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from common import OUT, machine
+
+# The tests' shared run, a little shorter: the chaos is in the stops, not in the learning.
+SETTINGS = {"epochs": 6, "am_steps": 2, "am_epochs": 1, "loader_workers": 1, "model": {"trunk": "resnet10"}}
+GONE_WITHIN_S = 10
+STAGES = ("start-up", "ingest", "preprocess", "train", "evaluate", "harvest", "release", "done")
+# What a rerun says of the work it finds: kept, resumed, skipped, or removed half-done.
+REDONE = re.compile(r"kept|resum|skip|removed|reus|already|nothing to do|up to date", re.IGNORECASE)
+
+
+def user_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def command(root: Path, work: Path, out: Path, config: Path) -> list[str]:
+    cli = [sys.executable, "-c", "from cxr_miner.flows.cli import main; main()"]
+    return [
+        *cli, "run", str(root), "--workdir", str(work), "--out", str(out), "--preset", "cpu-small",
+        "--config", str(config), "--size", "128", "--shard-size", "32", "--workers", "2",
+    ]  # fmt: skip
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stage_of(log: str) -> str:
+    """The last stage whose flow run the log shows beginning."""
+    begun = re.findall(r"for flow '([a-z-]+)'", log)
+    return begun[-1] if begun else "start-up"
+
+
+def kill_at(words: list[str], env: dict, delay: float, signum: int, log_path: Path) -> dict:
+    """Start ``words``, send ``signum`` ``delay`` s in (to the command alone, as kill does); the
+    kill point and whether its processes went within GONE_WITHIN_S."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(words, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        started = time.monotonic()
+        while time.monotonic() - started < delay and process.poll() is None:
+            time.sleep(0.1)
+        if process.poll() is not None:  # it finished first: this point hit nothing
+            return {"delay_s": round(delay, 1), "signal": "none (finished first)", "stage": "done", "left": []}
+        helpers = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while (left := [p for p in helpers if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left_lines = [" ".join(p.cmdline())[:100] for p in left if alive(p)]
+    for p in left:
+        p.kill()
+    return {
+        "delay_s": round(delay, 1),
+        "signal": signal.Signals(signum).name,
+        "stage": stage_of(log_path.read_text()),
+        "exit": process.returncode,
+        "helpers": len(helpers),
+        "left": left_lines,
+    }
+
+
+def finish(words: list[str], env: dict, log_path: Path) -> float:
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        done = subprocess.run(words, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(words[3:6])} failed ({done.returncode}); see {log_path}")
+    return time.monotonic() - started
+
+
+def redone(log: str) -> list[str]:
+    """The lines of a rerun's log that say what it found done or half-done."""
+    lines = [line.split(" - ", 1)[-1].strip() for line in log.splitlines() if REDONE.search(line)]
+    return [line[:140] for line in lines if "temporary server" not in line][:12]
+
+
+def boxes(release: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(release / "latest" / "boxes.parquet").replace_schema_metadata(None)
+
+
+def lock_free(folder: Path) -> bool:
+    lock = folder / ".cxr-miner.lock"
+    if not lock.exists():
+        return True
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def leftovers(*folders: Path) -> list[str]:
+    found = []
+    for folder in folders:
+        found += [str(p) for p in folder.rglob("*.tmp")] + [str(p) for p in folder.glob(".staging-*")]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--signal", choices=("both", "kill", "term"), default="both")
+    args = parser.parse_args()
+    from cxr_miner.storage.phantoms.generator import generate
+
+    base = OUT / f"chaos-{args.images}-{args.size}-{args.seed}"
+    root, home, config = base / "nih", base / "prefect-home", base / "settings.json"
+    if not (root / "demo_manifest.json").exists():
+        generate(root, n_images=args.images, size=args.size, seed=args.seed, box_fraction=0.2, corrupt=2, workers=2)
+    config.write_text(json.dumps(SETTINGS))
+    env = user_env(home)
+    calm_work, calm_out = base / "calm-work", base / "calm-releases"
+    if not (calm_out / "latest").exists():
+        calm_s = finish(command(root, calm_work, calm_out, config), env, base / "calm.log")
+        (base / "calm-seconds.txt").write_text(f"{calm_s:.1f}")
+    calm_s = float((base / "calm-seconds.txt").read_text())
+    print(f"uninterrupted run: {calm_s:.0f} s ({machine()})")
+
+    work, out = base / "chaos-work", base / "chaos-releases"
+    for folder in (work, out):
+        if folder.exists():
+            subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+    words = command(root, work, out, config)
+    rng = random.Random(args.seed)
+    kinds = {"both": (signal.SIGKILL, signal.SIGTERM), "kill": (signal.SIGKILL,), "term": (signal.SIGTERM,)}
+    points = []
+    started = time.monotonic()
+    for k in range(args.kills):
+        signum = kinds[args.signal][k % len(kinds[args.signal])]
+        point = kill_at(words, env, rng.uniform(1.0, calm_s), signum, base / f"kill-{k:02d}.log")
+        point["rerun_found"] = []
+        if k:
+            point["rerun_found"] = redone((base / f"kill-{k:02d}.log").read_text())
+        points.append(point)
+        print(
+            f"kill {k + 1:2d}: {point['delay_s']:6.1f} s in, {point['signal']:7s} in {point['stage']:10s}"
+            f" -> exit {point.get('exit')}, {point.get('helpers', 0)} helpers, left: {point['left'] or 'none'}"
+        )
+        for line in point["rerun_found"]:
+            print(f"           this run found: {line}")
+    final_s = finish(words, env, base / "final.log")
+    found = redone((base / "final.log").read_text())
+    print(f"final run: {final_s:.0f} s; it found: " + ("; ".join(found) or "nothing"))
+
+    same = boxes(out).equals(boxes(calm_out))
+    stray = [" ".join(p.info["cmdline"] or [])[:100] for p in psutil.process_iter(["cmdline"])
+             if str(base) in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    checks = {
+        "boxes equal the uninterrupted run's, row for row": same,
+        "every kill's processes gone within 10 s": all(not p["left"] for p in points),
+        "no process left at the end": not stray,
+        "no temporary file or staging folder left": not leftovers(work, out),
+        "the locks are free": lock_free(work) and lock_free(out),
+    }
+    for name, ok in checks.items():
+        print(f"{'holds' if ok else 'FAILS'}: {name}")
+    sigkills = sum(p["signal"] == "SIGKILL" for p in points)
+    print(f"{len(points)} kills ({sigkills} SIGKILL) in {time.monotonic() - started:.0f} s")
+    result = {
+        "machine": machine(),
+        "images": args.images,
+        "uninterrupted_s": calm_s,
+        "points": points,
+        "final_s": final_s,
+        "final_found": found,
+        "checks": checks,
+        "stages_hit": sorted({p["stage"] for p in points}, key=lambda s: STAGES.index(s) if s in STAGES else 99),
+    }  # fmt: skip
+    (OUT / "chaos.json").write_text(json.dumps(result, indent=2))
+    if not all(checks.values()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
