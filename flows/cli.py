@@ -721,8 +721,9 @@ def print_release(published: dict) -> None:
     if found.get("findings"):
         say(
             f"localisation on box-test: mean Acc at IoU 0.3 {found['mean_acc']:.2f}{ci_text(found.get('mean_acc_ci'))} "
-            f"(all boxes), {found['mean_acc_rank1']:.2f}{ci_text(found.get('mean_acc_rank1_ci'))} (rank 1 alone, "
-            f"the most confident box; {found.get('mean_acc_rank1_rule', float('nan')):.2f} by the box rule's order)",
+            f"(all boxes), {found['mean_acc_rank1']:.2f}{ci_text(found.get('mean_acc_rank1_ci'))} (rank 1 alone, as "
+            "released: the most confident box, or the rule's first where box-val chose that; "
+            f"{found.get('mean_acc_rank1_rule', float('nan')):.2f} by the box rule's order)",
             f"over {len(found.get('mean_over', found['findings']))} findings with NIH's boxes (95% CIs over "
             f"box-test's images); lowest {found['min_acc']:.2f}",
         )

@@ -55,6 +55,7 @@ from cxr_miner.storage.stages.evaluation import (
     acc_tables,
     forgetting_fact,
     harvested_choices,
+    operating_points,
     read_evaluation,
     read_tuning,
 )
@@ -176,11 +177,11 @@ def build_release(harvested: Harvested, staging: Path, version: str, previous: P
     """boxes.parquet, coco/ and coco-all/, the report and manifest.json of a new release in ``staging``."""
     work, key = harvested.work, harvested.key
     provenance = release_provenance(version, harvested.run, key, harvested.ingest_report)
-    images, boxes, coco = write_box_files(harvested, staging, provenance)
-    counts = count_boxes(staging / BOXES_FILE)
-    changes = diff_boxes(previous / BOXES_FILE if previous else None, staging / BOXES_FILE)
     folder = RunFolder.of(work, harvested.run)
     tuned = harvested_choices(read_tuning(folder), key["choices"])
+    images, boxes, coco = write_box_files(harvested, staging, provenance, operating_points(tuned))
+    counts = count_boxes(staging / BOXES_FILE)
+    changes = diff_boxes(previous / BOXES_FILE if previous else None, staging / BOXES_FILE)
     released = released_models(folder, harvested.config, key["choices"])
     provenance["model"].update({method.name: entry for method, entry in released})
     quarantined = quarantined_count(work)
@@ -233,8 +234,12 @@ def report_acc_tables(harvested: Harvested) -> dict[str, Any]:
     return acc_tables(harvested.evaluation, [(m.label, m.variant) for m in methods], harvested.key["choices"])
 
 
-def write_box_files(harvested: Harvested, staging: Path, provenance: dict[str, Any]) -> tuple[Any, int, dict[str, Any]]:
-    """boxes.parquet and the COCO folders of a release: its images, how many boxes, the COCO counts."""
+def write_box_files(
+    harvested: Harvested, staging: Path, provenance: dict[str, Any], points: dict[str, dict[str, Any]]
+) -> tuple[Any, int, dict[str, Any]]:
+    """boxes.parquet and the COCO folders of a release (``points``: each calibrated finding's
+    operating point, as the manifest records it, stated in coco/'s categories): its images, how
+    many boxes, the COCO counts."""
     images = harvested_images(harvested.work)
     boxes = write_release_boxes(staging / BOXES_FILE, harvested.work, harvested.summary["shards"], images, provenance)
     key = harvested.key
@@ -244,7 +249,7 @@ def write_box_files(harvested: Harvested, staging: Path, provenance: dict[str, A
         "date_created": provenance["created"],
     }
     info |= {"model_id": key["model_id"], "method": key["method"]}
-    return images, boxes, write_coco_splits(staging, staging / BOXES_FILE, images, info, SPLITS)
+    return images, boxes, write_coco_splits(staging, staging / BOXES_FILE, images, info, SPLITS, points)
 
 
 def release_facts(

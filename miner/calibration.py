@@ -353,11 +353,36 @@ def robust_operating_point(
     LEVEL quantile at or above it; a resample that takes no box fails); None when none does."""
     if not pairs or not len(hit):
         return None
-    levels = np.unique(np.asarray(confidence, dtype=np.float64))[::-1]
-    precision = resampled_precision(confidence, hit, pair, resample_draws(pairs), levels)
-    lower = np.quantile(np.nan_to_num(precision, nan=0.0), LEVEL, axis=0)
+    levels, lower = robust_precisions(confidence, hit, pair, pairs)
     reached = np.nonzero(lower >= target)[0]
     return float(levels[reached[-1]]) if len(reached) else None
+
+
+def robust_precisions(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each confidence level of the boxes (L,), from the highest, and the precision of the boxes at
+    or above it in all but LEVEL of the bootstrap resamples of the ``pairs`` (the LEVEL quantile; a
+    resample that takes no box counts 0)."""
+    levels = np.unique(np.asarray(confidence, dtype=np.float64))[::-1]
+    precision = resampled_precision(confidence, hit, pair, resample_draws(pairs), levels)
+    return levels, np.quantile(np.nan_to_num(precision, nan=0.0), LEVEL, axis=0)
+
+
+def best_operating_point(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int
+) -> tuple[float, float] | None:
+    """Where no confidence reaches the target (robust_operating_point is None): the confidence c
+    whose boxes (>= c) have the highest precision in all but LEVEL of the resamples, the lowest such
+    c on a tie (the most boxes), with that precision; None when no level's is above 0 (too few hits
+    to tell any level from chance)."""
+    if not pairs or not len(hit):
+        return None
+    levels, lower = robust_precisions(confidence, hit, pair, pairs)
+    best = float(lower.max())
+    if best <= 0:
+        return None
+    return float(levels[np.nonzero(lower == best)[0][-1]]), best
 
 
 def operating_point(confidence: np.ndarray, hit: np.ndarray, target: float = PRECISION_TARGET) -> float | None:

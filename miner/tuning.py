@@ -15,7 +15,10 @@ is made on resamples of box-val (``stability``); ``baseline`` the CAM baseline w
 rule on box-test, and the released minus the baseline with its bootstrap interval there.
 
 The chosen candidate's operating point is the lowest confidence whose box-val precision reaches
-the target in all but LEVEL of box-val's resamples (miner.calibration.robust_operating_point).
+the target in all but LEVEL of box-val's resamples (miner.calibration.robust_operating_point);
+where none does, the best achievable, its precision stated (choose_operating_point). How a pair's
+boxes are ranked is chosen on box-val too (choose_order): by confidence unless the rule's own
+order beats it beyond box-val's noise.
 Every figure that describes the choice is box-test's, where nothing was chosen.
 
 ``outcomes`` maps variant key -> rule name -> finding -> BoxOutcomes, one per half.
@@ -46,6 +49,7 @@ from cxr_miner.miner.calibration import (
     PRECISION_TARGET,
     BoxOutcomes,
     Calibration,
+    best_operating_point,
     ece_ci,
     fit_calibration,
     pool_reliability,
@@ -55,6 +59,7 @@ from cxr_miner.miner.calibration import (
     recalled_pairs,
     reliability,
     robust_operating_point,
+    robust_precisions,
     weighted_ece,
 )
 from cxr_miner.miner.rules import BOX_RULES, PAPER_RULE, rule_by_name
@@ -64,7 +69,7 @@ Outcomes = Mapping[str, Mapping[str, Mapping[str, BoxOutcomes]]]
 Choice = tuple[str, str]  # (variant, rule): a candidate of the choice on box-val
 BASELINE = "cam"  # the CAM baseline: the default variant where a run has it
 BASELINE_FIGURES = ("pairs", "acc", "acc_ci", "acc_rank1", "acc_rank1_ci", "acc_rank1_rule", "acc_rank1_rule_ci")
-RANK_ORDER = "confidence"  # how a release ranks a pair's boxes (miner.calibration.confidence_order)
+RANK_ORDERS = ("confidence", "rule")  # how a release ranks a pair's boxes: the first is the default
 
 
 def pair_scores(outcomes: BoxOutcomes | None, calibration: Calibration | None) -> np.ndarray:
@@ -89,10 +94,13 @@ def fitted(
     return fit_calibration(signals, hit), fitted_on, mine
 
 
-def figures(outcomes: BoxOutcomes | None, calibration: Calibration, at: float | None, curves: bool) -> dict[str, Any]:
+def figures(
+    outcomes: BoxOutcomes | None, calibration: Calibration, at: float | None, curves: bool, order: str = "confidence"
+) -> dict[str, Any]:
     """One half's figures, each with its 95% CI over resamples of the half's pairs (``*_ci``):
-    Acc, Acc of rank 1 by confidence (``acc_rank1``, a release's order) and by the rule's order
-    (``acc_rank1_rule``), and at the operating point ``at`` the boxes, precision, recall and false
+    Acc, Acc of rank 1 as released (``acc_rank1``: in ``order``, by confidence or by the rule's own
+    order, choose_order) and by the rule's order (``acc_rank1_rule``), and at the operating point
+    ``at`` the boxes, precision, recall and false
     positives per image; with ``curves``, its reliability diagram (ECE) and precision-recall curve,
     and ``per_pair`` / ``scored``, the hits per pair and per box that pooled figures are resampled
     from (released_figures)."""
@@ -113,7 +121,7 @@ def figures(outcomes: BoxOutcomes | None, calibration: Calibration, at: float | 
         }
     per_pair = {
         "acc": outcomes.any_hits(),
-        "acc_rank1": outcomes.rank1_hits(calibration),
+        "acc_rank1": outcomes.rank1_hits(calibration if order == "confidence" else None),
         "acc_rank1_rule": outcomes.rank1_hits(),
     }
     row: dict[str, Any] = {
@@ -166,16 +174,74 @@ def candidate(
     the figures of both halves (``box_size``: the finding's box-size prior, kept with a ``prior`` rule)."""
     calibration, fitted_on, basis = fitted(val.get(variant, {}), rule, finding)
     signals, hit, pair = basis.arrays()
-    at = robust_operating_point(calibration.predict(signals), hit, pair, basis.units, target)
+    point = choose_operating_point(calibration.predict(signals), hit, pair, basis.units, target)
+    at = point["operating_point"]
+    val_outcomes, test_outcomes = (half.get(variant, {}).get(rule, {}).get(finding) for half in (val, test))
+    order, order_choice = choose_order(val_outcomes, calibration)
     return {
         "rule": rule,
         "box_size": list(box_size) if box_size and rule_by_name(rule).size == "prior" else None,
         "calibration": calibration.to_dict(),
         "fitted_on": fitted_on,
-        "operating_point": at,
-        "box_val": figures(val.get(variant, {}).get(rule, {}).get(finding), calibration, at, curves=False),
-        "box_test": figures(test.get(variant, {}).get(rule, {}).get(finding), calibration, at, curves=True),
+        **point,
+        "rank_order": order,
+        "rank_order_choice": order_choice,
+        "box_val": figures(val_outcomes, calibration, at, curves=False, order=order),
+        "box_test": figures(test_outcomes, calibration, at, curves=True, order=order),
     }
+
+
+def choose_order(outcomes: BoxOutcomes | None, calibration: Calibration) -> tuple[str, dict[str, Any]]:
+    """How the release ranks this candidate's boxes in a pair, chosen on box-val: by confidence
+    (the default: rank 1 the most confident box) unless the rule's own order puts a hit at rank 1
+    on more box-val pairs beyond box-val's noise (miner.bootstrap.Contest, the same one-sided paired
+    bootstrap as the choice of variant and rule). Returns the order and what it was chosen by: each
+    order's rank-1 Acc on box-val."""
+    if outcomes is None or not outcomes.pairs:
+        return RANK_ORDERS[0], {"box_val_pairs": 0, "confidence": math.nan, "rule": math.nan}
+    per_pair = {
+        "confidence": outcomes.rank1_hits(calibration).astype(float),
+        "rule": outcomes.rank1_hits().astype(float),
+    }
+    contest: Contest[str] = Contest(per_pair, resample_draws(len(per_pair["rule"])))
+    order = contest.winner("confidence", ["rule"])
+    return order, {"box_val_pairs": len(per_pair["rule"]), **contest.point}
+
+
+OPERATING_POINT_KINDS = ("target", "best achievable")
+
+
+def choose_operating_point(
+    confidence: np.ndarray, hit: np.ndarray, pair: np.ndarray, pairs: int, target: float
+) -> dict[str, Any]:
+    """A candidate's operating point on box-val: the lowest confidence whose precision reaches
+    ``target`` in all but LEVEL of the resamples (kind ``target``); where none does, the confidence
+    of the highest such precision (kind ``best achievable``: its boxes still reach coco/, with that
+    precision stated beside them, so a detector's user chooses); where no level's precision is
+    above 0, none (kind None), and ``operating_point_note`` says why. ``operating_point_precision``:
+    the precision at the point in all but LEVEL of box-val's resamples."""
+    at = robust_operating_point(confidence, hit, pair, pairs, target)
+    if at is not None:
+        levels, lower = robust_precisions(confidence, hit, pair, pairs)
+        precision = float(lower[np.nonzero(levels == at)[0][0]])
+        note = f"precision >= {target:g} on box-val in {1 - LEVEL:.0%} of resamples"
+        return {"operating_point": at, "operating_point_kind": "target", "operating_point_precision": precision,
+                "operating_point_note": note}  # fmt: skip
+    best = best_operating_point(confidence, hit, pair, pairs)
+    if best is None:
+        note = (
+            f"no confidence reaches precision {target:g} on box-val, and no level's precision is above 0 in "
+            f"{1 - LEVEL:.0%} of resamples: no box of this finding is at an operating point (coco-all/ only)"
+        )
+        return {"operating_point": None, "operating_point_kind": None, "operating_point_precision": math.nan,
+                "operating_point_note": note}  # fmt: skip
+    at, precision = best
+    note = (
+        f"no confidence reaches precision {target:g} on box-val; the best achievable is released: precision "
+        f">= {precision:.2f} on box-val in {1 - LEVEL:.0%} of resamples, below the target"
+    )
+    return {"operating_point": at, "operating_point_kind": "best achievable", "operating_point_precision": precision,
+            "operating_point_note": note}  # fmt: skip
 
 
 def rules_of(val: Outcomes, variant: str, finding: str, default: str) -> list[str]:
@@ -299,7 +365,7 @@ def tune(
         "precision_target": target,
         "chosen_on": "box-val",
         "reported_on": "box-test",
-        "rank_order": RANK_ORDER,
+        "rank_orders": list(RANK_ORDERS),
         "variants": list(variants),
         "findings": chosen,
     }
@@ -339,7 +405,7 @@ def released_figures(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         "mean_over": list(tests),
         **{f"mean_{k}": mean[k] for k in ACC_FIGURES},
         **{f"mean_{k}_ci": mean_of_findings_ci(tests, k) if resampled else [math.nan] * 2 for k in ACC_FIGURES},
-        "rank_order": RANK_ORDER,
+        "rank_order": "per finding: by confidence unless box-val chose the rule's order (its rank_order)",
         "min_acc": min((r["acc"] for r in means), default=math.nan),
         "calibration": {
             "boxes": pooled["boxes"],

@@ -34,17 +34,21 @@ from cxr_miner.storage.vocab.letterbox import Letterbox
 class FindingChoice:
     """How one finding is boxed: heatmap of ``variant``, ``rule`` (with the finding's box size,
     fractions of the image, for a ``prior`` rule), and (when calibrated) the confidence and the
-    operating point (None: no confidence reaches the precision target)."""
+    operating point (None: none on box-val, miner.tuning.choose_operating_point); ``order``: how
+    a pair's boxes are ranked, ``confidence`` or the ``rule``'s own order (miner.tuning.choose_order)."""
 
     variant: str
     rule: BoxRule = PAPER_RULE
     calibration: Calibration | None = None
     operating_point: float | None = None
     box_size: tuple[float, float] | None = None
+    order: str = "confidence"
 
     def __post_init__(self) -> None:
         if self.rule.size == "prior" and self.box_size is None:
             raise ValueError(f"box rule {self.rule.name} needs a box size")
+        if self.order not in ("confidence", "rule"):
+            raise ValueError(f"a pair's boxes are ranked by confidence or by the rule, not {self.order!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,17 +57,22 @@ class FindingChoice:
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "operating_point": self.operating_point,
             "box_size": list(self.box_size) if self.box_size else None,
+            "order": self.order,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FindingChoice:
         calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
         box_size = tuple(data["box_size"]) if data.get("box_size") else None
-        return cls(data["variant"], rule_by_name(data["rule"]), calibration, data.get("operating_point"), box_size)
+        order = data.get("order", "confidence")  # a harvest of before the choice of order ranked by confidence
+        return cls(
+            data["variant"], rule_by_name(data["rule"]), calibration, data.get("operating_point"), box_size, order
+        )
 
     def score(self, heatmap: np.ndarray, probability: float, input_size: int, letterbox: Letterbox) -> Localization:
         """One heatmap (input grid, [0, 1]) -> its boxes in source pixels, scored, calibrated and
-        ranked by confidence (miner.calibration.confidence_order; ``rule_rank`` keeps the rule's)."""
+        ranked in ``order``: by confidence (miner.calibration.confidence_order) or the rule's own
+        (``rule_rank`` keeps the rule's either way)."""
         found, source = self.rule.in_source(self.rule.boxes(heatmap), input_size, letterbox, self.box_size)
         k = len(found.boxes)
         if self.calibration is None:
@@ -73,7 +82,7 @@ class FindingChoice:
             at_point = (
                 confidence >= self.operating_point if self.operating_point is not None else np.zeros(k, dtype=bool)
             )
-        order = confidence_order(confidence)
+        order = confidence_order(confidence) if self.order == "confidence" else np.arange(k)
         return Localization(
             source[order], found.score[order], self.variant, confidence[order], at_point[order], order + 1
         )
@@ -98,6 +107,7 @@ def choices_from_tuning(tuning: Mapping[str, Any] | None, variant: str | None) -
             Calibration.from_dict(picked["calibration"]),
             picked["operating_point"],
             box_size,
+            picked.get("rank_order", "confidence"),
         )
     return choices
 

@@ -24,10 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cxr_miner.storage.stages.atomic import atomic_path
+from cxr_miner.storage.stages.atomic import atomic_path, json_text
 from cxr_miner.storage.vocab.findings import FINDINGS
 
-CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "finding"} for i, name in enumerate(FINDINGS)]
+CATEGORIES: list[dict[str, Any]] = [
+    {"id": i + 1, "name": name, "supercategory": "finding"} for i, name in enumerate(FINDINGS)
+]
 CATEGORY_ID = {name: i + 1 for i, name in enumerate(FINDINGS)}
 
 
@@ -64,11 +66,37 @@ def coco_annotation(annotation_id: int, image_id: int, box: Mapping[str, Any]) -
     }
 
 
+def categories_with_points(points: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """CATEGORIES, each finding with an operating point (``points``: the manifest's
+    ``operating_points``) carrying it as ``operating_point``: the confidence its coco/ boxes reach,
+    its kind (``target``: box-val's precision reaches the target; ``best achievable``: it does not),
+    the precision box-val reaches there (in 95% of resamples) and box-test's measured precision, so
+    that a detector's user sees what each finding's boxes are worth."""
+    categories = []
+    for category in CATEGORIES:
+        point = points.get(category["name"])
+        if point is not None and point.get("confidence_at_least") is not None:
+            test: Mapping[str, Any] = point.get("box_test") or {}
+            category = {
+                **category,
+                "operating_point": {
+                    "confidence_at_least": point["confidence_at_least"],
+                    "kind": point.get("kind"),
+                    "box_val_precision_at_least": point.get("box_val_precision_at_least"),
+                    "box_test_precision": test.get("precision"),
+                    "box_test_pairs": test.get("pairs"),
+                },
+            }
+        categories.append(category)
+    return categories
+
+
 def write_coco(
     path: Path,
     images: Sequence[Mapping[str, Any]],
     boxes: Iterable[Iterable[Mapping[str, Any]]],
     info: Mapping[str, Any],
+    categories: Sequence[Mapping[str, Any]] = CATEGORIES,
 ) -> dict[str, int]:
     """Write one split's COCO file atomically; ``boxes`` yields chunks of box rows (any order).
 
@@ -78,7 +106,9 @@ def write_coco(
     ids = {record["image_id"]: k for k, record in enumerate(ordered, start=1)}
     annotations = 0
     with atomic_path(path) as tmp, tmp.open("w") as out:
-        out.write('{"info": ' + json.dumps(dict(info)) + ', "licenses": [], "categories": ' + json.dumps(CATEGORIES))
+        out.write(
+            '{"info": ' + json.dumps(dict(info)) + ', "licenses": [], "categories": ' + json_text(categories, None)
+        )
         out.write(', "images": [' + ", ".join(json.dumps(coco_image(ids[r["image_id"]], r)) for r in ordered) + "]")
         out.write(', "annotations": [')
         for chunk in boxes:
@@ -98,11 +128,17 @@ COCO_VARIANTS = {"coco": "the boxes at their finding's operating point", "coco-a
 
 
 def write_coco_splits(
-    folder: Path, boxes: Path, images: pa.Table, info: Mapping[str, Any], splits: Sequence[str]
+    folder: Path,
+    boxes: Path,
+    images: pa.Table,
+    info: Mapping[str, Any],
+    splits: Sequence[str],
+    points: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, dict[str, int]]]:
     """``folder/<variant>/<split>.json`` for each of COCO_VARIANTS and each split, streamed from
     ``boxes`` (boxes.parquet); ``images`` holds IMAGE_COLUMNS of every harvested image (every
-    image is listed in both variants). Returns the counts: variant -> split -> counts."""
+    image is listed in both variants); coco/'s categories state each finding's operating point
+    (``points``, categories_with_points). Returns the counts: variant -> split -> counts."""
     counts: dict[str, dict[str, dict[str, int]]] = {v: {} for v in COCO_VARIANTS}
     handle = pq.ParquetFile(boxes)
     for variant, description in COCO_VARIANTS.items():
@@ -117,7 +153,12 @@ def write_coco_splits(
                         keep = pc.and_(keep, pc.fill_null(table.column("at_operating_point"), False))
                     yield table.filter(keep).to_pylist()
 
+            categories = categories_with_points(points or {}) if variant == "coco" else CATEGORIES
             counts[variant][split] = write_coco(
-                folder / variant / f"{split}.json", records, chunks(), {**info, "split": split, "boxes": description}
+                folder / variant / f"{split}.json",
+                records,
+                chunks(),
+                {**info, "split": split, "boxes": description},
+                categories,
             )
     return counts

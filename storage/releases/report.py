@@ -209,14 +209,19 @@ def confidence_section(data: FindingData) -> str:
 
 def calibration_paragraph(t: Mapping[str, Any], at_operating_point: int) -> str:
     """How the finding was boxed and calibrated (``t``: its tuned entry), and its operating point."""
-    point = (
-        f"confidence &ge; {t['operating_point']:.3f}"
-        if t["operating_point"] is not None
-        else (
-            "none: no confidence held the precision target on box-val's resamples, so no box of this "
+    if t["operating_point"] is None:
+        point = html.escape(
+            t.get("operating_point_note")
+            or "none: no confidence held the precision target on box-val's resamples, so no box of this "
             "finding is in coco/"
         )
-    )
+    elif t.get("operating_point_kind") == "best achievable":
+        point = (
+            f"confidence &ge; {t['operating_point']:.3f}, <b>below the precision target</b>: "
+            f"{html.escape(t['operating_point_note'])}. coco/'s category for this finding states it"
+        )
+    else:
+        point = f"confidence &ge; {t['operating_point']:.3f}"
     return (
         f"<p>Boxed by <b>{html.escape(t['method'])}</b> with the box rule <b>{html.escape(rule_label(t))}</b>, both "
         "chosen on "
@@ -446,6 +451,7 @@ def headline_rows(report: ReportData, threshold: float = 0.3) -> list[dict[str, 
             "boxes": data.boxes_total,
             "images": data.images_covered,
             "at operating point": data.at_operating_point,
+            "operating point": operating_point_kind(data.tuned),
             "box-test pairs": box_test_pairs(data),
             "expected precision there": at.get("precision", math.nan),
             "its 95% CI": ci_text(at.get("precision_interval")).strip(),
@@ -459,6 +465,16 @@ def headline_rows(report: ReportData, threshold: float = 0.3) -> list[dict[str, 
             row[f"acc@{threshold} {method} 95% CI"] = ci_text(cell.get("acc_ci")).strip()
         rows.append(row)
     return rows
+
+
+def operating_point_kind(tuned: Mapping[str, Any] | None) -> str:
+    """How the finding's operating point was found: ``target`` (box-val's precision reaches it),
+    ``best achievable`` (it does not: the precision there is stated), ``none``, or ``-`` untuned."""
+    if tuned is None:
+        return "-"
+    if tuned["operating_point"] is None:
+        return "none"
+    return str(tuned.get("operating_point_kind") or "target")
 
 
 def box_test_pairs(data: FindingData) -> str:

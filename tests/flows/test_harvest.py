@@ -165,7 +165,7 @@ def test_boxes_on_the_boxed_images_score_as_evaluate_scores_them(harvested):
             )
     ours = evaluator.compute()
     tuning = tuning_of(work)
-    for finding, choice in tuning["findings"].items():  # rank 1 as released: the most confident box
+    for finding, choice in tuning["findings"].items():  # rank 1 as released: by confidence or by the rule
         rank1 = [
             r
             for r in boxes

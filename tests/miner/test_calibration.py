@@ -11,6 +11,7 @@ from cxr_miner.miner.bootstrap import LEVEL, confidence_interval, draw_weights, 
 from cxr_miner.miner.calibration import (
     BoxOutcomes,
     Calibration,
+    best_operating_point,
     box_signals,
     confidence_order,
     ece_ci,
@@ -112,6 +113,34 @@ def test_the_robust_operating_point_holds_the_target_on_resamples_of_the_pairs()
     assert low <= one_sided(robust) and hit[:taken].mean() <= high
     assert robust_operating_point(confidence, np.zeros(40, dtype=bool), pair, 40, 0.5) is None
     assert robust_operating_point(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=int), 0) is None
+
+
+def _lower_precision_by_hand(confidence, hit, pair, pairs, at):
+    """The LEVEL quantile over the 1,000 seeded resamples of the precision of the boxes >= ``at``,
+    a resample at a time (a resample that takes no box: 0)."""
+    values = []
+    for draw in resample_draws(pairs):
+        counts = np.bincount(draw, minlength=pairs)[pair]  # each box counted as often as its pair is drawn
+        taken = counts * (confidence >= at)
+        values.append(float((taken * hit).sum() / taken.sum()) if taken.sum() else 0.0)
+    return float(np.quantile(values, LEVEL))
+
+
+def test_where_no_confidence_reaches_the_target_the_best_achievable_point_is_the_highest_robust_precision():
+    """40 pairs, one box each, confidence falling, every third box a hit (1/3 at every depth, the top
+    two of three hits): no level's precision reaches 0.5 in 95% of resamples, and the best point is
+    the level whose 5% quantile is the highest, the lowest such level on a tie; checked against the
+    quantile recomputed a resample at a time."""
+    confidence = np.linspace(0.99, 0.6, 40)
+    hit = np.arange(40) % 3 == 0
+    pair = np.arange(40)
+    assert robust_operating_point(confidence, hit, pair, 40, 0.5) is None
+    at, precision = best_operating_point(confidence, hit, pair, 40)
+    by_hand = [_lower_precision_by_hand(confidence, hit, pair, 40, c) for c in confidence]
+    assert precision == pytest.approx(max(by_hand)) and 0 < precision < 0.5
+    assert at == confidence[max(k for k, v in enumerate(by_hand) if v == pytest.approx(max(by_hand)))]
+    assert best_operating_point(confidence, np.zeros(40, dtype=bool), pair, 40) is None  # no hit: nothing to state
+    assert best_operating_point(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=int), 0) is None
 
 
 def test_the_reported_intervals_are_the_2_5_and_97_5_percentiles_of_1000_seeded_resamples():

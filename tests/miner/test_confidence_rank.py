@@ -50,6 +50,15 @@ def test_a_calibrated_choice_ranks_by_confidence_and_keeps_the_rules_rank():
     assert rows[0]["score"] < rows[1]["score"]  # score stays the rule's signal (the mean inside)
 
 
+def test_a_choice_ranked_by_the_rule_keeps_its_order_whatever_the_confidence():
+    choice = FindingChoice("cam", PAPER_RULE, BY_AREA, operating_point=0.1, order="rule")
+    found = choice.score(heatmap(), probability=0.9, input_size=64, letterbox=Letterbox.fit(64, 64, 64))
+    np.testing.assert_allclose(found.boxes, [CORE, PLATEAU])
+    assert found.rule_rank.tolist() == [1, 2]
+    np.testing.assert_allclose(found.confidence, [1 / (1 + 4096 / 16), 1 / (1 + 4096 / 900)])
+    assert found.at_operating_point.tolist() == [False, True]
+
+
 def test_without_a_slope_the_rules_order_stands():
     for calibration in (None, Calibration("constant", math.log(0.3 / 0.7))):
         found = FindingChoice("cam", PAPER_RULE, calibration).score(heatmap(), 0.9, 64, Letterbox.fit(64, 64, 64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_miner.miner.calibration import BoxOutcomes
+from cxr_miner.miner.calibration import BoxOutcomes, Calibration
 from cxr_miner.miner.methods import FindingChoice
 from cxr_miner.miner.rules import PAPER_RULE, rule_by_name
 from cxr_miner.miner.tuning import box_size_priors, chosen_entries, released_figures, tune
@@ -129,3 +129,74 @@ def test_released_figures_carry_95_percent_cis_from_each_findings_pairs_resample
     assert released["mean_acc_ci"] == pytest.approx(np.quantile(mean, [0.025, 0.975]).tolist())
     low, high = released["calibration"]["ece_ci"]
     assert low <= released["calibration"]["ece"] <= high
+
+
+def test_every_finding_gets_an_operating_point_or_a_stated_reason():
+    """One box per pair, all with the same signals (one confidence level): Nodule hits 36 of 40 pairs
+    (precision 0.9: the target holds), Mass 14 of 40 (0.35: below 0.5 on every resample, but above 0
+    on 95% of them: the best achievable, its precision stated), Effusion none (nothing to state)."""
+    val = {
+        "cam": {
+            PAPER_RULE.name: {
+                "Nodule": _hits("1" * 36 + "0" * 4),
+                "Mass": _hits("100" * 13 + "1"),
+                "Effusion": _hits("0" * 40),
+            }
+        }
+    }
+    tuning = tune(val, val, ["cam"], ["Nodule", "Mass", "Effusion"])
+    nodule, mass, effusion = (tuning["findings"][f]["candidates"]["cam"] for f in ("Nodule", "Mass", "Effusion"))
+    assert nodule["operating_point_kind"] == "target" and nodule["operating_point"] is not None
+    assert nodule["operating_point_precision"] >= 0.5
+    assert mass["operating_point_kind"] == "best achievable" and mass["operating_point"] is not None
+    assert 0 < mass["operating_point_precision"] < 0.35  # the 5% quantile of 14/40's resamples
+    assert "below the target" in mass["operating_point_note"]
+    assert mass["box_test"]["at_operating_point"]["boxes"] == 40  # its boxes reach coco/, with that precision
+    assert (effusion["operating_point_kind"], effusion["operating_point"]) == (None, None)
+    assert "coco-all/ only" in effusion["operating_point_note"]
+
+
+def _two_boxes_per_pair(first_hits: str) -> BoxOutcomes:
+    """Per pair two boxes in the rule's order, the second with the higher mean heatmap value;
+    ``first_hits``: per pair, 1 when the rule's first box is the hit (else the second is)."""
+    outcomes = BoxOutcomes()
+    for c in first_hits:
+        signals = np.array([[0.2, 0.9, -3.0, 1.0, 0.8], [0.6, 0.9, -3.0, 2.0, 0.8]])
+        outcomes.add(signals, [c == "1", c != "1"])
+    return outcomes
+
+
+def test_the_order_of_a_pairs_boxes_is_chosen_on_box_val_each_order_winning_where_it_is_right():
+    """A calibration rising with the mean heatmap value ranks each pair's second box first. Where the
+    rule's first box is the hit in 38 of 40 pairs, the rule's order wins by far more than box-val's
+    noise; where the second box is the hit, confidence (the default) is kept; in a near tie the
+    default stands."""
+    from cxr_miner.miner.tuning import choose_order
+
+    by_mean = Calibration("platt", 0.0, coef=(5.0, 0.0, 0.0, 0.0, 0.0))
+    order, how = choose_order(_two_boxes_per_pair("1" * 38 + "00"), by_mean)
+    assert (order, how["rule"], how["confidence"], how["box_val_pairs"]) == ("rule", 0.95, 0.05, 40)
+    assert choose_order(_two_boxes_per_pair("0" * 38 + "11"), by_mean)[0] == "confidence"
+    assert choose_order(_two_boxes_per_pair("10" * 20 + "1"), by_mean)[0] == "confidence"  # 21 against 20
+    assert choose_order(None, by_mean)[0] == "confidence"
+
+
+def test_a_finding_ranked_by_the_rule_reports_the_rules_rank_1_and_harvests_in_that_order():
+    from cxr_miner.miner.methods import choices_from_tuning
+    from cxr_miner.miner.tuning import figures
+
+    by_mean = Calibration("platt", 0.0, coef=(5.0, 0.0, 0.0, 0.0, 0.0))
+    test = _two_boxes_per_pair("1" * 10 + "0" * 10)
+    by_rule = figures(test, by_mean, None, curves=False, order="rule")
+    by_confidence = figures(test, by_mean, None, curves=False)
+    assert (by_rule["acc_rank1"], by_rule["acc_rank1_rule"], by_confidence["acc_rank1"]) == (0.5, 0.5, 0.5)
+    test = _two_boxes_per_pair("1" * 15 + "0" * 5)
+    assert figures(test, by_mean, None, curves=False, order="rule")["acc_rank1"] == 0.75
+    assert figures(test, by_mean, None, curves=False)["acc_rank1"] == 0.25
+
+    val = {"cam": {PAPER_RULE.name: {"Mass": _two_boxes_per_pair("1" * 36 + "0000")}}}
+    tuning = tune(val, val, ["cam"], ["Mass"])
+    tuning["findings"]["Mass"]["candidates"]["cam"]["rank_order"] = "rule"  # as box-val would choose it
+    choice = choices_from_tuning(tuning, None)["Mass"]
+    assert choice.order == "rule" and FindingChoice.from_dict(choice.to_dict()) == choice
+    assert FindingChoice.from_dict({k: v for k, v in choice.to_dict().items() if k != "order"}).order == "confidence"

@@ -200,3 +200,28 @@ def test_parts_carry_their_key_and_image_count(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="bad.parquet: not a harvest part"):
         read_part(tmp_path / "bad.parquet")
+
+
+def test_coco_categories_state_each_findings_operating_point_and_pycocotools_reads_them(tmp_path):
+    from pycocotools.coco import COCO
+
+    from cxr_miner.storage.releases.coco import categories_with_points
+
+    points = {
+        "Mass": {
+            "confidence_at_least": 0.42, "kind": "best achievable", "box_val_precision_at_least": 0.31,
+            "box_test": {"pairs": 25, "precision": 0.36},
+        },
+        "Nodule": {"confidence_at_least": 0.7, "kind": "target", "box_val_precision_at_least": 0.55, "box_test": {}},
+        "Effusion": {"confidence_at_least": None, "kind": None},  # no point: nothing stated
+    }  # fmt: skip
+    images = [{"image_id": "a.png", "source_path": "a.png", "width": 100, "height": 80}]
+    write_coco(tmp_path / "x.json", images, [[box("a.png", "Mass", 1, 0, 0, 5, 5)]], {}, categories_with_points(points))
+    categories = {c["name"]: c for c in COCO(str(tmp_path / "x.json")).loadCats(list(range(1, 15)))}
+    assert categories["Mass"]["operating_point"] == {
+        "confidence_at_least": 0.42, "kind": "best achievable", "box_val_precision_at_least": 0.31,
+        "box_test_precision": 0.36, "box_test_pairs": 25,
+    }  # fmt: skip
+    assert categories["Nodule"]["operating_point"]["kind"] == "target"
+    assert "operating_point" not in categories["Effusion"] and "operating_point" not in categories["Edema"]
+    assert [c["id"] for c in categories.values()] == list(range(1, 15))
