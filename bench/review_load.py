@@ -17,12 +17,16 @@ stays on loopback and stops after ``--seconds``. Writes bench/out/review-load.js
 
 from __future__ import annotations
 
+import sys
+
+if "--serve" not in sys.argv:  # the load process; the server process stays unpatched (module doc)
+    import locust  # noqa: F401
+
 import argparse
 import json
 import random
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 

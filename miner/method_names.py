@@ -15,6 +15,7 @@ METHOD_MODULES = {
     "am": "attention",
     "mil": "mil",
     "gradcam-pp": "gradcam_pp",
+    "ensemble": "ensemble",
 }
 PLANNED: dict[str, str] = {}  # a name known to be coming -> why it is not there yet
 
