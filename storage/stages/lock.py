@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ from pathlib import Path
 from cxr_miner.storage.vocab.errors import InputError
 
 LOCK_FILE = ".cxr-miner.lock"
+HOLDER_WAIT_S = 2.0  # how long a refused command waits for the holder's record (holder_text)
 
 _held: dict[Path, tuple[int, int]] = {}  # folder -> (file descriptor, depth), in this process
 
@@ -44,12 +46,22 @@ def work_folder(folder: Path) -> Path:
     return folder
 
 
-def holder_text(lock_path: Path) -> str:
-    """What the lock file says of its holder, in words."""
+def read_holder(lock_path: Path) -> dict:
+    """The lock file's holder record ({} when empty or unreadable)."""
     try:
         holder = json.loads(lock_path.read_text() or "{}")
     except (OSError, ValueError):
-        holder = {}
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def holder_text(lock_path: Path, wait_s: float = HOLDER_WAIT_S) -> str:
+    """What the lock file says of its holder, in words. A holder writes its record just after it
+    takes the lock: a command refused in that instant (two started together) waits up to
+    ``wait_s`` for it rather than name nobody."""
+    deadline = time.monotonic() + wait_s
+    while not (holder := read_holder(lock_path)) and time.monotonic() < deadline:
+        time.sleep(0.02)
     if not holder:
         return "another process"
     return f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}, since {holder.get('started')})"
