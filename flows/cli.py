@@ -432,10 +432,11 @@ def review(
     allow_host: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="NAME",
             help=(
                 "Another name reviewers reach this server by (a machine name, an address): requests naming "
                 "any other host are refused. Repeatable."
-            )
+            ),
         ),
     ] = None,
 ) -> None:
