@@ -353,9 +353,8 @@ def robust_operating_point(
     LEVEL quantile at or above it; a resample that takes no box fails); None when none does."""
     if not pairs or not len(hit):
         return None
-    levels, lower = robust_precisions(confidence, hit, pair, pairs)
-    reached = np.nonzero(lower >= target)[0]
-    return float(levels[reached[-1]]) if len(reached) else None
+    point = reaching(*robust_precisions(confidence, hit, pair, pairs), target)
+    return point[0] if point else None
 
 
 def robust_precisions(
@@ -378,11 +377,21 @@ def best_operating_point(
     to tell any level from chance)."""
     if not pairs or not len(hit):
         return None
-    levels, lower = robust_precisions(confidence, hit, pair, pairs)
-    best = float(lower.max())
+    return best_of(*robust_precisions(confidence, hit, pair, pairs))
+
+
+def best_of(levels: np.ndarray, lower: np.ndarray) -> tuple[float, float] | None:
+    """best_operating_point from robust_precisions' levels and precisions."""
+    best = float(lower.max()) if len(lower) else 0.0
     if best <= 0:
         return None
     return float(levels[np.nonzero(lower == best)[0][-1]]), best
+
+
+def reaching(levels: np.ndarray, lower: np.ndarray, target: float) -> tuple[float, float] | None:
+    """robust_operating_point from robust_precisions' levels and precisions, with its precision."""
+    reached = np.nonzero(lower >= target)[0]
+    return (float(levels[reached[-1]]), float(lower[reached[-1]])) if len(reached) else None
 
 
 def operating_point(confidence: np.ndarray, hit: np.ndarray, target: float = PRECISION_TARGET) -> float | None:

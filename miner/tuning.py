@@ -49,16 +49,16 @@ from cxr_miner.miner.calibration import (
     PRECISION_TARGET,
     BoxOutcomes,
     Calibration,
-    best_operating_point,
+    best_of,
     ece_ci,
     fit_calibration,
     pool_reliability,
     pr_curve,
     precision_interval,
     precision_recall,
+    reaching,
     recalled_pairs,
     reliability,
-    robust_operating_point,
     robust_precisions,
     weighted_ece,
 )
@@ -220,14 +220,13 @@ def choose_operating_point(
     precision stated beside them, so a detector's user chooses); where no level's precision is
     above 0, none (kind None), and ``operating_point_note`` says why. ``operating_point_precision``:
     the precision at the point in all but LEVEL of box-val's resamples."""
-    at = robust_operating_point(confidence, hit, pair, pairs, target)
-    if at is not None:
-        levels, lower = robust_precisions(confidence, hit, pair, pairs)
-        precision = float(lower[np.nonzero(levels == at)[0][0]])
+    levels, lower = robust_precisions(confidence, hit, pair, pairs) if pairs and len(hit) else (np.zeros(0),) * 2
+    if (reached := reaching(levels, lower, target)) is not None:  # the resamples once, for both kinds
+        at, precision = reached
         note = f"precision >= {target:g} on box-val in {1 - LEVEL:.0%} of resamples"
         return {"operating_point": at, "operating_point_kind": "target", "operating_point_precision": precision,
                 "operating_point_note": note}  # fmt: skip
-    best = best_operating_point(confidence, hit, pair, pairs)
+    best = best_of(levels, lower)
     if best is None:
         note = (
             f"no confidence reaches precision {target:g} on box-val, and no level's precision is above 0 in "
